@@ -1,0 +1,10 @@
+"""localsgd_optim: Local SGD for PyTorch, around any optimizer."""
+
+from __future__ import annotations
+
+from ._dist import LayoutMismatchError
+from .ddp import no_sync
+from .optimizer import STATE_KEY, STATE_VERSION, LocalSGDOptimizer
+
+__all__ = ["LocalSGDOptimizer", "no_sync", "LayoutMismatchError", "STATE_KEY", "STATE_VERSION"]
+__version__ = "0.1.0"

@@ -1,0 +1,230 @@
+"""The communication engine: flat, bucketed, in-place collectives over a fixed tensor list.
+
+This module knows *how* to move tensors, never *when*: the schedule lives in
+:mod:`localsgd_optim._schedule` and the optimizer wrapper composes the two.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Bucket", "plan_buckets", "BucketEngine"]
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A run of same-(device, dtype) tensors packed back to back into one flat buffer.
+
+    Attributes:
+        device: device of every tensor in the bucket.
+        dtype: dtype of every tensor in the bucket.
+        indices: positions of the bucket's tensors in the engine's tensor list.
+        offsets: element offset of each tensor inside the flat buffer.
+        numel: total number of elements packed.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    indices: tuple[int, ...]
+    offsets: tuple[int, ...]
+    numel: int
+
+
+def plan_buckets(tensors: Sequence[torch.Tensor], cap_bytes: int) -> list[Bucket]:
+    """Split ``tensors`` into buckets of at most ``cap_bytes`` bytes each.
+
+    Tensors are grouped by (device, dtype) in order of first appearance and then
+    packed greedily in their original order. A tensor larger than the cap gets a
+    bucket of its own. Every tensor lands in exactly one bucket: the planner
+    advances by what it packed, never by capacity.
+
+    Args:
+        tensors: the tensors to pack; only their device, dtype and numel are read.
+        cap_bytes: the largest bucket, in bytes (>= 1).
+    """
+    if cap_bytes < 1:
+        raise ValueError(f"cap_bytes must be >= 1, got {cap_bytes!r}")
+    by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_key.setdefault((t.device, t.dtype), []).append(i)
+
+    buckets: list[Bucket] = []
+    for (device, dtype), members in by_key.items():
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        cap_elems = max(1, cap_bytes // itemsize)
+        indices: list[int] = []
+        offsets: list[int] = []
+        filled = 0
+        for i in members:
+            n = tensors[i].numel()
+            if indices and filled + n > cap_elems:
+                buckets.append(Bucket(device, dtype, tuple(indices), tuple(offsets), filled))
+                indices, offsets, filled = [], [], 0
+            indices.append(i)
+            offsets.append(filled)
+            filled += n
+        if indices:
+            buckets.append(Bucket(device, dtype, tuple(indices), tuple(offsets), filled))
+    return buckets
+
+
+def _foreach_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(dst, src)
+    else:  # pragma: no cover - torch < 2.1
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
+class _Slot:
+    """One reusable flat buffer plus the views that map a bucket's tensors onto it."""
+
+    __slots__ = ("buffer", "views")
+
+    def __init__(self, buffer: torch.Tensor) -> None:
+        self.buffer = buffer
+        # bucket position -> views of ``buffer`` shaped like that bucket's tensors
+        self.views: dict[int, list[torch.Tensor]] = {}
+
+
+# A collective takes the flat tensor to reduce and returns its async work handle.
+Collective = Callable[[torch.Tensor], "dist.Work"]
+# A finisher runs on the flat tensor after its collective completed (e.g. divide by world).
+Finisher = Callable[[torch.Tensor], None]
+
+
+class BucketEngine:
+    """Runs one collective per bucket over a fixed list of tensors, in place.
+
+    Each (device, dtype) group owns two persistent flat buffers (double buffering):
+    bucket ``i + 1`` is packed while bucket ``i`` is on the wire, and bucket ``i``
+    is unpacked while ``i + 1`` is. Extra memory is therefore at most two buckets,
+    whatever the model size, and the buffers are reused across rounds. A bucket
+    holding a single contiguous tensor is reduced directly in that tensor, with no
+    copy at all. Tensors keep their storage: results are ``copy_``-ed back.
+
+    Args:
+        tensors: the tensors to operate on (e.g. every parameter), in a rank-independent order.
+        bucket_cap_bytes: the largest bucket, in bytes.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], bucket_cap_bytes: int) -> None:
+        self.tensors = list(tensors)
+        self.buckets = plan_buckets(self.tensors, bucket_cap_bytes)
+        # A lone contiguous tensor is reduced where it lives: no buffer, no copy.
+        self._direct: list[torch.Tensor | None] = [self._in_place(b) for b in self.buckets]
+        self._slots: dict[tuple[torch.device, torch.dtype], list[_Slot]] = {}
+
+    @property
+    def numel(self) -> int:
+        return sum(b.numel for b in self.buckets)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel * torch.empty((), dtype=b.dtype).element_size() for b in self.buckets)
+
+    def buffer_bytes(self) -> int:
+        """Bytes held by the persistent packing buffers (allocated at first use)."""
+        return sum(s.buffer.numel() * s.buffer.element_size() for ss in self._slots.values() for s in ss)
+
+    def _in_place(self, bucket: Bucket) -> torch.Tensor | None:
+        if len(bucket.indices) == 1:
+            t = self.tensors[bucket.indices[0]]
+            if t.is_contiguous():
+                return t.view(-1)
+        return None
+
+    def _slots_for(self, bucket: Bucket) -> list[_Slot]:
+        key = (bucket.device, bucket.dtype)
+        slots = self._slots.get(key)
+        if slots is None:
+            # Size for the largest bucket of this group that goes through a buffer.
+            sizes = [
+                b.numel for b, direct in zip(self.buckets, self._direct)
+                if (b.device, b.dtype) == key and direct is None
+            ]
+            size, count = max(sizes), min(2, len(sizes))
+            slots = [
+                _Slot(torch.empty(size, device=bucket.device, dtype=bucket.dtype))
+                for _ in range(count)
+            ]
+            self._slots[key] = slots
+        return slots
+
+    def _views(self, slot: _Slot, pos: int) -> list[torch.Tensor]:
+        views = slot.views.get(pos)
+        if views is None:
+            bucket = self.buckets[pos]
+            views = [
+                slot.buffer[off:off + self.tensors[i].numel()].view_as(self.tensors[i])
+                for i, off in zip(bucket.indices, bucket.offsets)
+            ]
+            slot.views[pos] = views
+        return views
+
+    def _members(self, pos: int) -> list[torch.Tensor]:
+        return [self.tensors[i] for i in self.buckets[pos].indices]
+
+    @torch.no_grad()
+    def run(self, collective: Collective, finish: Finisher | None = None) -> None:
+        """Apply ``collective`` (then ``finish``) to every bucket and write the results back.
+
+        Collectives are issued asynchronously in bucket order, identically on every
+        rank, with at most two buckets per (device, dtype) in flight.
+        """
+        pending: deque[tuple[int, torch.Tensor, _Slot | None, dist.Work]] = deque()
+        busy: set[int] = set()
+
+        def complete_oldest() -> None:
+            pos, flat, slot, work = pending.popleft()
+            work.wait()
+            if finish is not None:
+                finish(flat)
+            if slot is not None:
+                _foreach_copy(self._members(pos), self._views(slot, pos))
+                busy.discard(id(slot))
+
+        for pos, bucket in enumerate(self.buckets):
+            flat = self._direct[pos]
+            slot = None
+            if flat is None:
+                slots = self._slots_for(bucket)
+                while all(id(s) in busy for s in slots):
+                    complete_oldest()
+                slot = next(s for s in slots if id(s) not in busy)
+                busy.add(id(slot))
+                _foreach_copy(self._views(slot, pos), self._members(pos))
+                flat = slot.buffer[:bucket.numel]
+            pending.append((pos, flat, slot, collective(flat)))
+        while pending:
+            complete_oldest()
+
+    def all_reduce_mean(self, group: dist.ProcessGroup | None, world_size: int) -> None:
+        """Replace every tensor by its mean across the ranks of ``group``."""
+        if _supports_avg(group):
+            self.run(lambda flat: dist.all_reduce(flat, dist.ReduceOp.AVG, group, async_op=True))
+            return
+        self.run(
+            lambda flat: dist.all_reduce(flat, dist.ReduceOp.SUM, group, async_op=True),
+            lambda flat: flat.div_(world_size),
+        )
+
+    def broadcast(self, src: int, group: dist.ProcessGroup | None) -> None:
+        """Overwrite every tensor with its value on global rank ``src``."""
+        self.run(lambda flat: dist.broadcast(flat, src, group, async_op=True))
+
+
+def _supports_avg(group: dist.ProcessGroup | None) -> bool:
+    # NCCL reduces with AVG natively; gloo and MPI have no AVG, so we sum then divide.
+    return dist.get_backend(group) == "nccl"
+
+
+def bucket_cap_bytes(bucket_cap_mb: float) -> int:
+    """Convert a cap in MiB to bytes (at least one byte)."""
+    return max(1, int(math.floor(bucket_cap_mb * 1024 * 1024)))

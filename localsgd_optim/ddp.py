@@ -1,0 +1,44 @@
+"""``no_sync``: keep DDP from all-reducing gradients during local steps."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterator
+
+import torch
+
+__all__ = ["no_sync"]
+
+
+@contextlib.contextmanager
+def no_sync(module: torch.nn.Module) -> Iterator[None]:
+    """Turn off DDP's gradient all-reduce for every backward run inside the block.
+
+    For a :class:`~torch.nn.parallel.DistributedDataParallel` module this is its own
+    ``no_sync()``; for any other module it does nothing, so one training loop serves
+    both. Wrap the whole loop or a single backward. Warns when the DDP module
+    broadcasts buffers on every forward (``broadcast_buffers=True`` with buffers), a
+    per-step collective that defeats Local SGD.
+
+    Args:
+        module: the (possibly DDP-wrapped) model.
+
+    Example::
+
+        >>> model = torch.nn.Linear(2, 1)
+        >>> with no_sync(model):
+        ...     model(torch.ones(1, 2)).sum().backward()
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}: {module!r}")
+    if getattr(module, "broadcast_buffers", False) and any(True for _ in module.buffers()):
+        warnings.warn(
+            "This DDP module has broadcast_buffers=True, so every forward broadcasts its buffers "
+            "from rank 0: a collective on each step that defeats Local SGD. Construct "
+            "DistributedDataParallel(..., broadcast_buffers=False).",
+            UserWarning,
+            stacklevel=3,
+        )
+    with getattr(module, "no_sync", contextlib.nullcontext)():
+        yield

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import pytest
+
+from workers import WorkerPool
+
+_pools: dict[int, WorkerPool] = {}
+
+
+def _pool(world_size: int) -> WorkerPool:
+    pool = _pools.get(world_size)
+    if pool is None or pool.broken:
+        pool = _pools[world_size] = WorkerPool(world_size)
+    return pool
+
+
+@pytest.fixture(params=[2, 3], ids=["2ranks", "3ranks"])
+def ranks(request):
+    """Run a function on a pool of real gloo ranks: ``ranks(fn, *args) -> [result per rank]``."""
+    pool = _pool(request.param)
+
+    def run(fn, *args):
+        return pool.run(fn, *args)
+
+    run.world_size = request.param
+    return run
+
+
+@pytest.fixture
+def ranks2():
+    return _pool(2).run
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for pool in _pools.values():
+        pool.close()

@@ -1,0 +1,374 @@
+"""Multi-rank tests: real processes, real gloo, 2 and 3 ranks, asserted against the reference."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from helpers import INNER, make_batches, make_model, mse, params_of, train_wrapped
+from localsgd_optim import LayoutMismatchError, LocalSGDOptimizer, no_sync
+from reference import average_one_by_one, train_local_sgd_reference
+
+SMALL_CAP_MB = 0.01  # ~2.6k fp32 elements: several buckets plus an in-place one
+
+
+def assert_same(actual, expected, exact, rtol=1e-5, atol=1e-6):
+    """Bit-for-bit when ``exact``; else within float rounding (a wrong divisor is off by >30%)."""
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        assert a.dtype == e.dtype and a.shape == e.shape, f"parameter {i}"
+        if exact:
+            assert torch.equal(a, e), f"parameter {i}: max diff {(a - e).abs().max().item()}"
+        else:
+            torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=f"parameter {i}")
+
+
+# -- parity with the reference --------------------------------------------------------------
+
+def _parity(inner_name, k, cap_mb, steps):
+    batches = make_batches(steps)
+    ref_model = make_model(seed=dist.get_rank())  # different init per rank: sync_on_init must fix it
+    train_local_sgd_reference(ref_model, INNER[inner_name](ref_model.parameters()), k, batches, mse)
+
+    model = make_model(seed=dist.get_rank())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # k=1 warns by design
+        opt = LocalSGDOptimizer(INNER[inner_name](model.parameters()), k=k, bucket_cap_mb=cap_mb)
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    train_wrapped(model, opt, batches)
+    assert [p.data_ptr() for p in model.parameters()] == ptrs, "storage changed"
+    assert opt.num_steps == steps
+    return params_of(ref_model), params_of(model)
+
+
+@pytest.mark.parametrize("inner_name", ["sgd_momentum", "adamw"])
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_parity_with_reference(ranks, inner_name, k):
+    cap = SMALL_CAP_MB if k != 3 else 25.0
+    for ref, got in ranks(_parity, inner_name, k, cap, 10):
+        # 2 ranks: a+b is order-free, so bucketed == per-parameter bit for bit. 3 ranks: gloo's
+        # ring sums each element in an order set by its chunk, so flat and per-tensor differ by ~1 ulp.
+        assert_same(got, ref, exact=ranks.world_size == 2)
+
+
+def _one_round_dyadic(cap_mb):
+    # Values are multiples of 1/8 below 2^10: every sum over ranks is exact in any order, so
+    # the engine must match the reference bit for bit on any world size.
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(rank)
+    shapes = [(3,), (64, 64), (5, 7), (1,), (1000,), (2, 3, 4)]
+    a = [torch.randint(-8000, 8000, s, generator=g).float() / 8 for s in shapes]
+    b = [t.clone() for t in a]
+    mixed = [torch.randint(-8, 8, (9,), generator=g).to(torch.bfloat16)]
+    model = nn.Module()
+    for i, t in enumerate(a + mixed):
+        model.register_parameter(f"p{i}", nn.Parameter(t))
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), k=2,
+                            bucket_cap_mb=cap_mb, sync_on_init=False)
+    opt.sync()
+    ref = b + [mixed[0].detach().clone()]
+    average_one_by_one(ref)
+    return params_of(model), ref, [p.dtype for p in model.parameters()]
+
+
+@pytest.mark.parametrize("cap_mb", [SMALL_CAP_MB, 25.0])
+def test_one_round_exact_on_any_world_size(ranks, cap_mb):
+    results = ranks(_one_round_dyadic, cap_mb)
+    for got, ref, dtypes in results:
+        assert_same(got, ref, exact=True)
+        assert dtypes[-1] == torch.bfloat16
+    for got, _, _ in results[1:]:
+        assert_same(got, results[0][0], exact=True)  # every replica identical
+
+
+# -- k=1 is DDP ----------------------------------------------------------------------------
+
+def _k1_vs_ddp():
+    batches = make_batches(6)
+    base = make_model(seed=0)
+    ddp = nn.parallel.DistributedDataParallel(base)
+    ddp_opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    train_wrapped(ddp, ddp_opt, batches)
+
+    model = make_model(seed=0)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), k=1)
+    assert any("k=1" in str(x.message) for x in w)
+    train_wrapped(model, opt, batches)
+    return params_of(base), params_of(model)
+
+
+def test_k1_equals_ddp(ranks):
+    for ddp_params, ours in ranks(_k1_vs_ddp):
+        # DDP averages gradients, we average parameters: equal up to float rounding.
+        assert_same(ours, ddp_params, exact=False)
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+
+def _resume_mid_period(inner_name):
+    k, stop, total = 4, 13, 20
+    batches = make_batches(total)
+    model = make_model(seed=1)
+    opt = LocalSGDOptimizer(INNER[inner_name](model.parameters()), k=k, bucket_cap_mb=SMALL_CAP_MB)
+    train_wrapped(model, opt, batches)
+    uninterrupted = params_of(model)
+
+    model = make_model(seed=1)
+    opt = LocalSGDOptimizer(INNER[inner_name](model.parameters()), k=k, bucket_cap_mb=SMALL_CAP_MB)
+    train_wrapped(model, opt, batches[:stop])
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    # rank-specific state at step 13 (not an averaging step): replicas differ here
+    mid = params_of(model)
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model = make_model(seed=99)
+    opt = LocalSGDOptimizer(INNER[inner_name](model.parameters()), k=k, bucket_cap_mb=SMALL_CAP_MB)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    assert opt.num_steps == stop
+    assert opt.param_groups is opt.optimizer.param_groups and opt.state is opt.optimizer.state
+    train_wrapped(model, opt, batches[stop:])
+    return uninterrupted, params_of(model), mid, ckpt["opt"]["local_sgd"]
+
+
+@pytest.mark.parametrize("inner_name", ["sgd_momentum", "adamw"])
+def test_resume_mid_period_is_bit_exact(ranks, inner_name):
+    results = ranks(_resume_mid_period, inner_name)
+    for uninterrupted, resumed, _, entry in results:
+        assert_same(resumed, uninterrupted, exact=True)
+        assert entry == {"version": 1, "num_steps": 13, "k": 4}
+    assert not torch.equal(results[0][2][0], results[1][2][0]), "step 13 should be mid-period"
+
+
+# -- parameters unused on one rank, mixed dtypes, storage -----------------------------------
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(8, 8)
+        self.head_a = nn.Linear(8, 2)
+        self.head_b = nn.Linear(8, 2).to(torch.bfloat16)
+
+    def forward(self, x, use_b):
+        h = self.trunk(x)
+        out = self.head_a(h)
+        if use_b:
+            out = out + self.head_b(h.bfloat16()).float()
+        return out
+
+
+def _unused_on_one_rank():
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(rank)
+    data = [(torch.randn(4, 8, generator=g), torch.randn(4, 2, generator=g)) for _ in range(6)]
+    use_b = rank != 1  # rank 1 never touches head_b: its grads stay None there
+
+    def run(model, step_fn):
+        for x, y in data:
+            model.zero_grad()
+            mse(model(x, use_b), y).backward()
+            step_fn()
+
+    ref = TwoHeads()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.125, momentum=0.5)
+    count = [0]
+
+    def ref_step():
+        ref_opt.step()
+        count[0] += 1
+        if count[0] % 3 == 0:
+            average_one_by_one(list(ref.parameters()))
+
+    run(ref, ref_step)
+    model = TwoHeads()
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.125, momentum=0.5), k=3)
+    run(model, opt.step)
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert model.head_b.weight.dtype == torch.bfloat16
+    return params_of(ref), params_of(model)
+
+
+def test_parameter_unused_on_one_rank_and_mixed_dtypes(ranks):
+    results = ranks(_unused_on_one_rank)
+    for ref, got in results:
+        # 3 ranks: one bf16 ulp (0.4%) of sum-order noise, fed back into the fp32 trunk
+        assert_same(got, ref, exact=ranks.world_size == 2, rtol=2e-2, atol=2e-3)
+    for _, got in results[1:]:
+        assert_same(got, results[0][1], exact=True)
+
+
+# -- ranks that disagree --------------------------------------------------------------------
+
+def _mismatch(kind):
+    rank = dist.get_rank()
+    if kind == "shape":
+        model = nn.Linear(4, 3 if rank == 1 else 2)
+        opt_kwargs = {}
+    elif kind == "count":
+        model = nn.Linear(4, 2, bias=rank != 1)
+        opt_kwargs = {}
+    elif kind == "k":
+        model = nn.Linear(4, 2)
+        opt_kwargs = {"k": 4 if rank == 1 else 8}
+    else:
+        model = nn.Linear(4, 2)
+        opt_kwargs = {"bucket_cap_mb": 1.0 if rank == 1 else 25.0}
+    with pytest.raises(LayoutMismatchError) as info:
+        LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), **opt_kwargs)
+    dist.barrier()  # the group is still usable: nobody is stuck in a collective
+    return str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["shape", "count", "k", "bucket_cap_mb"])
+def test_mismatch_raises_on_every_rank(ranks, kind):
+    messages = ranks(_mismatch, kind)
+    assert len(set(messages)) == 1, messages  # the same verdict everywhere
+    msg = messages[0]
+    expected = {
+        "shape": "param group 0, index 0): float32[2, 4] on cpu on rank 0, float32[3, 4] on cpu on rank 1",
+        "count": "rank 0 has 2, rank 1 has 1",
+        "k": "ranks disagree on k: rank 0 has 8, rank 1 has 4",
+        "bucket_cap_mb": "ranks disagree on bucket_cap_mb: rank 0 has 25.0, rank 1 has 1.0",
+    }[kind]
+    assert expected in msg, msg
+
+
+# -- DDP and no_sync ------------------------------------------------------------------------
+
+def _no_sync_ddp():
+    rank = dist.get_rank()
+    model = nn.parallel.DistributedDataParallel(make_model(seed=0), broadcast_buffers=False)
+    x, y = make_batches(1)[0]
+    with no_sync(model):
+        mse(model(x), y).backward()
+    local = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    mse(model(x), y).backward()
+    synced = [p.grad.clone() for p in model.parameters()]
+    return rank, local, synced
+
+
+def test_no_sync_turns_off_ddp_allreduce(ranks):
+    results = ranks(_no_sync_ddp)
+    # inside no_sync each rank keeps its own gradient; outside, DDP averages them
+    assert not torch.equal(results[0][1][0], results[1][1][0])
+    mean = [torch.stack([r[1][i] for r in results]).mean(0) for i in range(len(results[0][1]))]
+    for _, _, synced in results:
+        assert_same(synced, mean, exact=False)
+
+
+def _no_sync_bn_warns():
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+    with pytest.warns(UserWarning, match="broadcast_buffers=False"):
+        with no_sync(model):
+            pass
+    quiet = nn.parallel.DistributedDataParallel(nn.Linear(4, 4))  # no buffers: nothing to broadcast
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with no_sync(quiet):
+            pass
+    return True
+
+
+def test_no_sync_warns_on_broadcast_buffers(ranks2):
+    assert ranks2(_no_sync_bn_warns) == [True, True]
+
+
+def _ddp_local_sgd_training():
+    # The README pattern: DDP module + no_sync + LocalSGDOptimizer == reference Local SGD.
+    batches = make_batches(8)
+    ref = make_model(seed=0)
+    train_local_sgd_reference(ref, torch.optim.SGD(ref.parameters(), lr=0.05), 4, batches, mse)
+    model = nn.parallel.DistributedDataParallel(make_model(seed=0), broadcast_buffers=False)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), k=4)
+    with no_sync(model):
+        train_wrapped(model, opt, batches)
+    return params_of(ref), params_of(model.module)
+
+
+def test_ddp_no_sync_training_matches_reference(ranks):
+    for ref, got in ranks(_ddp_local_sgd_training):
+        assert_same(got, ref, exact=ranks.world_size == 2)
+
+
+# -- schedule, sync(), hooks, add_param_group ------------------------------------------------
+
+def _schedule_and_hooks():
+    rank = dist.get_rank()
+    model = make_model(seed=rank)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=3, sync_on_init=False)
+    spread = []  # after each step: are the replicas identical?
+    calls = []
+
+    def post(o, args, kwargs):
+        p = next(model.parameters()).detach().clone()
+        gathered = [torch.empty_like(p) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, p)
+        spread.append(all(torch.equal(g, gathered[0]) for g in gathered))
+        calls.append(o.num_steps)
+
+    opt.register_step_post_hook(post)
+    opt.register_step_pre_hook(lambda o, a, kw: calls.append("pre"))
+    for x, y in make_batches(7):
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        opt.step()
+    opt.sync()  # explicit sync: averages now, does not shift the schedule
+    p = next(model.parameters()).detach().clone()
+    gathered = [torch.empty_like(p) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, p)
+    return spread, calls, opt.num_steps, all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def test_schedule_sync_and_hooks(ranks):
+    for spread, calls, num_steps, synced in ranks(_schedule_and_hooks):
+        assert spread == [False, False, True, False, False, True, False]
+        assert calls == [x for n in range(1, 8) for x in ("pre", n)]
+        assert num_steps == 7 and synced
+
+
+def _add_param_group():
+    batches = make_batches(8)
+    torch.manual_seed(dist.get_rank())
+    extra_ref = nn.Parameter(torch.randn(5))
+    extra = nn.Parameter(extra_ref.detach().clone())
+
+    def loss_with(model, p, x, y):
+        return mse(model(x), y) + (p * x[:, :5]).pow(2).mean()
+
+    ref = make_model(seed=0)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    for step, (x, y) in enumerate(batches, 1):
+        ref_opt.zero_grad()
+        loss_with(ref, extra_ref, x, y).backward()
+        ref_opt.step()
+        if step == 2:
+            ref_opt.add_param_group({"params": [extra_ref], "lr": 0.1})
+        if step % 4 == 0:
+            average_one_by_one([p for g in ref_opt.param_groups for p in g["params"]])
+
+    model = make_model(seed=0)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), k=4)
+    for step, (x, y) in enumerate(batches, 1):
+        opt.zero_grad()
+        loss_with(model, extra, x, y).backward()
+        opt.step()
+        if step == 2:
+            opt.add_param_group({"params": [extra], "lr": 0.1})
+    assert len(opt.optimizer.param_groups) == 2
+    return params_of(ref) + [extra_ref.detach().clone()], params_of(model) + [extra.detach().clone()]
+
+
+def test_add_param_group_is_averaged(ranks):
+    for ref, got in ranks(_add_param_group):
+        assert_same(got, ref, exact=ranks.world_size == 2)
