@@ -18,7 +18,7 @@ def no_sync(module: torch.nn.Module) -> Iterator[None]:
     For a :class:`~torch.nn.parallel.DistributedDataParallel` module this is its own
     ``no_sync()``; for any other module it does nothing, so one training loop serves
     both. Wrap the whole loop or a single backward. Warns when the DDP module
-    broadcasts buffers on every forward (``broadcast_buffers=True`` with buffers), a
+    syncs buffers on every forward (``forward_sync_buffers``/``broadcast_buffers`` with buffers), a
     per-step collective that defeats Local SGD.
 
     Args:
@@ -32,11 +32,14 @@ def no_sync(module: torch.nn.Module) -> Iterator[None]:
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}: {module!r}")
-    if getattr(module, "broadcast_buffers", False) and any(True for _ in module.buffers()):
+    # torch >= 2.13 calls it forward_sync_buffers; older versions broadcast_buffers.
+    syncs = getattr(module, "forward_sync_buffers", getattr(module, "broadcast_buffers", False))
+    if syncs and any(True for _ in module.buffers()):
         warnings.warn(
-            "This DDP module has broadcast_buffers=True, so every forward broadcasts its buffers "
-            "from rank 0: a collective on each step that defeats Local SGD. Construct "
-            "DistributedDataParallel(..., broadcast_buffers=False).",
+            "This DDP module syncs its buffers from rank 0 in every forward "
+            "(forward_sync_buffers=True, called broadcast_buffers before torch 2.13): a collective "
+            "on each step that defeats Local SGD. Construct DistributedDataParallel(..., "
+            "forward_sync_buffers=False) (or broadcast_buffers=False on older torch).",
             UserWarning,
             stacklevel=3,
         )

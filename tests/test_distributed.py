@@ -247,7 +247,7 @@ def test_mismatch_raises_on_every_rank(ranks, kind):
 
 def _no_sync_ddp():
     rank = dist.get_rank()
-    model = nn.parallel.DistributedDataParallel(make_model(seed=0), broadcast_buffers=False)
+    model = nn.parallel.DistributedDataParallel(make_model(seed=0))
     x, y = make_batches(1)[0]
     with no_sync(model):
         mse(model(x), y).backward()
@@ -269,7 +269,7 @@ def test_no_sync_turns_off_ddp_allreduce(ranks):
 
 def _no_sync_bn_warns():
     model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
-    with pytest.warns(UserWarning, match="broadcast_buffers=False"):
+    with pytest.warns(UserWarning, match="forward_sync_buffers=False"):
         with no_sync(model):
             pass
     quiet = nn.parallel.DistributedDataParallel(nn.Linear(4, 4))  # no buffers: nothing to broadcast
@@ -289,7 +289,7 @@ def _ddp_local_sgd_training():
     batches = make_batches(8)
     ref = make_model(seed=0)
     train_local_sgd_reference(ref, torch.optim.SGD(ref.parameters(), lr=0.05), 4, batches, mse)
-    model = nn.parallel.DistributedDataParallel(make_model(seed=0), broadcast_buffers=False)
+    model = nn.parallel.DistributedDataParallel(make_model(seed=0))
     opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), k=4)
     with no_sync(model):
         train_wrapped(model, opt, batches)

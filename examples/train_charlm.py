@@ -1,0 +1,225 @@
+"""Train a character-level transformer language model with Local SGD (or DDP) under torchrun.
+
+The default corpus is real text present on every machine with Python: the standard
+library's own source files (found through ``sysconfig``), split into train and
+held-out validation. ``--data FILE`` trains on any text instead.
+
+    torchrun --nproc-per-node 2 examples/train_charlm.py                      # Local SGD, k=8
+    torchrun --nproc-per-node 2 examples/train_charlm.py --method ddp         # the baseline
+    torchrun --nproc-per-node 2 examples/train_charlm.py --ckpt-dir ck --ckpt-every 100  # resumable
+
+Checkpoints are per rank (each replica's inner optimizer state is its own), written
+atomically; a restarted job (``torchrun --max-restarts``) resumes from the last one
+and ends with exactly the parameters of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from localsgd_optim import LocalSGDOptimizer, no_sync
+
+
+def stdlib_text(max_bytes: int) -> bytes:
+    """The standard library's .py files, in a fixed order, up to ``max_bytes``."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" in path.parts or "test" in path.parts:
+            continue
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    return b"".join(chunks)[:max_bytes]
+
+
+def load_corpus(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    raw = Path(args.data).read_bytes()[: args.max_bytes] if args.data else stdlib_text(args.max_bytes)
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()  # byte-level: vocab 256
+    split = int(len(data) * 0.9)
+    return data[:split], data[split:]
+
+
+class CharTransformer(nn.Module):
+    def __init__(self, vocab: int, d_model: int, layers: int, heads: int, context: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Parameter(torch.zeros(context, d_model))
+        layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0,
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        h = self.embed(idx) + self.pos[:t]
+        h = self.blocks(h, mask=self.mask[:t, :t], is_causal=True)
+        return self.head(self.norm(h))
+
+
+def batch(data: torch.Tensor, size: int, context: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    starts = torch.randint(0, len(data) - context - 1, (size,), generator=g)
+    x = torch.stack([data[s:s + context] for s in starts])
+    y = torch.stack([data[s + 1:s + 1 + context] for s in starts])
+    return x, y
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val: torch.Tensor, args: argparse.Namespace) -> float:
+    """Mean loss over a fixed set of validation windows (identical on every rank)."""
+    model.eval()
+    g = torch.Generator().manual_seed(12345)
+    losses = []
+    for _ in range(args.eval_batches):
+        x, y = batch(val, args.batch_size, args.context, g)
+        logits = model(x)
+        losses.append(nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def wrap_ddp(module: nn.Module) -> nn.Module:
+    """DDP without per-forward buffer sync, which Local SGD does not want (the causal mask is a buffer)."""
+    ddp = nn.parallel.DistributedDataParallel
+    key = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+    return ddp(module, **{key: False})
+
+
+@torch.no_grad()
+def evaluate_average(model: nn.Module, opt: torch.optim.Optimizer, val: torch.Tensor,
+                     args: argparse.Namespace) -> float:
+    """Validation loss of the averaged model, leaving every rank's local replica untouched."""
+    if not isinstance(opt, LocalSGDOptimizer) or opt.num_steps % opt.k == 0:
+        return evaluate(model, val, args)  # already averaged (or DDP: always identical)
+    local = [p.detach().clone() for p in model.parameters()]
+    opt.sync()
+    loss = evaluate(model, val, args)
+    for p, saved in zip(model.parameters(), local):
+        p.copy_(saved)
+    return loss
+
+
+def save_checkpoint(path: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer,
+                    g: torch.Generator) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "model": model.state_dict(), "opt": opt.state_dict(),
+                "data_rng": g.get_state()}, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a torn checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=["localsgd", "ddp"], default="localsgd")
+    p.add_argument("--k", type=int, default=8, help="steps between averaging rounds (localsgd)")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=16, help="per rank")
+    p.add_argument("--context", type=int, default=64)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--data", type=str, default=None, help="a text file (default: the stdlib sources)")
+    p.add_argument("--max-bytes", type=int, default=4_000_000)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--ckpt-dir", type=str, default=None, help="per-rank checkpoints; resumes if present")
+    p.add_argument("--ckpt-every", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-out", type=str, default=None, help="write the loss curve here (rank 0)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.k < 1:
+        p.error(f"--steps and --k must be >= 1, got --steps {args.steps} --k {args.k}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+
+    train, val = load_corpus(args)
+    torch.manual_seed(args.seed)  # same initial model on every rank
+    net = CharTransformer(256, args.d_model, args.layers, args.heads, args.context)
+    model = wrap_ddp(net) if distributed else net
+    inner = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    opt = LocalSGDOptimizer(inner, k=args.k) if args.method == "localsgd" else inner
+    g = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own data stream
+
+    start = 0
+    ckpt = Path(args.ckpt_dir) / f"rank{rank}.pt" if args.ckpt_dir else None
+    if ckpt is not None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        if ckpt.exists():
+            state = torch.load(ckpt, weights_only=True)
+            net.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            g.set_state(state["data_rng"])
+            start = state["step"]
+            if rank == 0:
+                print(f"resumed from {ckpt.parent} at step {start}", flush=True)
+
+    n_params = sum(p.numel() for p in net.parameters())
+    if rank == 0:
+        print(f"{args.method}: {n_params / 1e6:.2f}M parameters, {world} rank(s), "
+              f"{len(train) / 1e6:.1f}M train / {len(val) / 1e6:.2f}M val bytes", flush=True)
+    history = []
+    sync_ctx = no_sync(model) if args.method == "localsgd" else _nullcontext()
+    t0 = time.perf_counter()
+    with sync_ctx:
+        for step in range(start + 1, args.steps + 1):
+            x, y = batch(train, args.batch_size, args.context, g)
+            loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if ckpt is not None and args.ckpt_every and step % args.ckpt_every == 0:
+                save_checkpoint(ckpt, step, net, opt, g)
+            if step % args.eval_every == 0 or step == args.steps:
+                val_loss = evaluate_average(net, opt, val, args)
+                elapsed = time.perf_counter() - t0
+                history.append({"step": step, "train_loss": loss.item(), "val_loss": val_loss, "time_s": elapsed})
+                if rank == 0:
+                    bar = "#" * int(30 * step / args.steps)
+                    print(f"[{bar:<30}] step {step:5d}/{args.steps}  train {loss.item():.3f}  "
+                          f"val {val_loss:.3f}  ({step / max(elapsed, 1e-9) * world * args.batch_size:.0f} "
+                          f"seq/s)", flush=True)
+    result = {"method": args.method, "k": args.k, "world_size": world, "params": n_params,
+              "final_val_loss": history[-1]["val_loss"] if history else math.nan, "history": history}
+    if rank == 0 and args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1))
+    if distributed:
+        dist.destroy_process_group()
+    return result
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
