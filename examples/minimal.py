@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -37,8 +39,11 @@ def main() -> None:
     if rank == 0:
         same = all(torch.equal(c, first) for c in copies)
         print(f"replicas identical after sync: {same}; averaging rounds: {opt.num_steps // opt.k}")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # torch 2.13's gloo can abort at exit if a DDP module outlives the process group:
+    # let main()'s objects go first.
+    gc.collect()
+    dist.destroy_process_group()

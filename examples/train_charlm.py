@@ -16,6 +16,7 @@ and ends with exactly the parameters of an uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
 import json
 import math
@@ -208,8 +209,6 @@ def main(argv: list[str] | None = None) -> dict:
               "final_val_loss": history[-1]["val_loss"] if history else math.nan, "history": history}
     if rank == 0 and args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1))
-    if distributed:
-        dist.destroy_process_group()
     return result
 
 
@@ -223,3 +222,8 @@ class _nullcontext:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    # torch 2.13's gloo can abort at exit if a DDP module outlives the process group:
+    # main()'s objects are gone now; collect cycles, then tear down.
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from ._dist import LayoutMismatchError
+from ._dist import LayoutMismatchError, LocalSGDError, ScheduleMismatchError
 from .ddp import no_sync
 from .optimizer import STATE_KEY, STATE_VERSION, LocalSGDOptimizer
 
-__all__ = ["LocalSGDOptimizer", "no_sync", "LayoutMismatchError", "STATE_KEY", "STATE_VERSION"]
+__all__ = [
+    "LocalSGDOptimizer",
+    "no_sync",
+    "LocalSGDError",
+    "LayoutMismatchError",
+    "ScheduleMismatchError",
+    "STATE_KEY",
+    "STATE_VERSION",
+]
 __version__ = "0.1.0"

@@ -116,10 +116,25 @@ class BucketEngine:
 
     def __init__(self, tensors: Sequence[torch.Tensor], bucket_cap_bytes: int) -> None:
         self.tensors = list(tensors)
-        self.buckets = plan_buckets(self.tensors, bucket_cap_bytes)
+        self.cap_bytes = bucket_cap_bytes
+        self._plan()
+
+    def _plan(self) -> None:
+        self.buckets = plan_buckets(self.tensors, self.cap_bytes)
         # A lone contiguous tensor is reduced where it lives: no buffer, no copy.
         self._direct: list[torch.Tensor | None] = [self._in_place(b) for b in self.buckets]
         self._slots: dict[tuple[torch.device, torch.dtype], list[_Slot]] = {}
+        self._storage = [t.data_ptr() for t in self.tensors]
+
+    def refresh(self) -> bool:
+        """Re-plan if any tensor's storage moved (``model.to(...)``, ``.double()``, ``p.data = ...``).
+
+        Returns whether it re-planned. Cheap: one ``data_ptr()`` per tensor.
+        """
+        if [t.data_ptr() for t in self.tensors] == self._storage:
+            return False
+        self._plan()
+        return True
 
     @property
     def numel(self) -> int:
@@ -190,20 +205,28 @@ class BucketEngine:
                 _foreach_copy(self._members(pos), self._views(slot, pos))
                 busy.discard(id(slot))
 
-        for pos, bucket in enumerate(self.buckets):
-            flat = self._direct[pos]
-            slot = None
-            if flat is None:
-                slots = self._slots_for(bucket)
-                while all(id(s) in busy for s in slots):
-                    complete_oldest()
-                slot = next(s for s in slots if id(s) not in busy)
-                busy.add(id(slot))
-                _foreach_copy(self._views(slot, pos), self._members(pos))
-                flat = slot.buffer[:bucket.numel]
-            pending.append((pos, flat, slot, collective(flat)))
-        while pending:
-            complete_oldest()
+        try:
+            for pos, bucket in enumerate(self.buckets):
+                flat = self._direct[pos]
+                slot = None
+                if flat is None:
+                    slots = self._slots_for(bucket)
+                    while all(id(s) in busy for s in slots):
+                        complete_oldest()
+                    slot = next(s for s in slots if id(s) not in busy)
+                    busy.add(id(slot))
+                    _foreach_copy(self._views(slot, pos), self._members(pos))
+                    flat = slot.buffer[:bucket.numel]
+                pending.append((pos, flat, slot, collective(flat)))
+            while pending:
+                complete_oldest()
+        finally:
+            # On an error, let in-flight collectives finish before the buffers are reused.
+            for _, _, _, work in pending:
+                try:
+                    work.wait()
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    pass
 
     def all_reduce_mean(self, group: dist.ProcessGroup | None, world_size: int) -> None:
         """Replace every tensor by its mean across the ranks of ``group``."""

@@ -2,27 +2,64 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["group_size", "check_ranks_agree", "LayoutMismatchError"]
+__all__ = [
+    "LocalSGDError",
+    "LayoutMismatchError",
+    "ScheduleMismatchError",
+    "group_size",
+    "describe_tensor",
+    "fingerprint",
+    "check_ranks_agree",
+    "agree_on_round",
+    "ROUND_BIND",
+    "ROUND_SCHEDULED",
+    "ROUND_SYNC",
+]
+
+# What a rank is doing when it enters the control collective.
+ROUND_BIND, ROUND_SCHEDULED, ROUND_SYNC = 0, 1, 2
+_ROUND_NAMES = {ROUND_BIND: "binding to the process group", ROUND_SCHEDULED: "a scheduled averaging round",
+                ROUND_SYNC: "an explicit sync()"}
 
 
-class LayoutMismatchError(RuntimeError):
-    """Raised on every rank when ranks wrap different parameters or settings."""
+class LocalSGDError(RuntimeError):
+    """Base class of the errors raised on every rank when ranks disagree."""
+
+
+class LayoutMismatchError(LocalSGDError):
+    """Ranks wrap different parameters or settings."""
+
+
+class ScheduleMismatchError(LocalSGDError):
+    """Ranks reached an averaging round at different step counts or for different reasons."""
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
     """World size of ``group``, or 1 when torch.distributed is not initialized."""
     if not (dist.is_available() and dist.is_initialized()):
         return 1
+    if dist.get_rank(group) < 0:
+        raise ValueError(
+            f"process_group does not contain this rank (global rank {dist.get_rank()}); "
+            "construct LocalSGDOptimizer only on the ranks of its process_group"
+        )
     return dist.get_world_size(group)
 
 
 def describe_tensor(t: torch.Tensor) -> tuple[str, str, tuple[int, ...]]:
     return (t.device.type, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+
+
+def fingerprint(settings: dict[str, Any], layout: Sequence[tuple[str, str, tuple[int, ...]]]) -> int:
+    """A stable 63-bit digest of settings and layout (Python's ``hash`` differs per process)."""
+    digest = hashlib.blake2b(repr((sorted(settings.items()), list(layout))).encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 def _fmt(entry: tuple[str, str, tuple[int, ...]] | None) -> str:
@@ -40,15 +77,10 @@ def check_ranks_agree(
 ) -> None:
     """Gather every rank's settings and tensor layout; raise on every rank if any differ.
 
-    One ``all_gather_object`` carries both, so every rank sees every other rank's
-    view and reaches the same verdict: the error is raised everywhere, never on one
-    rank while the others wait in a collective.
-
-    Args:
-        group: the process group to check.
-        settings: values every rank must share (e.g. ``k``, ``bucket_cap_mb``).
-        layout: (device type, dtype, shape) of each averaged tensor, in order.
-        names: a human-readable name for each tensor, used in the error message.
+    One ``all_gather_object`` carries everything, so every rank sees every other
+    rank's view and reaches the same verdict: the error is raised everywhere, never
+    on one rank while the others wait in a collective. Ranks are numbered within
+    ``group``.
     """
     mine = {"settings": dict(settings), "layout": list(layout), "names": list(names)}
     everyone: list[Any] = [None] * dist.get_world_size(group)
@@ -74,5 +106,44 @@ def check_ranks_agree(
             f"(rank 0 has {len(a)}, rank {rank} has {len(b)}); the first difference is "
             f"{name}: {_fmt(a[first] if first < len(a) else None)} on rank 0, "
             f"{_fmt(b[first] if first < len(b) else None)} on rank {rank}. Build the model and "
-            "optimizer identically on every rank (same modules, same parameter order)."
+            "optimizer identically on every rank (same modules, same parameter order, same "
+            "add_param_group calls)."
+        )
+
+
+def agree_on_round(
+    group: dist.ProcessGroup | None,
+    device: torch.device,
+    kind: int,
+    num_steps: int,
+    start_steps: int,
+    digest: int,
+    explain_layout: Any,
+) -> None:
+    """The control collective that opens every round: one tiny ``all_gather``, no data yet.
+
+    Every rank contributes (kind, step count, step count it started or resumed from,
+    layout digest) and every rank checks the same gathered table, so a disagreement
+    raises on every rank before any parameter is touched. ``explain_layout()`` is
+    called (on every rank) when the digests differ, to raise a readable error.
+    """
+    mine = torch.tensor([kind, num_steps, start_steps, digest], dtype=torch.int64, device=device)
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, mine, group=group)
+    rows = torch.stack(table).cpu().tolist()
+    kinds, steps, starts, digests = (list(col) for col in zip(*rows))
+    if len(set(digests)) > 1:
+        explain_layout()
+        raise LayoutMismatchError(f"LocalSGDOptimizer: ranks wrap different parameters (digests {digests})")
+    if len(set(kinds)) > 1 or len(set(steps)) > 1:
+        doing = "; ".join(f"rank {r}: {_ROUND_NAMES[k]} at step {s}" for r, (k, s) in enumerate(zip(kinds, steps)))
+        raise ScheduleMismatchError(
+            f"LocalSGDOptimizer: ranks are out of step ({doing}). Every rank must call step() the "
+            "same number of times between averaging rounds and call sync() at the same point; "
+            "give every rank the same number of batches (or use torch.distributed.algorithms.Join)."
+        )
+    if len(set(starts)) > 1:
+        raise ScheduleMismatchError(
+            f"LocalSGDOptimizer: ranks resumed from different step counts ({starts} per rank), so "
+            "their averaging rounds are out of phase. Load the same checkpoint step on every rank."
         )

@@ -12,7 +12,16 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 
 from ._buckets import BucketEngine, bucket_cap_bytes
-from ._dist import check_ranks_agree, describe_tensor, group_size
+from ._dist import (
+    ROUND_BIND,
+    ROUND_SCHEDULED,
+    ROUND_SYNC,
+    agree_on_round,
+    check_ranks_agree,
+    describe_tensor,
+    fingerprint,
+    group_size,
+)
 from ._schedule import PeriodicSchedule
 
 __all__ = ["LocalSGDOptimizer", "STATE_KEY", "STATE_VERSION"]
@@ -26,12 +35,15 @@ STATE_VERSION = 1
 class _Comm:
     """Everything needed to talk to the other ranks; ``None`` in a single process."""
 
-    __slots__ = ("group", "world_size", "engine")
+    __slots__ = ("group", "world_size", "engine", "control_device", "digest")
 
-    def __init__(self, group: dist.ProcessGroup | None, world_size: int, engine: BucketEngine) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, world_size: int, engine: BucketEngine,
+                 control_device: torch.device, digest: int) -> None:
         self.group = group
         self.world_size = world_size
         self.engine = engine
+        self.control_device = control_device  # NCCL needs the tiny control tensor on the GPU
+        self.digest = digest
 
 
 class LocalSGDOptimizer(Optimizer):
@@ -108,13 +120,12 @@ class LocalSGDOptimizer(Optimizer):
         self.process_group = process_group
         self.bucket_cap_mb = float(bucket_cap_mb)
         self._num_steps = 0
+        self._start_steps = 0  # the count this run started or resumed from: ranks must agree
         self._comm: _Comm | None = None
-        self._resolved = False
+        self._single = False  # bound to a world of one: never communicate
+        self._pending_broadcast = sync_on_init
         self._constructed = True
-
-        comm = self._resolve()
-        if comm is not None and sync_on_init:
-            comm.engine.broadcast(dist.get_global_rank(comm.group or dist.group.WORLD, 0), comm.group)
+        self._bind()
 
     # -- sharing with the inner optimizer ---------------------------------------------------
 
@@ -148,26 +159,65 @@ class LocalSGDOptimizer(Optimizer):
 
     # -- the process group --------------------------------------------------------------------
 
-    def _resolve(self) -> _Comm | None:
-        """Bind to the process group on first use; ``None`` means single process."""
-        if self._resolved:
+    def _settings(self) -> dict[str, Any]:
+        return {"k": self.k, "bucket_cap_mb": self.bucket_cap_mb}
+
+    def _digest(self) -> int:
+        return fingerprint(self._settings(), [describe_tensor(p) for p in self._params()])
+
+    def _explain_layout(self) -> None:
+        check_ranks_agree(self.process_group, self._settings(),
+                          [describe_tensor(p) for p in self._params()], self._param_names())
+
+    def _make_comm(self, world_size: int) -> _Comm:
+        """Plan the buckets for the current param groups (local work, no collective)."""
+        params = self._params()
+        for name, p in zip(self._param_names(), params):
+            if not (p.is_floating_point() or p.is_complex()):
+                raise TypeError(
+                    f"{name} has dtype {p.dtype}: only floating-point and complex parameters can be "
+                    "averaged; remove it from the optimizer or register it as a buffer"
+                )
+        engine = BucketEngine(params, bucket_cap_bytes(self.bucket_cap_mb))
+        nccl = dist.get_backend(self.process_group) == "nccl"
+        device = params[0].device if nccl and params else torch.device("cpu")
+        return _Comm(self.process_group, world_size, engine, device, self._digest())
+
+    def _bind(self) -> _Comm | None:
+        """Bind to the process group once it exists; ``None`` means a single process (for now).
+
+        Binding is a collective: every rank checks that all wrap the same parameters and
+        settings, then (``sync_on_init``) parameters are broadcast from the group's first
+        rank. A group initialized after construction is bound at the next ``step()``.
+        """
+        if self._comm is not None or self._single:
             return self._comm
         world_size = group_size(self.process_group)
         if world_size == 1:
-            # Not initialized yet: look again at the next round. World size 1: never.
-            self._resolved = dist.is_available() and dist.is_initialized()
+            self._single = dist.is_available() and dist.is_initialized()
             return None
-        params = self._params()
-        check_ranks_agree(
-            self.process_group,
-            {"k": self.k, "bucket_cap_mb": self.bucket_cap_mb},
-            [describe_tensor(p) for p in params],
-            self._param_names(),
-        )
-        engine = BucketEngine(params, bucket_cap_bytes(self.bucket_cap_mb))
-        self._comm = _Comm(self.process_group, world_size, engine)
-        self._resolved = True
-        return self._comm
+        comm = self._make_comm(world_size)
+        self._comm = comm
+        self._agree(ROUND_BIND)
+        if self._pending_broadcast:
+            comm.engine.broadcast(dist.get_global_rank(comm.group or dist.group.WORLD, 0), comm.group)
+            self._pending_broadcast = False
+        return comm
+
+    def _agree(self, kind: int) -> None:
+        comm = self._comm
+        assert comm is not None  # internal invariant, not user input
+        if comm.engine.refresh():  # a parameter's storage moved: re-planned, so re-digest
+            comm.digest = self._digest()
+        agree_on_round(comm.group, comm.control_device, kind, self._num_steps, self._start_steps,
+                       comm.digest, self._explain_layout)
+
+    def _round(self, kind: int) -> None:
+        comm = self._bind()
+        if comm is None:
+            return
+        self._agree(kind)
+        comm.engine.all_reduce_mean(comm.group, comm.world_size)
 
     # -- stepping ---------------------------------------------------------------------------
 
@@ -180,10 +230,12 @@ class LocalSGDOptimizer(Optimizer):
         Returns:
             Whatever the inner optimizer's ``step`` returns (the closure's loss).
         """
+        if self._comm is None and not self._single:
+            self._bind()  # a process group created after construction: bind before stepping
         loss = self._inner_step(closure)
         self._num_steps += 1
         if self._schedule.averages_at(self._num_steps):
-            self.sync()
+            self._round(ROUND_SCHEDULED)
         return loss
 
     def _inner_step(self, closure: Callable[[], float] | None) -> Any:
@@ -219,11 +271,10 @@ class LocalSGDOptimizer(Optimizer):
     def sync(self) -> None:
         """Average parameters across ranks now (a collective: call it on every rank).
 
-        Does not shift the schedule. A no-op in a single process.
+        Does not shift the schedule. A no-op in a single process. Raises
+        :class:`ScheduleMismatchError` on every rank if the ranks' step counts differ.
         """
-        comm = self._resolve()
-        if comm is not None:
-            comm.engine.all_reduce_mean(comm.group, comm.world_size)
+        self._round(ROUND_SYNC)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset gradients through the inner optimizer (see :meth:`torch.optim.Optimizer.zero_grad`)."""
@@ -232,14 +283,15 @@ class LocalSGDOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the inner optimizer; its parameters are averaged from the next round.
 
-        Call it identically on every rank: the next averaging round re-checks that all
-        ranks wrap the same parameters.
+        Call it identically on every rank: the next round's control collective compares
+        every rank's layout and raises on all of them if one rank added a different group.
         """
         if not self._constructed:  # Optimizer.__init__ registering the inner groups
             super().add_param_group(param_group)
             return
         self.optimizer.add_param_group(param_group)
-        self._comm, self._resolved = None, False
+        if self._comm is not None:
+            self._comm = self._make_comm(self._comm.world_size)
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -271,16 +323,28 @@ class LocalSGDOptimizer(Optimizer):
             if result is not None:
                 state_dict = result
         entry = state_dict.pop(STATE_KEY, None)
-        num_steps = _parse_entry(entry)  # validate before anything changes
+        num_steps, saved_k = _parse_entry(entry)  # validate before anything changes
+        if saved_k is not None and saved_k != self.k:
+            warnings.warn(
+                f"The checkpoint was saved with k={saved_k}; this optimizer has k={self.k}. "
+                f"Continuing from step {num_steps} with k={self.k}.",
+                UserWarning,
+                stacklevel=2,
+            )
         self.optimizer.load_state_dict(state_dict)
         self._share_inner()  # load_state_dict rebinds the inner param_groups and state
-        self._num_steps = num_steps
+        self._num_steps = self._start_steps = num_steps
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
+        if self.process_group is not None:
+            raise TypeError(
+                "cannot pickle or deepcopy a LocalSGDOptimizer with an explicit process_group (process "
+                "groups do not pickle); build a new LocalSGDOptimizer around the copied inner optimizer"
+            )
         state = self.__dict__.copy()
-        state["_comm"], state["_resolved"] = None, False  # process groups do not pickle
+        state["_comm"], state["_single"] = None, False  # rebinds to the default group on next use
         return state
 
     def __repr__(self) -> str:
@@ -291,8 +355,8 @@ class LocalSGDOptimizer(Optimizer):
         )
 
 
-def _parse_entry(entry: Any) -> int:
-    """Validate the Local SGD entry of a state dict and return its step count."""
+def _parse_entry(entry: Any) -> tuple[int, int | None]:
+    """Validate the Local SGD entry of a state dict; return its step count and saved ``k``."""
     if entry is None:
         warnings.warn(
             f"The state dict has no {STATE_KEY!r} entry (it was saved by a plain optimizer): "
@@ -300,7 +364,7 @@ def _parse_entry(entry: Any) -> int:
             UserWarning,
             stacklevel=3,
         )
-        return 0
+        return 0, None
     if not isinstance(entry, dict) or "version" not in entry:
         raise ValueError(
             f"state_dict[{STATE_KEY!r}] must be a dict with a 'version' key, got {entry!r}; "
@@ -319,4 +383,5 @@ def _parse_entry(entry: Any) -> int:
         raise ValueError(
             f"state_dict[{STATE_KEY!r}]['num_steps'] must be an integer >= 0, got {num_steps!r}"
         )
-    return num_steps
+    saved_k = entry.get("k")
+    return num_steps, saved_k if isinstance(saved_k, int) and not isinstance(saved_k, bool) else None

@@ -80,15 +80,18 @@ def test_engine_round_trip_touches_every_element_once(spec, cap_bytes):
         for t, e in zip(tensors, expected):
             assert torch.equal(t, e)
     assert [t.data_ptr() for t in tensors] == ptrs
-    # double buffering: never more than two buckets of buffer per (device, dtype)
-    cap_elems = {dt: max(1, cap_bytes // torch.empty((), dtype=dt).element_size()) for dt in DTYPES}
-    for (_, dtype), slots in engine._slots.items():
+    # double buffering: at most two buffers per (device, dtype), each the size of the largest
+    # bucket that goes through a buffer (a packed bucket is <= cap; a lone non-contiguous
+    # tensor may be larger): extra memory <= 2 buckets
+    for (device, dtype), slots in engine._slots.items():
         assert len(slots) <= 2
-        biggest_packed = max(b.numel for b in engine.buckets if b.dtype == dtype and len(b.indices) > 1) \
-            if any(b.dtype == dtype and len(b.indices) > 1 for b in engine.buckets) else None
-        if biggest_packed is not None:
-            assert all(s.buffer.numel() <= max(biggest_packed, cap_elems[dtype]) or s.buffer.numel() > cap_elems[dtype]
-                       for s in slots)
+        packed = [b.numel for b, direct in zip(engine.buckets, engine._direct)
+                  if b.dtype == dtype and direct is None]
+        assert all(s.buffer.numel() == max(packed) for s in slots)
+    assert engine.buffer_bytes() <= 2 * max(
+        [b.numel * torch.empty((), dtype=b.dtype).element_size()
+         for b, direct in zip(engine.buckets, engine._direct) if direct is None] or [0]
+    ) * len(engine._slots)
 
 
 def test_large_contiguous_tensor_is_reduced_in_place():

@@ -372,3 +372,148 @@ def _add_param_group():
 def test_add_param_group_is_averaged(ranks):
     for ref, got in ranks(_add_param_group):
         assert_same(got, ref, exact=ranks.world_size == 2)
+
+
+# -- found in review: things that used to go silently wrong ---------------------------------
+
+def _storage_moved():
+    # model.double() after construction swaps every parameter's storage (and dtype)
+    rank = dist.get_rank()
+    model = make_model(seed=0)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), k=2, bucket_cap_mb=SMALL_CAP_MB)
+    model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float(rank))
+    opt.sync()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_parameters_moved_after_construction_are_still_averaged(ranks):
+    mean = sum(range(ranks.world_size)) / ranks.world_size
+    for params in ranks(_storage_moved):
+        for p in params:
+            assert p.dtype == torch.float64 and torch.all(p == mean)
+
+
+def _add_group_on_one_rank():
+    model = make_model(seed=0)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
+    if dist.get_rank() == 1:
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
+    with pytest.raises(LayoutMismatchError) as info:
+        opt.sync()
+    dist.barrier()
+    return str(info.value)
+
+
+def test_add_param_group_on_one_rank_raises_everywhere(ranks):
+    messages = ranks(_add_group_on_one_rank)
+    assert len(set(messages)) == 1
+    assert "rank 0 has 6, rank 1 has 7" in messages[0] and "missing on rank 0" in messages[0]
+
+
+def _resumed_out_of_phase():
+    from localsgd_optim import ScheduleMismatchError
+
+    model = make_model(seed=0)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=4)
+    sd = opt.state_dict()
+    sd["local_sgd"]["num_steps"] = 2 if dist.get_rank() == 1 else 0
+    opt.load_state_dict(sd)
+    batches = make_batches(8)
+    with pytest.raises(ScheduleMismatchError) as info:
+        train_wrapped(model, opt, batches)
+    dist.barrier()
+    return str(info.value), opt.num_steps
+
+
+def test_ranks_resumed_at_different_steps_raise_everywhere(ranks):
+    results = ranks(_resumed_out_of_phase)
+    assert len({m for m, _ in results}) == 1
+    msg = results[0][0]
+    assert "resumed from different step counts ([0, 2" in msg
+    assert [n for _, n in results] == [4, 4] + [4] * (ranks.world_size - 2)  # caught at the first round
+
+
+def _uneven_then_sync():
+    from localsgd_optim import ScheduleMismatchError
+
+    rank = dist.get_rank()
+    model = make_model(seed=0)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=4)
+    batches = make_batches(10 if rank == 0 else 12)  # uneven loaders
+    with pytest.raises(ScheduleMismatchError) as info:
+        train_wrapped(model, opt, batches)  # rank 0 stops at 10, the others average at 12 ...
+        opt.sync()  # ... while rank 0 syncs at 10
+    dist.barrier()
+    return str(info.value)
+
+
+def test_uneven_step_counts_raise_everywhere_with_both_counts(ranks):
+    messages = ranks(_uneven_then_sync)
+    assert len(set(messages)) == 1
+    assert "rank 0: an explicit sync() at step 10; rank 1: a scheduled averaging round at step 12" in messages[0]
+
+
+def _late_process_group():
+    # Built as if torch.distributed were not up yet: no broadcast, no collective at construction.
+    from unittest import mock
+
+    import localsgd_optim._dist as ldist
+
+    model = make_model(seed=dist.get_rank())  # different init per rank
+    with mock.patch.object(ldist.dist, "is_initialized", return_value=False):
+        opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), k=100)
+    before = params_of(model)
+    train_wrapped(model, opt, make_batches(1))  # binds and broadcasts before the first step
+    return before, params_of(model)
+
+
+def test_process_group_created_after_construction_binds_and_broadcasts(ranks):
+    results = ranks(_late_process_group)
+    rank0_init = results[0][0]
+    assert not torch.equal(results[1][0][0], rank0_init[0])
+    for _, after in results:
+        assert_same(after, rank0_init, exact=True)
+
+
+def _subgroup():
+    rank = dist.get_rank()
+    group = dist.new_group([0, 2])
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float(rank))
+    if rank == 1:
+        with pytest.raises(ValueError, match=r"process_group does not contain this rank \(global rank 1\)"):
+            LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), k=2, process_group=group)
+        return params_of(model)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), k=2, process_group=group,
+                            sync_on_init=False)
+    opt.sync()
+    import copy
+
+    with pytest.raises(TypeError, match="explicit process_group"):
+        copy.deepcopy(opt)
+    return params_of(model)
+
+
+def test_process_group_subset(ranks):
+    if ranks.world_size != 3:
+        pytest.skip("needs 3 ranks")
+    results = ranks(_subgroup)
+    assert all(torch.all(p == 1.0) for p in results[0] + results[2])  # mean of ranks 0 and 2
+    assert all(torch.all(p == 1.0) for p in results[1])  # rank 1 untouched (its own value)
+
+
+def _integer_parameter():
+    model = nn.Linear(2, 2)
+    model.register_parameter("count", nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False))
+    with pytest.raises(TypeError, match=r"parameter \(param group 0, index 2\) has dtype torch.int64"):
+        LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
+    return True
+
+
+def test_integer_parameter_is_rejected_before_any_collective(ranks2):
+    assert ranks2(_integer_parameter) == [True, True]

@@ -277,3 +277,34 @@ def test_docstring_examples_run(module):
 
 def test_public_names():
     assert set(localsgd_optim.__all__) >= {"LocalSGDOptimizer", "no_sync"}
+
+
+def test_loading_a_checkpoint_saved_with_another_k_warns():
+    opt = wrap(make_model(), k=5)
+    sd = opt.state_dict()
+    other = wrap(make_model(), k=2)
+    with pytest.warns(UserWarning, match="saved with k=5; this optimizer has k=2"):
+        other.load_state_dict(sd)
+
+
+def test_grad_scaler_with_fused_inner_optimizer_matches_plain():
+    # fused AdamW handles grad_scale/found_inf itself: the wrapper hands them through
+    batches = make_batches(4, rank=0)
+
+    def run(factory):
+        model = make_model()
+        opt = factory(model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        for i, (x, y) in enumerate(batches):
+            opt.zero_grad()
+            loss = mse(model(x), y) * (float("inf") if i == 1 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return params_of(model), opt
+
+    ref, _ = run(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True))
+    got, opt = run(lambda m: LocalSGDOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True), k=2))
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    assert opt.num_steps == 4

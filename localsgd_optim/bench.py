@@ -1,0 +1,328 @@
+"""Benchmark one averaging round against the flat all-reduce limit, side by side in one run.
+
+Launch with torchrun on the cluster you care about:
+
+    torchrun --nproc-per-node 2 -m localsgd_optim.bench
+    torchrun --nnodes 2 --nproc-per-node 8 ... -m localsgd_optim.bench --bucket-cap-mb 5,25,100 --json out.json
+
+For each model it times, interleaved round by round (so drift hits every method
+alike): the flat limit (one all-reduce of one pre-allocated buffer holding the same
+bytes, no packing), a blocking all-reduce per parameter, an async all-reduce per
+parameter (torchft's LocalSGD), torch's ``average_parameters`` (PeriodicModelAverager),
+and ``LocalSGDOptimizer.sync()`` for each bucket cap. A round's time is the slowest
+rank's. It also measures the extra peak memory of a cold round (peak RSS on CPU,
+``max_memory_allocated`` on CUDA) and the cost of a non-averaging ``step()`` relative to
+the bare inner optimizer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .optimizer import LocalSGDOptimizer
+
+__all__ = ["main", "build_model"]
+
+
+def build_model(layers: int, width: int) -> nn.Module:
+    """``nn.TransformerEncoder`` with ``layers`` layers of width ``width`` (FFN 4x width)."""
+    layer = nn.TransformerEncoderLayer(width, max(1, width // 64), 4 * width, batch_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Extra peak memory of a region: CUDA allocator stats, or peak RSS on CPU (Linux)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu_ok = device.type == "cpu" and os.path.exists("/proc/self/clear_refs")
+        if self.cpu_ok:
+            try:
+                # Fix glibc's mmap threshold at 64 KiB so large buffers are mmapped and
+                # returned on free: RSS then follows live tensor memory.
+                ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+            except OSError:
+                self.cpu_ok = False
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        raise KeyError(key)
+
+    def measure(self, fn: Callable[[], None]) -> float | None:
+        """Bytes above the starting level at the peak of ``fn()``; ``None`` if unmeasurable."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            fn()
+            torch.cuda.synchronize(self.device)
+            return float(torch.cuda.max_memory_allocated(self.device) - base)
+        if not self.cpu_ok:
+            fn()
+            return None
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        base = self._status("VmRSS:")
+        fn()
+        return float(self._status("VmHWM:") - base)
+
+
+# -- the contenders -------------------------------------------------------------------------
+
+class Contender:
+    """One way of averaging ``params``: ``setup`` allocates what it keeps, ``round`` averages."""
+
+    def __init__(self, name: str, params: list[torch.Tensor], world: int) -> None:
+        self.name, self.params, self.world = name, params, world
+
+    def setup(self) -> None:
+        pass
+
+    def round(self) -> None:
+        raise NotImplementedError
+
+
+class FlatLimit(Contender):
+    def setup(self) -> None:
+        numel = sum(p.numel() for p in self.params)
+        self.buf = torch.zeros(numel, dtype=self.params[0].dtype, device=self.params[0].device)
+
+    def round(self) -> None:
+        dist.all_reduce(self.buf)
+
+
+class PerParamBlocking(Contender):
+    @torch.no_grad()
+    def round(self) -> None:
+        for p in self.params:
+            dist.all_reduce(p)
+            p.div_(self.world)
+
+
+class PerParamAsync(Contender):
+    @torch.no_grad()
+    def round(self) -> None:
+        works = [dist.all_reduce(p, async_op=True) for p in self.params]
+        for w in works:
+            w.wait()
+        torch._foreach_div_(self.params, self.world)
+
+
+class TorchAverageParameters(Contender):
+    def round(self) -> None:
+        from torch.distributed.algorithms.model_averaging.utils import average_parameters
+
+        average_parameters(iter(self.params), dist.group.WORLD)
+
+
+class Ours(Contender):
+    def __init__(self, name: str, params: list[torch.Tensor], world: int, cap_mb: float) -> None:
+        super().__init__(name, params, world)
+        self.cap_mb = cap_mb
+
+    def setup(self) -> None:
+        # lr=0: the inner optimizer exists only to carry the parameters
+        inner = torch.optim.SGD(self.params, lr=0.0)
+        self.opt = LocalSGDOptimizer(inner, k=1 << 30, bucket_cap_mb=self.cap_mb, sync_on_init=False)
+        self.opt.sync()  # buffers are allocated on first use
+
+    def round(self) -> None:
+        self.opt.sync()
+
+
+def _contenders(params: list[torch.Tensor], world: int, caps: list[float], only: set[str] | None) -> list[Contender]:
+    out: list[Contender] = [
+        FlatLimit("flat limit (1 all-reduce, no packing)", params, world),
+        PerParamBlocking("per-parameter blocking", params, world),
+        PerParamAsync("per-parameter async (torchft)", params, world),
+        TorchAverageParameters("torch average_parameters", params, world),
+    ]
+    out += [Ours(f"localsgd_optim sync (cap {c:g} MB)", params, world, c) for c in caps]
+    keys = {"flat": 0, "blocking": 1, "async": 2, "torch": 3}
+    if only:
+        out = [c for i, c in enumerate(out) if i == 0 or any(keys.get(k) == i for k in only)
+               or (isinstance(c, Ours) and "ours" in only)]
+    return out
+
+
+# -- measurement ----------------------------------------------------------------------------
+
+def _slowest(times: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(times, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _max_over_ranks(value: float | None, device: torch.device) -> float | None:
+    t = torch.tensor([-1.0 if value is None else value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return None if t.item() < 0 else t.item()
+
+
+def _sync_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_rounds(model: nn.Module, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    world = dist.get_world_size()
+    params = [p for p in model.parameters()]
+    contenders = _contenders(params, world, args.bucket_cap_mb, set(args.methods) if args.methods else None)
+    mem = PeakMemory(device)
+    extra: dict[str, float | None] = {}
+    for c in contenders:  # a cold round: setup (what the method keeps) + first round
+        dist.barrier()
+        extra[c.name] = _max_over_ranks(mem.measure(lambda: (c.setup(), c.round(), _sync_device(device))), device)
+    times: dict[str, list[float]] = {c.name: [] for c in contenders}
+    for r in range(args.warmup + args.rounds):
+        for c in contenders:
+            dist.barrier()
+            _sync_device(device)
+            t0 = time.perf_counter()
+            c.round()
+            _sync_device(device)
+            if r >= args.warmup:
+                times[c.name].append(time.perf_counter() - t0)
+    nbytes = sum(p.numel() * p.element_size() for p in params)
+    rows = []
+    for c in contenders:
+        slowest = _slowest(times[c.name], device)
+        rows.append({"method": c.name, "median_ms": 1e3 * statistics.median(slowest),
+                     "extra_peak_mb": None if extra[c.name] is None else extra[c.name] / 2**20})
+    flat = rows[0]["median_ms"]
+    for row in rows:
+        row["ratio_to_flat"] = row["median_ms"] / flat
+        row["payload_mb"] = nbytes / 2**20
+        row["wire_mb_per_rank"] = 2 * (world - 1) / world * nbytes / 2**20  # ring all-reduce
+    return rows
+
+
+def bench_step_overhead(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
+    """Median time of a bare AdamW step vs. a non-averaging LocalSGDOptimizer step, interleaved."""
+    params = list(model.parameters())
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(device)
+    bare = torch.optim.AdamW(params, lr=1e-6)
+    wrapped = LocalSGDOptimizer(torch.optim.AdamW(params, lr=1e-6), k=1 << 30, sync_on_init=False)
+    for _ in range(2):
+        bare.step()
+        wrapped.step()
+    t_bare, t_wrapped = [], []
+    for i in range(args.step_reps):
+        # alternate the order so neither side always runs second (cache effects)
+        for opt, bucket in ((bare, t_bare), (wrapped, t_wrapped)) if i % 2 == 0 else \
+                ((wrapped, t_wrapped), (bare, t_bare)):
+            _sync_device(device)
+            t0 = time.perf_counter()
+            opt.step()
+            _sync_device(device)
+            bucket.append(time.perf_counter() - t0)
+    for p in params:
+        p.grad = None
+    mb, mw = statistics.median(t_bare), statistics.median(t_wrapped)
+    return {"bare_step_ms": 1e3 * mb, "wrapped_step_ms": 1e3 * mw, "ratio": mw / mb,
+            "overhead_us": 1e6 * (mw - mb)}
+
+
+def _parse_models(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        try:
+            layers, width = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--models must look like '12x512,48x128' (LAYERSxWIDTH), got {text!r}") from None
+        out.append((layers, width))
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m localsgd_optim.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="12x512,48x128", help="LAYERSxWIDTH transformer encoders (default: %(default)s)")
+    p.add_argument("--bucket-cap-mb", default="25", help="one or more caps to sweep, e.g. 1,5,25,100")
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds per method")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--step-reps", type=int, default=30, help="timed steps for the step() overhead")
+    p.add_argument("--methods", nargs="*", help="subset of flat, blocking, async, torch, ours")
+    p.add_argument("--backend", default=None, help="default: nccl with CUDA, else gloo")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank (CPU)")
+    p.add_argument("--json", default=None, help="write the results here (rank 0)")
+    args = p.parse_args(argv)
+    try:
+        args.bucket_cap_mb = [float(v) for v in args.bucket_cap_mb.split(",")]
+    except ValueError:
+        p.error(f"--bucket-cap-mb must be numbers separated by commas, got {args.bucket_cap_mb!r}")
+    if args.rounds < 1 or args.warmup < 0 or args.step_reps < 1:
+        p.error("--rounds and --step-reps must be >= 1, --warmup >= 0")
+    args.models = _parse_models(args.models)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", torch.cuda.current_device())
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            raise SystemExit("launch with torchrun, e.g.: torchrun --nproc-per-node 2 -m localsgd_optim.bench")
+        dist.init_process_group(args.backend or ("nccl" if device.type == "cuda" else "gloo"))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    report = {"world_size": world, "backend": str(dist.get_backend()), "device": str(device),
+              "torch": torch.__version__, "models": []}
+    for layers, width in args.models:
+        torch.manual_seed(0)
+        model = build_model(layers, width).to(device)
+        n = sum(p.numel() for p in model.parameters())
+        ntensors = sum(1 for _ in model.parameters())
+        rows = bench_rounds(model, args, device)
+        step = bench_step_overhead(model, args, device)
+        entry = {"layers": layers, "width": width, "params": n, "tensors": ntensors, "rounds": rows, "step": step}
+        report["models"].append(entry)
+        if rank == 0:
+            _print_model(entry, report)
+        del model
+    if rank == 0 and args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    dist.barrier()
+    return report
+
+
+def _print_model(entry: dict, report: dict) -> None:
+    print(f"\n== TransformerEncoder {entry['layers']}x{entry['width']}: {entry['params'] / 1e6:.1f}M params "
+          f"in {entry['tensors']} tensors, {entry['rounds'][0]['payload_mb']:.1f} MB payload, "
+          f"{report['world_size']} ranks, {report['backend']} on {report['device']} ==")
+    print(f"{'method':<40} {'median ms':>10} {'x flat':>8} {'extra peak MB':>14}")
+    for row in entry["rounds"]:
+        mem = "n/a" if row["extra_peak_mb"] is None else f"{row['extra_peak_mb']:.1f}"
+        print(f"{row['method']:<40} {row['median_ms']:>10.2f} {row['ratio_to_flat']:>8.3f} {mem:>14}")
+    s = entry["step"]
+    print(f"non-averaging step(): bare AdamW {s['bare_step_ms']:.2f} ms, wrapped {s['wrapped_step_ms']:.2f} ms, "
+          f"ratio {s['ratio']:.4f} ({s['overhead_us']:+.1f} us)")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
