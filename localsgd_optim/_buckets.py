@@ -95,7 +95,7 @@ class _Slot:
 
 # A collective takes the flat tensor to reduce and returns its async work handle.
 Collective = Callable[[torch.Tensor], "dist.Work"]
-# A finisher runs on the flat tensor after its collective completed (e.g. divide by world).
+# A finisher runs on the flat tensor after its collective completed (e.g. a scale).
 Finisher = Callable[[torch.Tensor], None]
 
 
@@ -187,11 +187,13 @@ class BucketEngine:
         return [self.tensors[i] for i in self.buckets[pos].indices]
 
     @torch.no_grad()
-    def run(self, collective: Collective, finish: Finisher | None = None) -> None:
+    def run(self, collective: Collective, finish: Finisher | None = None, divide_by: int | None = None) -> None:
         """Apply ``collective`` (then ``finish``) to every bucket and write the results back.
 
         Collectives are issued asynchronously in bucket order, identically on every
-        rank, with at most two buckets per (device, dtype) in flight.
+        rank, with at most two buckets per (device, dtype) in flight. ``divide_by``
+        divides the results on their way back, fused with the copy out of the buffer
+        (one memory pass instead of two).
         """
         pending: deque[tuple[int, torch.Tensor, _Slot | None, dist.Work]] = deque()
         busy: set[int] = set()
@@ -201,9 +203,16 @@ class BucketEngine:
             work.wait()
             if finish is not None:
                 finish(flat)
-            if slot is not None:
+            if slot is None:
+                if divide_by is not None:
+                    flat.div_(divide_by)
+                return
+            if divide_by is None:
                 _foreach_copy(self._members(pos), self._views(slot, pos))
-                busy.discard(id(slot))
+            else:
+                for dst, src in zip(self._members(pos), self._views(slot, pos)):
+                    torch.div(src, divide_by, out=dst)
+            busy.discard(id(slot))
 
         try:
             for pos, bucket in enumerate(self.buckets):
@@ -235,7 +244,7 @@ class BucketEngine:
             return
         self.run(
             lambda flat: dist.all_reduce(flat, dist.ReduceOp.SUM, group, async_op=True),
-            lambda flat: flat.div_(world_size),
+            divide_by=world_size,
         )
 
     def broadcast(self, src: int, group: dist.ProcessGroup | None) -> None:

@@ -49,12 +49,14 @@ class PeakMemory:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cpu_ok = device.type == "cpu" and os.path.exists("/proc/self/clear_refs")
+        self.libc = None
         if self.cpu_ok:
             try:
                 # Fix glibc's mmap threshold at 64 KiB so large buffers are mmapped and
                 # returned on free: RSS then follows live tensor memory.
-                ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-            except OSError:
+                self.libc = ctypes.CDLL("libc.so.6")
+                self.libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+            except (OSError, AttributeError):
                 self.cpu_ok = False
 
     @staticmethod
@@ -77,6 +79,7 @@ class PeakMemory:
         if not self.cpu_ok:
             fn()
             return None
+        self.libc.malloc_trim(0)  # free arena pages would otherwise be reused unseen
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         base = self._status("VmRSS:")
@@ -87,10 +90,17 @@ class PeakMemory:
 # -- the contenders -------------------------------------------------------------------------
 
 class Contender:
-    """One way of averaging ``params``: ``setup`` allocates what it keeps, ``round`` averages."""
+    """One way of averaging ``params``.
+
+    ``prepare`` does one-time work outside the memory measurement (object construction);
+    ``setup`` allocates what the method keeps, and is measured with the first ``round``.
+    """
 
     def __init__(self, name: str, params: list[torch.Tensor], world: int) -> None:
         self.name, self.params, self.world = name, params, world
+
+    def prepare(self) -> None:
+        pass
 
     def setup(self) -> None:
         pass
@@ -137,11 +147,11 @@ class Ours(Contender):
         super().__init__(name, params, world)
         self.cap_mb = cap_mb
 
-    def setup(self) -> None:
-        # lr=0: the inner optimizer exists only to carry the parameters
+    def prepare(self) -> None:
+        # lr=0: the inner optimizer exists only to carry the parameters. The bucket buffers
+        # are allocated in the first round, which is measured.
         inner = torch.optim.SGD(self.params, lr=0.0)
         self.opt = LocalSGDOptimizer(inner, k=1 << 30, bucket_cap_mb=self.cap_mb, sync_on_init=False)
-        self.opt.sync()  # buffers are allocated on first use
 
     def round(self) -> None:
         self.opt.sync()
@@ -182,14 +192,13 @@ def _sync_device(device: torch.device) -> None:
 
 
 def bench_rounds(model: nn.Module, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Median round time per method, interleaved round by round; the slowest rank counts."""
     world = dist.get_world_size()
     params = [p for p in model.parameters()]
     contenders = _contenders(params, world, args.bucket_cap_mb, set(args.methods) if args.methods else None)
-    mem = PeakMemory(device)
-    extra: dict[str, float | None] = {}
-    for c in contenders:  # a cold round: setup (what the method keeps) + first round
-        dist.barrier()
-        extra[c.name] = _max_over_ranks(mem.measure(lambda: (c.setup(), c.round(), _sync_device(device))), device)
+    for c in contenders:
+        c.prepare()
+        c.setup()
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     for r in range(args.warmup + args.rounds):
         for c in contenders:
@@ -204,14 +213,78 @@ def bench_rounds(model: nn.Module, args: argparse.Namespace, device: torch.devic
     rows = []
     for c in contenders:
         slowest = _slowest(times[c.name], device)
-        rows.append({"method": c.name, "median_ms": 1e3 * statistics.median(slowest),
-                     "extra_peak_mb": None if extra[c.name] is None else extra[c.name] / 2**20})
+        rows.append({"method": c.name, "median_ms": 1e3 * statistics.median(slowest)})
     flat = rows[0]["median_ms"]
     for row in rows:
         row["ratio_to_flat"] = row["median_ms"] / flat
         row["payload_mb"] = nbytes / 2**20
         row["wire_mb_per_rank"] = 2 * (world - 1) / world * nbytes / 2**20  # ring all-reduce
     return rows
+
+
+def bench_memory(model: nn.Module, args: argparse.Namespace, device: torch.device, mem: PeakMemory) -> dict:
+    """Extra peak memory of a cold round per method: what it allocates and keeps, plus the round."""
+    world = dist.get_world_size()
+    params = [p for p in model.parameters()]
+    extra: dict[str, float | None] = {}
+    for c in _contenders(params, world, args.bucket_cap_mb, set(args.methods) if args.methods else None):
+        c.prepare()  # one-time construction is not part of a round
+        dist.barrier()
+        value = _max_over_ranks(mem.measure(lambda: (c.setup(), c.round(), _sync_device(device))), device)
+        extra[c.name] = None if value is None else value / 2**20
+        del c
+    return extra
+
+
+@torch.no_grad()
+def bench_breakdown(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
+    """Time the phases of one LocalSGDOptimizer round separately (largest cap swept)."""
+    from ._buckets import _foreach_copy
+    from ._dist import ROUND_SYNC
+
+    params = list(model.parameters())
+    opt = LocalSGDOptimizer(torch.optim.SGD(params, lr=0.0), k=1 << 30,
+                            bucket_cap_mb=max(args.bucket_cap_mb), sync_on_init=False)
+    opt.sync()  # allocate buffers
+    comm = opt._comm
+    engine = comm.engine
+    packed = [(pos, b) for pos, (b, d) in enumerate(zip(engine.buckets, engine._direct)) if d is None]
+    slot = engine._slots_for(packed[0][1])[0] if packed else None
+
+    def pack() -> None:
+        for pos, _ in packed:
+            _foreach_copy(engine._views(slot, pos), engine._members(pos))
+
+    def unpack_divide() -> None:  # divide by 1: same cost, leaves the values alone
+        for pos, _ in packed:
+            for dst, src in zip(engine._members(pos), engine._views(slot, pos)):
+                torch.div(src, 1, out=dst)
+
+    def comm_only() -> None:
+        works = [dist.all_reduce(slot.buffer[:b.numel] if d is None else d, async_op=True)
+                 for b, d in zip(engine.buckets, engine._direct)]
+        for w in works:
+            w.wait()
+
+    def control() -> None:
+        opt._agree(ROUND_SYNC)
+
+    phases = {"pack": pack, "bucketed all-reduce only": comm_only, "unpack + divide": unpack_divide,
+              "control collective": control, "whole round (sync)": opt.sync}
+    out: dict[str, float] = {}
+    for name, fn in phases.items():
+        ts = []
+        for r in range(args.warmup + args.rounds):
+            dist.barrier()
+            _sync_device(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync_device(device)
+            if r >= args.warmup:
+                ts.append(time.perf_counter() - t0)
+        out[name] = 1e3 * statistics.median(_slowest(ts, device))
+    out["buckets"] = len(engine.buckets)
+    return out
 
 
 def bench_step_overhead(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
@@ -265,6 +338,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default=None, help="default: nccl with CUDA, else gloo")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank (CPU)")
+    p.add_argument("--breakdown", action="store_true", help="also time each phase of our round")
     p.add_argument("--json", default=None, help="write the results here (rank 0)")
     args = p.parse_args(argv)
     try:
@@ -289,9 +363,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit("launch with torchrun, e.g.: torchrun --nproc-per-node 2 -m localsgd_optim.bench")
         dist.init_process_group(args.backend or ("nccl" if device.type == "cuda" else "gloo"))
     rank, world = dist.get_rank(), dist.get_world_size()
-    report = {"world_size": world, "backend": str(dist.get_backend()), "device": str(device),
+    report = {"caps": args.bucket_cap_mb, "world_size": world, "backend": str(dist.get_backend()), "device": str(device),
               "torch": torch.__version__, "models": []}
-    for layers, width in args.models:
+    for layers, width in args.models:  # timings first, with the allocator left alone
         torch.manual_seed(0)
         model = build_model(layers, width).to(device)
         n = sum(p.numel() for p in model.parameters())
@@ -299,7 +373,17 @@ def main(argv: list[str] | None = None) -> dict:
         rows = bench_rounds(model, args, device)
         step = bench_step_overhead(model, args, device)
         entry = {"layers": layers, "width": width, "params": n, "tensors": ntensors, "rounds": rows, "step": step}
+        if args.breakdown:
+            entry["breakdown"] = bench_breakdown(model, args, device)
         report["models"].append(entry)
+        del model
+    mem = PeakMemory(device)  # on CPU this pins glibc's mmap threshold: only after the timings
+    for entry in report["models"]:
+        torch.manual_seed(0)
+        model = build_model(entry["layers"], entry["width"]).to(device)
+        extra = bench_memory(model, args, device, mem)
+        for row in entry["rounds"]:
+            row["extra_peak_mb"] = extra[row["method"]]
         if rank == 0:
             _print_model(entry, report)
         del model
@@ -318,6 +402,10 @@ def _print_model(entry: dict, report: dict) -> None:
     for row in entry["rounds"]:
         mem = "n/a" if row["extra_peak_mb"] is None else f"{row['extra_peak_mb']:.1f}"
         print(f"{row['method']:<40} {row['median_ms']:>10.2f} {row['ratio_to_flat']:>8.3f} {mem:>14}")
+    if "breakdown" in entry:
+        b = entry["breakdown"]
+        print(f"phases of one round (cap {max(report.get('caps', [0]) or [0]):g} MB, {b['buckets']} buckets): "
+              + ", ".join(f"{k} {v:.2f} ms" for k, v in b.items() if k != "buckets"))
     s = entry["step"]
     print(f"non-averaging step(): bare AdamW {s['bare_step_ms']:.2f} ms, wrapped {s['wrapped_step_ms']:.2f} ms, "
           f"ratio {s['ratio']:.4f} ({s['overhead_us']:+.1f} us)")

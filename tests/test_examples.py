@@ -48,3 +48,24 @@ def test_charlm_resumes_exactly(tmp_path):
     assert a["history"][-1]["step"] == b["history"][-1]["step"] == 24
     assert a["final_val_loss"] == b["final_val_loss"]  # same parameters => bit-identical loss
     assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+
+
+def test_benchmark_smoke(tmp_path):
+    # Tiny sizes so the benchmark cannot rot; no timing is asserted, only that every
+    # contender ran and the report is complete.
+    out = tmp_path / "bench.json"
+    text = torchrun("-m", "localsgd_optim.bench", "--models", "2x32,3x16", "--bucket-cap-mb", "0.01,25",
+                    "--rounds", "2", "--warmup", "1", "--step-reps", "2", "--breakdown", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 2 and len(report["models"]) == 2
+    for model in report["models"]:
+        methods = [row["method"] for row in model["rounds"]]
+        assert methods == [
+            "flat limit (1 all-reduce, no packing)", "per-parameter blocking", "per-parameter async (torchft)",
+            "torch average_parameters", "localsgd_optim sync (cap 0.01 MB)", "localsgd_optim sync (cap 25 MB)",
+        ]
+        assert all(row["median_ms"] > 0 and row["ratio_to_flat"] > 0 for row in model["rounds"])
+        assert model["rounds"][0]["ratio_to_flat"] == 1.0
+        assert set(model["breakdown"]) >= {"pack", "unpack + divide", "control collective", "whole round (sync)"}
+        assert model["step"]["ratio"] > 0
+    assert "non-averaging step()" in text
