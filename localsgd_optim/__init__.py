@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._dist import LayoutMismatchError, LocalSGDError, ScheduleMismatchError
+from ._dist import AveragingRoundError, LayoutMismatchError, LocalSGDError, ScheduleMismatchError
 from .ddp import no_sync
 from .optimizer import STATE_KEY, STATE_VERSION, LocalSGDOptimizer
 
@@ -12,6 +12,7 @@ __all__ = [
     "LocalSGDError",
     "LayoutMismatchError",
     "ScheduleMismatchError",
+    "AveragingRoundError",
     "STATE_KEY",
     "STATE_VERSION",
 ]

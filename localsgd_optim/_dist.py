@@ -12,6 +12,8 @@ __all__ = [
     "LocalSGDError",
     "LayoutMismatchError",
     "ScheduleMismatchError",
+    "AveragingRoundError",
+    "round_name",
     "group_size",
     "describe_tensor",
     "fingerprint",
@@ -38,6 +40,14 @@ class LayoutMismatchError(LocalSGDError):
 
 class ScheduleMismatchError(LocalSGDError):
     """Ranks reached an averaging round at different step counts or for different reasons."""
+
+
+class AveragingRoundError(LocalSGDError):
+    """A collective of an averaging round failed (a rank died, the network broke, a timeout)."""
+
+
+def round_name(kind: int) -> str:
+    return _ROUND_NAMES[kind]
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:

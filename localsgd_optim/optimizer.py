@@ -13,6 +13,8 @@ from torch.optim import Optimizer
 
 from ._buckets import BucketEngine, bucket_cap_bytes
 from ._dist import (
+    AveragingRoundError,
+    LocalSGDError,
     ROUND_BIND,
     ROUND_SCHEDULED,
     ROUND_SYNC,
@@ -21,6 +23,7 @@ from ._dist import (
     describe_tensor,
     fingerprint,
     group_size,
+    round_name,
 )
 from ._schedule import PeriodicSchedule
 
@@ -216,8 +219,17 @@ class LocalSGDOptimizer(Optimizer):
         comm = self._bind()
         if comm is None:
             return
-        self._agree(kind)
-        comm.engine.all_reduce_mean(comm.group, comm.world_size)
+        try:
+            self._agree(kind)
+            comm.engine.all_reduce_mean(comm.group, comm.world_size)
+        except LocalSGDError:
+            raise
+        except RuntimeError as e:  # gloo/NCCL errors: a dead peer, a broken link, a timeout
+            raise AveragingRoundError(
+                f"LocalSGDOptimizer: {round_name(kind)} at step {self._num_steps} failed on rank "
+                f"{dist.get_rank(comm.group)} of {comm.world_size}: {type(e).__name__}: {e}. If a rank "
+                "died, restart the job from the last checkpoint (see 'Failure modes' in the README)."
+            ) from e
 
     # -- stepping ---------------------------------------------------------------------------
 
