@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from ._dist import AveragingRoundError, LayoutMismatchError, LocalSGDError, ScheduleMismatchError
+from ._dist import (
+    AveragingRoundError,
+    LayoutMismatchError,
+    LocalSGDError,
+    NonFiniteParameterError,
+    ScheduleMismatchError,
+)
 from .ddp import no_sync
 from .optimizer import STATE_KEY, STATE_VERSION, LocalSGDOptimizer
 
@@ -13,6 +19,7 @@ __all__ = [
     "LayoutMismatchError",
     "ScheduleMismatchError",
     "AveragingRoundError",
+    "NonFiniteParameterError",
     "STATE_KEY",
     "STATE_VERSION",
 ]

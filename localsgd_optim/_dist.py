@@ -13,6 +13,7 @@ __all__ = [
     "LayoutMismatchError",
     "ScheduleMismatchError",
     "AveragingRoundError",
+    "NonFiniteParameterError",
     "round_name",
     "group_size",
     "describe_tensor",
@@ -40,6 +41,10 @@ class LayoutMismatchError(LocalSGDError):
 
 class ScheduleMismatchError(LocalSGDError):
     """Ranks reached an averaging round at different step counts or for different reasons."""
+
+
+class NonFiniteParameterError(LocalSGDError):
+    """A rank holds NaN/Inf parameters at an averaging round; nothing was averaged."""
 
 
 class AveragingRoundError(LocalSGDError):
@@ -129,19 +134,23 @@ def agree_on_round(
     start_steps: int,
     digest: int,
     explain_layout: Any,
+    nonfinite: int = -1,
+    names: Any = tuple,
 ) -> None:
     """The control collective that opens every round: one tiny ``all_gather``, no data yet.
 
     Every rank contributes (kind, step count, step count it started or resumed from,
-    layout digest) and every rank checks the same gathered table, so a disagreement
-    raises on every rank before any parameter is touched. ``explain_layout()`` is
-    called (on every rank) when the digests differ, to raise a readable error.
+    layout digest, index of its first non-finite parameter or -1) and every rank checks
+    the same gathered table, so a disagreement or a NaN raises on every rank before any
+    parameter is touched. ``explain_layout()`` is called (on every rank) when the
+    digests differ, to raise a readable error; ``names()`` gives parameter names for
+    the NaN message (called only then, identically everywhere).
     """
-    mine = torch.tensor([kind, num_steps, start_steps, digest], dtype=torch.int64, device=device)
+    mine = torch.tensor([kind, num_steps, start_steps, digest, nonfinite], dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(table, mine, group=group)
     rows = torch.stack(table).cpu().tolist()
-    kinds, steps, starts, digests = (list(col) for col in zip(*rows))
+    kinds, steps, starts, digests, bad = (list(col) for col in zip(*rows))
     if len(set(digests)) > 1:
         explain_layout()
         raise LayoutMismatchError(f"LocalSGDOptimizer: ranks wrap different parameters (digests {digests})")
@@ -156,4 +165,14 @@ def agree_on_round(
         raise ScheduleMismatchError(
             f"LocalSGDOptimizer: ranks resumed from different step counts ({starts} per rank), so "
             "their averaging rounds are out of phase. Load the same checkpoint step on every rank."
+        )
+    culprits = [(r, i) for r, i in enumerate(bad) if i >= 0]
+    if culprits:
+        names = list(names())
+        where = "; ".join(f"rank {r}: {names[i] if i < len(names) else f'parameter {i}'}" for r, i in culprits)
+        raise NonFiniteParameterError(
+            f"LocalSGDOptimizer: not averaging at step {steps[0]}: NaN/Inf parameters ({where}). Every "
+            "replica is left as it was, so the others are not poisoned. Restore from the last "
+            "checkpoint and lower the learning rate, clip gradients or use GradScaler; or pass "
+            "check_finite=False to average anyway."
         )

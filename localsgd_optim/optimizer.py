@@ -73,6 +73,10 @@ class LocalSGDOptimizer(Optimizer):
             memory during a round is at most two buckets.
         sync_on_init: broadcast parameters from the group's first rank at construction, so
             replicas start identical even without DDP (default: ``True``).
+        check_finite: before each round, check every rank's parameters for NaN/Inf (one
+            ``sum()`` per parameter, its result riding in the round's control collective) and
+            raise on every rank, naming the rank and parameter, instead of averaging the NaN
+            into every replica (default: ``True``).
 
     Example::
 
@@ -98,6 +102,7 @@ class LocalSGDOptimizer(Optimizer):
         process_group: dist.ProcessGroup | None = None,
         bucket_cap_mb: float = 25.0,
         sync_on_init: bool = True,
+        check_finite: bool = True,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -122,6 +127,7 @@ class LocalSGDOptimizer(Optimizer):
         self._schedule = schedule
         self.process_group = process_group
         self.bucket_cap_mb = float(bucket_cap_mb)
+        self.check_finite = bool(check_finite)
         self._num_steps = 0
         self._start_steps = 0  # the count this run started or resumed from: ranks must agree
         self._comm: _Comm | None = None
@@ -212,8 +218,28 @@ class LocalSGDOptimizer(Optimizer):
         assert comm is not None  # internal invariant, not user input
         if comm.engine.refresh():  # a parameter's storage moved: re-planned, so re-digest
             comm.digest = self._digest()
+        nonfinite = self._first_nonfinite(comm.engine.tensors) if self.check_finite and kind != ROUND_BIND else -1
         agree_on_round(comm.group, comm.control_device, kind, self._num_steps, self._start_steps,
-                       comm.digest, self._explain_layout)
+                       comm.digest, self._explain_layout, nonfinite, self._param_names)
+
+    @staticmethod
+    @torch.no_grad()
+    def _first_nonfinite(params: list[torch.Tensor]) -> int:
+        """Index of this rank's first parameter holding NaN/Inf, or -1.
+
+        A sum propagates NaN and Inf: one reduction per parameter, one host sync per device.
+        """
+        first = -1
+        by_device: dict[torch.device, list[int]] = {}
+        for i, p in enumerate(params):
+            by_device.setdefault(p.device, []).append(i)
+        for indices in by_device.values():
+            finite = torch.stack([torch.isfinite(params[i].sum()) for i in indices])
+            bad = (~finite).nonzero()
+            if bad.numel():
+                i = indices[int(bad[0])]
+                first = i if first < 0 else min(first, i)
+        return first
 
     def _round(self, kind: int) -> None:
         comm = self._bind()

@@ -21,8 +21,8 @@ def assert_same(actual, expected, exact, rtol=1e-5, atol=1e-6):
     """Bit-for-bit when ``exact``; else within float rounding (a wrong divisor is off by >30%)."""
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
         assert a.dtype == e.dtype and a.shape == e.shape, f"parameter {i}"
-        if exact:
-            assert torch.equal(a, e), f"parameter {i}: max diff {(a - e).abs().max().item()}"
+        if exact:  # zero tolerance; a NaN matches only a NaN in the same place
+            torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True, msg=f"parameter {i} differs")
         else:
             torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=f"parameter {i}")
 
@@ -517,3 +517,143 @@ def _integer_parameter():
 
 def test_integer_parameter_is_rejected_before_any_collective(ranks2):
     assert ranks2(_integer_parameter) == [True, True]
+
+
+# -- reliability: NaN guard, GradScaler, errors on the way out, checkpoints across world sizes
+
+def _nan_on_one_rank(check_finite):
+    from localsgd_optim import NonFiniteParameterError
+
+    rank = dist.get_rank()
+    model = make_model(seed=0)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), k=4, check_finite=check_finite)
+    batches = make_batches(4)
+    train_wrapped(model, opt, batches[:3])
+    if rank == 1:
+        with torch.no_grad():
+            model[2].weight[0, 0] = float("nan")  # e.g. a blown-up update
+    before = params_of(model)
+    if not check_finite:
+        opt.sync()
+        return None, before, params_of(model)
+    with pytest.raises(NonFiniteParameterError) as info:
+        opt.sync()
+    after = params_of(model)
+    dist.barrier()
+    return str(info.value), before, after
+
+
+def test_nan_on_one_rank_is_not_averaged_into_the_others(ranks):
+    results = ranks(_nan_on_one_rank, True)
+    messages = {m for m, _, _ in results}
+    assert len(messages) == 1
+    msg = messages.pop()
+    assert "not averaging at step 3" in msg and "(rank 1: parameter (param group 0, index 2))" in msg
+    for _, before, after in results:
+        assert_same(after, before, exact=True)  # nothing was averaged: every replica untouched
+
+
+def test_without_the_guard_nan_spreads_to_every_replica(ranks2):
+    # the failure the guard prevents: one rank's NaN poisons all replicas
+    for _, _, after in ranks2(_nan_on_one_rank, False):
+        assert not torch.isfinite(after[2]).all()
+
+
+def _grad_scaler_inf_on_one_rank():
+    rank = dist.get_rank()
+    batches = make_batches(8)
+    poison = 2 if rank == 1 else -1
+
+    def loss_at(model, i, x, y):
+        loss = mse(model(x), y)
+        return loss * float("inf") if i == poison else loss
+
+    # reference: plain SGD, the inf step skipped by hand on that rank, averaged every 4 steps
+    ref = make_model(seed=0)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    for i, (x, y) in enumerate(batches):
+        ref_opt.zero_grad()
+        loss_at(ref, i, x, y).backward()
+        if i != poison:
+            ref_opt.step()
+        if (i + 1) % 4 == 0:
+            average_one_by_one(list(ref.parameters()))
+
+    model = make_model(seed=0)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), k=4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # scale 1: the unscaled grads match the reference's
+    for i, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        scaler.scale(loss_at(model, i, x, y)).backward()
+        scaler.step(opt)
+        scaler.update()
+    return params_of(ref), params_of(model), opt.num_steps, scaler.get_scale()
+
+
+def test_grad_scaler_skipped_step_on_one_rank_keeps_ranks_in_step(ranks):
+    results = ranks(_grad_scaler_inf_on_one_rank)
+    for rank, (ref, got, num_steps, scale) in enumerate(results):
+        assert num_steps == 8  # the skipped step counted on rank 1 too
+        assert_same(got, ref, exact=ranks.world_size == 2)
+        assert scale == (0.5 if rank == 1 else 1.0)  # rank 1 backed off once
+    for _, got, _, _ in results[1:]:
+        assert_same(got, results[0][1], exact=True)  # replicas equal after the last round
+
+
+def _error_inside_no_sync():
+    # Rank 1's loop raises inside no_sync between averaging rounds; nothing of ours may run a
+    # collective on that error path, or it would pair with rank 0's next collective below.
+    rank = dist.get_rank()
+    model = nn.parallel.DistributedDataParallel(make_model(seed=0))
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), k=4)
+    try:
+        with no_sync(model):
+            for i, (x, y) in enumerate(make_batches(6)):
+                mse(model(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+                if rank == 1 and i == 4:
+                    raise KeyError("data loader broke")
+    except KeyError:
+        pass
+    marker = torch.tensor([float(rank + 1)])
+    dist.all_reduce(marker)  # the first collective after the error: must pair with every rank's
+    return marker.item(), model.require_backward_grad_sync
+
+
+def test_error_inside_no_sync_runs_no_collective(ranks):
+    w = ranks.world_size
+    for total, sync_restored in ranks(_error_inside_no_sync):
+        assert total == w * (w + 1) / 2  # paired with the marker, not with a stray collective
+        assert sync_restored  # DDP's gradient sync is back on after the block
+
+
+def _save_at_world_size():
+    model = make_model(seed=0)
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4)
+    train_wrapped(model, opt, make_batches(8))
+    opt.sync()  # the documented pattern: sync, then rank 0 saves model + optimizer
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    return buf.getvalue() if dist.get_rank() == 0 else None
+
+
+def _load_at_world_size(blob):
+    ckpt = torch.load(io.BytesIO(blob), weights_only=True)
+    model = make_model(seed=5)
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    train_wrapped(model, opt, make_batches(4))  # steps 9..12: one round at step 12
+    return opt.num_steps, params_of(model)
+
+
+def test_checkpoint_saved_at_one_world_size_loads_at_another(ranks):
+    from conftest import _pool
+
+    saved_by = 3 if ranks.world_size == 2 else 2
+    blob = _pool(saved_by).run(_save_at_world_size)[0]
+    results = ranks(_load_at_world_size, blob)
+    for num_steps, params in results:
+        assert num_steps == 12
+        assert_same(params, results[0][1], exact=True)  # the round at step 12 ran on all ranks
