@@ -187,13 +187,15 @@ class BucketEngine:
         return [self.tensors[i] for i in self.buckets[pos].indices]
 
     @torch.no_grad()
-    def run(self, collective: Collective, finish: Finisher | None = None, divide_by: int | None = None) -> None:
+    def run(self, collective: Collective, finish: Finisher | None = None, divide_by: int | None = None,
+            send_zeros: bool = False) -> None:
         """Apply ``collective`` (then ``finish``) to every bucket and write the results back.
 
         Collectives are issued asynchronously in bucket order, identically on every
         rank, with at most two buckets per (device, dtype) in flight. ``divide_by``
         divides the results on their way back, fused with the copy out of the buffer
-        (one memory pass instead of two).
+        (one memory pass instead of two). ``send_zeros`` contributes zeros instead of
+        the tensors (a rank that has joined), and still receives the result.
         """
         pending: deque[tuple[int, torch.Tensor, _Slot | None, dist.Work]] = deque()
         busy: set[int] = set()
@@ -224,8 +226,13 @@ class BucketEngine:
                         complete_oldest()
                     slot = next(s for s in slots if id(s) not in busy)
                     busy.add(id(slot))
-                    _foreach_copy(self._views(slot, pos), self._members(pos))
                     flat = slot.buffer[:bucket.numel]
+                    if send_zeros:
+                        flat.zero_()
+                    else:
+                        _foreach_copy(self._views(slot, pos), self._members(pos))
+                elif send_zeros:
+                    flat.zero_()  # reduced in place: the result overwrites it anyway
                 pending.append((pos, flat, slot, collective(flat)))
             while pending:
                 complete_oldest()
@@ -237,14 +244,21 @@ class BucketEngine:
                 except Exception:  # noqa: BLE001 - the first error is the one to report
                     pass
 
-    def all_reduce_mean(self, group: dist.ProcessGroup | None, world_size: int) -> None:
-        """Replace every tensor by its mean across the ranks of ``group``."""
-        if _supports_avg(group):
+    def all_reduce_mean(self, group: dist.ProcessGroup | None, world_size: int,
+                        contributors: int | None = None, send_zeros: bool = False) -> None:
+        """Replace every tensor by its mean across the ranks of ``group``.
+
+        With ``contributors < world_size`` (ranks that joined send zeros), the sum is
+        divided by the number of contributors instead.
+        """
+        contributors = world_size if contributors is None else contributors
+        if contributors == world_size and _supports_avg(group):
             self.run(lambda flat: dist.all_reduce(flat, dist.ReduceOp.AVG, group, async_op=True))
             return
         self.run(
             lambda flat: dist.all_reduce(flat, dist.ReduceOp.SUM, group, async_op=True),
-            divide_by=world_size,
+            divide_by=contributors,
+            send_zeros=send_zeros,
         )
 
     def broadcast(self, src: int, group: dist.ProcessGroup | None) -> None:

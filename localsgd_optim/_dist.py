@@ -136,7 +136,8 @@ def agree_on_round(
     explain_layout: Any,
     nonfinite: int = -1,
     names: Any = tuple,
-) -> None:
+    joined: bool = False,
+) -> int:
     """The control collective that opens every round: one tiny ``all_gather``, no data yet.
 
     Every rank contributes (kind, step count, step count it started or resumed from,
@@ -144,13 +145,18 @@ def agree_on_round(
     the same gathered table, so a disagreement or a NaN raises on every rank before any
     parameter is touched. ``explain_layout()`` is called (on every rank) when the
     digests differ, to raise a readable error; ``names()`` gives parameter names for
-    the NaN message (called only then, identically everywhere).
+    the NaN message (called only then, identically everywhere). A rank that has run out
+    of data under :class:`~torch.distributed.algorithms.Join` says ``joined``.
+
+    Returns:
+        The number of ranks that are still training (not joined).
     """
-    mine = torch.tensor([kind, num_steps, start_steps, digest, nonfinite], dtype=torch.int64, device=device)
+    row = [kind, num_steps, start_steps, digest, nonfinite, int(joined)]
+    mine = torch.tensor(row, dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(table, mine, group=group)
     rows = torch.stack(table).cpu().tolist()
-    kinds, steps, starts, digests, bad = (list(col) for col in zip(*rows))
+    kinds, steps, starts, digests, bad, joins = (list(col) for col in zip(*rows))
     if len(set(digests)) > 1:
         explain_layout()
         raise LayoutMismatchError(f"LocalSGDOptimizer: ranks wrap different parameters (digests {digests})")
@@ -176,3 +182,4 @@ def agree_on_round(
             "checkpoint and lower the learning rate, clip gradients or use GradScaler; or pass "
             "check_finite=False to average anyway."
         )
+    return len(joins) - sum(joins)

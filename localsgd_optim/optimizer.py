@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.join import Join, JoinHook, Joinable
 from torch.optim import Optimizer
 
 from ._buckets import BucketEngine, bucket_cap_bytes
@@ -49,7 +50,21 @@ class _Comm:
         self.digest = digest
 
 
-class LocalSGDOptimizer(Optimizer):
+class _LocalSGDJoinHook(JoinHook):
+    """Shadows the averaging rounds of the ranks still training, once this rank ran out of data."""
+
+    def __init__(self, opt: "LocalSGDOptimizer") -> None:
+        self.opt = opt
+
+    def main_hook(self) -> None:
+        # The ranks still training took one more step: count it, and join their round if it is one.
+        opt = self.opt
+        opt._num_steps += 1
+        if opt._schedule.averages_at(opt._num_steps):
+            opt._round(ROUND_SCHEDULED, joined=True)
+
+
+class LocalSGDOptimizer(Optimizer, Joinable):
     r"""Local SGD around any optimizer: local steps, parameters averaged every ``k`` steps.
 
     Every rank steps its own replica with ``optimizer``; inside the ``k``-th,
@@ -122,6 +137,7 @@ class LocalSGDOptimizer(Optimizer):
 
         self._constructed = False
         super().__init__(optimizer.param_groups, optimizer.defaults)
+        Joinable.__init__(self)  # Optimizer.__init__ does not chain to it
         self.optimizer = optimizer
         self._share_inner()
         self._schedule = schedule
@@ -213,14 +229,16 @@ class LocalSGDOptimizer(Optimizer):
             self._pending_broadcast = False
         return comm
 
-    def _agree(self, kind: int) -> None:
+    def _agree(self, kind: int, joined: bool = False) -> int:
+        """Run the round's control collective; return how many ranks contribute data."""
         comm = self._comm
         assert comm is not None  # internal invariant, not user input
         if comm.engine.refresh():  # a parameter's storage moved: re-planned, so re-digest
             comm.digest = self._digest()
-        nonfinite = self._first_nonfinite(comm.engine.tensors) if self.check_finite and kind != ROUND_BIND else -1
-        agree_on_round(comm.group, comm.control_device, kind, self._num_steps, self._start_steps,
-                       comm.digest, self._explain_layout, nonfinite, self._param_names)
+        check = self.check_finite and kind != ROUND_BIND and not joined
+        nonfinite = self._first_nonfinite(comm.engine.tensors) if check else -1
+        return agree_on_round(comm.group, comm.control_device, kind, self._num_steps, self._start_steps,
+                              comm.digest, self._explain_layout, nonfinite, self._param_names, joined)
 
     @staticmethod
     @torch.no_grad()
@@ -241,13 +259,13 @@ class LocalSGDOptimizer(Optimizer):
                 first = i if first < 0 else min(first, i)
         return first
 
-    def _round(self, kind: int) -> None:
+    def _round(self, kind: int, joined: bool = False) -> None:
         comm = self._bind()
         if comm is None:
             return
         try:
-            self._agree(kind)
-            comm.engine.all_reduce_mean(comm.group, comm.world_size)
+            contributors = self._agree(kind, joined)
+            comm.engine.all_reduce_mean(comm.group, comm.world_size, contributors, send_zeros=joined)
         except LocalSGDError:
             raise
         except RuntimeError as e:  # gloo/NCCL errors: a dead peer, a broken link, a timeout
@@ -270,6 +288,8 @@ class LocalSGDOptimizer(Optimizer):
         """
         if self._comm is None and not self._single:
             self._bind()  # a process group created after construction: bind before stepping
+        if self._join_config.enable:
+            Join.notify_join_context(self)  # under Join: tell the joined ranks we took a step
         loss = self._inner_step(closure)
         self._num_steps += 1
         if self._schedule.averages_at(self._num_steps):
@@ -313,6 +333,26 @@ class LocalSGDOptimizer(Optimizer):
         :class:`ScheduleMismatchError` on every rank if the ranks' step counts differ.
         """
         self._round(ROUND_SYNC)
+
+    # -- torch.distributed.algorithms.Join --------------------------------------------------
+
+    def join_hook(self, **kwargs: Any) -> JoinHook:
+        """The hook :class:`~torch.distributed.algorithms.Join` runs on a rank that ran out of data.
+
+        Such a rank keeps counting the others' steps and joins their averaging rounds,
+        contributing nothing: the average is over the ranks still training, and the
+        joined rank receives it. Put the DDP module (if any) first: ``Join([model, opt])``.
+        """
+        return _LocalSGDJoinHook(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        comm = self._bind()
+        return comm.control_device if comm is not None else torch.device("cpu")
+
+    @property
+    def join_process_group(self) -> Any:
+        return self.process_group if self.process_group is not None else dist.group.WORLD
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset gradients through the inner optimizer (see :meth:`torch.optim.Optimizer.zero_grad`)."""

@@ -657,3 +657,58 @@ def test_checkpoint_saved_at_one_world_size_loads_at_another(ranks):
     for num_steps, params in results:
         assert num_steps == 12
         assert_same(params, results[0][1], exact=True)  # the round at step 12 ran on all ranks
+
+
+# -- uneven inputs: torch.distributed.algorithms.Join ---------------------------------------
+
+BATCHES_PER_RANK = {2: [10, 13], 3: [10, 13, 12]}
+
+
+def _join_reference(counts, k, rank):
+    """Plain loops: after a rank runs out it sends zeros; each round divides by the ranks still training."""
+    batches = make_batches(counts[rank])
+    model = make_model(seed=0)
+    inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    params = list(model.parameters())
+    for step in range(1, max(counts) + 1):
+        if step <= counts[rank]:
+            x, y = batches[step - 1]
+            inner.zero_grad()
+            mse(model(x), y).backward()
+            inner.step()
+        if step % k == 0:
+            active = sum(1 for c in counts if c >= step)
+            with torch.no_grad():
+                for p in params:
+                    if step > counts[rank]:
+                        p.zero_()
+                    dist.all_reduce(p)
+                    p.div_(active)
+    return params_of(model)
+
+
+def _join_run(with_ddp):
+    from torch.distributed.algorithms import Join
+
+    world, rank, k = dist.get_world_size(), dist.get_rank(), 4
+    counts = BATCHES_PER_RANK[world]
+    ref = _join_reference(counts, k, rank)
+    net = make_model(seed=0)
+    model = nn.parallel.DistributedDataParallel(net) if with_ddp else net
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), k=k)
+    joinables = [model, opt] if with_ddp else [opt]  # the DDP module first
+    with no_sync(model), Join(joinables):
+        train_wrapped(model, opt, make_batches(counts[rank]))
+    before_sync, num_steps = params_of(net), opt.num_steps
+    opt.sync()  # every rank counted every step, so a final sync agrees
+    return ref, before_sync, params_of(net), num_steps
+
+
+@pytest.mark.parametrize("with_ddp", [False, True], ids=["plain", "ddp"])
+def test_join_uneven_inputs_match_reference(ranks, with_ddp):
+    results = ranks(_join_run, with_ddp)
+    for ref, before_sync, _, num_steps in results:
+        assert num_steps == 13  # joined ranks kept counting the others' steps
+        assert_same(before_sync, ref, exact=ranks.world_size == 2)
+    for _, _, after_sync, _ in results[1:]:
+        assert_same(after_sync, results[0][2], exact=True)
