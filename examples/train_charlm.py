@@ -21,6 +21,7 @@ import inspect
 import json
 import math
 import os
+import signal
 import sys
 import sysconfig
 import time
@@ -124,6 +125,15 @@ def save_checkpoint(path: Path, step: int, model: nn.Module, opt: torch.optim.Op
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a torn checkpoint
 
 
+def fail_once(marker: Path, step: int) -> None:
+    """Fault injection for testing restarts: die by SIGKILL, unless a previous run already did."""
+    if marker.exists():
+        return
+    marker.write_text(f"killed at step {step}\n")  # first, so the restarted run does not die again
+    print(f"--fail-at-step: killing this rank (pid {os.getpid()}) with SIGKILL at step {step}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=["localsgd", "ddp"], default="localsgd")
@@ -141,12 +151,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--ckpt-dir", type=str, default=None, help="per-rank checkpoints; resumes if present")
     p.add_argument("--ckpt-every", type=int, default=0)
+    p.add_argument("--fail-at-step", type=int, default=0, metavar="N",
+                   help="for testing the restart recipe: the last rank kills itself with SIGKILL at step N, "
+                        "once, if a marker file <ckpt-dir>/failed-once does not exist yet; it creates the "
+                        "marker first (needs --ckpt-dir)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=str, default=None, help="write the loss curve here (rank 0)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     args = p.parse_args(argv)
     if args.steps < 1 or args.k < 1:
         p.error(f"--steps and --k must be >= 1, got --steps {args.steps} --k {args.k}")
+    if args.fail_at_step and not args.ckpt_dir:
+        p.error(f"--fail-at-step {args.fail_at_step} needs --ckpt-dir (its marker file lives there)")
     return args
 
 
@@ -196,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
             opt.zero_grad()
             if ckpt is not None and args.ckpt_every and step % args.ckpt_every == 0:
                 save_checkpoint(ckpt, step, net, opt, g)
+            if step == args.fail_at_step and rank == world - 1:
+                fail_once(ckpt.parent / "failed-once", step)
             if step % args.eval_every == 0 or step == args.steps:
                 val_loss = evaluate_average(net, opt, val, args)
                 elapsed = time.perf_counter() - t0

@@ -160,17 +160,17 @@ def agree_on_round(
     if len(set(digests)) > 1:
         explain_layout()
         raise LayoutMismatchError(f"LocalSGDOptimizer: ranks wrap different parameters (digests {digests})")
+    if len(set(starts)) > 1:
+        raise ScheduleMismatchError(
+            f"LocalSGDOptimizer: ranks resumed from different step counts ({starts} per rank), so "
+            "their averaging rounds are out of phase. Load the same checkpoint step on every rank."
+        )
     if len(set(kinds)) > 1 or len(set(steps)) > 1:
         doing = "; ".join(f"rank {r}: {_ROUND_NAMES[k]} at step {s}" for r, (k, s) in enumerate(zip(kinds, steps)))
         raise ScheduleMismatchError(
             f"LocalSGDOptimizer: ranks are out of step ({doing}). Every rank must call step() the "
             "same number of times between averaging rounds and call sync() at the same point; "
             "give every rank the same number of batches (or use torch.distributed.algorithms.Join)."
-        )
-    if len(set(starts)) > 1:
-        raise ScheduleMismatchError(
-            f"LocalSGDOptimizer: ranks resumed from different step counts ({starts} per rank), so "
-            "their averaging rounds are out of phase. Load the same checkpoint step on every rank."
         )
     culprits = [(r, i) for r, i in enumerate(bad) if i >= 0]
     if culprits:
