@@ -245,14 +245,15 @@ class LocalSGDOptimizer(Optimizer, Joinable):
     def _first_nonfinite(params: list[torch.Tensor]) -> int:
         """Index of this rank's first parameter holding NaN/Inf, or -1.
 
-        A sum propagates NaN and Inf: one reduction per parameter, one host sync per device.
+        A sum propagates NaN and +-Inf (a max would miss -Inf): one reduction per parameter,
+        one ``isfinite`` and host sync per (device, dtype).
         """
         first = -1
-        by_device: dict[torch.device, list[int]] = {}
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(params):
-            by_device.setdefault(p.device, []).append(i)
-        for indices in by_device.values():
-            finite = torch.stack([torch.isfinite(params[i].sum()) for i in indices])
+            groups.setdefault((p.device, p.dtype), []).append(i)
+        for indices in groups.values():
+            finite = torch.stack([params[i].sum() for i in indices]).isfinite()
             bad = (~finite).nonzero()
             if bad.numel():
                 i = indices[int(bad[0])]

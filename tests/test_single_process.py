@@ -308,3 +308,13 @@ def test_grad_scaler_with_fused_inner_optimizer_matches_plain():
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
     assert opt.num_steps == 4
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_detector_finds_nan_and_both_infinities(bad):
+    params = [torch.ones(3), torch.ones(2, dtype=torch.bfloat16), torch.ones(4), torch.ones(5, dtype=torch.bfloat16)]
+    assert LocalSGDOptimizer._first_nonfinite(params) == -1
+    params[3][1] = bad
+    assert LocalSGDOptimizer._first_nonfinite(params) == 3
+    params[2][0] = bad
+    assert LocalSGDOptimizer._first_nonfinite(params) == 2  # the first one, across dtype groups
