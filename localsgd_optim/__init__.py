@@ -10,10 +10,12 @@ from ._dist import (
     ScheduleMismatchError,
 )
 from .ddp import no_sync
+from ._schedule import Schedule
 from .optimizer import STATE_KEY, STATE_VERSION, LocalSGDOptimizer
 
 __all__ = [
     "LocalSGDOptimizer",
+    "Schedule",
     "no_sync",
     "LocalSGDError",
     "LayoutMismatchError",

@@ -126,12 +126,16 @@ class BucketEngine:
         self._slots: dict[tuple[torch.device, torch.dtype], list[_Slot]] = {}
         self._storage = [t.data_ptr() for t in self.tensors]
 
-    def refresh(self) -> bool:
-        """Re-plan if any tensor's storage moved (``model.to(...)``, ``.double()``, ``p.data = ...``).
+    def refresh(self, tensors: Sequence[torch.Tensor] | None = None) -> bool:
+        """Re-plan if the tensors changed or any storage moved (``model.to(...)``, ``p.data = ...``).
 
-        Returns whether it re-planned. Cheap: one ``data_ptr()`` per tensor.
+        ``tensors`` is the current list (buffers are rebound objects after ``module.to``).
+        Returns whether it re-planned. Cheap: one identity and ``data_ptr()`` check per tensor.
         """
-        if [t.data_ptr() for t in self.tensors] == self._storage:
+        if tensors is not None and (len(tensors) != len(self.tensors)
+                                    or any(a is not b for a, b in zip(tensors, self.tensors))):
+            self.tensors = list(tensors)
+        elif [t.data_ptr() for t in self.tensors] == self._storage:
             return False
         self._plan()
         return True

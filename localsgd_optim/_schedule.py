@@ -2,37 +2,117 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
+from typing import Any, Callable, Sequence, Union
 
-__all__ = ["PeriodicSchedule"]
+__all__ = ["Schedule", "PeriodSpec"]
+
+#: A period: a fixed ``k``, a list of ``(until_step, period)`` pairs (``None`` = forever),
+#: or a callable mapping the first step of an interval to that interval's period.
+PeriodSpec = Union[int, Sequence[tuple], Callable[[int], int]]
 
 
-class PeriodicSchedule:
-    """Average inside optimizer steps ``k, 2k, 3k, ...`` (steps counted from 1).
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+class Schedule:
+    """Which ``step()`` calls end with an averaging round (steps counted from 1).
+
+    Steps ``1..warmup_steps`` are the synchronous warmup of post-local SGD. After it,
+    rounds fall at ``r_1 < r_2 < ...`` with ``r_0 = warmup_steps`` and
+    ``r_{i+1} = r_i + period(r_i + 1)``: each interval's length is the period in force
+    at its first step. The schedule is a pure function of the step count, so every rank
+    computes the same rounds and a resumed run continues them exactly.
 
     Args:
-        k: number of optimizer steps between averaging rounds (an integer >= 1).
+        k: the period: an int >= 1; a list of ``(until_step, period)`` pairs, meaning
+            ``period`` for intervals starting at or before ``until_step`` (``None`` in the
+            last pair: forever), e.g. ``[(1000, 32), (None, 8)]``; or a callable
+            ``step -> period`` (deterministic, the same on every rank).
+        warmup_steps: synchronous steps before Local SGD starts (an int >= 0).
     """
 
-    def __init__(self, k: int) -> None:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ValueError(
-                f"k must be an integer >= 1 (optimizer steps between averaging rounds), got {k!r}"
-            )
-        if k == 1:
-            warnings.warn(
-                "k=1 averages parameters after every step: that is synchronous data parallel "
-                "training, which DistributedDataParallel does faster by overlapping the gradient "
-                "all-reduce with backward. Use k > 1 for Local SGD.",
-                UserWarning,
-                stacklevel=3,
-            )
-        self.k = int(k)
+    def __init__(self, k: PeriodSpec, warmup_steps: int = 0) -> None:
+        if not _is_int(warmup_steps) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        self.warmup_steps = int(warmup_steps)
+        self.spec = k
+        if callable(k) and not isinstance(k, (list, tuple)):
+            self._period: Callable[[int], int] = k
+            self.description: Any = f"callable {getattr(k, '__module__', '?')}.{getattr(k, '__qualname__', repr(k))}"
+        elif isinstance(k, (list, tuple)):
+            self._pairs = self._parse_pairs(k)
+            self._period = self._from_pairs
+            self.description = [[u, p] for u, p in self._pairs]
+        else:
+            if not _is_int(k) or k < 1:
+                raise ValueError(
+                    "k must be an integer >= 1 (optimizer steps between averaging rounds), a list of "
+                    f"(until_step, period) pairs, or a callable step -> period; got {k!r}"
+                )
+            if k == 1 and warmup_steps == 0:
+                warnings.warn(
+                    "k=1 averages parameters after every step: that is synchronous data parallel "
+                    "training, which DistributedDataParallel does faster by overlapping the gradient "
+                    "all-reduce with backward. Use k > 1 for Local SGD.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            k = int(k)
+            self._period = lambda step: k
+            self.description = k
 
-    def averages_at(self, step: int) -> bool:
-        """Whether the ``step``-th call of ``step()`` (1-based) ends with an averaging round."""
-        return step % self.k == 0
+    @staticmethod
+    def _parse_pairs(pairs: Sequence[Any]) -> list[tuple[float, int]]:
+        parsed: list[tuple[float, int]] = []
+        for i, pair in enumerate(pairs):
+            ok = isinstance(pair, (list, tuple)) and len(pair) == 2
+            until, period = pair if ok else (None, None)
+            if not ok or not (_is_int(period) and period >= 1) or not (until is None or _is_int(until)):
+                raise ValueError(
+                    f"k[{i}] must be an (until_step, period) pair with period an integer >= 1 and "
+                    f"until_step an integer or None, got {pair!r}"
+                )
+            bound = math.inf if until is None else int(until)
+            if parsed and bound <= parsed[-1][0]:
+                raise ValueError(f"k's until_step values must increase, got {pairs!r}")
+            parsed.append((bound, int(period)))
+        if not parsed or parsed[-1][0] != math.inf:
+            raise ValueError(f"k's last pair must be (None, period) so every step has a period, got {pairs!r}")
+        return [(None if u == math.inf else u, p) for u, p in parsed]  # type: ignore[misc]
+
+    def _from_pairs(self, step: int) -> int:
+        for until, period in self._pairs:
+            if until is None or step <= until:
+                return period
+        raise AssertionError("unreachable: the last pair is open-ended")
+
+    def period_at(self, step: int) -> int:
+        """The period of the interval that starts at ``step``."""
+        period = self._period(step)
+        if not _is_int(period) or period < 1:
+            raise ValueError(f"k({step}) must return an integer >= 1, got {period!r}")
+        return int(period)
+
+    def in_warmup(self, step: int) -> bool:
+        return step <= self.warmup_steps
+
+    def next_round(self, last_round: int) -> int:
+        """The first round after ``last_round`` (a round's step, or the end of warmup)."""
+        start = max(last_round, self.warmup_steps)
+        return start + self.period_at(start + 1)
+
+    def rounds(self, until: int) -> list[int]:
+        """Every step up to ``until`` that ends with a round (warmup steps included)."""
+        out = list(range(1, min(until, self.warmup_steps) + 1))
+        r = self.next_round(self.warmup_steps)
+        while r <= until:
+            out.append(r)
+            r = self.next_round(r)
+        return out
 
     def __repr__(self) -> str:
-        return f"PeriodicSchedule(k={self.k})"
+        return f"Schedule(k={self.description!r}, warmup_steps={self.warmup_steps})"

@@ -8,7 +8,23 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["no_sync"]
+__all__ = ["no_sync", "warn_if_buffers_synced"]
+
+
+def warn_if_buffers_synced(module: torch.nn.Module) -> None:
+    """Warn when a DDP module syncs its buffers from rank 0 on every forward."""
+    # torch >= 2.13 calls it forward_sync_buffers; older versions broadcast_buffers.
+    syncs = getattr(module, "forward_sync_buffers", getattr(module, "broadcast_buffers", False))
+    if syncs and any(True for _ in module.buffers()):
+        warnings.warn(
+            "This DDP module syncs its buffers from rank 0 in every forward "
+            "(forward_sync_buffers=True, called broadcast_buffers before torch 2.13): a collective "
+            "on each step that defeats Local SGD. Construct DistributedDataParallel(..., "
+            "forward_sync_buffers=False) (or broadcast_buffers=False on older torch), and pass "
+            "buffers=model to LocalSGDOptimizer to average them at its rounds instead.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 @contextlib.contextmanager
@@ -32,16 +48,6 @@ def no_sync(module: torch.nn.Module) -> Iterator[None]:
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}: {module!r}")
-    # torch >= 2.13 calls it forward_sync_buffers; older versions broadcast_buffers.
-    syncs = getattr(module, "forward_sync_buffers", getattr(module, "broadcast_buffers", False))
-    if syncs and any(True for _ in module.buffers()):
-        warnings.warn(
-            "This DDP module syncs its buffers from rank 0 in every forward "
-            "(forward_sync_buffers=True, called broadcast_buffers before torch 2.13): a collective "
-            "on each step that defeats Local SGD. Construct DistributedDataParallel(..., "
-            "forward_sync_buffers=False) (or broadcast_buffers=False on older torch).",
-            UserWarning,
-            stacklevel=3,
-        )
+    warn_if_buffers_synced(module)
     with getattr(module, "no_sync", contextlib.nullcontext)():
         yield

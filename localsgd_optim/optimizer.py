@@ -5,14 +5,17 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.join import Join, JoinHook, Joinable
+from torch import nn
 from torch.optim import Optimizer
 
 from ._buckets import BucketEngine, bucket_cap_bytes
+from .ddp import warn_if_buffers_synced
 from ._dist import (
     AveragingRoundError,
     LocalSGDError,
@@ -26,7 +29,7 @@ from ._dist import (
     group_size,
     round_name,
 )
-from ._schedule import PeriodicSchedule
+from ._schedule import PeriodSpec, Schedule
 
 __all__ = ["LocalSGDOptimizer", "STATE_KEY", "STATE_VERSION"]
 
@@ -58,10 +61,7 @@ class _LocalSGDJoinHook(JoinHook):
 
     def main_hook(self) -> None:
         # The ranks still training took one more step: count it, and join their round if it is one.
-        opt = self.opt
-        opt._num_steps += 1
-        if opt._schedule.averages_at(opt._num_steps):
-            opt._round(ROUND_SCHEDULED, joined=True)
+        self.opt._after_step(joined=True)
 
 
 class LocalSGDOptimizer(Optimizer, Joinable):
@@ -82,12 +82,19 @@ class LocalSGDOptimizer(Optimizer, Joinable):
 
     Args:
         optimizer: the inner optimizer taking the local steps (any ``torch.optim.Optimizer``).
-        k: optimizer steps between averaging rounds (default: 8).
+        k: optimizer steps between averaging rounds (default: 8); or a period schedule: a
+            list of ``(until_step, period)`` pairs such as ``[(1000, 32), (None, 8)]``, or a
+            callable ``step -> period`` (see :class:`localsgd_optim.Schedule`).
         process_group: the ranks to average over (default: ``None``, the default group).
         bucket_cap_mb: largest flat buffer per collective, in MiB (default: 25.0). Extra
             memory during a round is at most two buckets.
         sync_on_init: broadcast parameters from the group's first rank at construction, so
             replicas start identical even without DDP (default: ``True``).
+        warmup_steps: post-local SGD: the first ``warmup_steps`` steps are synchronous
+            (parameters averaged after each, or DDP's gradient all-reduce left on for a module
+            registered with :meth:`no_sync`), Local SGD after (default: 0).
+        buffers: a module whose floating-point buffers (e.g. BatchNorm running statistics)
+            are averaged with the parameters, in the same buckets (default: ``None``).
         check_finite: before each round, check every rank's parameters for NaN/Inf (one
             ``sum()`` per parameter, its result riding in the round's control collective) and
             raise on every rank, naming the rank and parameter, instead of averaging the NaN
@@ -112,11 +119,13 @@ class LocalSGDOptimizer(Optimizer, Joinable):
     def __init__(
         self,
         optimizer: Optimizer,
-        k: int = 8,
+        k: PeriodSpec = 8,
         *,
         process_group: dist.ProcessGroup | None = None,
         bucket_cap_mb: float = 25.0,
         sync_on_init: bool = True,
+        warmup_steps: int = 0,
+        buffers: nn.Module | None = None,
         check_finite: bool = True,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -133,7 +142,12 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             or bucket_cap_mb <= 0
         ):
             raise ValueError(f"bucket_cap_mb must be a finite number > 0 (MiB), got {bucket_cap_mb!r}")
-        schedule = PeriodicSchedule(k)
+        if buffers is not None and not isinstance(buffers, nn.Module):
+            raise TypeError(
+                f"buffers must be the nn.Module whose buffers to average (e.g. buffers=model), "
+                f"got {type(buffers).__name__}"
+            )
+        schedule = Schedule(k, warmup_steps)
 
         self._constructed = False
         super().__init__(optimizer.param_groups, optimizer.defaults)
@@ -141,6 +155,9 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self.optimizer = optimizer
         self._share_inner()
         self._schedule = schedule
+        self._next_round = schedule.next_round(0)  # the step of the next scheduled round
+        self._ddp_modules: list[nn.Module] = []  # registered by no_sync(): DDP syncs during warmup
+        self.buffers_module = buffers
         self.process_group = process_group
         self.bucket_cap_mb = float(bucket_cap_mb)
         self.check_finite = bool(check_finite)
@@ -161,9 +178,13 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self.defaults = self.optimizer.defaults
 
     @property
-    def k(self) -> int:
-        """Optimizer steps between averaging rounds."""
-        return self._schedule.k
+    def k(self) -> PeriodSpec:
+        """The period: an int, or the schedule it was given as."""
+        return self._schedule.spec
+
+    @property
+    def warmup_steps(self) -> int:
+        return self._schedule.warmup_steps
 
     @property
     def num_steps(self) -> int:
@@ -173,6 +194,18 @@ class LocalSGDOptimizer(Optimizer, Joinable):
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    def _buffers(self) -> list[tuple[str, torch.Tensor]]:
+        # Collected afresh each round: module.to() rebinds buffer objects. Integer buffers
+        # (BatchNorm's num_batches_tracked) count steps identically on every rank: left alone.
+        if self.buffers_module is None:
+            return []
+        return [(n, b) for n, b in self.buffers_module.named_buffers()
+                if b.is_floating_point() or b.is_complex()]
+
+    def _tensors(self) -> list[torch.Tensor]:
+        """Everything a round averages, in a rank-independent order: parameters, then buffers."""
+        return self._params() + [b for _, b in self._buffers()]
+
     def _param_names(self) -> list[str]:
         names = []
         for g, group in enumerate(self.param_groups):
@@ -180,23 +213,24 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             for i in range(len(group["params"])):
                 where = f"param group {g}, index {i}"
                 names.append(f"parameter {given[i]!r} ({where})" if given else f"parameter ({where})")
-        return names
+        return names + [f"buffer {n!r}" for n, _ in self._buffers()]
 
     # -- the process group --------------------------------------------------------------------
 
     def _settings(self) -> dict[str, Any]:
-        return {"k": self.k, "bucket_cap_mb": self.bucket_cap_mb}
+        return {"k": self._schedule.description, "warmup_steps": self.warmup_steps,
+                "bucket_cap_mb": self.bucket_cap_mb}
 
     def _digest(self) -> int:
-        return fingerprint(self._settings(), [describe_tensor(p) for p in self._params()])
+        return fingerprint(self._settings(), [describe_tensor(t) for t in self._tensors()])
 
     def _explain_layout(self) -> None:
         check_ranks_agree(self.process_group, self._settings(),
-                          [describe_tensor(p) for p in self._params()], self._param_names())
+                          [describe_tensor(t) for t in self._tensors()], self._param_names())
 
     def _make_comm(self, world_size: int) -> _Comm:
         """Plan the buckets for the current param groups (local work, no collective)."""
-        params = self._params()
+        params = self._tensors()
         for name, p in zip(self._param_names(), params):
             if not (p.is_floating_point() or p.is_complex()):
                 raise TypeError(
@@ -233,7 +267,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         """Run the round's control collective; return how many ranks contribute data."""
         comm = self._comm
         assert comm is not None  # internal invariant, not user input
-        if comm.engine.refresh():  # a parameter's storage moved: re-planned, so re-digest
+        if comm.engine.refresh(self._tensors()):  # storage moved or buffers rebound: re-digest
             comm.digest = self._digest()
         check = self.check_finite and kind != ROUND_BIND and not joined
         nonfinite = self._first_nonfinite(comm.engine.tensors) if check else -1
@@ -292,10 +326,48 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         if self._join_config.enable:
             Join.notify_join_context(self)  # under Join: tell the joined ranks we took a step
         loss = self._inner_step(closure)
-        self._num_steps += 1
-        if self._schedule.averages_at(self._num_steps):
-            self._round(ROUND_SCHEDULED)
+        self._after_step()
         return loss
+
+    def _after_step(self, joined: bool = False) -> None:
+        """Count a step and run its round, if the schedule has one (two int compares if not)."""
+        self._num_steps += 1
+        step = self._num_steps
+        if step <= self._schedule.warmup_steps:
+            if not self._ddp_modules:  # DDP all-reduced the gradients: replicas are equal
+                self._round(ROUND_SCHEDULED, joined)
+            if step == self._schedule.warmup_steps:
+                self._set_ddp_grad_sync(False)  # warmup over: local steps from here
+        elif step == self._next_round:
+            self._round(ROUND_SCHEDULED, joined)
+            self._next_round = self._schedule.next_round(step)
+
+    def _set_ddp_grad_sync(self, on: bool) -> None:
+        for module in self._ddp_modules:
+            module.require_backward_grad_sync = on
+
+    @contextlib.contextmanager
+    def no_sync(self, module: nn.Module) -> Iterator[None]:
+        """Like :func:`localsgd_optim.no_sync`, but driven by this optimizer's schedule.
+
+        For a DDP module, gradient all-reduce stays on during ``warmup_steps`` (no parameter
+        averaging needed then) and turns off when warmup ends, so post-local SGD is
+        configured once, by ``warmup_steps``. For any other module it does nothing.
+        """
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}: {module!r}")
+        if not hasattr(module, "require_backward_grad_sync"):  # not DDP
+            yield
+            return
+        warn_if_buffers_synced(module)
+        previous = module.require_backward_grad_sync
+        self._ddp_modules.append(module)
+        module.require_backward_grad_sync = self._num_steps < self._schedule.warmup_steps
+        try:
+            yield
+        finally:
+            self._ddp_modules.remove(module)
+            module.require_backward_grad_sync = previous
 
     def _inner_step(self, closure: Callable[[], float] | None) -> Any:
         found_inf = getattr(self, "found_inf", None)
@@ -383,7 +455,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self.optimizer.state_dict()
-        state_dict[STATE_KEY] = {"version": STATE_VERSION, "num_steps": self._num_steps, "k": self.k}
+        state_dict[STATE_KEY] = {"version": STATE_VERSION, "num_steps": self._num_steps,
+                                 "k": self._schedule.description, "warmup_steps": self.warmup_steps}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -403,16 +476,22 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 state_dict = result
         entry = state_dict.pop(STATE_KEY, None)
         num_steps, saved_k = _parse_entry(entry)  # validate before anything changes
-        if saved_k is not None and saved_k != self.k:
+        mine = self._schedule.description
+        if saved_k is not None and saved_k != mine:
             warnings.warn(
-                f"The checkpoint was saved with k={saved_k}; this optimizer has k={self.k}. "
-                f"Continuing from step {num_steps} with k={self.k}.",
+                f"The checkpoint was saved with k={saved_k}; this optimizer has k={mine}. "
+                f"Continuing from step {num_steps} with k={mine}.",
                 UserWarning,
                 stacklevel=2,
             )
         self.optimizer.load_state_dict(state_dict)
         self._share_inner()  # load_state_dict rebinds the inner param_groups and state
         self._num_steps = self._start_steps = num_steps
+        # The next round is derived, not stored: replay the schedule up to the loaded step.
+        self._next_round = self._schedule.next_round(0)
+        while self._next_round <= num_steps:
+            self._next_round = self._schedule.next_round(self._next_round)
+        self._set_ddp_grad_sync(num_steps < self.warmup_steps)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -429,7 +508,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         return (
-            f"{type(self).__name__}(k={self.k}, num_steps={self._num_steps}, "
+            f"{type(self).__name__}(k={self._schedule.description}, warmup_steps={self.warmup_steps}, "
+            f"num_steps={self._num_steps}, "
             f"bucket_cap_mb={self.bucket_cap_mb},\n{inner}\n)"
         )
 
@@ -462,5 +542,4 @@ def _parse_entry(entry: Any) -> tuple[int, int | None]:
         raise ValueError(
             f"state_dict[{STATE_KEY!r}]['num_steps'] must be an integer >= 0, got {num_steps!r}"
         )
-    saved_k = entry.get("k")
-    return num_steps, saved_k if isinstance(saved_k, int) and not isinstance(saved_k, bool) else None
+    return num_steps, entry.get("k")

@@ -144,7 +144,7 @@ def test_resume_mid_period_is_bit_exact(ranks, inner_name):
     results = ranks(_resume_mid_period, inner_name)
     for uninterrupted, resumed, _, entry in results:
         assert_same(resumed, uninterrupted, exact=True)
-        assert entry == {"version": 1, "num_steps": 13, "k": 4}
+        assert entry == {"version": 1, "num_steps": 13, "k": 4, "warmup_steps": 0}
     assert not torch.equal(results[0][2][0], results[1][2][0]), "step 13 should be mid-period"
 
 

@@ -69,7 +69,7 @@ def test_is_a_real_optimizer_sharing_groups_state_defaults():
     opt.param_groups[0]["lr"] = 0.5  # set through the wrapper ...
     assert inner.param_groups[0]["lr"] == 0.5  # ... is what the inner step uses
     assert opt.k == 4 and opt.num_steps == 0
-    assert "LocalSGDOptimizer(k=4, num_steps=0" in repr(opt) and "AdamW" in repr(opt)
+    assert "LocalSGDOptimizer(k=4, warmup_steps=0, num_steps=0" in repr(opt) and "AdamW" in repr(opt)
 
 
 def test_pass_through_equals_inner_optimizer_in_single_process():
@@ -195,7 +195,7 @@ def test_state_dict_round_trip_weights_only():
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     sd = torch.load(buf, weights_only=True)
-    assert sd["local_sgd"] == {"version": 1, "num_steps": 6, "k": 4}
+    assert sd["local_sgd"] == {"version": 1, "num_steps": 6, "k": 4, "warmup_steps": 0}
     fresh = wrap(make_model(), k=4)
     fresh.load_state_dict(sd)
     assert fresh.num_steps == 6
