@@ -23,12 +23,13 @@ __all__ = [
     "ROUND_BIND",
     "ROUND_SCHEDULED",
     "ROUND_SYNC",
+    "ROUND_LOCAL",
 ]
 
 # What a rank is doing when it enters the control collective.
-ROUND_BIND, ROUND_SCHEDULED, ROUND_SYNC = 0, 1, 2
+ROUND_BIND, ROUND_SCHEDULED, ROUND_SYNC, ROUND_LOCAL = 0, 1, 2, 3
 _ROUND_NAMES = {ROUND_BIND: "binding to the process group", ROUND_SCHEDULED: "a scheduled averaging round",
-                ROUND_SYNC: "an explicit sync()"}
+                ROUND_SYNC: "an explicit sync()", ROUND_LOCAL: "a local (within-group) averaging round"}
 
 
 class LocalSGDError(RuntimeError):

@@ -20,6 +20,7 @@ from ._dist import (
     AveragingRoundError,
     LocalSGDError,
     ROUND_BIND,
+    ROUND_LOCAL,
     ROUND_SCHEDULED,
     ROUND_SYNC,
     agree_on_round,
@@ -93,6 +94,11 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         warmup_steps: post-local SGD: the first ``warmup_steps`` steps are synchronous
             (parameters averaged after each, or DDP's gradient all-reduce left on for a module
             registered with :meth:`no_sync`), Local SGD after (default: 0).
+        local_k: hierarchical averaging: also average within ``local_group`` every
+            ``local_k`` steps after warmup (e.g. the GPUs of one host, over the fast link);
+            a step that is also a global round averages globally only (default: ``None``).
+        local_group: this rank's own group for ``local_k`` rounds, e.g. the first value
+            returned by ``torch.distributed.new_subgroups()`` (default: ``None``).
         buffers: a module whose floating-point buffers (e.g. BatchNorm running statistics)
             are averaged with the parameters, in the same buckets (default: ``None``).
         check_finite: before each round, check every rank's parameters for NaN/Inf (one
@@ -125,6 +131,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         bucket_cap_mb: float = 25.0,
         sync_on_init: bool = True,
         warmup_steps: int = 0,
+        local_k: int | None = None,
+        local_group: dist.ProcessGroup | None = None,
         buffers: nn.Module | None = None,
         check_finite: bool = True,
     ) -> None:
@@ -148,6 +156,14 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 f"got {type(buffers).__name__}"
             )
         schedule = Schedule(k, warmup_steps)
+        if (local_k is None) != (local_group is None):
+            raise ValueError(
+                "local_k and local_group go together (hierarchical averaging), got "
+                f"local_k={local_k!r}, local_group={local_group!r}; pass both or neither"
+            )
+        if local_k is not None and (isinstance(local_k, bool) or not isinstance(local_k, numbers.Integral)
+                                    or local_k < 1):
+            raise ValueError(f"local_k must be an integer >= 1, got {local_k!r}")
 
         self._constructed = False
         super().__init__(optimizer.param_groups, optimizer.defaults)
@@ -158,6 +174,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._next_round = schedule.next_round(0)  # the step of the next scheduled round
         self._ddp_modules: list[nn.Module] = []  # registered by no_sync(): DDP syncs during warmup
         self.buffers_module = buffers
+        self.local_k = int(local_k) if local_k is not None else 0
+        self.local_group = local_group
         self.process_group = process_group
         self.bucket_cap_mb = float(bucket_cap_mb)
         self.check_finite = bool(check_finite)
@@ -219,7 +237,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
 
     def _settings(self) -> dict[str, Any]:
         return {"k": self._schedule.description, "warmup_steps": self.warmup_steps,
-                "bucket_cap_mb": self.bucket_cap_mb}
+                "local_k": self.local_k, "bucket_cap_mb": self.bucket_cap_mb}
 
     def _digest(self) -> int:
         return fingerprint(self._settings(), [describe_tensor(t) for t in self._tensors()])
@@ -263,15 +281,16 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             self._pending_broadcast = False
         return comm
 
-    def _agree(self, kind: int, joined: bool = False) -> int:
-        """Run the round's control collective; return how many ranks contribute data."""
+    def _agree(self, kind: int, joined: bool = False, group: Any = None) -> int:
+        """Run the round's control collective over ``group``; return how many ranks contribute data."""
         comm = self._comm
         assert comm is not None  # internal invariant, not user input
         if comm.engine.refresh(self._tensors()):  # storage moved or buffers rebound: re-digest
             comm.digest = self._digest()
         check = self.check_finite and kind != ROUND_BIND and not joined
         nonfinite = self._first_nonfinite(comm.engine.tensors) if check else -1
-        return agree_on_round(comm.group, comm.control_device, kind, self._num_steps, self._start_steps,
+        group = comm.group if group is None else group
+        return agree_on_round(group, comm.control_device, kind, self._num_steps, self._start_steps,
                               comm.digest, self._explain_layout, nonfinite, self._param_names, joined)
 
     @staticmethod
@@ -298,9 +317,13 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         comm = self._bind()
         if comm is None:
             return
+        local = kind == ROUND_LOCAL
+        group = self.local_group if local else comm.group
+        size = dist.get_world_size(group) if local else comm.world_size
         try:
-            contributors = self._agree(kind, joined)
-            comm.engine.all_reduce_mean(comm.group, comm.world_size, contributors, send_zeros=joined)
+            contributors = self._agree(kind, joined, group)
+            if contributors:  # zero: every rank of this group has joined; all of them skip
+                comm.engine.all_reduce_mean(group, size, contributors, send_zeros=joined)
         except LocalSGDError:
             raise
         except RuntimeError as e:  # gloo/NCCL errors: a dead peer, a broken link, a timeout
@@ -338,9 +361,11 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 self._round(ROUND_SCHEDULED, joined)
             if step == self._schedule.warmup_steps:
                 self._set_ddp_grad_sync(False)  # warmup over: local steps from here
-        elif step == self._next_round:
+        elif step == self._next_round:  # a global round takes precedence over a local one
             self._round(ROUND_SCHEDULED, joined)
             self._next_round = self._schedule.next_round(step)
+        elif self.local_k and (step - self._schedule.warmup_steps) % self.local_k == 0:
+            self._round(ROUND_LOCAL, joined)
 
     def _set_ddp_grad_sync(self, on: bool) -> None:
         for module in self._ddp_modules:
@@ -496,7 +521,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
-        if self.process_group is not None:
+        if self.process_group is not None or self.local_group is not None:
             raise TypeError(
                 "cannot pickle or deepcopy a LocalSGDOptimizer with an explicit process_group (process "
                 "groups do not pickle); build a new LocalSGDOptimizer around the copied inner optimizer"

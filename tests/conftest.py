@@ -31,6 +31,12 @@ def ranks2():
     return _pool(2).run
 
 
+@pytest.fixture
+def ranks4():
+    """Four ranks (e.g. two 'hosts' of two): started on first use only."""
+    return _pool(4).run
+
+
 def pytest_sessionfinish(session, exitstatus):
     for pool in _pools.values():
         pool.close()

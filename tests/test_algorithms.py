@@ -228,3 +228,77 @@ def test_resume_mid_period_with_warmup_pairs_and_buffers(ranks, with_buffers):
     for uninterrupted, resumed, entry in ranks(_resume_with_options, with_buffers):
         assert_same(resumed, uninterrupted, exact=True)
         assert entry == {"version": 1, "num_steps": 13, "k": [[10, 2], [None, 4]], "warmup_steps": 3}
+
+
+# -- hierarchical averaging: 4 ranks in 2 groups ---------------------------------------------
+
+def _hierarchical():
+    rank = dist.get_rank()
+    local, _ = dist.new_subgroups(2)  # ranks {0, 1} and {2, 3}, e.g. two hosts of two GPUs
+    k, local_k, steps = 6, 2, 10  # local rounds at 2, 4, 8, 10; global at 6 (takes precedence)
+    batches = make_batches(steps)
+
+    ref = make_model(seed=rank)
+    ref_opt = sgd(ref.parameters())
+    ref_params = list(ref.parameters())
+    broadcast_one_by_one(ref_params)
+    kinds = []
+    for step, (x, y) in enumerate(batches, start=1):
+        ref_opt.zero_grad()
+        mse(ref(x), y).backward()
+        ref_opt.step()
+        if step % k == 0:
+            average_one_by_one(ref_params)
+            kinds.append("global")
+        elif step % local_k == 0:
+            average_one_by_one(ref_params, group=local)
+            kinds.append("local")
+
+    model = make_model(seed=rank)
+    opt = LocalSGDOptimizer(sgd(model.parameters()), k=k, local_k=local_k, local_group=local)
+    train_wrapped(model, opt, batches)
+    return params_of(ref), params_of(model), kinds
+
+
+def test_hierarchical_averaging_on_two_groups_of_two(ranks4):
+    results = ranks4(_hierarchical)
+    assert results[0][2] == ["local", "local", "global", "local", "local"]
+    for ref, got, _ in results:
+        assert_same(got, ref, exact=False)  # 4-rank ring sums: order-dependent rounding
+    # step 10 was a local round: equal within each group (bit for bit), different across groups
+    assert_same(results[1][1], results[0][1], exact=True)
+    assert_same(results[3][1], results[2][1], exact=True)
+    assert not torch.equal(results[0][1][0], results[2][1][0])
+
+
+def test_local_k_needs_local_group():
+    with pytest.raises(ValueError, match="local_k and local_group go together"):
+        LocalSGDOptimizer(sgd(make_model().parameters()), k=4, local_k=2)
+
+
+def _hierarchical_resume():
+    rank = dist.get_rank()
+    local, _ = dist.new_subgroups(2)
+    batches = make_batches(10)
+
+    def build():
+        model = make_model(seed=rank)
+        return model, LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=6, local_k=2,
+                                        local_group=local, warmup_steps=1)
+
+    model, opt = build()
+    train_wrapped(model, opt, batches)
+    uninterrupted = params_of(model)
+    model, opt = build()
+    train_wrapped(model, opt, batches[:7])  # after the global round at 6, before the local one at 9
+    ckpt = {"model": model.state_dict(), "opt": opt.state_dict()}
+    model, opt = build()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    train_wrapped(model, opt, batches[7:])
+    return uninterrupted, params_of(model)
+
+
+def test_hierarchical_resume_mid_period(ranks4):
+    for uninterrupted, resumed in ranks4(_hierarchical_resume):
+        assert_same(resumed, uninterrupted, exact=True)
