@@ -124,18 +124,27 @@ class BucketEngine:
         # A lone contiguous tensor is reduced where it lives: no buffer, no copy.
         self._direct: list[torch.Tensor | None] = [self._in_place(b) for b in self.buckets]
         self._slots: dict[tuple[torch.device, torch.dtype], list[_Slot]] = {}
-        self._storage = [t.data_ptr() for t in self.tensors]
+        self._storage = self._signature()
+
+    def _signature(self) -> list[tuple[int, torch.Size, torch.dtype]]:
+        return [(t.data_ptr(), t.shape, t.dtype) for t in self.tensors]
+
+    def prepare(self) -> None:
+        """Allocate every buffer a round needs now, so nothing can fail locally mid-round."""
+        for bucket, direct in zip(self.buckets, self._direct):
+            if direct is None:
+                self._slots_for(bucket)
 
     def refresh(self, tensors: Sequence[torch.Tensor] | None = None) -> bool:
         """Re-plan if the tensors changed or any storage moved (``model.to(...)``, ``p.data = ...``).
 
         ``tensors`` is the current list (buffers are rebound objects after ``module.to``).
-        Returns whether it re-planned. Cheap: one identity and ``data_ptr()`` check per tensor.
+        Returns whether it re-planned. Cheap: identity, ``data_ptr``, shape and dtype per tensor.
         """
         if tensors is not None and (len(tensors) != len(self.tensors)
                                     or any(a is not b for a, b in zip(tensors, self.tensors))):
             self.tensors = list(tensors)
-        elif [t.data_ptr() for t in self.tensors] == self._storage:
+        elif self._signature() == self._storage:
             return False
         self._plan()
         return True

@@ -138,6 +138,7 @@ def agree_on_round(
     nonfinite: int = -1,
     names: Any = tuple,
     joined: bool = False,
+    local_error: BaseException | None = None,
 ) -> int:
     """The control collective that opens every round: one tiny ``all_gather``, no data yet.
 
@@ -152,12 +153,22 @@ def agree_on_round(
     Returns:
         The number of ranks that are still training (not joined).
     """
-    row = [kind, num_steps, start_steps, digest, nonfinite, int(joined)]
+    row = [kind, num_steps, start_steps, digest, nonfinite, int(joined), int(local_error is not None)]
     mine = torch.tensor(row, dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(table, mine, group=group)
     rows = torch.stack(table).cpu().tolist()
-    kinds, steps, starts, digests, bad, joins = (list(col) for col in zip(*rows))
+    kinds, steps, starts, digests, bad, joins, failed = (list(col) for col in zip(*rows))
+    if any(failed):
+        # A rank failed in its local preparation (e.g. out of memory for the buffers): it raises
+        # its own error, the others say which rank, and nobody waits in a data collective.
+        if local_error is not None:
+            raise local_error
+        raise LocalSGDError(
+            f"LocalSGDOptimizer: rank(s) {[r for r, f in enumerate(failed) if f]} failed while "
+            f"preparing {_ROUND_NAMES[kinds[0]]} at step {steps[0]}; see that rank's error. "
+            "No parameter was changed."
+        )
     if len(set(digests)) > 1:
         explain_layout()
         raise LayoutMismatchError(f"LocalSGDOptimizer: ranks wrap different parameters (digests {digests})")

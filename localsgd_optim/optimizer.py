@@ -64,6 +64,12 @@ class _LocalSGDJoinHook(JoinHook):
         # The ranks still training took one more step: count it, and join their round if it is one.
         self.opt._after_step(joined=True)
 
+    def post_hook(self, is_last_joiner: bool) -> None:
+        # Every rank runs this when the block ends. torch's Join leaves the joinables' config
+        # enabled after the block; reset ours, so step() stops notifying (one all-reduce per
+        # step) and sync() is allowed again.
+        Joinable.__init__(self.opt)
+
 
 class LocalSGDOptimizer(Optimizer, Joinable):
     r"""Local SGD around any optimizer: local steps, parameters averaged every ``k`` steps.
@@ -275,7 +281,11 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             return None
         comm = self._make_comm(world_size)
         self._comm = comm
-        self._agree(ROUND_BIND)
+        try:
+            self._agree(ROUND_BIND)
+        except BaseException:
+            self._comm = None  # not bound: the next step() or sync() tries again
+            raise
         if self._pending_broadcast:
             comm.engine.broadcast(dist.get_global_rank(comm.group or dist.group.WORLD, 0), comm.group)
             self._pending_broadcast = False
@@ -285,13 +295,21 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         """Run the round's control collective over ``group``; return how many ranks contribute data."""
         comm = self._comm
         assert comm is not None  # internal invariant, not user input
-        if comm.engine.refresh(self._tensors()):  # storage moved or buffers rebound: re-digest
-            comm.digest = self._digest()
-        check = self.check_finite and kind != ROUND_BIND and not joined
-        nonfinite = self._first_nonfinite(comm.engine.tensors) if check else -1
+        # Everything that can fail locally happens before the gather, and a failure is
+        # announced in it: no rank is ever left waiting in a data collective.
+        nonfinite, local_error = -1, None
+        try:
+            if comm.engine.refresh(self._tensors()):  # storage moved or buffers rebound: re-digest
+                comm.digest = self._digest()
+            comm.engine.prepare()
+            if self.check_finite and kind != ROUND_BIND and not joined:
+                nonfinite = self._first_nonfinite(comm.engine.tensors)
+        except Exception as e:  # noqa: BLE001 - re-raised on this rank right after the gather
+            local_error = e
         group = comm.group if group is None else group
         return agree_on_round(group, comm.control_device, kind, self._num_steps, self._start_steps,
-                              comm.digest, self._explain_layout, nonfinite, self._param_names, joined)
+                              comm.digest, self._explain_layout, nonfinite, self._param_names, joined,
+                              local_error)
 
     @staticmethod
     @torch.no_grad()
@@ -305,8 +323,11 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(params):
             groups.setdefault((p.device, p.dtype), []).append(i)
-        for indices in groups.values():
-            finite = torch.stack([params[i].sum() for i in indices]).isfinite()
+        for (_, dtype), indices in groups.items():
+            # accumulate narrow types wide: an fp16 sum overflows at 65504 on healthy values
+            acc = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
+                   torch.complex32: torch.complex64}.get(dtype)
+            finite = torch.stack([params[i].sum(dtype=acc) for i in indices]).isfinite()
             bad = (~finite).nonzero()
             if bad.numel():
                 i = indices[int(bad[0])]
@@ -324,7 +345,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             contributors = self._agree(kind, joined, group)
             if contributors:  # zero: every rank of this group has joined; all of them skip
                 comm.engine.all_reduce_mean(group, size, contributors, send_zeros=joined)
-        except LocalSGDError:
+        except (LocalSGDError, torch.OutOfMemoryError, NotImplementedError):
             raise
         except RuntimeError as e:  # gloo/NCCL errors: a dead peer, a broken link, a timeout
             raise AveragingRoundError(
@@ -347,9 +368,23 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         if self._comm is None and not self._single:
             self._bind()  # a process group created after construction: bind before stepping
         if self._join_config.enable:
+            if not self._join_config.is_first_joinable:
+                # Join runs the joined ranks' hooks once per notify of the FIRST joinable: a DDP
+                # module first would make them count forward passes, not optimizer steps.
+                raise LocalSGDError(
+                    "LocalSGDOptimizer must be the first (or only) joinable: use Join([opt]). DDP "
+                    "needs no Join of its own here: under no_sync it issues no collectives."
+                )
             Join.notify_join_context(self)  # under Join: tell the joined ranks we took a step
-        loss = self._inner_step(closure)
-        self._after_step()
+        try:
+            loss = self._inner_step(closure)
+            self._after_step()
+        except BaseException:
+            # GradScaler deletes its grad_scale/found_inf only after a normal return: drop
+            # them here so a later plain step() does not read a stale verdict.
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
         return loss
 
     def _after_step(self, joined: bool = False) -> None:
@@ -429,7 +464,14 @@ class LocalSGDOptimizer(Optimizer, Joinable):
 
         Does not shift the schedule. A no-op in a single process. Raises
         :class:`ScheduleMismatchError` on every rank if the ranks' step counts differ.
+        Not allowed inside an active ``Join`` block (ranks that joined only shadow
+        ``step()``): call it after the block.
         """
+        if self._join_config.enable:
+            raise LocalSGDError(
+                "LocalSGDOptimizer.sync() inside an active Join block would hang: ranks that have "
+                "joined shadow step() only. Call opt.sync() after the `with Join(...)` block."
+            )
         self._round(ROUND_SYNC)
 
     # -- torch.distributed.algorithms.Join --------------------------------------------------
@@ -439,7 +481,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
 
         Such a rank keeps counting the others' steps and joins their averaging rounds,
         contributing nothing: the average is over the ranks still training, and the
-        joined rank receives it. Put the DDP module (if any) first: ``Join([model, opt])``.
+        joined rank receives it. The optimizer must be the first joinable: ``Join([opt])``
+        (a DDP module under :func:`no_sync` needs no Join of its own).
         """
         return _LocalSGDJoinHook(self)
 

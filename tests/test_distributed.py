@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
@@ -696,8 +697,7 @@ def _join_run(with_ddp):
     net = make_model(seed=0)
     model = nn.parallel.DistributedDataParallel(net) if with_ddp else net
     opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), k=k)
-    joinables = [model, opt] if with_ddp else [opt]  # the DDP module first
-    with no_sync(model), Join(joinables):
+    with no_sync(model), Join([opt]):  # DDP under no_sync issues no collectives: no Join of its own
         train_wrapped(model, opt, make_batches(counts[rank]))
     before_sync, num_steps = params_of(net), opt.num_steps
     opt.sync()  # every rank counted every step, so a final sync agrees
@@ -707,12 +707,60 @@ def _join_run(with_ddp):
 @pytest.mark.parametrize("with_ddp", [False, True], ids=["plain", "ddp"])
 def test_join_uneven_inputs_match_reference(ranks, with_ddp):
     results = ranks(_join_run, with_ddp)
-    last_joiner_ref = results[1][0]  # rank 1 has the most batches
     for ref, before_sync, _, num_steps in results:
         assert num_steps == 13  # joined ranks kept counting the others' steps
-        # plain: each rank ends as the reference says. DDP: its own Join post-hook then
-        # broadcasts the last joiner's parameters to every rank (DDP's documented behaviour).
-        expected = last_joiner_ref if with_ddp else ref
-        assert_same(before_sync, expected, exact=ranks.world_size == 2)
+        assert_same(before_sync, ref, exact=ranks.world_size == 2)
     for _, _, after_sync, _ in results[1:]:
         assert_same(after_sync, results[0][2], exact=True)
+
+
+def _join_misuse(case):
+    from torch.distributed.algorithms import Join
+
+    from localsgd_optim import LocalSGDError
+
+    model = nn.parallel.DistributedDataParallel(make_model(seed=0))
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), k=4)
+    batches = make_batches(3 + dist.get_rank())  # uneven
+    if case == "ddp-first":
+        with pytest.raises(LocalSGDError, match=r"must be the first \(or only\) joinable: use Join\(\[opt\]\)"):
+            with no_sync(model), Join([model, opt]):
+                train_wrapped(model, opt, batches)
+    else:
+        with pytest.raises(LocalSGDError, match="sync\\(\\) inside an active Join block would hang"):
+            with no_sync(model), Join([opt]):
+                train_wrapped(model, opt, batches[:1])
+                opt.sync()
+    dist.barrier()  # nobody is stuck in a collective
+    return True
+
+
+@pytest.mark.parametrize("case", ["ddp-first", "sync-inside"])
+def test_join_misuse_raises_everywhere_without_hanging(ranks, case):
+    assert all(ranks(_join_misuse, case))
+
+
+def _local_failure_on_one_rank():
+    from unittest import mock
+
+    from localsgd_optim import LocalSGDError
+
+    model = make_model(seed=0)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), k=2, bucket_cap_mb=0.001)
+    train_wrapped(model, opt, make_batches(1))
+    before = params_of(model)
+    boom = torch.OutOfMemoryError("out of memory allocating the bucket buffers")
+    patch = mock.patch.object(opt._comm.engine, "prepare", side_effect=boom) if dist.get_rank() == 0 \
+        else contextlib.nullcontext()
+    with patch, pytest.raises((torch.OutOfMemoryError, LocalSGDError)) as info:
+        train_wrapped(model, opt, make_batches(1))  # step 2: the round
+    after_inner = params_of(model)
+    dist.barrier()
+    return type(info.value).__name__, str(info.value), before, after_inner
+
+
+def test_local_failure_on_one_rank_raises_everywhere_before_any_data_moves(ranks):
+    results = ranks(_local_failure_on_one_rank)
+    assert results[0][0] == "OutOfMemoryError"  # the failing rank sees its own error, unwrapped
+    for name, msg, _, _ in results[1:]:
+        assert name == "LocalSGDError" and "rank(s) [0] failed while preparing" in msg

@@ -318,3 +318,9 @@ def test_nonfinite_detector_finds_nan_and_both_infinities(bad):
     assert LocalSGDOptimizer._first_nonfinite(params) == 3
     params[2][0] = bad
     assert LocalSGDOptimizer._first_nonfinite(params) == 2  # the first one, across dtype groups
+
+
+def test_nonfinite_detector_has_no_false_positive_on_large_fp16_sums():
+    # an fp16 sum overflows at 65504: healthy half-precision models must not be flagged
+    params = [torch.ones(70000, dtype=torch.float16), torch.full((512, 512), 0.5, dtype=torch.float16)]
+    assert LocalSGDOptimizer._first_nonfinite(params) == -1
