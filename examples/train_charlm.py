@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from localsgd_optim import LocalSGDOptimizer, no_sync
+from localsgd_optim import LocalSGDOptimizer
 
 
 def stdlib_text(max_bytes: int) -> bytes:
@@ -107,8 +107,8 @@ def wrap_ddp(module: nn.Module) -> nn.Module:
 def evaluate_average(model: nn.Module, opt: torch.optim.Optimizer, val: torch.Tensor,
                      args: argparse.Namespace) -> float:
     """Validation loss of the averaged model, leaving every rank's local replica untouched."""
-    if not isinstance(opt, LocalSGDOptimizer) or opt.num_steps % opt.k == 0:
-        return evaluate(model, val, args)  # already averaged (or DDP: always identical)
+    if not isinstance(opt, LocalSGDOptimizer):
+        return evaluate(model, val, args)  # DDP: replicas are always identical
     local = [p.detach().clone() for p in model.parameters()]
     opt.sync()
     loss = evaluate(model, val, args)
@@ -138,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=["localsgd", "ddp"], default="localsgd")
     p.add_argument("--k", type=int, default=8, help="steps between averaging rounds (localsgd)")
+    p.add_argument("--warmup-steps", type=int, default=0,
+                   help="post-local SGD: synchronous steps (DDP gradient all-reduce) before Local SGD")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-size", type=int, default=16, help="per rank")
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     net = CharTransformer(256, args.d_model, args.layers, args.heads, args.context)
     model = wrap_ddp(net) if distributed else net
     inner = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    opt = LocalSGDOptimizer(inner, k=args.k) if args.method == "localsgd" else inner
+    opt = LocalSGDOptimizer(inner, k=args.k, warmup_steps=args.warmup_steps) if args.method == "localsgd" else inner
     g = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own data stream
 
     start = 0
@@ -201,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{args.method}: {n_params / 1e6:.2f}M parameters, {world} rank(s), "
               f"{len(train) / 1e6:.1f}M train / {len(val) / 1e6:.2f}M val bytes", flush=True)
     history = []
-    sync_ctx = no_sync(model) if args.method == "localsgd" else _nullcontext()
+    # opt.no_sync keeps DDP's gradient all-reduce on for --warmup-steps, then turns it off
+    sync_ctx = opt.no_sync(model) if args.method == "localsgd" else _nullcontext()
     t0 = time.perf_counter()
     with sync_ctx:
         for step in range(start + 1, args.steps + 1):
