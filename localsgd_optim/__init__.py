@@ -10,12 +10,15 @@ from ._dist import (
     ScheduleMismatchError,
 )
 from .ddp import no_sync
+from ._outer import diloco, slowmo
 from ._schedule import Schedule
 from .optimizer import STATE_KEY, STATE_VERSION, LocalSGDOptimizer
 
 __all__ = [
     "LocalSGDOptimizer",
     "Schedule",
+    "diloco",
+    "slowmo",
     "no_sync",
     "LocalSGDError",
     "LayoutMismatchError",

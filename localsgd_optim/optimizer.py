@@ -15,6 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ._buckets import BucketEngine, bucket_cap_bytes
+from ._outer import OuterFactory, OuterState
 from .ddp import warn_if_buffers_synced
 from ._dist import (
     AveragingRoundError,
@@ -105,6 +106,11 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             a step that is also a global round averages globally only (default: ``None``).
         local_group: this rank's own group for ``local_k`` rounds, e.g. the first value
             returned by ``torch.distributed.new_subgroups()`` (default: ``None``).
+        outer_optimizer: DiLoCo / SlowMo: a callable mapping a list of tensors to an
+            optimizer (e.g. :func:`localsgd_optim.diloco`). At each scheduled round after
+            warmup the averaged pseudo-gradient ``global - local`` steps a global copy of
+            the parameters, which is then written into the model. Needs ``sync_on_init``.
+            ``sync()`` stays a plain average and leaves the outer state alone (default: ``None``).
         buffers: a module whose floating-point buffers (e.g. BatchNorm running statistics)
             are averaged with the parameters, in the same buckets (default: ``None``).
         check_finite: before each round, check every rank's parameters for NaN/Inf (one
@@ -140,6 +146,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         local_k: int | None = None,
         local_group: dist.ProcessGroup | None = None,
         buffers: nn.Module | None = None,
+        outer_optimizer: OuterFactory | None = None,
         check_finite: bool = True,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -162,6 +169,16 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 f"got {type(buffers).__name__}"
             )
         schedule = Schedule(k, warmup_steps)
+        if outer_optimizer is not None and not callable(outer_optimizer):
+            raise TypeError(
+                "outer_optimizer must be a callable mapping a list of tensors to an Optimizer, e.g. "
+                f"localsgd_optim.diloco(), got {type(outer_optimizer).__name__}"
+            )
+        if outer_optimizer is not None and not sync_on_init:
+            raise ValueError(
+                "outer_optimizer needs sync_on_init=True: the global copy must start identical on "
+                "every rank, got sync_on_init=False"
+            )
         if (local_k is None) != (local_group is None):
             raise ValueError(
                 "local_k and local_group go together (hierarchical averaging), got "
@@ -192,6 +209,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._pending_broadcast = sync_on_init
         self._constructed = True
         self._bind()
+        # after the binding broadcast: every rank's global copy starts identical
+        self._outer = OuterState(self._params(), outer_optimizer) if outer_optimizer is not None else None
 
     # -- sharing with the inner optimizer ---------------------------------------------------
 
@@ -289,6 +308,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         if self._pending_broadcast:
             comm.engine.broadcast(dist.get_global_rank(comm.group or dist.group.WORLD, 0), comm.group)
             self._pending_broadcast = False
+            if getattr(self, "_outer", None) is not None:  # bound late: re-take the global copy
+                self._outer.reset(self._params())
         return comm
 
     def _agree(self, kind: int, joined: bool = False, group: Any = None) -> int:
@@ -336,15 +357,24 @@ class LocalSGDOptimizer(Optimizer, Joinable):
 
     def _round(self, kind: int, joined: bool = False) -> None:
         comm = self._bind()
+        outer = self._outer if kind == ROUND_SCHEDULED and self._num_steps > self.warmup_steps else None
         if comm is None:
+            if outer is not None:  # one worker: the mean pseudo-gradient is its own
+                params = self._params()
+                outer.to_deltas(params)
+                outer.apply(params)
             return
         local = kind == ROUND_LOCAL
         group = self.local_group if local else comm.group
         size = dist.get_world_size(group) if local else comm.world_size
         try:
             contributors = self._agree(kind, joined, group)
+            if outer is not None:
+                outer.to_deltas(self._params())
             if contributors:  # zero: every rank of this group has joined; all of them skip
                 comm.engine.all_reduce_mean(group, size, contributors, send_zeros=joined)
+            if outer is not None:
+                outer.apply(self._params())
         except (LocalSGDError, torch.OutOfMemoryError, NotImplementedError):
             raise
         except RuntimeError as e:  # gloo/NCCL errors: a dead peer, a broken link, a timeout
@@ -396,6 +426,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 self._round(ROUND_SCHEDULED, joined)
             if step == self._schedule.warmup_steps:
                 self._set_ddp_grad_sync(False)  # warmup over: local steps from here
+                if self._outer is not None:
+                    self._outer.reset(self._params())  # the outer loop starts from here
         elif step == self._next_round:  # a global round takes precedence over a local one
             self._round(ROUND_SCHEDULED, joined)
             self._next_round = self._schedule.next_round(step)
@@ -525,6 +557,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         state_dict = self.optimizer.state_dict()
         state_dict[STATE_KEY] = {"version": STATE_VERSION, "num_steps": self._num_steps,
                                  "k": self._schedule.description, "warmup_steps": self.warmup_steps}
+        if self._outer is not None:
+            state_dict[STATE_KEY]["outer"] = self._outer.state_dict()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -544,6 +578,12 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 state_dict = result
         entry = state_dict.pop(STATE_KEY, None)
         num_steps, saved_k = _parse_entry(entry)  # validate before anything changes
+        outer_state = entry.get("outer") if isinstance(entry, dict) else None
+        if self._outer is not None and outer_state is None:
+            raise ValueError(
+                f"this LocalSGDOptimizer has an outer_optimizer but state_dict[{STATE_KEY!r}] has no "
+                "'outer' entry (global copy and outer state); it was saved without one"
+            )
         mine = self._schedule.description
         if saved_k is not None and saved_k != mine:
             warnings.warn(
@@ -552,6 +592,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 UserWarning,
                 stacklevel=2,
             )
+        if self._outer is not None:
+            self._outer.load_state_dict(outer_state)
         self.optimizer.load_state_dict(state_dict)
         self._share_inner()  # load_state_dict rebinds the inner param_groups and state
         self._num_steps = self._start_steps = num_steps

@@ -1,0 +1,162 @@
+"""Algorithms II, part one: outer optimizers (DiLoCo, SlowMo) against a reference loop."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from helpers import make_batches, make_model, mse, params_of, train_wrapped
+from localsgd_optim import LocalSGDOptimizer, diloco, slowmo
+from reference import broadcast_one_by_one
+from test_distributed import assert_same
+
+
+def reference_diloco(model, inner, batches, k, outer_factory, warmup=0):
+    """Plain loop: global copy; every k steps average (global - local) parameter by parameter,
+    step the outer optimizer with it as .grad, write the global copy into the model."""
+    params = list(model.parameters())
+    broadcast_one_by_one(params)
+    world = dist.get_world_size()
+    global_copy = [p.detach().clone() for p in params]
+    outer = outer_factory(global_copy)
+    for step, (x, y) in enumerate(batches, start=1):
+        inner.zero_grad()
+        mse(model(x), y).backward()
+        inner.step()
+        with torch.no_grad():
+            if step <= warmup:
+                for p in params:
+                    dist.all_reduce(p)
+                    p.div_(world)
+                if step == warmup:
+                    for g, p in zip(global_copy, params):
+                        g.copy_(p)
+            elif (step - warmup) % k == 0:
+                for g, p in zip(global_copy, params):
+                    delta = g - p
+                    dist.all_reduce(delta)
+                    g.grad = delta / world
+                outer.step()
+                for g, p in zip(global_copy, params):
+                    g.grad = None
+                    p.copy_(g)
+
+
+def _outer_sgd_lr1_is_plain_averaging():
+    # Dyadic values: every sum and difference is exact, so lr=1.0 must give the mean bit for bit.
+    rank = dist.get_rank()
+    model = nn.Linear(8, 8)
+    g = torch.Generator().manual_seed(rank)
+
+    def dyadic():
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randint(-512, 512, p.shape, generator=g).float() / 8)
+
+    dyadic()  # the global copy (rank 0's, after the broadcast) is dyadic too
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), k=[(None, 1)],  # k=1, no warning
+                            outer_optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0))
+    dyadic()
+    local = params_of(model)
+    opt.step()  # lr 0: only the round changes anything
+    means = []
+    for t in local:
+        s = t.clone()
+        dist.all_reduce(s)
+        means.append(s / dist.get_world_size())
+    return means, params_of(model)
+
+
+def test_outer_sgd_lr1_equals_plain_averaging_exactly(ranks):
+    # global - mean(global - p) == mean(p) bit for bit when dividing by the world size is exact
+    # (2 ranks); with 3 it rounds twice instead of once: within an ulp.
+    for mean, got in ranks(_outer_sgd_lr1_is_plain_averaging):
+        assert_same(got, mean, exact=ranks.world_size == 2, rtol=0, atol=1e-5)  # 1 ulp at |global| <= 64
+
+
+def _diloco_parity(preset, warmup):
+    factory = {"diloco": diloco(), "slowmo": slowmo(lr=0.8, momentum=0.5)}[preset]
+    batches = make_batches(warmup + 12)  # ends on a round: replicas equal at the end
+    ref = make_model(seed=dist.get_rank())
+    reference_diloco(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), batches, 4, factory, warmup)
+    model = make_model(seed=dist.get_rank())
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, warmup_steps=warmup,
+                            outer_optimizer=factory, bucket_cap_mb=0.01)
+    train_wrapped(model, opt, batches)
+    return params_of(ref), params_of(model)
+
+
+@pytest.mark.parametrize("preset, warmup", [("diloco", 0), ("slowmo", 0), ("diloco", 3)])
+def test_outer_presets_match_reference(ranks, preset, warmup):
+    results = ranks(_diloco_parity, preset, warmup)
+    for ref, got in results:
+        assert_same(got, ref, exact=ranks.world_size == 2)
+    for _, got in results[1:]:
+        assert_same(got, results[0][1], exact=True)  # replicas equal after the last round
+
+
+def _outer_resume():
+    batches = make_batches(16)
+
+    def build():
+        model = make_model(seed=0)
+        return model, LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, warmup_steps=2,
+                                        outer_optimizer=diloco())
+
+    model, opt = build()
+    train_wrapped(model, opt, batches)
+    uninterrupted = params_of(model)
+    model, opt = build()
+    train_wrapped(model, opt, batches[:9])  # mid-period: rounds at 6, 10, 14
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model, opt = build()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    train_wrapped(model, opt, batches[9:])
+    return uninterrupted, params_of(model), sorted(ckpt["opt"]["local_sgd"]["outer"])
+
+
+def test_outer_state_resumes_exactly(ranks):
+    for uninterrupted, resumed, keys in ranks(_outer_resume):
+        assert keys == ["global", "optimizer"]
+        assert_same(resumed, uninterrupted, exact=True)
+
+
+# -- single process and bad input ----------------------------------------------------------
+
+def test_single_worker_diloco_applies_the_outer_step():
+    batches = make_batches(8, rank=0)
+    model = make_model()
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), k=4, outer_optimizer=diloco())
+    start = params_of(model)
+    train_wrapped(model, opt, batches[:4])
+    # by hand: one worker's pseudo-gradient is start - local; Nesterov SGD's first step with it
+    ref = make_model()
+    inner = torch.optim.SGD(ref.parameters(), lr=0.05)
+    train_wrapped(ref, inner, batches[:4])
+    for s, p, got in zip(start, params_of(ref), params_of(model)):
+        delta = s - p
+        buf = delta.clone()  # momentum buffer after the first step
+        expected = s - 0.7 * (delta + 0.9 * buf)  # nesterov: grad + momentum * buf
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_outer_optimizer_bad_input():
+    ps = make_model().parameters
+    with pytest.raises(TypeError, match="outer_optimizer must be a callable.*got str"):
+        LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, outer_optimizer="diloco")
+    with pytest.raises(ValueError, match="outer_optimizer needs sync_on_init=True"):
+        LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, outer_optimizer=diloco(), sync_on_init=False)
+    with pytest.raises(TypeError, match="it returned list"):
+        LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, outer_optimizer=lambda p: list(p))
+    plain = LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4)
+    with_outer = LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, outer_optimizer=diloco())
+    with pytest.raises(ValueError, match="has no 'outer' entry"):
+        with_outer.load_state_dict(plain.state_dict())
