@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from localsgd_optim import LocalSGDOptimizer
+from localsgd_optim import LocalSGDOptimizer, diloco
 
 
 def stdlib_text(max_bytes: int) -> bytes:
@@ -136,7 +136,9 @@ def fail_once(marker: Path, step: int) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=["localsgd", "ddp"], default="localsgd")
+    p.add_argument("--method", choices=["localsgd", "diloco", "ddp"], default="localsgd")
+    p.add_argument("--outer-lr", type=float, default=0.7, help="diloco: outer Nesterov SGD learning rate")
+    p.add_argument("--outer-momentum", type=float, default=0.9, help="diloco: outer momentum")
     p.add_argument("--k", type=int, default=8, help="steps between averaging rounds (localsgd)")
     p.add_argument("--warmup-steps", type=int, default=0,
                    help="post-local SGD: synchronous steps (DDP gradient all-reduce) before Local SGD")
@@ -182,7 +184,11 @@ def main(argv: list[str] | None = None) -> dict:
     net = CharTransformer(256, args.d_model, args.layers, args.heads, args.context)
     model = wrap_ddp(net) if distributed else net
     inner = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    opt = LocalSGDOptimizer(inner, k=args.k, warmup_steps=args.warmup_steps) if args.method == "localsgd" else inner
+    if args.method == "ddp":
+        opt = inner
+    else:
+        outer = diloco(args.outer_lr, args.outer_momentum) if args.method == "diloco" else None
+        opt = LocalSGDOptimizer(inner, k=args.k, warmup_steps=args.warmup_steps, outer_optimizer=outer)
     g = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own data stream
 
     start = 0
@@ -204,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{len(train) / 1e6:.1f}M train / {len(val) / 1e6:.2f}M val bytes", flush=True)
     history = []
     # opt.no_sync keeps DDP's gradient all-reduce on for --warmup-steps, then turns it off
-    sync_ctx = opt.no_sync(model) if args.method == "localsgd" else _nullcontext()
+    sync_ctx = opt.no_sync(model) if args.method != "ddp" else _nullcontext()
     t0 = time.perf_counter()
     with sync_ctx:
         for step in range(start + 1, args.steps + 1):
