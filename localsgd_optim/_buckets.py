@@ -123,17 +123,18 @@ class BucketEngine:
         self.buckets = plan_buckets(self.tensors, self.cap_bytes)
         # A lone contiguous tensor is reduced where it lives: no buffer, no copy.
         self._direct: list[torch.Tensor | None] = [self._in_place(b) for b in self.buckets]
-        self._slots: dict[tuple[torch.device, torch.dtype], list[_Slot]] = {}
+        # (device, tensor dtype, wire dtype or None) -> the two reusable buffers of that group
+        self._slots: dict[tuple[torch.device, torch.dtype, torch.dtype | None], list[_Slot]] = {}
         self._storage = self._signature()
 
     def _signature(self) -> list[tuple[int, torch.Size, torch.dtype]]:
         return [(t.data_ptr(), t.shape, t.dtype) for t in self.tensors]
 
-    def prepare(self) -> None:
+    def prepare(self, wire_dtype: torch.dtype | None = None) -> None:
         """Allocate every buffer a round needs now, so nothing can fail locally mid-round."""
         for bucket, direct in zip(self.buckets, self._direct):
-            if direct is None:
-                self._slots_for(bucket)
+            if direct is None or wire_dtype is not None:
+                self._slots_for(bucket, wire_dtype)
 
     def refresh(self, tensors: Sequence[torch.Tensor] | None = None) -> bool:
         """Re-plan if the tensors changed or any storage moved (``model.to(...)``, ``p.data = ...``).
@@ -168,18 +169,19 @@ class BucketEngine:
                 return t.view(-1)
         return None
 
-    def _slots_for(self, bucket: Bucket) -> list[_Slot]:
-        key = (bucket.device, bucket.dtype)
+    def _slots_for(self, bucket: Bucket, wire_dtype: torch.dtype | None = None) -> list[_Slot]:
+        key = (bucket.device, bucket.dtype, wire_dtype)
         slots = self._slots.get(key)
         if slots is None:
-            # Size for the largest bucket of this group that goes through a buffer.
+            # Size for the largest bucket of this group that goes through a buffer (with a
+            # wire dtype, every bucket does: the in-place path cannot change dtype).
             sizes = [
                 b.numel for b, direct in zip(self.buckets, self._direct)
-                if (b.device, b.dtype) == key and direct is None
+                if (b.device, b.dtype) == key[:2] and (direct is None or wire_dtype is not None)
             ]
             size, count = max(sizes), min(2, len(sizes))
             slots = [
-                _Slot(torch.empty(size, device=bucket.device, dtype=bucket.dtype))
+                _Slot(torch.empty(size, device=bucket.device, dtype=wire_dtype or bucket.dtype))
                 for _ in range(count)
             ]
             self._slots[key] = slots
@@ -201,14 +203,16 @@ class BucketEngine:
 
     @torch.no_grad()
     def run(self, collective: Collective, finish: Finisher | None = None, divide_by: int | None = None,
-            send_zeros: bool = False) -> None:
+            send_zeros: bool = False, wire_dtype: torch.dtype | None = None) -> None:
         """Apply ``collective`` (then ``finish``) to every bucket and write the results back.
 
         Collectives are issued asynchronously in bucket order, identically on every
         rank, with at most two buckets per (device, dtype) in flight. ``divide_by``
         divides the results on their way back, fused with the copy out of the buffer
         (one memory pass instead of two). ``send_zeros`` contributes zeros instead of
-        the tensors (a rank that has joined), and still receives the result.
+        the tensors (a rank that has joined), and still receives the result. ``wire_dtype``
+        (e.g. ``torch.bfloat16``) casts each bucket on the way into its buffer and back: the
+        collective moves fewer bytes, at that dtype's precision.
         """
         pending: deque[tuple[int, torch.Tensor, _Slot | None, dist.Work]] = deque()
         busy: set[int] = set()
@@ -231,10 +235,10 @@ class BucketEngine:
 
         try:
             for pos, bucket in enumerate(self.buckets):
-                flat = self._direct[pos]
+                flat = self._direct[pos] if wire_dtype is None else None
                 slot = None
                 if flat is None:
-                    slots = self._slots_for(bucket)
+                    slots = self._slots_for(bucket, wire_dtype)
                     while all(id(s) in busy for s in slots):
                         complete_oldest()
                     slot = next(s for s in slots if id(s) not in busy)
@@ -258,7 +262,8 @@ class BucketEngine:
                     pass
 
     def all_reduce_mean(self, group: dist.ProcessGroup | None, world_size: int,
-                        contributors: int | None = None, send_zeros: bool = False) -> None:
+                        contributors: int | None = None, send_zeros: bool = False,
+                        wire_dtype: torch.dtype | None = None) -> None:
         """Replace every tensor by its mean across the ranks of ``group``.
 
         With ``contributors < world_size`` (ranks that joined send zeros), the sum is
@@ -266,12 +271,14 @@ class BucketEngine:
         """
         contributors = world_size if contributors is None else contributors
         if contributors == world_size and _supports_avg(group):
-            self.run(lambda flat: dist.all_reduce(flat, dist.ReduceOp.AVG, group, async_op=True))
+            self.run(lambda flat: dist.all_reduce(flat, dist.ReduceOp.AVG, group, async_op=True),
+                     wire_dtype=wire_dtype)
             return
         self.run(
             lambda flat: dist.all_reduce(flat, dist.ReduceOp.SUM, group, async_op=True),
             divide_by=contributors,
             send_zeros=send_zeros,
+            wire_dtype=wire_dtype,
         )
 
     def broadcast(self, src: int, group: dist.ProcessGroup | None) -> None:

@@ -160,6 +160,23 @@ class Ours(Contender):
         self.opt.sync()
 
 
+class OursBF16(Ours):
+    """A full compressed outer round: deltas, control, bf16 data phase, outer step, write-back."""
+
+    wire_factor = 0.5  # bytes on the wire relative to fp32
+
+    def prepare(self) -> None:
+        from ._dist import ROUND_SCHEDULED
+
+        inner = torch.optim.SGD(self.params, lr=0.0)
+        self.opt = LocalSGDOptimizer(inner, k=1 << 30, bucket_cap_mb=self.cap_mb, compression="bf16")
+        self.opt._num_steps = 1  # past warmup: scheduled rounds are outer rounds
+        self._kind = ROUND_SCHEDULED
+
+    def round(self) -> None:
+        self.opt._round(self._kind)
+
+
 def _contenders(params: list[torch.Tensor], world: int, caps: list[float], only: set[str] | None) -> list[Contender]:
     out: list[Contender] = [
         FlatLimit("flat limit (1 all-reduce, no packing)", params, world),
@@ -171,6 +188,7 @@ def _contenders(params: list[torch.Tensor], world: int, caps: list[float], only:
     # the NaN guard's cost: the first cap again, without it
     out.append(Ours(f"localsgd_optim sync (cap {caps[0]:g} MB, check_finite=False)", params, world, caps[0],
                     check_finite=False))
+    out.append(OursBF16(f"localsgd_optim bf16 deltas (cap {caps[0]:g} MB)", params, world, caps[0]))
     keys = {"flat": 0, "blocking": 1, "async": 2, "torch": 3}
     if only:
         out = [c for i, c in enumerate(out) if i == 0 or any(keys.get(k) == i for k in only)
@@ -221,9 +239,9 @@ def bench_rounds(model: nn.Module, args: argparse.Namespace, device: torch.devic
         slowest = _slowest(times[c.name], device)
         rows.append({"method": c.name, "median_ms": 1e3 * statistics.median(slowest)})
     flat = rows[0]["median_ms"]
-    for row in rows:
+    for row, c in zip(rows, contenders):
         row["ratio_to_flat"] = row["median_ms"] / flat
-        row["payload_mb"] = nbytes / 2**20
+        row["payload_mb"] = getattr(c, "wire_factor", 1.0) * nbytes / 2**20  # bytes each rank reduces
         row["wire_mb_per_rank"] = 2 * (world - 1) / world * nbytes / 2**20  # ring all-reduce
     return rows
 
@@ -402,12 +420,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _print_model(entry: dict, report: dict) -> None:
     print(f"\n== TransformerEncoder {entry['layers']}x{entry['width']}: {entry['params'] / 1e6:.1f}M params "
-          f"in {entry['tensors']} tensors, {entry['rounds'][0]['payload_mb']:.1f} MB payload, "
+          f"in {entry['tensors']} tensors, {entry['rounds'][0]['payload_mb']:.1f} MB payload (fp32), "
           f"{report['world_size']} ranks, {report['backend']} on {report['device']} ==")
-    print(f"{'method':<40} {'median ms':>10} {'x flat':>8} {'extra peak MB':>14}")
+    print(f"{'method':<40} {'median ms':>10} {'x flat':>8} {'wire MB':>8} {'extra peak MB':>14}")
     for row in entry["rounds"]:
         mem = "n/a" if row["extra_peak_mb"] is None else f"{row['extra_peak_mb']:.1f}"
-        print(f"{row['method']:<40} {row['median_ms']:>10.2f} {row['ratio_to_flat']:>8.3f} {mem:>14}")
+        print(f"{row['method']:<40} {row['median_ms']:>10.2f} {row['ratio_to_flat']:>8.3f} "
+              f"{row['payload_mb']:>8.1f} {mem:>14}")
     if "breakdown" in entry:
         b = entry["breakdown"]
         print(f"phases of one round (cap {max(report.get('caps', [0]) or [0]):g} MB, {b['buckets']} buckets): "

@@ -111,6 +111,10 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             warmup the averaged pseudo-gradient ``global - local`` steps a global copy of
             the parameters, which is then written into the model. Needs ``sync_on_init``.
             ``sync()`` stays a plain average and leaves the outer state alone (default: ``None``).
+        compression: ``"bf16"`` sends the pseudo-gradients of outer rounds as bfloat16: half
+            the bytes of fp32 on the wire. Without ``outer_optimizer`` a plain ``SGD(lr=1.0)``
+            outer step is used, i.e. averaging through compressed deltas, which needs a global
+            copy of the parameters (default: ``None``: send at full precision).
         buffers: a module whose floating-point buffers (e.g. BatchNorm running statistics)
             are averaged with the parameters, in the same buckets (default: ``None``).
         check_finite: before each round, check every rank's parameters for NaN/Inf (one
@@ -147,6 +151,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         local_group: dist.ProcessGroup | None = None,
         buffers: nn.Module | None = None,
         outer_optimizer: OuterFactory | None = None,
+        compression: str | None = None,
         check_finite: bool = True,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -174,6 +179,11 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 "outer_optimizer must be a callable mapping a list of tensors to an Optimizer, e.g. "
                 f"localsgd_optim.diloco(), got {type(outer_optimizer).__name__}"
             )
+        wires = {None: None, "bf16": torch.bfloat16}
+        if compression not in wires:
+            raise ValueError(f"compression must be None or 'bf16', got {compression!r}")
+        if compression is not None and outer_optimizer is None:
+            outer_optimizer = _plain_average_outer  # compressed deltas need a global copy
         if outer_optimizer is not None and not sync_on_init:
             raise ValueError(
                 "outer_optimizer needs sync_on_init=True: the global copy must start identical on "
@@ -202,6 +212,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self.process_group = process_group
         self.bucket_cap_mb = float(bucket_cap_mb)
         self.check_finite = bool(check_finite)
+        self.compression = compression
+        self._wire_dtype = wires[compression]
         self._num_steps = 0
         self._start_steps = 0  # the count this run started or resumed from: ranks must agree
         self._comm: _Comm | None = None
@@ -312,7 +324,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 self._outer.reset(self._params())
         return comm
 
-    def _agree(self, kind: int, joined: bool = False, group: Any = None) -> int:
+    def _agree(self, kind: int, joined: bool = False, group: Any = None,
+               wire_dtype: torch.dtype | None = None) -> int:
         """Run the round's control collective over ``group``; return how many ranks contribute data."""
         comm = self._comm
         assert comm is not None  # internal invariant, not user input
@@ -322,7 +335,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         try:
             if comm.engine.refresh(self._tensors()):  # storage moved or buffers rebound: re-digest
                 comm.digest = self._digest()
-            comm.engine.prepare()
+            comm.engine.prepare(wire_dtype)
             if self.check_finite and kind != ROUND_BIND and not joined:
                 nonfinite = self._first_nonfinite(comm.engine.tensors)
         except Exception as e:  # noqa: BLE001 - re-raised on this rank right after the gather
@@ -367,12 +380,13 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         local = kind == ROUND_LOCAL
         group = self.local_group if local else comm.group
         size = dist.get_world_size(group) if local else comm.world_size
+        wire = self._wire_dtype if outer is not None else None  # only deltas are compressed
         try:
-            contributors = self._agree(kind, joined, group)
+            contributors = self._agree(kind, joined, group, wire)
             if outer is not None:
                 outer.to_deltas(self._params())
             if contributors:  # zero: every rank of this group has joined; all of them skip
-                comm.engine.all_reduce_mean(group, size, contributors, send_zeros=joined)
+                comm.engine.all_reduce_mean(group, size, contributors, send_zeros=joined, wire_dtype=wire)
             if outer is not None:
                 outer.apply(self._params())
         except (LocalSGDError, torch.OutOfMemoryError, NotImplementedError):
@@ -622,6 +636,11 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             f"num_steps={self._num_steps}, "
             f"bucket_cap_mb={self.bucket_cap_mb},\n{inner}\n)"
         )
+
+
+def _plain_average_outer(params: list[torch.Tensor]) -> Optimizer:
+    """global - mean(global - local) = mean(local): averaging, through (compressible) deltas."""
+    return torch.optim.SGD(params, lr=1.0)
 
 
 def _parse_entry(entry: Any) -> tuple[int, int | None]:

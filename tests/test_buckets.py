@@ -83,7 +83,7 @@ def test_engine_round_trip_touches_every_element_once(spec, cap_bytes):
     # double buffering: at most two buffers per (device, dtype), each the size of the largest
     # bucket that goes through a buffer (a packed bucket is <= cap; a lone non-contiguous
     # tensor may be larger): extra memory <= 2 buckets
-    for (device, dtype), slots in engine._slots.items():
+    for (device, dtype, _), slots in engine._slots.items():
         assert len(slots) <= 2
         packed = [b.numel for b, direct in zip(engine.buckets, engine._direct)
                   if b.dtype == dtype and direct is None]
