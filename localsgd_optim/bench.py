@@ -163,18 +163,26 @@ class Ours(Contender):
 class OursBF16(Ours):
     """A full compressed outer round: deltas, control, bf16 data phase, outer step, write-back."""
 
-    wire_factor = 0.5  # bytes on the wire relative to fp32
+    wire_factor = 0.5  # bytes each rank contributes, relative to fp32
+    compression = "bf16"
 
     def prepare(self) -> None:
         from ._dist import ROUND_SCHEDULED
 
         inner = torch.optim.SGD(self.params, lr=0.0)
-        self.opt = LocalSGDOptimizer(inner, k=1 << 30, bucket_cap_mb=self.cap_mb, compression="bf16")
+        self.opt = LocalSGDOptimizer(inner, k=1 << 30, bucket_cap_mb=self.cap_mb, compression=self.compression)
         self.opt._num_steps = 1  # past warmup: scheduled rounds are outer rounds
         self._kind = ROUND_SCHEDULED
 
     def round(self) -> None:
         self.opt._round(self._kind)
+
+
+class OursInt8(OursBF16):
+    """A full int8 round with error feedback: codes and per-tensor scales all-gathered per bucket."""
+
+    wire_factor = 0.25
+    compression = "int8"
 
 
 def _contenders(params: list[torch.Tensor], world: int, caps: list[float], only: set[str] | None) -> list[Contender]:
@@ -189,6 +197,7 @@ def _contenders(params: list[torch.Tensor], world: int, caps: list[float], only:
     out.append(Ours(f"localsgd_optim sync (cap {caps[0]:g} MB, check_finite=False)", params, world, caps[0],
                     check_finite=False))
     out.append(OursBF16(f"localsgd_optim bf16 deltas (cap {caps[0]:g} MB)", params, world, caps[0]))
+    out.append(OursInt8(f"localsgd_optim int8 deltas+EF (cap {caps[0]:g} MB)", params, world, caps[0]))
     keys = {"flat": 0, "blocking": 1, "async": 2, "torch": 3}
     if only:
         out = [c for i, c in enumerate(out) if i == 0 or any(keys.get(k) == i for k in only)

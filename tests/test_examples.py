@@ -64,8 +64,10 @@ def test_benchmark_smoke(tmp_path):
             "flat limit (1 all-reduce, no packing)", "per-parameter blocking", "per-parameter async (torchft)",
             "torch average_parameters", "localsgd_optim sync (cap 0.01 MB)", "localsgd_optim sync (cap 25 MB)",
             "localsgd_optim sync (cap 0.01 MB, check_finite=False)", "localsgd_optim bf16 deltas (cap 0.01 MB)",
+            "localsgd_optim int8 deltas+EF (cap 0.01 MB)",
         ]
-        assert model["rounds"][-1]["payload_mb"] == model["rounds"][0]["payload_mb"] / 2  # bf16 on the wire
+        assert model["rounds"][-2]["payload_mb"] == model["rounds"][0]["payload_mb"] / 2  # bf16 on the wire
+        assert model["rounds"][-1]["payload_mb"] == model["rounds"][0]["payload_mb"] / 4  # int8
         assert all(row["median_ms"] > 0 and row["ratio_to_flat"] > 0 for row in model["rounds"])
         assert model["rounds"][0]["ratio_to_flat"] == 1.0
         assert set(model["breakdown"]) >= {"pack", "unpack + divide", "control collective", "whole round (sync)"}
