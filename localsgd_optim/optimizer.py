@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from ._buckets import BucketEngine, bucket_cap_bytes
 from ._int8 import Int8Averager
 from ._outer import OuterFactory, OuterState
+from ._overlap import OverlappedRound
 from .ddp import warn_if_buffers_synced
 from ._dist import (
     AveragingRoundError,
@@ -118,6 +119,13 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             +1x parameters of fp32 state), through all-gathers: a gain below 8 ranks. Without ``outer_optimizer`` a plain ``SGD(lr=1.0)``
             outer step is used, i.e. averaging through compressed deltas, which needs a global
             copy of the parameters (default: ``None``: send at full precision).
+        overlap_steps: Streaming DiLoCo's overlap: a scheduled round's pseudo-gradients are
+            reduced asynchronously while ``overlap_steps`` more local steps run, then applied:
+            the outer step, then ``p <- overlap_mix * p + (1 - overlap_mix) * global``.
+            Must be smaller than the period; +1x parameters for the in-flight buffers
+            (default: 0, blocking rounds).
+        overlap_mix: the weight kept of the local parameters when an overlapped round is
+            applied (default: 0.5; 0 discards the local progress of those steps).
         buffers: a module whose floating-point buffers (e.g. BatchNorm running statistics)
             are averaged with the parameters, in the same buckets (default: ``None``).
         check_finite: before each round, check every rank's parameters for NaN/Inf (one
@@ -155,6 +163,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         buffers: nn.Module | None = None,
         outer_optimizer: OuterFactory | None = None,
         compression: str | None = None,
+        overlap_steps: int = 0,
+        overlap_mix: float = 0.5,
         check_finite: bool = True,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -190,7 +200,15 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 f"compression={compression!r} with buffers= is not supported: buffers are absolute "
                 "values, not deltas, and would be rounded; average buffers without compression"
             )
-        if compression is not None and outer_optimizer is None:
+        if isinstance(overlap_steps, bool) or not isinstance(overlap_steps, numbers.Integral) or overlap_steps < 0:
+            raise ValueError(f"overlap_steps must be an integer >= 0, got {overlap_steps!r}")
+        if not isinstance(overlap_mix, numbers.Real) or not 0.0 <= overlap_mix <= 1.0:
+            raise ValueError(f"overlap_mix must be a number in [0, 1], got {overlap_mix!r}")
+        if overlap_steps and compression is not None:
+            raise ValueError("overlap_steps with compression is not supported yet; pass one of them")
+        if overlap_steps and local_k is not None:
+            raise ValueError("overlap_steps with hierarchical averaging (local_k) is not supported yet")
+        if (compression is not None or overlap_steps) and outer_optimizer is None:
             outer_optimizer = _plain_average_outer  # compressed deltas need a global copy
         if outer_optimizer is not None and not sync_on_init:
             raise ValueError(
@@ -233,6 +251,10 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._outer = OuterState(self._params(), outer_optimizer) if outer_optimizer is not None else None
         self._int8 = (Int8Averager(self._params(), bucket_cap_bytes(self.bucket_cap_mb))
                       if compression == "int8" else None)
+        self.overlap_steps, self.overlap_mix = int(overlap_steps), float(overlap_mix)
+        self._overlap = (OverlappedRound(self._params(), bucket_cap_bytes(self.bucket_cap_mb))
+                         if overlap_steps else None)
+        self._apply_at = -1  # the step at which an in-flight overlapped round is applied
 
     # -- sharing with the inner optimizer ---------------------------------------------------
 
@@ -446,7 +468,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         return loss
 
     def _after_step(self, joined: bool = False) -> None:
-        """Count a step and run its round, if the schedule has one (two int compares if not)."""
+        """Count a step and run its round, if the schedule has one (a few int compares if not)."""
         self._num_steps += 1
         step = self._num_steps
         if step <= self._schedule.warmup_steps:
@@ -457,10 +479,60 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 if self._outer is not None:
                     self._outer.reset(self._params())  # the outer loop starts from here
         elif step == self._next_round:  # a global round takes precedence over a local one
-            self._round(ROUND_SCHEDULED, joined)
+            if self._overlap is not None:
+                self._launch_overlapped(joined)
+            else:
+                self._round(ROUND_SCHEDULED, joined)
             self._next_round = self._schedule.next_round(step)
         elif self.local_k and (step - self._schedule.warmup_steps) % self.local_k == 0:
             self._round(ROUND_LOCAL, joined)
+        if step == self._apply_at:  # an overlapped round launched overlap_steps ago lands now
+            self._apply_overlapped()
+
+    def _launch_overlapped(self, joined: bool) -> None:
+        """Control round now; pseudo-gradients reduced in the background until step + tau."""
+        step = self._num_steps
+        apply_at = step + self.overlap_steps
+        if apply_at >= self._schedule.next_round(step):
+            raise ValueError(
+                f"overlap_steps={self.overlap_steps} must be smaller than the period: the round "
+                f"launched at step {step} would still be in flight at the next one"
+            )
+        assert self._outer is not None and self._overlap is not None  # set together in __init__
+        comm = self._bind()
+        if comm is None:  # one worker: nothing to overlap; apply the round at once
+            self._round(ROUND_SCHEDULED, joined)
+            return
+        try:
+            contributors = self._agree(ROUND_SCHEDULED, joined)
+            self._overlap.launch(self._outer.globals, self._params(), comm.group, contributors, joined, apply_at)
+        except (LocalSGDError, torch.OutOfMemoryError, NotImplementedError):
+            raise
+        except RuntimeError as e:
+            raise AveragingRoundError(
+                f"LocalSGDOptimizer: the overlapped round launched at step {step} failed: {e}") from e
+        self._apply_at = apply_at
+
+    def _apply_overlapped(self) -> None:
+        assert self._outer is not None and self._overlap is not None
+        try:
+            self._overlap.finish()
+        except RuntimeError as e:
+            raise AveragingRoundError(
+                f"LocalSGDOptimizer: the overlapped round applied at step {self._num_steps} failed: {e}") from e
+        outer, params = self._outer, self._params()
+        with torch.no_grad():
+            for g, d in zip(outer.globals, self._overlap.views):
+                g.grad = d
+            try:
+                outer.optimizer.step()
+            finally:
+                for g in outer.globals:
+                    g.grad = None
+            # p <- mix * p + (1 - mix) * global: keep part of the local progress since launch
+            torch._foreach_lerp_(params, outer.globals, 1.0 - self.overlap_mix)
+        self._apply_at = -1
+        self._overlap.apply_at = None
 
     def _set_ddp_grad_sync(self, on: bool) -> None:
         for module in self._ddp_modules:
@@ -589,6 +661,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             state_dict[STATE_KEY]["outer"] = self._outer.state_dict()
         if self._int8 is not None:
             state_dict[STATE_KEY]["int8_residuals"] = self._int8.state_dict()
+        if self._overlap is not None and self._apply_at >= 0:
+            state_dict[STATE_KEY]["in_flight"] = self._overlap.state_dict()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -629,6 +703,10 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             self._int8.load_state_dict(residuals)
         if self._outer is not None:
             self._outer.load_state_dict(outer_state)
+        if self._overlap is not None:
+            in_flight = entry.get("in_flight") if isinstance(entry, dict) else None
+            self._overlap.load_state_dict(in_flight or {})
+            self._apply_at = in_flight["apply_at"] if in_flight else -1
         self.optimizer.load_state_dict(state_dict)
         self._share_inner()  # load_state_dict rebinds the inner param_groups and state
         self._num_steps = self._start_steps = num_steps

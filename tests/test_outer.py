@@ -273,3 +273,93 @@ def _int8_resume():
 def test_int8_resume_carries_residuals(ranks):
     for uninterrupted, resumed in ranks(_int8_resume):
         assert_same(resumed, uninterrupted, exact=True)
+
+
+# -- overlapped rounds (Streaming DiLoCo's delayed application) -----------------------------
+
+def reference_overlapped(model, inner, batches, k, tau, mix, outer_factory):
+    """Plain loop: at step r (r % k == 0) snapshot global - local per parameter and all-reduce
+    it (blocking: the result is only used later); at r + tau: outer step with the mean, then
+    p <- mix * p + (1 - mix) * global."""
+    params = list(model.parameters())
+    broadcast_one_by_one(params)
+    world = dist.get_world_size()
+    global_copy = [p.detach().clone() for p in params]
+    outer = outer_factory(global_copy)
+    pending = None
+    for step, (x, y) in enumerate(batches, start=1):
+        inner.zero_grad()
+        mse(model(x), y).backward()
+        inner.step()
+        with torch.no_grad():
+            if step % k == 0:
+                pending = []
+                for g, p in zip(global_copy, params):
+                    d = g - p
+                    dist.all_reduce(d)
+                    pending.append(d / world)
+            if pending is not None and step % k == tau:
+                for g, d in zip(global_copy, pending):
+                    g.grad = d
+                outer.step()
+                for g, p in zip(global_copy, params):
+                    g.grad = None
+                    p.lerp_(g, 1.0 - mix)
+                pending = None
+
+
+def _overlap_parity(tau, mix):
+    batches = make_batches(14)
+    ref = make_model(seed=dist.get_rank())
+    reference_overlapped(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), batches, 4, tau, mix, diloco())
+    model = make_model(seed=dist.get_rank())
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, outer_optimizer=diloco(),
+                            overlap_steps=tau, overlap_mix=mix, bucket_cap_mb=0.01)
+    train_wrapped(model, opt, batches)
+    return params_of(ref), params_of(model)
+
+
+@pytest.mark.parametrize("tau, mix", [(1, 0.5), (2, 0.0), (3, 0.5)])
+def test_overlapped_rounds_match_reference(ranks, tau, mix):
+    for ref, got in ranks(_overlap_parity, tau, mix):
+        assert_same(got, ref, exact=ranks.world_size == 2)
+
+
+def _overlap_resume_in_flight():
+    batches = make_batches(14)
+
+    def build():
+        model = make_model(seed=0)
+        return model, LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4,
+                                        outer_optimizer=diloco(), overlap_steps=2)
+
+    model, opt = build()
+    train_wrapped(model, opt, batches)
+    uninterrupted = params_of(model)
+    model, opt = build()
+    train_wrapped(model, opt, batches[:9])  # launched at 8, applied at 10: in flight now
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model, opt = build()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    train_wrapped(model, opt, batches[9:])
+    return uninterrupted, params_of(model), ckpt["opt"]["local_sgd"]["in_flight"]["apply_at"]
+
+
+def test_overlapped_round_in_flight_survives_a_checkpoint(ranks):
+    for uninterrupted, resumed, apply_at in ranks(_overlap_resume_in_flight):
+        assert apply_at == 10
+        assert_same(resumed, uninterrupted, exact=True)
+
+
+def test_overlap_bad_input():
+    ps = make_model().parameters
+    with pytest.raises(ValueError, match="overlap_steps must be an integer >= 0, got -1"):
+        LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, overlap_steps=-1)
+    with pytest.raises(ValueError, match=r"overlap_mix must be a number in \[0, 1\], got 1.5"):
+        LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, overlap_steps=1, overlap_mix=1.5)
+    with pytest.raises(ValueError, match="overlap_steps with compression is not supported yet"):
+        LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, overlap_steps=1, compression="bf16")
