@@ -139,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", choices=["localsgd", "diloco", "ddp"], default="localsgd")
     p.add_argument("--outer-lr", type=float, default=0.7, help="diloco: outer Nesterov SGD learning rate")
     p.add_argument("--outer-momentum", type=float, default=0.9, help="diloco: outer momentum")
+    p.add_argument("--compression", choices=["bf16", "int8"], default=None, help="compress the pseudo-gradients")
+    p.add_argument("--overlap-steps", type=int, default=0,
+                   help="Streaming DiLoCo: reduce in the background for N more local steps, then apply")
     p.add_argument("--k", type=int, default=8, help="steps between averaging rounds (localsgd)")
     p.add_argument("--warmup-steps", type=int, default=0,
                    help="post-local SGD: synchronous steps (DDP gradient all-reduce) before Local SGD")
@@ -188,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
         opt = inner
     else:
         outer = diloco(args.outer_lr, args.outer_momentum) if args.method == "diloco" else None
-        opt = LocalSGDOptimizer(inner, k=args.k, warmup_steps=args.warmup_steps, outer_optimizer=outer)
+        opt = LocalSGDOptimizer(inner, k=args.k, warmup_steps=args.warmup_steps, outer_optimizer=outer,
+                                compression=args.compression, overlap_steps=args.overlap_steps)
     g = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own data stream
 
     start = 0

@@ -228,9 +228,13 @@ class BucketEngine:
                 return
             if divide_by is None:
                 _foreach_copy(self._members(pos), self._views(slot, pos))
-            else:
+            elif slot.buffer.dtype == self.buckets[pos].dtype:
                 for dst, src in zip(self._members(pos), self._views(slot, pos)):
-                    torch.div(src, divide_by, out=dst)
+                    torch.div(src, divide_by, out=dst)  # fused: one pass
+            else:  # a narrower wire dtype: widen first, divide at full precision
+                members = self._members(pos)
+                _foreach_copy(members, self._views(slot, pos))
+                torch._foreach_div_(members, divide_by)
             busy.discard(id(slot))
 
         try:

@@ -23,7 +23,8 @@ class Int8Averager:
     would overflow, and narrowing the range for W ranks would cost precision. Every rank
     sums the dequantized codes in rank order, so all ranks get bit-identical results.
     Wire bytes per rank: ``(W - 1) * n`` against ``8 n (W - 1) / W`` for an fp32 ring
-    all-reduce, a gain below 8 ranks.
+    all-reduce, a gain below 8 ranks. Every buffer is allocated by :meth:`prepare`, before
+    the round's control gather, so nothing allocates once collectives have started.
 
     Args:
         tensors: the tensors averaged in place (the pseudo-gradients), fixed order.
@@ -32,45 +33,73 @@ class Int8Averager:
 
     def __init__(self, tensors: Sequence[torch.Tensor], bucket_cap_bytes: int) -> None:
         self.buckets = plan_buckets(tensors, bucket_cap_bytes)
-        self.residuals = [torch.zeros_like(t, dtype=torch.float32) for t in tensors]
+        # contiguous whatever the parameter's layout (channels_last included)
+        self.residuals = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in tensors]
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._world = 0
+
+    def prepare(self, world: int) -> None:
+        if self._world == world and self._buffers:
+            return
+        device = self.residuals[0].device if self.residuals else torch.device("cpu")
+        numel = max((b.numel for b in self.buckets), default=0)
+        count = max((len(b.indices) for b in self.buckets), default=0)
+        biggest = max((r.numel() for r in self.residuals), default=0)
+        self._buffers = {
+            "codes": torch.empty(numel, dtype=torch.int8, device=device),
+            "scales": torch.empty(count, dtype=torch.float32, device=device),
+            "all_codes": torch.empty(world * numel, dtype=torch.int8, device=device),
+            "all_scales": torch.empty(world * count, dtype=torch.float32, device=device),
+            "v": torch.empty(biggest, dtype=torch.float32, device=device),
+            "q": torch.empty(biggest, dtype=torch.float32, device=device),
+            "total": torch.empty(biggest, dtype=torch.float32, device=device),
+        }
+        self._world = world
 
     @torch.no_grad()
     def average(self, tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None,
                 contributors: int, send_zeros: bool = False) -> None:
         world = dist.get_world_size(group)
+        self.prepare(world)  # a no-op when the round already prepared
+        buf = self._buffers
         for bucket in self.buckets:
-            device = bucket.device
-            codes = torch.empty(bucket.numel, dtype=torch.int8, device=device)
-            scales = torch.empty(len(bucket.indices), dtype=torch.float32, device=device)
+            n, m = bucket.numel, len(bucket.indices)
+            codes, scales = buf["codes"][:n], buf["scales"][:m]
             for j, (i, off) in enumerate(zip(bucket.indices, bucket.offsets)):
-                residual = self.residuals[i].view(-1)
-                v = torch.zeros_like(residual) if send_zeros else tensors[i].reshape(-1).float() + residual
-                scale = v.abs().max().clamp_min(torch.finfo(torch.float32).tiny) / 127
-                q = torch.round(v / scale).clamp_(-127, 127)
-                codes[off:off + v.numel()] = q.to(torch.int8)
+                k = self.residuals[i].numel()
+                v, q = buf["v"][:k], buf["q"][:k]
+                if send_zeros or k == 0:
+                    v.zero_()
+                else:
+                    v.copy_(tensors[i].reshape(-1))
+                    v.add_(self.residuals[i].view(-1))
+                scale = v.abs().max() if k else torch.zeros((), device=v.device)
+                scale = scale.clamp_min(torch.finfo(torch.float32).tiny) / 127
+                torch.div(v, scale, out=q)
+                q.round_().clamp_(-127, 127)
+                codes[off:off + k].copy_(q)
                 scales[j] = scale
-                if not send_zeros:
-                    residual.copy_(v - q * scale)
-            all_codes = torch.empty(world * bucket.numel, dtype=torch.int8, device=device)
-            all_scales = torch.empty(world * len(bucket.indices), dtype=torch.float32, device=device)
+                if not send_zeros and k:
+                    self.residuals[i].view(-1).copy_(v.sub_(q.mul_(scale)))  # v - codes * scale
+            all_codes, all_scales = buf["all_codes"][:world * n], buf["all_scales"][:world * m]
             works = [dist.all_gather_into_tensor(all_codes, codes, group=group, async_op=True),
                      dist.all_gather_into_tensor(all_scales, scales, group=group, async_op=True)]
             for w in works:
                 w.wait()
-            all_codes = all_codes.view(world, bucket.numel)
-            all_scales = all_scales.view(world, len(bucket.indices))
+            all_codes, all_scales = all_codes.view(world, n), all_scales.view(world, m)
             for j, (i, off) in enumerate(zip(bucket.indices, bucket.offsets)):
-                t = tensors[i]
-                total = torch.zeros(t.numel(), dtype=torch.float32, device=device)
+                k = self.residuals[i].numel()
+                total, q = buf["total"][:k], buf["q"][:k]
+                total.zero_()
                 for r in range(world):  # rank order: the same sum on every rank
-                    total.add_(all_codes[r, off:off + t.numel()].float() * all_scales[r, j])
-                t.copy_((total / contributors).view_as(t))
+                    q.copy_(all_codes[r, off:off + k])
+                    total.add_(q.mul_(all_scales[r, j]))
+                tensors[i].copy_(total.div_(contributors).view(tensors[i].shape))
 
     def state_dict(self) -> list[torch.Tensor]:
         return list(self.residuals)
 
-    @torch.no_grad()
-    def load_state_dict(self, residuals: Sequence[torch.Tensor]) -> None:
+    def check(self, residuals: object) -> None:
         if not isinstance(residuals, (list, tuple)) or len(residuals) != len(self.residuals) or any(
             not isinstance(r, torch.Tensor) or r.shape != s.shape for r, s in zip(residuals, self.residuals)
         ):
@@ -78,5 +107,13 @@ class Int8Averager:
                 "state_dict['local_sgd']['int8_residuals'] must hold one tensor per parameter, same "
                 "shapes; pass a state dict saved by a LocalSGDOptimizer with compression='int8'"
             )
+
+    @torch.no_grad()
+    def load_state_dict(self, residuals: Sequence[torch.Tensor] | None) -> None:
+        if residuals is None:  # saved without int8: error feedback starts from zero
+            for r in self.residuals:
+                r.zero_()
+            return
+        self.check(residuals)
         for mine, saved in zip(self.residuals, residuals):
             mine.copy_(saved)

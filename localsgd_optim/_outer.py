@@ -60,6 +60,11 @@ class OuterState:
         _foreach_copy(self.globals, list(params))
 
     @torch.no_grad()
+    def reset_params(self, params: Sequence[torch.Tensor]) -> None:
+        """Undo a failed round: put the global copy (identical on every rank) back in the model."""
+        _foreach_copy(list(params), self.globals)
+
+    @torch.no_grad()
     def to_deltas(self, params: Sequence[torch.Tensor]) -> None:
         params = list(params)
         torch._foreach_neg_(params)

@@ -195,6 +195,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         wires = {None: None, "bf16": torch.bfloat16, "int8": None}
         if compression not in wires:
             raise ValueError(f"compression must be None, 'bf16' or 'int8', got {compression!r}")
+        if compression is not None and any(p.is_complex() for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError(f"compression={compression!r} does not support complex parameters yet")
         if compression is not None and buffers is not None:
             raise ValueError(
                 f"compression={compression!r} with buffers= is not supported: buffers are absolute "
@@ -246,8 +248,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._single = False  # bound to a world of one: never communicate
         self._pending_broadcast = sync_on_init
         self._constructed = True
-        self._bind()
-        # after the binding broadcast: every rank's global copy starts identical
+        # Built before binding, so the bind check compares them across ranks; the global copy
+        # is re-taken right after the binding broadcast, so it starts identical everywhere.
         self._outer = OuterState(self._params(), outer_optimizer) if outer_optimizer is not None else None
         self._int8 = (Int8Averager(self._params(), bucket_cap_bytes(self.bucket_cap_mb))
                       if compression == "int8" else None)
@@ -255,6 +257,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._overlap = (OverlappedRound(self._params(), bucket_cap_bytes(self.bucket_cap_mb))
                          if overlap_steps else None)
         self._apply_at = -1  # the step at which an in-flight overlapped round is applied
+        self._bind()
 
     # -- sharing with the inner optimizer ---------------------------------------------------
 
@@ -305,8 +308,13 @@ class LocalSGDOptimizer(Optimizer, Joinable):
     # -- the process group --------------------------------------------------------------------
 
     def _settings(self) -> dict[str, Any]:
+        outer = getattr(self, "_outer", None)
         return {"k": self._schedule.description, "warmup_steps": self.warmup_steps,
-                "local_k": self.local_k, "bucket_cap_mb": self.bucket_cap_mb}
+                "local_k": self.local_k, "bucket_cap_mb": self.bucket_cap_mb,
+                "compression": getattr(self, "compression", None),
+                "outer_optimizer": None if outer is None else
+                f"{type(outer.optimizer).__name__}{sorted(outer.optimizer.defaults.items())}",
+                "overlap": [getattr(self, "overlap_steps", 0), getattr(self, "overlap_mix", 0.5)]}
 
     def _digest(self) -> int:
         return fingerprint(self._settings(), [describe_tensor(t) for t in self._tensors()])
@@ -357,7 +365,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         return comm
 
     def _agree(self, kind: int, joined: bool = False, group: Any = None,
-               wire_dtype: torch.dtype | None = None) -> int:
+               wire_dtype: torch.dtype | None = None, outer_round: bool = False) -> int:
         """Run the round's control collective over ``group``; return how many ranks contribute data."""
         comm = self._comm
         assert comm is not None  # internal invariant, not user input
@@ -367,7 +375,12 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         try:
             if comm.engine.refresh(self._tensors()):  # storage moved or buffers rebound: re-digest
                 comm.digest = self._digest()
-            comm.engine.prepare(wire_dtype)
+            if outer_round:
+                self._check_outer_compatible()
+            if outer_round and self._int8 is not None:
+                self._int8.prepare(dist.get_world_size(comm.group if group is None else group))
+            else:
+                comm.engine.prepare(wire_dtype)
             if self.check_finite and kind != ROUND_BIND and not joined:
                 nonfinite = self._first_nonfinite(comm.engine.tensors)
         except Exception as e:  # noqa: BLE001 - re-raised on this rank right after the gather
@@ -376,6 +389,17 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         return agree_on_round(group, comm.control_device, kind, self._num_steps, self._start_steps,
                               comm.digest, self._explain_layout, nonfinite, self._param_names, joined,
                               local_error)
+
+    def _check_outer_compatible(self) -> None:
+        """The global copy must still match the parameters (a model moved after construction does not)."""
+        assert self._outer is not None
+        for name, g, p in zip(self._param_names(), self._outer.globals, self._params()):
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                raise ValueError(
+                    f"{name} is now {p.dtype}{list(p.shape)} on {p.device} but the outer optimizer's global "
+                    f"copy is {g.dtype}{list(g.shape)} on {g.device}: move or cast the model before "
+                    "constructing LocalSGDOptimizer with an outer_optimizer or compression"
+                )
 
     @staticmethod
     @torch.no_grad()
@@ -414,17 +438,22 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         size = dist.get_world_size(group) if local else comm.world_size
         wire = self._wire_dtype if outer is not None else None  # only deltas are compressed
         try:
-            contributors = self._agree(kind, joined, group, wire)
+            contributors = self._agree(kind, joined, group, wire, outer_round=outer is not None)
             if outer is not None:
                 outer.to_deltas(self._params())
-            if not contributors:  # every rank of this group has joined: all of them skip
-                pass
-            elif outer is not None and self._int8 is not None:
-                self._int8.average(self._params(), group, contributors, send_zeros=joined)
-            else:
-                comm.engine.all_reduce_mean(group, size, contributors, send_zeros=joined, wire_dtype=wire)
-            if outer is not None:
-                outer.apply(self._params())
+            try:
+                if not contributors:  # every rank of this group has joined: all of them skip
+                    pass
+                elif outer is not None and self._int8 is not None:
+                    self._int8.average(self._params(), group, contributors, send_zeros=joined)
+                else:
+                    comm.engine.all_reduce_mean(group, size, contributors, send_zeros=joined, wire_dtype=wire)
+                if outer is not None:
+                    outer.apply(self._params())
+            except BaseException:
+                if outer is not None:  # never leave pseudo-gradients in the model: the global
+                    outer.reset_params(self._params())  # copy is the same on every rank
+                raise
         except (LocalSGDError, torch.OutOfMemoryError, NotImplementedError):
             raise
         except RuntimeError as e:  # gloo/NCCL errors: a dead peer, a broken link, a timeout
@@ -640,6 +669,12 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         if not self._constructed:  # Optimizer.__init__ registering the inner groups
             super().add_param_group(param_group)
             return
+        if self._outer is not None:
+            raise ValueError(
+                "add_param_group is not supported with an outer_optimizer, compression or "
+                "overlap_steps (their global copy and state are per parameter); add every "
+                "parameter group before constructing LocalSGDOptimizer"
+            )
         self.optimizer.add_param_group(param_group)
         if self._comm is not None:
             self._comm = self._make_comm(self._comm.world_size)
@@ -683,11 +718,9 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         entry = state_dict.pop(STATE_KEY, None)
         num_steps, saved_k = _parse_entry(entry)  # validate before anything changes
         outer_state = entry.get("outer") if isinstance(entry, dict) else None
-        if self._outer is not None and outer_state is None:
-            raise ValueError(
-                f"this LocalSGDOptimizer has an outer_optimizer but state_dict[{STATE_KEY!r}] has no "
-                "'outer' entry (global copy and outer state); it was saved without one"
-            )
+        residuals = entry.get("int8_residuals") if isinstance(entry, dict) else None
+        if self._int8 is not None and residuals is not None:
+            self._int8.check(residuals)  # validate before anything changes
         mine = self._schedule.description
         if saved_k is not None and saved_k != mine:
             warnings.warn(
@@ -696,19 +729,25 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 UserWarning,
                 stacklevel=2,
             )
-        if self._int8 is not None:
-            residuals = entry.get("int8_residuals") if isinstance(entry, dict) else None
-            if residuals is None:
-                raise ValueError(f"compression='int8' but state_dict[{STATE_KEY!r}] has no 'int8_residuals'")
-            self._int8.load_state_dict(residuals)
+        self.optimizer.load_state_dict(state_dict)
+        self._share_inner()  # load_state_dict rebinds the inner param_groups and state
         if self._outer is not None:
-            self._outer.load_state_dict(outer_state)
+            if outer_state is None:
+                warnings.warn(
+                    "The checkpoint has no outer-optimizer state (saved without outer_optimizer, "
+                    "compression or overlap): starting the outer loop from the current parameters.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self._outer.reset(self._params())
+            else:
+                self._outer.load_state_dict(outer_state)
+        if self._int8 is not None:
+            self._int8.load_state_dict(residuals)  # None: error feedback starts from zero
         if self._overlap is not None:
             in_flight = entry.get("in_flight") if isinstance(entry, dict) else None
             self._overlap.load_state_dict(in_flight or {})
             self._apply_at = in_flight["apply_at"] if in_flight else -1
-        self.optimizer.load_state_dict(state_dict)
-        self._share_inner()  # load_state_dict rebinds the inner param_groups and state
         self._num_steps = self._start_steps = num_steps
         # The next round is derived, not stored: replay the schedule up to the loaded step.
         self._next_round = self._schedule.next_round(0)

@@ -39,7 +39,7 @@ def reference_diloco(model, inner, batches, k, outer_factory, warmup=0, wire=Non
                 for g, p in zip(global_copy, params):
                     delta = (g - p) if wire is None else (g - p).to(wire)  # compressed on the wire
                     dist.all_reduce(delta)
-                    g.grad = torch.div(delta, world).to(g.dtype)
+                    g.grad = delta.to(g.dtype) / world  # widened, then divided at full precision
                 outer.step()
                 for g, p in zip(global_copy, params):
                     g.grad = None
@@ -158,8 +158,13 @@ def test_outer_optimizer_bad_input():
         LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, outer_optimizer=lambda p: list(p))
     plain = LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4)
     with_outer = LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, outer_optimizer=diloco())
-    with pytest.raises(ValueError, match="has no 'outer' entry"):
+    with pytest.warns(UserWarning, match="no outer-optimizer state"):
         with_outer.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match="add_param_group is not supported with an outer_optimizer"):
+        with_outer.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
+    with pytest.raises(ValueError, match="does not support complex parameters"):
+        LocalSGDOptimizer(torch.optim.SGD([nn.Parameter(torch.ones(2, dtype=torch.complex64))], lr=0.1),
+                          k=4, compression="int8")
 
 
 def _bf16_parity(explicit_outer):
@@ -363,3 +368,63 @@ def test_overlap_bad_input():
         LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, overlap_steps=1, overlap_mix=1.5)
     with pytest.raises(ValueError, match="overlap_steps with compression is not supported yet"):
         LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, overlap_steps=1, compression="bf16")
+
+
+# -- found in review ---------------------------------------------------------------------------
+
+def _channels_last_int8():
+    torch.manual_seed(dist.get_rank())
+    conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    opt = LocalSGDOptimizer(torch.optim.SGD(conv.parameters(), lr=0.1), k=[(None, 1)],
+                            compression="int8")
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(dist.get_rank()))
+    conv(x).sum().backward()
+    opt.step()
+    return params_of(conv)
+
+
+def test_int8_with_channels_last_parameters(ranks):
+    results = ranks(_channels_last_int8)
+    for got in results[1:]:
+        assert_same(got, results[0], exact=True)  # one round: replicas identical
+    assert all(torch.isfinite(p).all() for p in results[0])
+
+
+def _mixed_configs(case):
+    from localsgd_optim import LayoutMismatchError
+
+    rank = dist.get_rank()
+    model = make_model(seed=0)
+    kwargs = {"outer": {"outer_optimizer": diloco()}, "compression": {"compression": "bf16"}}[case] if rank == 1 else {}
+    with pytest.raises(LayoutMismatchError) as info:
+        LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=4, **kwargs)
+    dist.barrier()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("case", ["outer", "compression"])
+def test_ranks_with_different_outer_or_compression_raise_everywhere(ranks2, case):
+    messages = ranks2(_mixed_configs, case)
+    assert len(set(messages)) == 1
+    assert {"outer": "ranks disagree on outer_optimizer", "compression": "ranks disagree on compression"}[case] \
+        in messages[0]
+
+
+def _moved_after_construction():
+    model = make_model(seed=0)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), k=2, outer_optimizer=diloco())
+    model.double()
+    batches = [(x.double(), y.double()) for x, y in make_batches(2)]
+    train_wrapped(model, opt, batches[:1])
+    before = params_of(model)
+    with pytest.raises(ValueError, match="move or cast the model before constructing"):
+        train_wrapped(model, opt, batches[1:])  # step 2: the round
+    dist.barrier()
+    return before, params_of(model)
+
+
+def test_model_cast_after_construction_with_outer_is_a_clear_error(ranks2):
+    for before, after in ranks2(_moved_after_construction):
+        # the error came before any pseudo-gradient was written: only the local step happened
+        assert all(torch.isfinite(p).all() for p in after)
+        assert all(a.dtype == torch.float64 for a in after)
