@@ -181,6 +181,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             or bucket_cap_mb <= 0
         ):
             raise ValueError(f"bucket_cap_mb must be a finite number > 0 (MiB), got {bucket_cap_mb!r}")
+        _reject_sharded(optimizer)
         if buffers is not None and not isinstance(buffers, nn.Module):
             raise TypeError(
                 f"buffers must be the nn.Module whose buffers to average (e.g. buffers=model), "
@@ -774,6 +775,22 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             f"num_steps={self._num_steps}, "
             f"bucket_cap_mb={self.bucket_cap_mb},\n{inner}\n)"
         )
+
+
+def _reject_sharded(optimizer: Optimizer) -> None:
+    """FSDP / DTensor parameters hold shards: averaging them as whole tensors would be wrong."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        DTensor = ()  # type: ignore[assignment,misc]
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            if isinstance(p, DTensor) or type(p).__name__ == "FlatParameter":
+                raise TypeError(
+                    f"parameter (param group {g}, index {i}) is a {type(p).__name__}: FSDP, DTensor and "
+                    "tensor-parallel parameters are sharded, which LocalSGDOptimizer does not support; "
+                    "use it with DDP or plain modules"
+                )
 
 
 def _plain_average_outer(params: list[torch.Tensor]) -> Optimizer:

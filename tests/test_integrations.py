@@ -38,3 +38,20 @@ def test_compiled_model_trains_without_recompiles(ranks2):
     for compiled, eager, stats, recompiles in ranks2(_compiled_training):
         assert stats.get("unique_graphs") == 1 and recompiles == 0, stats
         assert_same(compiled, eager, exact=False)
+
+
+def _dtensor_parameters_rejected():
+    import pytest
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    weight = torch.nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)]))
+    with pytest.raises(TypeError, match="is a DTensor: FSDP, DTensor and tensor-parallel parameters are sharded"):
+        LocalSGDOptimizer(torch.optim.SGD([weight], lr=0.1), k=4)
+    dist.barrier()
+    return True
+
+
+def test_sharded_dtensor_parameters_are_rejected_clearly(ranks2):
+    assert ranks2(_dtensor_parameters_rejected) == [True, True]
