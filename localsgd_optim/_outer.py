@@ -71,7 +71,8 @@ class OuterState:
         torch._foreach_add_(params, self.globals)  # p <- global - p, no allocation
 
     @torch.no_grad()
-    def apply(self, mean_deltas: Sequence[torch.Tensor]) -> None:
+    def step(self, mean_deltas: Sequence[torch.Tensor]) -> None:
+        """One outer step with the mean pseudo-gradients as the global copy's ``.grad``."""
         for g, d in zip(self.globals, mean_deltas):
             g.grad = d.detach()
         try:
@@ -79,6 +80,11 @@ class OuterState:
         finally:
             for g in self.globals:
                 g.grad = None
+
+    @torch.no_grad()
+    def apply(self, mean_deltas: Sequence[torch.Tensor]) -> None:
+        """Outer step, then the new global copy replaces the parameters (which held the means)."""
+        self.step(mean_deltas)
         _foreach_copy(list(mean_deltas), self.globals)
 
     def state_dict(self) -> dict[str, Any]:

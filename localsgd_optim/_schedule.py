@@ -97,9 +97,6 @@ class Schedule:
             raise ValueError(f"k({step}) must return an integer >= 1, got {period!r}")
         return int(period)
 
-    def in_warmup(self, step: int) -> bool:
-        return step <= self.warmup_steps
-
     def next_round(self, last_round: int) -> int:
         """The first round after ``last_round`` (a round's step, or the end of warmup)."""
         start = max(last_round, self.warmup_steps)

@@ -263,9 +263,8 @@ def bench_memory(model: nn.Module, args: argparse.Namespace, device: torch.devic
     for c in _contenders(params, world, args.bucket_cap_mb, set(args.methods) if args.methods else None):
         c.prepare()  # one-time construction is not part of a round
         dist.barrier()
-        value = _max_over_ranks(mem.measure(lambda: (c.setup(), c.round(), _sync_device(device))), device)
+        value = _max_over_ranks(mem.measure(lambda c=c: (c.setup(), c.round(), _sync_device(device))), device)
         extra[c.name] = None if value is None else value / 2**20
-        del c
     return extra
 
 

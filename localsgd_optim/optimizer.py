@@ -257,7 +257,6 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self.overlap_steps, self.overlap_mix = int(overlap_steps), float(overlap_mix)
         self._overlap = (OverlappedRound(self._params(), bucket_cap_bytes(self.bucket_cap_mb))
                          if overlap_steps else None)
-        self._apply_at = -1  # the step at which an in-flight overlapped round is applied
         self._bind()
 
     # -- sharing with the inner optimizer ---------------------------------------------------
@@ -309,13 +308,13 @@ class LocalSGDOptimizer(Optimizer, Joinable):
     # -- the process group --------------------------------------------------------------------
 
     def _settings(self) -> dict[str, Any]:
-        outer = getattr(self, "_outer", None)
+        outer = self._outer
         return {"k": self._schedule.description, "warmup_steps": self.warmup_steps,
                 "local_k": self.local_k, "bucket_cap_mb": self.bucket_cap_mb,
-                "compression": getattr(self, "compression", None),
+                "compression": self.compression,
                 "outer_optimizer": None if outer is None else
                 f"{type(outer.optimizer).__name__}{sorted(outer.optimizer.defaults.items())}",
-                "overlap": [getattr(self, "overlap_steps", 0), getattr(self, "overlap_mix", 0.5)]}
+                "overlap": [self.overlap_steps, self.overlap_mix]}
 
     def _digest(self) -> int:
         return fingerprint(self._settings(), [describe_tensor(t) for t in self._tensors()])
@@ -361,7 +360,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         if self._pending_broadcast:
             comm.engine.broadcast(dist.get_global_rank(comm.group or dist.group.WORLD, 0), comm.group)
             self._pending_broadcast = False
-            if getattr(self, "_outer", None) is not None:  # bound late: re-take the global copy
+            if self._outer is not None:  # bound late: re-take the global copy
                 self._outer.reset(self._params())
         return comm
 
@@ -425,6 +424,21 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 first = i if first < 0 else min(first, i)
         return first
 
+    @contextlib.contextmanager
+    def _collective_errors(self, what: str) -> Iterator[None]:
+        """Re-raise a communication failure as AveragingRoundError saying which round; pass the rest."""
+        try:
+            yield
+        except (LocalSGDError, torch.OutOfMemoryError, NotImplementedError):
+            raise
+        except RuntimeError as e:  # gloo/NCCL errors: a dead peer, a broken link, a timeout
+            comm = self._comm
+            where = f" on rank {dist.get_rank(comm.group)} of {comm.world_size}" if comm is not None else ""
+            raise AveragingRoundError(
+                f"LocalSGDOptimizer: {what} failed{where}: {type(e).__name__}: {e}. If a rank died, "
+                "restart the job from the last checkpoint (see 'Failure modes' in the README)."
+            ) from e
+
     def _round(self, kind: int, joined: bool = False) -> None:
         comm = self._bind()
         outer = self._outer if kind == ROUND_SCHEDULED and self._num_steps > self.warmup_steps else None
@@ -438,7 +452,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         group = self.local_group if local else comm.group
         size = dist.get_world_size(group) if local else comm.world_size
         wire = self._wire_dtype if outer is not None else None  # only deltas are compressed
-        try:
+        with self._collective_errors(f"{round_name(kind)} at step {self._num_steps}"):
             contributors = self._agree(kind, joined, group, wire, outer_round=outer is not None)
             if outer is not None:
                 outer.to_deltas(self._params())
@@ -455,14 +469,6 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 if outer is not None:  # never leave pseudo-gradients in the model: the global
                     outer.reset_params(self._params())  # copy is the same on every rank
                 raise
-        except (LocalSGDError, torch.OutOfMemoryError, NotImplementedError):
-            raise
-        except RuntimeError as e:  # gloo/NCCL errors: a dead peer, a broken link, a timeout
-            raise AveragingRoundError(
-                f"LocalSGDOptimizer: {round_name(kind)} at step {self._num_steps} failed on rank "
-                f"{dist.get_rank(comm.group)} of {comm.world_size}: {type(e).__name__}: {e}. If a rank "
-                "died, restart the job from the last checkpoint (see 'Failure modes' in the README)."
-            ) from e
 
     # -- stepping ---------------------------------------------------------------------------
 
@@ -516,8 +522,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             self._next_round = self._schedule.next_round(step)
         elif self.local_k and (step - self._schedule.warmup_steps) % self.local_k == 0:
             self._round(ROUND_LOCAL, joined)
-        if step == self._apply_at:  # an overlapped round launched overlap_steps ago lands now
-            self._apply_overlapped()
+        if self._overlap is not None and step == self._overlap.apply_at:
+            self._apply_overlapped()  # the overlapped round launched overlap_steps ago lands now
 
     def _launch_overlapped(self, joined: bool) -> None:
         """Control round now; pseudo-gradients reduced in the background until step + tau."""
@@ -533,35 +539,17 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         if comm is None:  # one worker: nothing to overlap; apply the round at once
             self._round(ROUND_SCHEDULED, joined)
             return
-        try:
+        with self._collective_errors(f"the overlapped round launched at step {step}"):
             contributors = self._agree(ROUND_SCHEDULED, joined)
             self._overlap.launch(self._outer.globals, self._params(), comm.group, contributors, joined, apply_at)
-        except (LocalSGDError, torch.OutOfMemoryError, NotImplementedError):
-            raise
-        except RuntimeError as e:
-            raise AveragingRoundError(
-                f"LocalSGDOptimizer: the overlapped round launched at step {step} failed: {e}") from e
-        self._apply_at = apply_at
 
     def _apply_overlapped(self) -> None:
         assert self._outer is not None and self._overlap is not None
-        try:
+        with self._collective_errors(f"the overlapped round applied at step {self._num_steps}"):
             self._overlap.finish()
-        except RuntimeError as e:
-            raise AveragingRoundError(
-                f"LocalSGDOptimizer: the overlapped round applied at step {self._num_steps} failed: {e}") from e
-        outer, params = self._outer, self._params()
-        with torch.no_grad():
-            for g, d in zip(outer.globals, self._overlap.views):
-                g.grad = d
-            try:
-                outer.optimizer.step()
-            finally:
-                for g in outer.globals:
-                    g.grad = None
-            # p <- mix * p + (1 - mix) * global: keep part of the local progress since launch
-            torch._foreach_lerp_(params, outer.globals, 1.0 - self.overlap_mix)
-        self._apply_at = -1
+        self._outer.step(self._overlap.views)
+        with torch.no_grad():  # p <- mix * p + (1 - mix) * global: keep part of the local progress
+            torch._foreach_lerp_(self._params(), self._outer.globals, 1.0 - self.overlap_mix)
         self._overlap.apply_at = None
 
     def _set_ddp_grad_sync(self, on: bool) -> None:
@@ -697,7 +685,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             state_dict[STATE_KEY]["outer"] = self._outer.state_dict()
         if self._int8 is not None:
             state_dict[STATE_KEY]["int8_residuals"] = self._int8.state_dict()
-        if self._overlap is not None and self._apply_at >= 0:
+        if self._overlap is not None and self._overlap.apply_at is not None:
             state_dict[STATE_KEY]["in_flight"] = self._overlap.state_dict()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
@@ -748,7 +736,6 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         if self._overlap is not None:
             in_flight = entry.get("in_flight") if isinstance(entry, dict) else None
             self._overlap.load_state_dict(in_flight or {})
-            self._apply_at = in_flight["apply_at"] if in_flight else -1
         self._num_steps = self._start_steps = num_steps
         # The next round is derived, not stored: replay the schedule up to the loaded step.
         self._next_round = self._schedule.next_round(0)

@@ -43,3 +43,29 @@ INNER = {
     "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
     "sgd": lambda params: torch.optim.SGD(params, lr=0.05),
 }
+
+
+def checkpoint_roundtrip(model, opt) -> dict:
+    """Save model + optimizer as a user would and load it back with ``weights_only=True``."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def resume_run(build, batches, stop, snapshot=params_of):
+    """Train ``build()`` uninterrupted; then again, stopped at ``stop``, checkpointed, loaded
+    into fresh objects and finished. Returns (uninterrupted, resumed, checkpoint)."""
+    model, opt = build()
+    train_wrapped(model, opt, batches)
+    uninterrupted = snapshot(model)
+    model, opt = build()
+    train_wrapped(model, opt, batches[:stop])
+    ckpt = checkpoint_roundtrip(model, opt)
+    model, opt = build()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    train_wrapped(model, opt, batches[stop:])
+    return uninterrupted, snapshot(model), ckpt

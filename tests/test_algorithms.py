@@ -6,14 +6,13 @@ explicitly listed set of steps, and resumed mid-period from a checkpoint.
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from helpers import make_batches, make_model, mse, params_of, train_wrapped
+from helpers import make_batches, make_model, mse, params_of, resume_run, train_wrapped
 from localsgd_optim import LocalSGDOptimizer, Schedule
 from reference import average_one_by_one, broadcast_one_by_one
 from test_distributed import assert_same
@@ -205,23 +204,9 @@ def _resume_with_options(with_buffers):
                                 buffers=model if with_buffers else None, bucket_cap_mb=0.001)
         return model, opt
 
-    batches = make_batches(total)
-    model, opt = build()
-    train_wrapped(model, opt, batches)
-    uninterrupted = params_of(model) + [model.bn.running_mean.clone()]
-
-    model, opt = build()
-    train_wrapped(model, opt, batches[:stop])
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    model, opt = build()
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
-    train_wrapped(model, opt, batches[stop:])
-    return uninterrupted, params_of(model) + [model.bn.running_mean.clone()], ckpt["opt"]["local_sgd"]
-
+    uninterrupted, resumed, ckpt = resume_run(build, make_batches(total), stop,
+                                              snapshot=lambda m: params_of(m) + [m.bn.running_mean.clone()])
+    return uninterrupted, resumed, ckpt["opt"]["local_sgd"]
 
 @pytest.mark.parametrize("with_buffers", [True, False], ids=["buffers", "no-buffers"])
 def test_resume_mid_period_with_warmup_pairs_and_buffers(ranks, with_buffers):
@@ -279,25 +264,15 @@ def test_local_k_needs_local_group():
 def _hierarchical_resume():
     rank = dist.get_rank()
     local, _ = dist.new_subgroups(2)
-    batches = make_batches(10)
 
     def build():
         model = make_model(seed=rank)
         return model, LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=6, local_k=2,
                                         local_group=local, warmup_steps=1)
 
-    model, opt = build()
-    train_wrapped(model, opt, batches)
-    uninterrupted = params_of(model)
-    model, opt = build()
-    train_wrapped(model, opt, batches[:7])  # after the global round at 6, before the local one at 9
-    ckpt = {"model": model.state_dict(), "opt": opt.state_dict()}
-    model, opt = build()
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
-    train_wrapped(model, opt, batches[7:])
-    return uninterrupted, params_of(model)
-
+    # stopped at 7: after the global round at 6, before the local one at 9
+    uninterrupted, resumed, _ = resume_run(build, make_batches(10), 7)
+    return uninterrupted, resumed
 
 def test_hierarchical_resume_mid_period(ranks4):
     for uninterrupted, resumed in ranks4(_hierarchical_resume):

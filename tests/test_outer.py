@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from helpers import make_batches, make_model, mse, params_of, train_wrapped
+from helpers import make_batches, make_model, mse, params_of, resume_run, train_wrapped
 from localsgd_optim import LocalSGDOptimizer, diloco, slowmo
 from reference import broadcast_one_by_one
 from test_distributed import assert_same
@@ -100,28 +99,14 @@ def test_outer_presets_match_reference(ranks, preset, warmup):
 
 
 def _outer_resume():
-    batches = make_batches(16)
-
     def build():
         model = make_model(seed=0)
         return model, LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, warmup_steps=2,
                                         outer_optimizer=diloco())
 
-    model, opt = build()
-    train_wrapped(model, opt, batches)
-    uninterrupted = params_of(model)
-    model, opt = build()
-    train_wrapped(model, opt, batches[:9])  # mid-period: rounds at 6, 10, 14
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    model, opt = build()
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
-    train_wrapped(model, opt, batches[9:])
-    return uninterrupted, params_of(model), sorted(ckpt["opt"]["local_sgd"]["outer"])
-
+    # stopped at 9, mid-period: rounds at 6, 10, 14
+    uninterrupted, resumed, ckpt = resume_run(build, make_batches(16), 9)
+    return uninterrupted, resumed, sorted(ckpt["opt"]["local_sgd"]["outer"])
 
 def test_outer_state_resumes_exactly(ranks):
     for uninterrupted, resumed, keys in ranks(_outer_resume):
@@ -253,27 +238,13 @@ def test_int8_with_error_feedback_matches_reference_exactly(ranks):
 
 
 def _int8_resume():
-    batches = make_batches(14)
-
     def build():
         model = make_model(seed=0)
         return model, LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, compression="int8")
 
-    model, opt = build()
-    train_wrapped(model, opt, batches)
-    uninterrupted = params_of(model)
-    model, opt = build()
-    train_wrapped(model, opt, batches[:6])  # after one round: residuals are non-zero
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    model, opt = build()
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
-    train_wrapped(model, opt, batches[6:])
-    return uninterrupted, params_of(model)
-
+    # stopped at 6, after one round: the residuals are non-zero
+    uninterrupted, resumed, _ = resume_run(build, make_batches(14), 6)
+    return uninterrupted, resumed
 
 def test_int8_resume_carries_residuals(ranks):
     for uninterrupted, resumed in ranks(_int8_resume):
@@ -331,28 +302,14 @@ def test_overlapped_rounds_match_reference(ranks, tau, mix):
 
 
 def _overlap_resume_in_flight():
-    batches = make_batches(14)
-
     def build():
         model = make_model(seed=0)
         return model, LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4,
                                         outer_optimizer=diloco(), overlap_steps=2)
 
-    model, opt = build()
-    train_wrapped(model, opt, batches)
-    uninterrupted = params_of(model)
-    model, opt = build()
-    train_wrapped(model, opt, batches[:9])  # launched at 8, applied at 10: in flight now
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    model, opt = build()
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
-    train_wrapped(model, opt, batches[9:])
-    return uninterrupted, params_of(model), ckpt["opt"]["local_sgd"]["in_flight"]["apply_at"]
-
+    # stopped at 9: launched at 8, applied at 10, so in flight at the checkpoint
+    uninterrupted, resumed, ckpt = resume_run(build, make_batches(14), 9)
+    return uninterrupted, resumed, ckpt["opt"]["local_sgd"]["in_flight"]["apply_at"]
 
 def test_overlapped_round_in_flight_survives_a_checkpoint(ranks):
     for uninterrupted, resumed, apply_at in ranks(_overlap_resume_in_flight):
