@@ -4,7 +4,7 @@
 #
 #   examples/slow_link.sh up 1000              # 1000 Mbit/s each way
 #   examples/slow_link.sh run -- python -m localsgd_optim.bench --models 12x512
-#       (runs `torchrun --nnodes 2 --nproc-per-node 1 <args>` on both hosts, rank 0 on lsgd0)
+#       (runs `torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d <args>` on both hosts)
 #   examples/slow_link.sh down
 set -euo pipefail
 A=lsgd0 B=lsgd1 IPA=10.77.0.1 IPB=10.77.0.2 PORT=${PORT:-29611}
@@ -39,13 +39,16 @@ run() {
   [ "${1:-}" = "--" ] && shift
   local py=${1:?usage: slow_link.sh run -- python SCRIPT_OR_-m MODULE ARGS...}
   shift
-  local common=(--nnodes 2 --nproc-per-node 1 --master-addr $IPA --master-port $PORT)
+  # c10d rendezvous: the store lives on lsgd0 and every rank meets there over the slow link
+  local common=(--nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint $IPA:$PORT --rdzv-id lsgd)
   # python -m torch.distributed.run == torchrun; each host talks over its own veth
+  # is_host and --local-addr: both namespaces share one hostname, so torchrun can neither tell
+  # which one hosts the store nor which address to advertise
   ip netns exec $B env GLOO_SOCKET_IFNAME=veth-$B OMP_NUM_THREADS=1 \
-    $py -m torch.distributed.run "${common[@]}" --node-rank 1 "$@" >/tmp/slow_link_node1.log 2>&1 &
+    $py -m torch.distributed.run "${common[@]}" --rdzv-conf is_host=0 --local-addr $IPB "$@" >/tmp/slow_link_node1.log 2>&1 &
   local other=$!
   ip netns exec $A env GLOO_SOCKET_IFNAME=veth-$A OMP_NUM_THREADS=1 \
-    $py -m torch.distributed.run "${common[@]}" --node-rank 0 "$@"
+    $py -m torch.distributed.run "${common[@]}" --rdzv-conf is_host=1 --local-addr $IPA "$@"
   local rc=$?
   wait $other || { echo "node 1 failed; its log: /tmp/slow_link_node1.log" >&2; tail -20 /tmp/slow_link_node1.log >&2; exit 1; }
   return $rc

@@ -118,10 +118,10 @@ def evaluate_average(model: nn.Module, opt: torch.optim.Optimizer, val: torch.Te
 
 
 def save_checkpoint(path: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer,
-                    g: torch.Generator) -> None:
+                    sched: torch.optim.lr_scheduler.LRScheduler, g: torch.Generator) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"step": step, "model": model.state_dict(), "opt": opt.state_dict(),
-                "data_rng": g.get_state()}, tmp)
+                "sched": sched.state_dict(), "data_rng": g.get_state()}, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a torn checkpoint
 
 
@@ -134,9 +134,27 @@ def fail_once(marker: Path, step: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+class lr_factor:
+    """Linear warmup over 5% of the steps, then cosine decay to 10% (picklable, unlike a lambda)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.cosine, self.total = args.lr_schedule == "cosine", args.steps
+        self.warmup = max(1, self.total // 20)
+
+    def __call__(self, step: int) -> float:
+        if not self.cosine:
+            return 1.0
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=["localsgd", "diloco", "ddp"], default="localsgd")
+    p.add_argument("--method", choices=["localsgd", "diloco", "ddp", "none"], default="localsgd",
+                   help="none: compute only, no communication at all (replicas drift apart; the "
+                        "physical speed limit for benchmarks, not a training method)")
     p.add_argument("--outer-lr", type=float, default=0.7, help="diloco: outer Nesterov SGD learning rate")
     p.add_argument("--outer-momentum", type=float, default=0.9, help="diloco: outer momentum")
     p.add_argument("--compression", choices=["bf16", "int8"], default=None, help="compress the pseudo-gradients")
@@ -147,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="post-local SGD: synchronous steps (DDP gradient all-reduce) before Local SGD")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+                   help="cosine: linear warmup over 5%% of --steps, then cosine decay to 10%% of --lr")
     p.add_argument("--batch-size", type=int, default=16, help="per rank")
     p.add_argument("--context", type=int, default=64)
     p.add_argument("--d-model", type=int, default=128)
@@ -185,14 +205,16 @@ def main(argv: list[str] | None = None) -> dict:
     train, val = load_corpus(args)
     torch.manual_seed(args.seed)  # same initial model on every rank
     net = CharTransformer(256, args.d_model, args.layers, args.heads, args.context)
-    model = wrap_ddp(net) if distributed else net
+    model = wrap_ddp(net) if distributed and args.method != "none" else net
     inner = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    if args.method == "ddp":
+    if args.method in ("ddp", "none"):
         opt = inner
     else:
         outer = diloco(args.outer_lr, args.outer_momentum) if args.method == "diloco" else None
         opt = LocalSGDOptimizer(inner, k=args.k, warmup_steps=args.warmup_steps, outer_optimizer=outer,
                                 compression=args.compression, overlap_steps=args.overlap_steps)
+    # LR schedulers step the wrapper like any optimizer (param_groups are shared with the inner one)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args))
     g = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own data stream
 
     start = 0
@@ -203,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
             state = torch.load(ckpt, weights_only=True)
             net.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
             g.set_state(state["data_rng"])
             start = state["step"]
             if rank == 0:
@@ -214,29 +237,36 @@ def main(argv: list[str] | None = None) -> dict:
               f"{len(train) / 1e6:.1f}M train / {len(val) / 1e6:.2f}M val bytes", flush=True)
     history = []
     # opt.no_sync keeps DDP's gradient all-reduce on for --warmup-steps, then turns it off
-    sync_ctx = opt.no_sync(model) if args.method != "ddp" else _nullcontext()
-    t0 = time.perf_counter()
+    sync_ctx = opt.no_sync(model) if isinstance(opt, LocalSGDOptimizer) else _nullcontext()
+    train_s, t0 = 0.0, time.perf_counter()  # the clock excludes validation
     with sync_ctx:
         for step in range(start + 1, args.steps + 1):
             x, y = batch(train, args.batch_size, args.context, g)
             loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
             loss.backward()
             opt.step()
+            sched.step()
             opt.zero_grad()
             if ckpt is not None and args.ckpt_every and step % args.ckpt_every == 0:
-                save_checkpoint(ckpt, step, net, opt, g)
+                save_checkpoint(ckpt, step, net, opt, sched, g)
             if step == args.fail_at_step and rank == world - 1:
                 fail_once(ckpt.parent / "failed-once", step)
             if step % args.eval_every == 0 or step == args.steps:
+                train_loss = loss.item()
+                train_s += time.perf_counter() - t0
                 val_loss = evaluate_average(net, opt, val, args)
-                elapsed = time.perf_counter() - t0
-                history.append({"step": step, "train_loss": loss.item(), "val_loss": val_loss, "time_s": elapsed})
+                history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss, "time_s": train_s})
                 if rank == 0:
                     bar = "#" * int(30 * step / args.steps)
-                    print(f"[{bar:<30}] step {step:5d}/{args.steps}  train {loss.item():.3f}  "
-                          f"val {val_loss:.3f}  ({step / max(elapsed, 1e-9) * world * args.batch_size:.0f} "
-                          f"seq/s)", flush=True)
+                    rate = (step - start) * world * args.batch_size / max(train_s, 1e-9)
+                    print(f"[{bar:<30}] step {step:5d}/{args.steps}  train {train_loss:.3f}  "
+                          f"val {val_loss:.3f}  ({rate:.0f} seq/s)", flush=True)
+                t0 = time.perf_counter()
+    steps_run = args.steps - start
     result = {"method": args.method, "k": args.k, "world_size": world, "params": n_params,
+              "batch_size": args.batch_size, "context": args.context, "steps": steps_run,
+              "train_time_s": train_s,
+              "samples_per_s": steps_run * world * args.batch_size / train_s if train_s else math.nan,
               "final_val_loss": history[-1]["val_loss"] if history else math.nan, "history": history}
     if rank == 0 and args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1))

@@ -1,0 +1,106 @@
+"""Convergence study: does Local SGD train as well as DDP at equal optimizer steps?
+
+Trains the character-level LM of ``train_charlm.py`` on N ranks (default 4) once per method,
+all with the same steps, batch per rank, seed, data and LR schedule, and compares final
+validation loss (of the averaged model) with DDP's:
+
+    python examples/convergence_study.py                       # all methods, 4 ranks, ~30 min on 2 cores
+    python examples/convergence_study.py --steps 300 --only ddp,localsgd_k8   # a quick look
+
+Writes ``<out>/convergence.{json,md}``, the per-run logs and JSON, and two plots:
+validation loss against steps and against training wall time (loopback here, so wall
+time mostly shows compute; see ``slow_link_study.py`` for a slow network).
+Targets (issue 7): Local SGD k=8 within 1% of DDP's final loss, DiLoCo k=64 within 2%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from study_common import TRAIN, markdown_table, plot_curves, run_logged
+
+# name -> (label, train_charlm.py flags, target: allowed excess over DDP's final loss)
+METHODS = {
+    "ddp": ("DDP (gradient all-reduce every step)", ["--method", "ddp"], None),
+    "localsgd_k8": ("Local SGD k=8", ["--method", "localsgd", "--k", "8"], 0.01),
+    "localsgd_k32_warmup": ("Local SGD k=32, warmup 10%", ["--method", "localsgd", "--k", "32", "--warmup-steps", "{warmup}"], None),
+    "localsgd_k8_bf16": ("Local SGD k=8, bf16 deltas", ["--method", "localsgd", "--k", "8", "--compression", "bf16"], None),
+    "localsgd_k8_overlap4": ("Local SGD k=8, overlapped 4 steps", ["--method", "localsgd", "--k", "8", "--overlap-steps", "4"], None),
+    "diloco_k64": ("DiLoCo k=64", ["--method", "diloco", "--k", "64"], 0.02),
+    "diloco_k64_int8": ("DiLoCo k=64, int8 deltas + EF", ["--method", "diloco", "--k", "64", "--compression", "int8"], None),
+    "diloco_k64_overlap8": ("DiLoCo k=64, overlapped 8 steps", ["--method", "diloco", "--k", "64", "--overlap-steps", "8"], None),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, default=4, help="ranks (processes) per run")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-batches", type=int, default=24, help="validation windows of 16x64 bytes each")
+    p.add_argument("--only", type=str, default=None, help=f"comma-separated subset of: {','.join(METHODS)}")
+    p.add_argument("--out", type=str, default="benchmarks/convergence")
+    p.add_argument("--reuse", action="store_true", help="keep results already in --out instead of rerunning")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--port", type=int, default=29517)
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train_charlm.py flags for every run")
+    args = p.parse_args(argv)
+    names = args.only.split(",") if args.only else list(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        p.error(f"--only: unknown method(s) {unknown}; choose from {list(METHODS)}")
+    if "ddp" not in names:
+        names.insert(0, "ddp")  # every ratio is to DDP
+    args.names = names
+    args.extra = [a for a in args.extra if a != "--"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = ["--steps", str(args.steps), "--eval-every", str(args.eval_every),
+              "--eval-batches", str(args.eval_batches), *args.extra]
+    runs = {}
+    for name in args.names:
+        label, flags, _ = METHODS[name]
+        flags = [f.format(warmup=args.steps // 10) for f in flags]
+        json_out = out / f"{name}.json"
+        if args.reuse and json_out.exists():
+            runs[name] = json.loads(json_out.read_text())
+            continue
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
+               f"--master-port={args.port}", str(TRAIN), *flags, *common, "--json-out", str(json_out)]
+        runs[name] = run_logged(cmd, out / f"{name}.log", json_out, env={"OMP_NUM_THREADS": "1"})
+
+    base = runs["ddp"]["final_val_loss"]
+    rows, report = [], []
+    for name, run in runs.items():
+        label, _, target = METHODS[name]
+        loss = run["final_val_loss"]
+        excess = loss / base - 1
+        verdict = "(baseline)" if name == "ddp" else (
+            "-" if target is None else f"{'met' if excess <= target else 'MISSED'} (<= +{target:.0%})")
+        rows.append([label, loss, f"{excess:+.2%}", verdict, run["samples_per_s"]])
+        report.append({"name": name, "label": label, "final_val_loss": loss, "vs_ddp": excess,
+                       "target": target, "samples_per_s": run["samples_per_s"]})
+    any_run = next(iter(runs.values()))
+    title = (f"{any_run['world_size']} ranks, {args.steps} steps, {any_run['params'] / 1e6:.2f}M-param char LM, "
+             f"batch {any_run['batch_size']}x{any_run['context']} bytes per rank")
+    table = markdown_table(["method", "final val loss", "vs DDP", "target", "samples/s (loopback)"], rows)
+    (out / "convergence.md").write_text(f"{title}\n\n{table}")
+    (out / "convergence.json").write_text(json.dumps({"setup": title, "runs": report}, indent=1))
+    print(f"\n{title}\n\n{table}")
+    if not args.no_plots:
+        curves = {METHODS[n][0]: r for n, r in runs.items()}
+        plot_curves(curves, out / "convergence_steps.png", title, "step", "optimizer step")
+        plot_curves(curves, out / "convergence_time.png", title, "time_s",
+                    "training wall time, s (loopback; validation excluded)")
+
+
+if __name__ == "__main__":
+    main()
