@@ -705,6 +705,12 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             if result is not None:
                 state_dict = result
         entry = state_dict.pop(STATE_KEY, None)
+        self._load_around(entry, lambda: self.optimizer.load_state_dict(state_dict))
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_around(self, entry: Any, load_inner: Callable[[], None]) -> None:
+        """Validate the Local SGD ``entry``, run ``load_inner`` (the inner optimizer's load), apply it."""
         num_steps, saved_k = _parse_entry(entry)  # validate before anything changes
         outer_state = entry.get("outer") if isinstance(entry, dict) else None
         residuals = entry.get("int8_residuals") if isinstance(entry, dict) else None
@@ -716,9 +722,9 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 f"The checkpoint was saved with k={saved_k}; this optimizer has k={mine}. "
                 f"Continuing from step {num_steps} with k={mine}.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        self.optimizer.load_state_dict(state_dict)
+        load_inner()
         self._share_inner()  # load_state_dict rebinds the inner param_groups and state
         if self._outer is not None:
             if outer_state is None:
@@ -726,7 +732,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                     "The checkpoint has no outer-optimizer state (saved without outer_optimizer, "
                     "compression or overlap): starting the outer loop from the current parameters.",
                     UserWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
                 self._outer.reset(self._params())
             else:
@@ -742,8 +748,6 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         while self._next_round <= num_steps:
             self._next_round = self._schedule.next_round(self._next_round)
         self._set_ddp_grad_sync(num_steps < self.warmup_steps)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         if self.process_group is not None or self.local_group is not None:
@@ -789,10 +793,12 @@ def _parse_entry(entry: Any) -> tuple[int, int | None]:
     """Validate the Local SGD entry of a state dict; return its step count and saved ``k``."""
     if entry is None:
         warnings.warn(
-            f"The state dict has no {STATE_KEY!r} entry (it was saved by a plain optimizer): "
-            "loading the inner optimizer's state and starting the Local SGD step count at 0.",
+            f"The state dict has no {STATE_KEY!r} entry (it was saved by a plain optimizer, or went "
+            "through torch.distributed.checkpoint's get_optimizer_state_dict, which keeps only 'state' "
+            "and 'param_groups'; use localsgd_optim.checkpoint instead): loading the inner optimizer's "
+            "state and starting the Local SGD step count at 0.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return 0, None
     if not isinstance(entry, dict) or "version" not in entry:
