@@ -25,6 +25,7 @@ from study_common import TRAIN, markdown_table, plot_curves, run_logged
 # name -> (label, train_charlm.py flags, target: allowed excess over DDP's final loss)
 METHODS = {
     "ddp": ("DDP (gradient all-reduce every step)", ["--method", "ddp"], None),
+    "none": ("no communication (each replica alone)", ["--method", "none"], None),
     "localsgd_k8": ("Local SGD k=8", ["--method", "localsgd", "--k", "8"], 0.01),
     "localsgd_k32_warmup": ("Local SGD k=32, warmup 10%", ["--method", "localsgd", "--k", "32", "--warmup-steps", "{warmup}"], None),
     "localsgd_k8_bf16": ("Local SGD k=8, bf16 deltas", ["--method", "localsgd", "--k", "8", "--compression", "bf16"], None),

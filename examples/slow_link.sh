@@ -47,9 +47,10 @@ run() {
   ip netns exec $B env GLOO_SOCKET_IFNAME=veth-$B OMP_NUM_THREADS=1 \
     $py -m torch.distributed.run "${common[@]}" --rdzv-conf is_host=0 --local-addr $IPB "$@" >/tmp/slow_link_node1.log 2>&1 &
   local other=$!
+  trap "kill $other 2>/dev/null || true" EXIT  # never leave node 1 behind
+  local rc=0
   ip netns exec $A env GLOO_SOCKET_IFNAME=veth-$A OMP_NUM_THREADS=1 \
-    $py -m torch.distributed.run "${common[@]}" --rdzv-conf is_host=1 --local-addr $IPA "$@"
-  local rc=$?
+    $py -m torch.distributed.run "${common[@]}" --rdzv-conf is_host=1 --local-addr $IPA "$@" || rc=$?
   wait $other || { echo "node 1 failed; its log: /tmp/slow_link_node1.log" >&2; tail -20 /tmp/slow_link_node1.log >&2; exit 1; }
   return $rc
 }

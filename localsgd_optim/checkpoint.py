@@ -21,8 +21,12 @@ beside them; :func:`set_state_dict` loads it back. The usual DCP pattern::
     dcp.load(state, checkpoint_id=path)
     lsgd_ckpt.set_state_dict(model, opt, state["train"])
 
-A checkpoint holds ``world_size`` copies of weights and optimizer state; it reloads at the
-same world size (checked, with an error on every rank otherwise).
+A checkpoint holds ``world_size`` copies of weights and optimizer state, keyed by global
+rank; it reloads at the same world size. A smaller world raises a ``ValueError`` on every
+rank in :func:`set_state_dict`; a larger one fails earlier, in ``dcp.load``, with DCP's
+"Missing key in checkpoint state_dict: train.rank<r>...". The Local SGD entry (with any
+outer-optimizer state) is one serialized blob per rank: DCP loads only the keys its template
+has, and the outer optimizer's state only exists after its first step.
 """
 
 from __future__ import annotations
@@ -51,8 +55,7 @@ def get_state_dict(model: nn.Module, optimizer: LocalSGDOptimizer) -> dict[str, 
     mine = {
         "model": get_model_state_dict(model),
         "optimizer": get_optimizer_state_dict(model, optimizer.optimizer),
-        # One serialized blob: DCP loads only the keys a template already has, and the outer
-        # optimizer's state (e.g. momentum) only exists after its first step.
+        # One blob: DCP loads only the keys a template has; outer state appears after a round.
         STATE_KEY: _to_bytes(optimizer.state_dict()[STATE_KEY]),
     }
     return {"world_size": world, f"rank{rank}": mine}
@@ -68,9 +71,13 @@ def set_state_dict(model: nn.Module, optimizer: LocalSGDOptimizer, state: dict[s
             "checkpoint holds one state per rank: resume at the same world size"
         )
     mine = state[f"rank{rank}"]
-    set_model_state_dict(model, mine["model"])
     entry = torch.load(io.BytesIO(mine[STATE_KEY]), weights_only=True)
-    optimizer._load_around(entry, lambda: set_optimizer_state_dict(model, optimizer.optimizer, mine["optimizer"]))
+
+    def load_model_and_inner() -> None:  # after the entry is validated: nothing changes on a bad one
+        set_model_state_dict(model, mine["model"])
+        set_optimizer_state_dict(model, optimizer.optimizer, mine["optimizer"])
+
+    optimizer._load_around(entry, load_model_and_inner)
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -84,5 +91,5 @@ def _rank_and_world(optimizer: LocalSGDOptimizer) -> tuple[int, int]:
         raise TypeError(f"optimizer must be a LocalSGDOptimizer, got {type(optimizer).__name__}")
     if not dist.is_initialized():
         return 0, 1
-    group = optimizer.process_group
-    return dist.get_rank(group), dist.get_world_size(group)
+    # Global ranks: with subgroups, two processes share a group rank and DCP would keep one.
+    return dist.get_rank(), dist.get_world_size()

@@ -60,37 +60,42 @@ class LocalSGDCallback(pl.Callback):
         if self._own_weights is not None:
             # After setup: DDP's constructor broadcast rank 0's weights over the restored ones.
             with torch.no_grad():
-                pl_module.load_state_dict(self._own_weights)
+                pl_module.load_state_dict(self._own_weights, strict=getattr(pl_module, "strict_loading", True))
             self._own_weights = None
         self._release()
         self._held = contextlib.ExitStack()
         self._held.enter_context(opt.no_sync(trainer.strategy.model))
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        # Lightning builds the checkpoint on every rank and writes rank 0's: gather into it.
+        # Lightning builds the checkpoint on every rank and writes rank 0's: gather into rank 0's.
         if not self.per_rank_state or trainer.world_size == 1 or "optimizer_states" not in checkpoint:
             return
         index, _ = _find(trainer)
         mine = {"model": pl_module.state_dict(), "optimizer": checkpoint["optimizer_states"][index]}
-        gathered: list[Any] = [None] * trainer.world_size
-        dist.all_gather_object(gathered, _to_cpu(mine))
-        checkpoint[self.KEY] = {"optimizer_index": index, "ranks": gathered}
+        gathered: list[Any] | None = [None] * trainer.world_size if trainer.global_rank == 0 else None
+        dist.gather_object(_to_cpu(mine), gathered, dst=0)
+        if gathered is not None:
+            checkpoint[self.KEY] = {"optimizer_index": index, "ranks": gathered}
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(self.KEY)
-        if saved is None:
+        if saved is None or trainer.state.fn != "fit":  # validate/test/predict: rank 0's weights are right
             return
         ranks, rank = saved["ranks"], trainer.global_rank
         if len(ranks) != trainer.world_size:
-            warnings.warn(
-                f"LocalSGDCallback: the checkpoint holds the state of {len(ranks)} ranks but this run has "
-                f"{trainer.world_size}; every rank resumes from rank 0's weights and optimizer state",
-                UserWarning,
-                stacklevel=2,
-            )
+            if rank == 0:
+                warnings.warn(
+                    f"LocalSGDCallback: the checkpoint holds the state of {len(ranks)} ranks but this run "
+                    f"has {trainer.world_size}; every rank resumes from rank 0's weights and optimizer state",
+                    UserWarning,
+                    stacklevel=2,
+                )
             return
         self._own_weights = ranks[rank]["model"]  # loaded in on_train_start, after DDP's broadcast
         checkpoint["optimizer_states"][saved["optimizer_index"]] = ranks[rank]["optimizer"]  # restored later
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._own_weights = None  # a fit that never started training must not leak them into the next
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._release()

@@ -2,8 +2,8 @@
 
 Accelerate path: ``accelerator.prepare(model, LocalSGDOptimizer(...), loader, scheduler)``,
 ``accelerator.accumulate`` with 2 micro-batches per optimizer step, Accelerate's scheduler
-stepping. Bare path: the same model, data shard and arithmetic by hand. Writes both final
-parameter sets, the step counts and the LRs seen to ``argv[1]`` (rank 0).
+stepping. Bare path: the same model, data shard and arithmetic by hand. Rank 0 writes every
+rank's verdict, step counts, LRs seen and final parameters to ``argv[1]``.
 """
 
 import sys
@@ -75,13 +75,12 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     acc_params, acc_opt, acc_lrs = with_accelerate(accelerator)
     bare_params, bare_opt, bare_lrs = bare(rank, world)
-    gathered = [None] * world
-    dist.all_gather_object(gathered, [p.tolist() for p in acc_params])
-    result = {"world": world, "equal": all(torch.equal(a, b) for a, b in zip(acc_params, bare_params)),
-              "acc_steps": acc_opt.num_steps, "bare_steps": bare_opt.num_steps,
-              "acc_lrs": acc_lrs, "bare_lrs": bare_lrs,
-              "acc_params_by_rank": gathered,
-              "acc_state": acc_opt.state_dict()["local_sgd"]["num_steps"]}
+    mine = {"equal": all(torch.equal(a, b) for a, b in zip(acc_params, bare_params)),
+            "acc_steps": acc_opt.num_steps, "bare_steps": bare_opt.num_steps,
+            "acc_state": acc_opt.state_dict()["local_sgd"]["num_steps"],
+            "acc_lrs": acc_lrs, "bare_lrs": bare_lrs, "acc_params": [p.tolist() for p in acc_params]}
+    result: list = [None] * world
+    dist.all_gather_object(result, mine)  # every rank's verdict, not just rank 0's
     if rank == 0:
         torch.save(result, sys.argv[1])
     accelerator.wait_for_everyone()
