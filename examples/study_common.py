@@ -54,7 +54,7 @@ def plot_curves(runs: dict[str, dict], path: Path, title: str, x: str, xlabel: s
         ax.plot([h[x] for h in hist], [h["val_loss"] for h in hist], marker=".", label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     lows = [h["val_loss"] for run in runs.values() for h in run["history"]]
     ax.set_ylim(min(lows) - 0.05, min(lows) + 1.0)  # the tail, where methods differ, stays readable
     ax.grid(alpha=0.3)
