@@ -182,6 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="for testing the restart recipe: the last rank kills itself with SIGKILL at step N, "
                         "once, if a marker file <ckpt-dir>/failed-once does not exist yet; it creates the "
                         "marker first (needs --ckpt-dir)")
+    p.add_argument("--stop-at-step", type=int, default=0, metavar="N",
+                   help="end the run after step N, as if interrupted (the LR schedule stays --steps long)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=str, default=None, help="write the loss curve here (rank 0)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
@@ -251,6 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
                 save_checkpoint(ckpt, step, net, opt, sched, g)
             if step == args.fail_at_step and rank == world - 1:
                 fail_once(ckpt.parent / "failed-once", step)
+            if step == args.stop_at_step:
+                break
             if step % args.eval_every == 0 or step == args.steps:
                 train_loss = loss.item()
                 train_s += time.perf_counter() - t0

@@ -38,7 +38,7 @@ def test_charlm_resumes_exactly(tmp_path):
               "--d-model", "32", "--layers", "1", "--max-bytes", "200000", "--eval-batches", "2"]
     torchrun(*common, "--json-out", str(tmp_path / "a.json"))
     # a run that stops at step 14 after checkpointing at step 10 (mid-period for k=4) ...
-    torchrun(*common[:2], "14", *common[3:], "--ckpt-dir", str(tmp_path / "ck"), "--ckpt-every", "10")
+    torchrun(*common, "--stop-at-step", "14", "--ckpt-dir", str(tmp_path / "ck"), "--ckpt-every", "10")
     # ... is restarted and resumes from step 10
     out = torchrun(*common, "--ckpt-dir", str(tmp_path / "ck"), "--ckpt-every", "10",
                    "--json-out", str(tmp_path / "b.json"))
