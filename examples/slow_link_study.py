@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from study_common import HERE, TRAIN, markdown_table, plot_curves, pyplot, run_logged
+from study_common import HERE, TRAIN, finish, markdown_table, plot_curves, pyplot, run_logged
 
 SLOW_LINK = HERE / "slow_link.sh"
 MODEL = ["--d-model", "256", "--layers", "4", "--heads", "4"]
@@ -142,12 +142,7 @@ def plot_throughput(results: dict[int, dict[str, dict]], path: Path, title: str)
     ax.set_ylabel("training throughput, samples/s")
     ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    print(f"wrote {path}")
+    finish(plt, fig, ax, path)
 
 
 if __name__ == "__main__":

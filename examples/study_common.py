@@ -57,6 +57,11 @@ def plot_curves(runs: dict[str, dict], path: Path, title: str, x: str, xlabel: s
     ax.set_title(title, fontsize=9)
     lows = [h["val_loss"] for run in runs.values() for h in run["history"]]
     ax.set_ylim(min(lows) - 0.05, min(lows) + 1.0)  # the tail, where methods differ, stays readable
+    finish(plt, fig, ax, path)
+
+
+def finish(plt, fig, ax, path: Path) -> None:
+    """Grid, legend, save to ``path``, close."""
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -17,15 +17,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
-def torchrun(*args: str, nproc: int = 2) -> str:
+def run(cmd: list[str], timeout: int = 240) -> str:
+    """Run ``cmd`` from the repository root; retry once only on the gloo teardown abort."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *args]
     for attempt in range(2):
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         if done.returncode == 0 or TEARDOWN_ABORT not in done.stderr or attempt == 1:
             break
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
+
+
+def torchrun(*args: str, nproc: int = 2) -> str:
+    return run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *args])
 
 
 def test_minimal_example_runs_and_ends_in_sync():

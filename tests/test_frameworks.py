@@ -7,26 +7,14 @@ written as a bare loop, checked elsewhere against the per-parameter reference.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from test_examples import ROOT, run
+
 SCRIPTS = ROOT / "tests" / "scripts"
-TEARDOWN_ABORT = "terminate called without an active exception"  # see test_examples.py
-
-
-def run(cmd: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for attempt in range(2):
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        if done.returncode == 0 or TEARDOWN_ABORT not in done.stderr or attempt == 1:
-            break
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def test_accelerate_prepare_accumulate_and_scheduler_match_the_bare_loop(tmp_path):
