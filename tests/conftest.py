@@ -32,6 +32,11 @@ def ranks2():
 
 
 @pytest.fixture
+def ranks3():
+    return _pool(3).run
+
+
+@pytest.fixture
 def ranks4():
     """Four ranks (e.g. two 'hosts' of two): started on first use only."""
     return _pool(4).run
