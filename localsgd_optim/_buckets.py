@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["Bucket", "plan_buckets", "BucketEngine"]
+__all__ = ["Bucket", "plan_buckets", "bucket_views", "mean_op", "BucketEngine"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,23 @@ def plan_buckets(tensors: Sequence[torch.Tensor], cap_bytes: int) -> list[Bucket
     return buckets
 
 
-def _foreach_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+def bucket_views(flat: torch.Tensor, bucket: Bucket, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``flat`` (a bucket's buffer) shaped like the bucket's ``tensors``, at their offsets."""
+    return [flat[off:off + tensors[i].numel()].view_as(tensors[i]) for i, off in zip(bucket.indices, bucket.offsets)]
+
+
+def mean_op(group: dist.ProcessGroup | None, contributors: int) -> tuple[dist.ReduceOp, int | None]:
+    """How to average over ``contributors`` ranks of ``group``: ``(op, divisor)``.
+
+    NCCL reduces with ``AVG`` natively when every rank contributes; gloo and MPI have no
+    ``AVG``, and ranks that joined send zeros: then ``SUM`` and divide by ``divisor``.
+    """
+    if contributors == dist.get_world_size(group) and dist.get_backend(group) == "nccl":
+        return dist.ReduceOp.AVG, None
+    return dist.ReduceOp.SUM, contributors
+
+
+def foreach_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     if hasattr(torch, "_foreach_copy_"):
         torch._foreach_copy_(dst, src)
     else:  # pragma: no cover - torch < 2.1
@@ -190,13 +206,32 @@ class BucketEngine:
     def _views(self, slot: _Slot, pos: int) -> list[torch.Tensor]:
         views = slot.views.get(pos)
         if views is None:
-            bucket = self.buckets[pos]
-            views = [
-                slot.buffer[off:off + self.tensors[i].numel()].view_as(self.tensors[i])
-                for i, off in zip(bucket.indices, bucket.offsets)
-            ]
-            slot.views[pos] = views
+            views = slot.views[pos] = bucket_views(slot.buffer, self.buckets[pos], self.tensors)
         return views
+
+    # -- a bucket at a time, for benchmarks and tests (the round itself is :meth:`run`) ---------
+
+    def staged(self) -> list[int]:
+        """Positions of the buckets that go through a packing buffer (not reduced in place)."""
+        return [pos for pos, direct in enumerate(self._direct) if direct is None]
+
+    def buffer_dtypes(self) -> list[torch.dtype]:
+        """The dtypes of the packing buffers allocated so far (a wire dtype shows up here)."""
+        return sorted({s.buffer.dtype for slots in self._slots.values() for s in slots}, key=str)
+
+    def flat(self, pos: int) -> torch.Tensor:
+        """What a collective reduces for bucket ``pos``: the tensor itself, or its packing buffer."""
+        direct = self._direct[pos]
+        return direct if direct is not None else self._slots_for(self.buckets[pos])[0].buffer[:self.buckets[pos].numel]
+
+    def pack(self, pos: int) -> None:
+        """Copy bucket ``pos``'s tensors into its (first) packing buffer."""
+        foreach_copy(self._views(self._slots_for(self.buckets[pos])[0], pos), self._members(pos))
+
+    def unpack(self, pos: int, divide_by: int) -> None:
+        """Divide bucket ``pos``'s packing buffer by ``divide_by`` into its tensors, one op per tensor."""
+        for dst, src in zip(self._members(pos), self._views(self._slots_for(self.buckets[pos])[0], pos)):
+            torch.div(src, divide_by, out=dst)
 
     def _members(self, pos: int) -> list[torch.Tensor]:
         return [self.tensors[i] for i in self.buckets[pos].indices]
@@ -227,13 +262,13 @@ class BucketEngine:
                     flat.div_(divide_by)
                 return
             if divide_by is None:
-                _foreach_copy(self._members(pos), self._views(slot, pos))
+                foreach_copy(self._members(pos), self._views(slot, pos))
             elif slot.buffer.dtype == self.buckets[pos].dtype:
                 for dst, src in zip(self._members(pos), self._views(slot, pos)):
                     torch.div(src, divide_by, out=dst)  # fused: one pass
             else:  # a narrower wire dtype: widen first, divide at full precision
                 members = self._members(pos)
-                _foreach_copy(members, self._views(slot, pos))
+                foreach_copy(members, self._views(slot, pos))
                 torch._foreach_div_(members, divide_by)
             busy.discard(id(slot))
 
@@ -251,7 +286,7 @@ class BucketEngine:
                     if send_zeros:
                         flat.zero_()
                     else:
-                        _foreach_copy(self._views(slot, pos), self._members(pos))
+                        foreach_copy(self._views(slot, pos), self._members(pos))
                 elif send_zeros:
                     flat.zero_()  # reduced in place: the result overwrites it anyway
                 pending.append((pos, flat, slot, collective(flat)))
@@ -273,26 +308,13 @@ class BucketEngine:
         With ``contributors < world_size`` (ranks that joined send zeros), the sum is
         divided by the number of contributors instead.
         """
-        contributors = world_size if contributors is None else contributors
-        if contributors == world_size and _supports_avg(group):
-            self.run(lambda flat: dist.all_reduce(flat, dist.ReduceOp.AVG, group, async_op=True),
-                     wire_dtype=wire_dtype)
-            return
-        self.run(
-            lambda flat: dist.all_reduce(flat, dist.ReduceOp.SUM, group, async_op=True),
-            divide_by=contributors,
-            send_zeros=send_zeros,
-            wire_dtype=wire_dtype,
-        )
+        op, divisor = mean_op(group, world_size if contributors is None else contributors)
+        self.run(lambda flat: dist.all_reduce(flat, op, group, async_op=True),
+                 divide_by=divisor, send_zeros=send_zeros, wire_dtype=wire_dtype)
 
     def broadcast(self, src: int, group: dist.ProcessGroup | None) -> None:
         """Overwrite every tensor with its value on global rank ``src``."""
         self.run(lambda flat: dist.broadcast(flat, src, group, async_op=True))
-
-
-def _supports_avg(group: dist.ProcessGroup | None) -> bool:
-    # NCCL reduces with AVG natively; gloo and MPI have no AVG, so we sum then divide.
-    return dist.get_backend(group) == "nccl"
 
 
 def bucket_cap_bytes(bucket_cap_mb: float) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from enum import IntEnum
 from typing import Any, Sequence
 
 import torch
@@ -14,22 +15,30 @@ __all__ = [
     "ScheduleMismatchError",
     "AveragingRoundError",
     "NonFiniteParameterError",
-    "round_name",
+    "RoundKind",
     "group_size",
     "describe_tensor",
     "fingerprint",
     "check_ranks_agree",
     "agree_on_round",
-    "ROUND_BIND",
-    "ROUND_SCHEDULED",
-    "ROUND_SYNC",
-    "ROUND_LOCAL",
 ]
 
-# What a rank is doing when it enters the control collective.
-ROUND_BIND, ROUND_SCHEDULED, ROUND_SYNC, ROUND_LOCAL = 0, 1, 2, 3
-_ROUND_NAMES = {ROUND_BIND: "binding to the process group", ROUND_SCHEDULED: "a scheduled averaging round",
-                ROUND_SYNC: "an explicit sync()", ROUND_LOCAL: "a local (within-group) averaging round"}
+
+class RoundKind(IntEnum):
+    """What a rank is doing when it enters the control collective (its value goes on the wire)."""
+
+    BIND = 0
+    SCHEDULED = 1
+    SYNC = 2
+    LOCAL = 3
+
+    @property
+    def description(self) -> str:
+        return _ROUND_NAMES[self]
+
+
+_ROUND_NAMES = {RoundKind.BIND: "binding to the process group", RoundKind.SCHEDULED: "a scheduled averaging round",
+                RoundKind.SYNC: "an explicit sync()", RoundKind.LOCAL: "a local (within-group) averaging round"}
 
 
 class LocalSGDError(RuntimeError):
@@ -50,10 +59,6 @@ class NonFiniteParameterError(LocalSGDError):
 
 class AveragingRoundError(LocalSGDError):
     """A collective of an averaging round failed (a rank died, the network broke, a timeout)."""
-
-
-def round_name(kind: int) -> str:
-    return _ROUND_NAMES[kind]
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
@@ -130,7 +135,7 @@ def check_ranks_agree(
 def agree_on_round(
     group: dist.ProcessGroup | None,
     device: torch.device,
-    kind: int,
+    kind: RoundKind,
     num_steps: int,
     start_steps: int,
     digest: int,

@@ -7,7 +7,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.optim import Optimizer
 
-from ._buckets import _foreach_copy
+from ._buckets import foreach_copy
+from ._state import check_optimizer_state, check_tensor_list
 
 __all__ = ["OuterFactory", "OuterState", "diloco", "slowmo"]
 
@@ -57,12 +58,12 @@ class OuterState:
     @torch.no_grad()
     def reset(self, params: Sequence[torch.Tensor]) -> None:
         """Take the current parameters as the global copy (after warmup, or at binding)."""
-        _foreach_copy(self.globals, list(params))
+        foreach_copy(self.globals, list(params))
 
     @torch.no_grad()
     def reset_params(self, params: Sequence[torch.Tensor]) -> None:
         """Undo a failed round: put the global copy (identical on every rank) back in the model."""
-        _foreach_copy(list(params), self.globals)
+        foreach_copy(list(params), self.globals)
 
     @torch.no_grad()
     def to_deltas(self, params: Sequence[torch.Tensor]) -> None:
@@ -85,21 +86,38 @@ class OuterState:
     def apply(self, mean_deltas: Sequence[torch.Tensor]) -> None:
         """Outer step, then the new global copy replaces the parameters (which held the means)."""
         self.step(mean_deltas)
-        _foreach_copy(list(mean_deltas), self.globals)
+        foreach_copy(list(mean_deltas), self.globals)
+
+    def step_alone(self, params: Sequence[torch.Tensor]) -> None:
+        """A round in a world of one: the mean pseudo-gradient is this worker's own."""
+        params = list(params)
+        self.to_deltas(params)
+        self.apply(params)
+
+    def check_compatible(self, params: Sequence[torch.Tensor], names: Sequence[str]) -> None:
+        """The global copy must still match the parameters (a model moved after construction does not)."""
+        for name, g, p in zip(names, self.globals, params):
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                raise ValueError(
+                    f"{name} is now {p.dtype}{list(p.shape)} on {p.device} but the outer optimizer's global "
+                    f"copy is {g.dtype}{list(g.shape)} on {g.device}: move or cast the model before "
+                    "constructing LocalSGDOptimizer with an outer_optimizer or compression"
+                )
 
     def state_dict(self) -> dict[str, Any]:
         return {"global": list(self.globals), "optimizer": self.optimizer.state_dict()}
 
+    def check_state(self, state: Any) -> None:
+        """Raise unless ``state`` (from :meth:`state_dict`) loads into this outer state."""
+        check_tensor_list(
+            state.get("global") if isinstance(state, dict) else None, self.globals, "'outer'",
+            f"a 'global' list with one tensor per parameter ({len(self.globals)}, same shapes); pass a "
+            "state dict saved by a LocalSGDOptimizer with the same model and an outer_optimizer",
+        )
+        check_optimizer_state(state.get("optimizer"), self.optimizer, "'outer']['optimizer'")
+
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("global") if isinstance(state, dict) else None
-        if not isinstance(saved, (list, tuple)) or len(saved) != len(self.globals) or any(
-            not isinstance(s, torch.Tensor) or s.shape != g.shape for s, g in zip(saved, self.globals)
-        ):
-            raise ValueError(
-                "state_dict['local_sgd']['outer'] must hold a 'global' list with one tensor per "
-                f"parameter ({len(self.globals)}, same shapes); pass a state dict saved by a "
-                "LocalSGDOptimizer with the same model and an outer_optimizer"
-            )
-        _foreach_copy(self.globals, [s.to(g.device, g.dtype) for s, g in zip(saved, self.globals)])
+        """Load what :meth:`state_dict` saved (checked by :meth:`check_state` first)."""
+        foreach_copy(self.globals, [s.to(g.device, g.dtype) for s, g in zip(state["global"], self.globals)])
         self.optimizer.load_state_dict(state["optimizer"])

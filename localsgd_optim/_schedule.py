@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from enum import IntEnum
 from typing import Any, Callable, Sequence, Union
 
-__all__ = ["Schedule", "PeriodSpec"]
+__all__ = ["Schedule", "PeriodSpec", "Event", "Cursor"]
 
 #: A period: a fixed ``k``, a list of ``(until_step, period)`` pairs (``None`` = forever),
 #: or a callable mapping the first step of an interval to that interval's period.
@@ -113,3 +114,86 @@ class Schedule:
 
     def __repr__(self) -> str:
         return f"Schedule(k={self.description!r}, warmup_steps={self.warmup_steps})"
+
+
+class Event(IntEnum):
+    """Something that happens at the end of a step, in the order a step's events are run."""
+
+    WARMUP_ROUND = 0  #: a synchronous warmup step: average (unless DDP all-reduced the gradients)
+    WARMUP_END = 1  #: the last warmup step: Local SGD (and the outer loop) starts from here
+    GLOBAL_ROUND = 2  #: a scheduled round over the whole group
+    LOCAL_ROUND = 3  #: a hierarchical round within the local group
+    LAND = 4  #: an overlapped round launched ``overlap_steps`` ago is applied
+
+
+_NONE: tuple[Event, ...] = ()
+
+
+class Cursor:
+    """All of *when*: advanced once per ``step()``, it returns that step's events.
+
+    Everything is a pure function of the step count (and the schedule), as in torch's
+    ``HierarchicalModelAverager``: a global round takes precedence over a local one, and an
+    overlapped round lands ``overlap_steps`` after it was launched. :meth:`seek` puts the
+    cursor at any step, which is how a resumed run continues the schedule exactly.
+
+    Args:
+        schedule: the global rounds (and warmup).
+        local_k: hierarchical rounds every ``local_k`` steps after warmup (0: none).
+        overlap_steps: rounds land this many steps after they were launched (0: blocking).
+    """
+
+    __slots__ = ("schedule", "local_k", "overlap_steps", "step", "_next_round", "_land_at")
+
+    def __init__(self, schedule: Schedule, local_k: int = 0, overlap_steps: int = 0) -> None:
+        self.schedule = schedule
+        self.local_k = local_k
+        self.overlap_steps = overlap_steps
+        self.seek(0)
+
+    def seek(self, step: int) -> None:
+        """Continue from ``step`` (steps already taken), replaying the schedule up to it."""
+        self.step = step
+        last, nxt = None, self.schedule.next_round(0)
+        while nxt <= step:
+            last, nxt = nxt, self.schedule.next_round(nxt)
+        self._next_round = nxt
+        self._land_at = -1
+        if self.overlap_steps and last is not None and last + self.overlap_steps > step:
+            self._land_at = last + self.overlap_steps
+
+    @property
+    def next_round(self) -> int:
+        """The step of the next global round after warmup."""
+        return self._next_round
+
+    def advance(self) -> tuple[Event, ...]:
+        """Count one step and return its events (an empty tuple on most steps: a few int compares)."""
+        self.step = step = self.step + 1
+        warmup = self.schedule.warmup_steps
+        if step <= warmup:
+            return (Event.WARMUP_ROUND, Event.WARMUP_END) if step == warmup else (Event.WARMUP_ROUND,)
+        if step == self._next_round:
+            nxt = self.schedule.next_round(step)
+            if self.overlap_steps:
+                if step + self.overlap_steps >= nxt:
+                    raise ValueError(
+                        f"overlap_steps={self.overlap_steps} must be smaller than the period: the round "
+                        f"launched at step {step} would still be in flight at the next one"
+                    )
+                self._land_at = step + self.overlap_steps
+            self._next_round = nxt
+            return (Event.GLOBAL_ROUND,)
+        if step == self._land_at:
+            return (Event.LAND,)
+        if self.local_k and (step - warmup) % self.local_k == 0:
+            return (Event.LOCAL_ROUND,)
+        return _NONE
+
+    def events(self, until: int) -> list[tuple[int, Event]]:
+        """Every (step, event) from the current step up to ``until``, advancing the cursor."""
+        out = []
+        while self.step < until:
+            events = self.advance()
+            out += [(self.step, e) for e in events]
+        return out

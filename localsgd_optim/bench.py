@@ -167,15 +167,12 @@ class OursBF16(Ours):
     compression = "bf16"
 
     def prepare(self) -> None:
-        from ._dist import ROUND_SCHEDULED
-
+        # Every step is a scheduled (outer) round; the inner SGD has no gradients to apply.
         inner = torch.optim.SGD(self.params, lr=0.0)
-        self.opt = LocalSGDOptimizer(inner, k=1 << 30, bucket_cap_mb=self.cap_mb, compression=self.compression)
-        self.opt._num_steps = 1  # past warmup: scheduled rounds are outer rounds
-        self._kind = ROUND_SCHEDULED
+        self.opt = LocalSGDOptimizer(inner, k=[(None, 1)], bucket_cap_mb=self.cap_mb, compression=self.compression)
 
     def round(self) -> None:
-        self.opt._round(self._kind)
+        self.opt.step()
 
 
 class OursInt8(OursBF16):
@@ -271,38 +268,38 @@ def bench_memory(model: nn.Module, args: argparse.Namespace, device: torch.devic
 @torch.no_grad()
 def bench_breakdown(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
     """Time the phases of one LocalSGDOptimizer round separately (largest cap swept)."""
-    from ._buckets import _foreach_copy
-    from ._dist import ROUND_SYNC
+    from ._binding import first_nonfinite
+    from ._dist import RoundKind, agree_on_round
 
     params = list(model.parameters())
     opt = LocalSGDOptimizer(torch.optim.SGD(params, lr=0.0), k=1 << 30,
                             bucket_cap_mb=max(args.bucket_cap_mb), sync_on_init=False)
     opt.sync()  # allocate buffers
-    comm = opt._comm
-    engine = comm.engine
-    packed = [(pos, b) for pos, (b, d) in enumerate(zip(engine.buckets, engine._direct)) if d is None]
-    slot = engine._slots_for(packed[0][1])[0] if packed else None
+    engine = opt.engine
+    staged = engine.staged()
 
     def pack() -> None:
-        for pos, _ in packed:
-            _foreach_copy(engine._views(slot, pos), engine._members(pos))
+        for pos in staged:
+            engine.pack(pos)
 
     def unpack_divide() -> None:  # divide by 1: same cost, leaves the values alone
-        for pos, _ in packed:
-            for dst, src in zip(engine._members(pos), engine._views(slot, pos)):
-                torch.div(src, 1, out=dst)
+        for pos in staged:
+            engine.unpack(pos, 1)
 
     def comm_only() -> None:
-        works = [dist.all_reduce(slot.buffer[:b.numel] if d is None else d, async_op=True)
-                 for b, d in zip(engine.buckets, engine._direct)]
+        works = [dist.all_reduce(engine.flat(pos), async_op=True) for pos in range(len(engine.buckets))]
         for w in works:
             w.wait()
 
+    def nan_scan() -> None:
+        first_nonfinite(engine.tensors)
+
     def control() -> None:
-        opt._agree(ROUND_SYNC)
+        agree_on_round(None, torch.device("cpu") if dist.get_backend() != "nccl" else device,
+                       RoundKind.SYNC, 0, 0, 0, lambda: None)
 
     phases = {"pack": pack, "bucketed all-reduce only": comm_only, "unpack + divide": unpack_divide,
-              "control collective": control, "whole round (sync)": opt.sync}
+              "NaN scan": nan_scan, "control collective": control, "whole round (sync)": opt.sync}
     out: dict[str, float] = {}
     for name, fn in phases.items():
         ts = []

@@ -44,7 +44,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .optimizer import STATE_KEY, LocalSGDOptimizer
+from ._state import STATE_KEY
+from .optimizer import LocalSGDOptimizer
 
 __all__ = ["get_state_dict", "set_state_dict"]
 
@@ -77,7 +78,7 @@ def set_state_dict(model: nn.Module, optimizer: LocalSGDOptimizer, state: dict[s
         set_model_state_dict(model, mine["model"])
         set_optimizer_state_dict(model, optimizer.optimizer, mine["optimizer"])
 
-    optimizer._load_around(entry, load_model_and_inner)
+    optimizer.load_local_sgd_entry(entry, load_model_and_inner)
 
 
 def _to_bytes(obj: Any) -> bytes:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from helpers import make_batches, make_model, mse, params_of
+
 
 @torch.no_grad()
 def average_one_by_one(params, group=None) -> None:
@@ -34,3 +36,162 @@ def train_local_sgd_reference(model, inner, k, batches, loss_fn, sync_on_init=Tr
         inner.step()
         if step % k == 0:
             average_one_by_one(params)
+
+
+def reference_rounds(model, inner, batches, rounds, tensors=None):
+    """Plain loop: step on every batch; average the given tensors one by one after the listed steps."""
+    tensors = tensors if tensors is not None else list(model.parameters())
+    broadcast_one_by_one(tensors)
+    for step, (x, y) in enumerate(batches, start=1):
+        inner.zero_grad()
+        mse(model(x), y).backward()
+        inner.step()
+        if step in rounds:
+            average_one_by_one(tensors)
+
+
+def reference_diloco(model, inner, batches, k, outer_factory, warmup=0, wire=None):
+    """Plain loop: global copy; every k steps average (global - local) parameter by parameter,
+    step the outer optimizer with it as .grad, write the global copy into the model."""
+    params = list(model.parameters())
+    broadcast_one_by_one(params)
+    world = dist.get_world_size()
+    global_copy = [p.detach().clone() for p in params]
+    outer = outer_factory(global_copy)
+    for step, (x, y) in enumerate(batches, start=1):
+        inner.zero_grad()
+        mse(model(x), y).backward()
+        inner.step()
+        with torch.no_grad():
+            if step <= warmup:
+                for p in params:
+                    dist.all_reduce(p)
+                    p.div_(world)
+                if step == warmup:
+                    for g, p in zip(global_copy, params):
+                        g.copy_(p)
+            elif (step - warmup) % k == 0:
+                for g, p in zip(global_copy, params):
+                    delta = (g - p) if wire is None else (g - p).to(wire)  # compressed on the wire
+                    dist.all_reduce(delta)
+                    g.grad = delta.to(g.dtype) / world  # widened, then divided at full precision
+                outer.step()
+                for g, p in zip(global_copy, params):
+                    g.grad = None
+                    p.copy_(g)
+
+
+def reference_int8_diloco(model, inner, batches, k, outer_factory):
+    """Plain loop: per parameter, v = (global - local) + residual, per-tensor scale max|v|/127,
+    int8 codes all-gathered one parameter at a time, summed in rank order, residual kept."""
+    params = list(model.parameters())
+    broadcast_one_by_one(params)
+    world = dist.get_world_size()
+    global_copy = [p.detach().clone() for p in params]
+    residuals = [torch.zeros_like(p) for p in params]
+    outer = outer_factory(global_copy)
+    for step, (x, y) in enumerate(batches, start=1):
+        inner.zero_grad()
+        mse(model(x), y).backward()
+        inner.step()
+        if step % k:
+            continue
+        with torch.no_grad():
+            for g, p, e in zip(global_copy, params, residuals):
+                v = (g - p) + e
+                scale = v.abs().max().clamp_min(torch.finfo(torch.float32).tiny) / 127
+                q = torch.round(v / scale).clamp(-127, 127)
+                e.copy_(v - q * scale)
+                codes = [torch.empty_like(q, dtype=torch.int8) for _ in range(world)]
+                scales = [torch.empty(1) for _ in range(world)]
+                dist.all_gather(codes, q.to(torch.int8))
+                dist.all_gather(scales, scale.reshape(1))
+                total = torch.zeros_like(v)
+                for c, s in zip(codes, scales):
+                    total.add_(c.float() * s)
+                g.grad = total / world
+            outer.step()
+            for g, p in zip(global_copy, params):
+                g.grad = None
+                p.copy_(g)
+
+
+def reference_overlapped(model, inner, batches, k, tau, mix, outer_factory):
+    """Plain loop: at step r (r % k == 0) snapshot global - local per parameter and all-reduce
+    it (blocking: the result is only used later); at r + tau: outer step with the mean, then
+    p <- mix * p + (1 - mix) * global."""
+    params = list(model.parameters())
+    broadcast_one_by_one(params)
+    world = dist.get_world_size()
+    global_copy = [p.detach().clone() for p in params]
+    outer = outer_factory(global_copy)
+    pending = None
+    for step, (x, y) in enumerate(batches, start=1):
+        inner.zero_grad()
+        mse(model(x), y).backward()
+        inner.step()
+        with torch.no_grad():
+            if step % k == 0:
+                pending = []
+                for g, p in zip(global_copy, params):
+                    d = g - p
+                    dist.all_reduce(d)
+                    pending.append(d / world)
+            if pending is not None and step % k == tau:
+                for g, d in zip(global_copy, pending):
+                    g.grad = d
+                outer.step()
+                for g, p in zip(global_copy, params):
+                    g.grad = None
+                    p.lerp_(g, 1.0 - mix)
+                pending = None
+
+
+def reference_join(counts, k, rank):
+    """Plain loops: after a rank runs out it sends zeros; each round divides by the ranks still training."""
+    batches = make_batches(counts[rank])
+    model = make_model(seed=0)
+    inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    params = list(model.parameters())
+    for step in range(1, max(counts) + 1):
+        if step <= counts[rank]:
+            x, y = batches[step - 1]
+            inner.zero_grad()
+            mse(model(x), y).backward()
+            inner.step()
+        if step % k == 0:
+            active = sum(1 for c in counts if c >= step)
+            with torch.no_grad():
+                for p in params:
+                    if step > counts[rank]:
+                        p.zero_()
+                    dist.all_reduce(p)
+                    p.div_(active)
+    return params_of(model)
+
+
+def reference_events(period_at, warmup, local_k, overlap_steps, steps):
+    """(step, event name) for steps 1..steps, from the definitions, one step at a time.
+
+    Warmup steps each average; after warmup, global rounds fall at ``r_{i+1} = r_i +
+    period_at(r_i + 1)`` from ``r_0 = warmup``; an overlapped round lands ``overlap_steps``
+    after its launch; hierarchical rounds every ``local_k`` steps after warmup, unless a
+    global round (or a landing) takes the step.
+    """
+    rounds, r = set(), warmup
+    while r <= steps:
+        r += period_at(r + 1)
+        rounds.add(r)
+    out = []
+    for s in range(1, steps + 1):
+        if s <= warmup:
+            out.append((s, "WARMUP_ROUND"))
+            if s == warmup:
+                out.append((s, "WARMUP_END"))
+        elif s in rounds:
+            out.append((s, "GLOBAL_ROUND"))
+        elif overlap_steps and s - overlap_steps in rounds:
+            out.append((s, "LAND"))
+        elif local_k and (s - warmup) % local_k == 0:
+            out.append((s, "LOCAL_ROUND"))
+    return out

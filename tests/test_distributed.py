@@ -11,21 +11,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from helpers import INNER, make_batches, make_model, mse, params_of, train_wrapped
+from helpers import INNER, assert_same, make_batches, make_model, mse, params_of, train_wrapped
 from localsgd_optim import LayoutMismatchError, LocalSGDOptimizer, no_sync
-from reference import average_one_by_one, train_local_sgd_reference
+from reference import average_one_by_one, reference_join, train_local_sgd_reference
 
 SMALL_CAP_MB = 0.01  # ~2.6k fp32 elements: several buckets plus an in-place one
-
-
-def assert_same(actual, expected, exact, rtol=1e-5, atol=1e-6):
-    """Bit-for-bit when ``exact``; else within float rounding (a wrong divisor is off by >30%)."""
-    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-        assert a.dtype == e.dtype and a.shape == e.shape, f"parameter {i}"
-        if exact:  # zero tolerance; a NaN matches only a NaN in the same place
-            torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True, msg=f"parameter {i} differs")
-        else:
-            torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=f"parameter {i}")
 
 
 # -- parity with the reference --------------------------------------------------------------
@@ -665,35 +655,12 @@ def test_checkpoint_saved_at_one_world_size_loads_at_another(ranks):
 BATCHES_PER_RANK = {2: [10, 13], 3: [10, 13, 12]}
 
 
-def _join_reference(counts, k, rank):
-    """Plain loops: after a rank runs out it sends zeros; each round divides by the ranks still training."""
-    batches = make_batches(counts[rank])
-    model = make_model(seed=0)
-    inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    params = list(model.parameters())
-    for step in range(1, max(counts) + 1):
-        if step <= counts[rank]:
-            x, y = batches[step - 1]
-            inner.zero_grad()
-            mse(model(x), y).backward()
-            inner.step()
-        if step % k == 0:
-            active = sum(1 for c in counts if c >= step)
-            with torch.no_grad():
-                for p in params:
-                    if step > counts[rank]:
-                        p.zero_()
-                    dist.all_reduce(p)
-                    p.div_(active)
-    return params_of(model)
-
-
 def _join_run(with_ddp):
     from torch.distributed.algorithms import Join
 
     world, rank, k = dist.get_world_size(), dist.get_rank(), 4
     counts = BATCHES_PER_RANK[world]
-    ref = _join_reference(counts, k, rank)
+    ref = reference_join(counts, k, rank)
     net = make_model(seed=0)
     model = nn.parallel.DistributedDataParallel(net) if with_ddp else net
     opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), k=k)
@@ -750,7 +717,7 @@ def _local_failure_on_one_rank():
     train_wrapped(model, opt, make_batches(1))
     before = params_of(model)
     boom = torch.OutOfMemoryError("out of memory allocating the bucket buffers")
-    patch = mock.patch.object(opt._comm.engine, "prepare", side_effect=boom) if dist.get_rank() == 0 \
+    patch = mock.patch.object(opt.engine, "prepare", side_effect=boom) if dist.get_rank() == 0 \
         else contextlib.nullcontext()
     with patch, pytest.raises((torch.OutOfMemoryError, LocalSGDError)) as info:
         train_wrapped(model, opt, make_batches(1))  # step 2: the round

@@ -3,33 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# torch 2.13's gloo sometimes aborts a rank in its C++ teardown, after the script finished
-# (also with plain DDP and no localsgd_optim: ~2/10 runs under load here). Only that exact
-# signature earns one retry; any other failure, or the same one twice, fails the test.
-TEARDOWN_ABORT = "terminate called without an active exception"
-
-
-def run(cmd: list[str], timeout: int = 240) -> str:
-    """Run ``cmd`` from the repository root; retry once only on the gloo teardown abort."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for attempt in range(2):
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        if done.returncode == 0 or TEARDOWN_ABORT not in done.stderr or attempt == 1:
-            break
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
-
-
-def torchrun(*args: str, nproc: int = 2) -> str:
-    return run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *args])
+from helpers import torchrun
 
 
 def test_minimal_example_runs_and_ends_in_sync():

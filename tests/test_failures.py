@@ -21,7 +21,7 @@ from typing import Sequence
 
 import pytest
 
-from test_examples import ROOT, TEARDOWN_ABORT
+from helpers import ROOT, TEARDOWN_ABORT
 
 PG_TIMEOUT_S = 10.0  # the process group's timeout: a dead rank is reported well within it, a hung one at it
 FAIL_AFTER_STEP = 6  # the last rank SIGKILLs (or SIGSTOPs) itself after this step ...

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from test_examples import ROOT, run
+from helpers import ROOT, run
 
 SCRIPTS = ROOT / "tests" / "scripts"
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from helpers import assert_state_equal
 from localsgd_optim import LocalSGDOptimizer, diloco, slowmo
 
 FIXTURE = Path(__file__).parent / "fixtures" / "golden_v1.pt"
@@ -142,25 +143,6 @@ def _replay(name: str, old_checkpoint: bytes) -> dict[str, Any]:
     return got
 
 
-def _assert_identical(got: Any, want: Any, where: str) -> None:
-    """Same structure, same keys, tensors equal bit for bit (dtype and shape included)."""
-    assert type(got) is type(want) or (isinstance(got, (list, tuple)) and isinstance(want, (list, tuple))), \
-        f"{where}: {type(got).__name__} != {type(want).__name__}"
-    if isinstance(want, torch.Tensor):
-        assert got.dtype == want.dtype and got.shape == want.shape, f"{where}: {got.dtype}{got.shape}"
-        assert torch.equal(got, want), f"{where}: values differ"
-    elif isinstance(want, dict):
-        assert list(got.keys()) == list(want.keys()), f"{where}: keys {list(got)} != {list(want)}"
-        for key in want:
-            _assert_identical(got[key], want[key], f"{where}[{key!r}]")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), f"{where}: length {len(got)} != {len(want)}"
-        for i, (g, w) in enumerate(zip(got, want)):
-            _assert_identical(g, w, f"{where}[{i}]")
-    else:
-        assert got == want, f"{where}: {got!r} != {want!r}"
-
-
 @pytest.fixture(scope="module")
 def golden() -> dict[str, Any]:
     return torch.load(FIXTURE, weights_only=True)
@@ -172,11 +154,11 @@ def test_golden_numerics_and_checkpoints(request, golden, name, world):
     recorded = golden[f"{name}/{world}"]
     results = run(_replay_rank, name, [r["checkpoint"] for r in recorded])
     for rank, (got, want) in enumerate(zip(results, recorded)):
-        _assert_identical(got["final"], want["final"], f"rank {rank} final parameters")
-        _assert_identical(got["resumed"], want["final"], f"rank {rank} resumed from the old checkpoint")
+        assert_state_equal(got["final"], want["final"], f"rank {rank} final parameters")
+        assert_state_equal(got["resumed"], want["final"], f"rank {rank} resumed from the old checkpoint")
         new = torch.load(io.BytesIO(got["checkpoint"]), weights_only=True)
         old = torch.load(io.BytesIO(want["checkpoint"]), weights_only=True)
-        _assert_identical(new, old, f"rank {rank} checkpoint at step {STOP}")
+        assert_state_equal(new, old, f"rank {rank} checkpoint at step {STOP}")
 
 
 def _replay_rank(name: str, checkpoints: list[bytes]) -> dict[str, Any]:

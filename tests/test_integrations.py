@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from helpers import make_batches, make_model, mse, params_of
 from localsgd_optim import LocalSGDOptimizer
-from test_distributed import assert_same
+from helpers import assert_same
 
 
 def _compiled_training():

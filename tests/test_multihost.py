@@ -11,11 +11,10 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from test_examples import ROOT, torchrun
+from helpers import ROOT, torchrun
 
 SLOW_LINK = ROOT / "examples" / "slow_link.sh"
 

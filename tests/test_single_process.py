@@ -13,6 +13,7 @@ from torch import nn
 import localsgd_optim
 from helpers import make_batches, make_model, mse, params_of, train_wrapped
 from localsgd_optim import LocalSGDOptimizer, no_sync
+from localsgd_optim._binding import first_nonfinite
 
 
 def wrap(model, k=4, **kw):
@@ -313,14 +314,14 @@ def test_grad_scaler_with_fused_inner_optimizer_matches_plain():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_nonfinite_detector_finds_nan_and_both_infinities(bad):
     params = [torch.ones(3), torch.ones(2, dtype=torch.bfloat16), torch.ones(4), torch.ones(5, dtype=torch.bfloat16)]
-    assert LocalSGDOptimizer._first_nonfinite(params) == -1
+    assert first_nonfinite(params) == -1
     params[3][1] = bad
-    assert LocalSGDOptimizer._first_nonfinite(params) == 3
+    assert first_nonfinite(params) == 3
     params[2][0] = bad
-    assert LocalSGDOptimizer._first_nonfinite(params) == 2  # the first one, across dtype groups
+    assert first_nonfinite(params) == 2  # the first one, across dtype groups
 
 
 def test_nonfinite_detector_has_no_false_positive_on_large_fp16_sums():
     # an fp16 sum overflows at 65504: healthy half-precision models must not be flagged
     params = [torch.ones(70000, dtype=torch.float16), torch.full((512, 512), 0.5, dtype=torch.float16)]
-    assert LocalSGDOptimizer._first_nonfinite(params) == -1
+    assert first_nonfinite(params) == -1

@@ -1,4 +1,4 @@
-"""Algorithms I: post-local warmup, period schedules, buffer averaging.
+"""Plain-average rounds: post-local warmup, period schedules, buffer averaging, hierarchical (local) rounds.
 
 Each option is checked against a reference that averages parameter by parameter at an
 explicitly listed set of steps, and resumed mid-period from a checkpoint.
@@ -12,22 +12,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from helpers import make_batches, make_model, mse, params_of, resume_run, train_wrapped
+from helpers import assert_same, make_batches, make_model, mse, params_of, resume_run, train_wrapped
 from localsgd_optim import LocalSGDOptimizer, Schedule
-from reference import average_one_by_one, broadcast_one_by_one
-from test_distributed import assert_same
-
-
-def reference_rounds(model, inner, batches, rounds, tensors=None):
-    """Plain loop: step on every batch; average the given tensors one by one after the listed steps."""
-    tensors = tensors if tensors is not None else list(model.parameters())
-    broadcast_one_by_one(tensors)
-    for step, (x, y) in enumerate(batches, start=1):
-        inner.zero_grad()
-        mse(model(x), y).backward()
-        inner.step()
-        if step in rounds:
-            average_one_by_one(tensors)
+from reference import average_one_by_one, broadcast_one_by_one, reference_rounds
 
 
 def sgd(params):

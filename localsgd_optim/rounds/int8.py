@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ._buckets import plan_buckets
+from .._buckets import plan_buckets
+from .._state import check_tensor_list
+from .base import Reducer, RoundContext
 
-__all__ = ["Int8Averager"]
+__all__ = ["Int8Reducer"]
 
 
-class Int8Averager:
+class Int8Reducer(Reducer):
     """Average tensors across ranks sending 1 byte per element, with error feedback.
 
     Each tensor ``v = x + residual`` is quantized with its own scale ``max|v| / 127`` (a
@@ -38,7 +40,10 @@ class Int8Averager:
         self._buffers: dict[str, torch.Tensor] = {}
         self._world = 0
 
-    def prepare(self, world: int) -> None:
+    def prepare(self, ctx: RoundContext) -> None:
+        self._allocate(ctx.size)
+
+    def _allocate(self, world: int) -> None:
         if self._world == world and self._buffers:
             return
         device = self.residuals[0].device if self.residuals else torch.device("cpu")
@@ -57,10 +62,10 @@ class Int8Averager:
         self._world = world
 
     @torch.no_grad()
-    def average(self, tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None,
-                contributors: int, send_zeros: bool = False) -> None:
+    def reduce(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
+        tensors, group = ctx.params, ctx.group
         world = dist.get_world_size(group)
-        self.prepare(world)  # a no-op when the round already prepared
+        self._allocate(world)  # a no-op when the round already prepared
         buf = self._buffers
         for bucket in self.buckets:
             n, m = bucket.numel, len(bucket.indices)
@@ -68,7 +73,7 @@ class Int8Averager:
             for j, (i, off) in enumerate(zip(bucket.indices, bucket.offsets)):
                 k = self.residuals[i].numel()
                 v, q = buf["v"][:k], buf["q"][:k]
-                if send_zeros or k == 0:
+                if joined or k == 0:
                     v.zero_()
                 else:
                     v.copy_(tensors[i].reshape(-1))
@@ -79,7 +84,7 @@ class Int8Averager:
                 q.round_().clamp_(-127, 127)
                 codes[off:off + k].copy_(q)
                 scales[j] = scale
-                if not send_zeros and k:
+                if not joined and k:
                     self.residuals[i].view(-1).copy_(v.sub_(q.mul_(scale)))  # v - codes * scale
             all_codes, all_scales = buf["all_codes"][:world * n], buf["all_scales"][:world * m]
             works = [dist.all_gather_into_tensor(all_codes, codes, group=group, async_op=True),
@@ -96,24 +101,22 @@ class Int8Averager:
                     total.add_(q.mul_(all_scales[r, j]))
                 tensors[i].copy_(total.div_(contributors).view(tensors[i].shape))
 
-    def state_dict(self) -> list[torch.Tensor]:
-        return list(self.residuals)
+    def state(self, entry: dict[str, Any]) -> None:
+        entry["int8_residuals"] = list(self.residuals)
 
-    def check(self, residuals: object) -> None:
-        if not isinstance(residuals, (list, tuple)) or len(residuals) != len(self.residuals) or any(
-            not isinstance(r, torch.Tensor) or r.shape != s.shape for r, s in zip(residuals, self.residuals)
-        ):
-            raise ValueError(
-                "state_dict['local_sgd']['int8_residuals'] must hold one tensor per parameter, same "
-                "shapes; pass a state dict saved by a LocalSGDOptimizer with compression='int8'"
-            )
+    def check_state(self, entry: dict[str, Any] | None) -> None:
+        residuals = entry.get("int8_residuals") if isinstance(entry, dict) else None
+        if residuals is not None:
+            check_tensor_list(residuals, self.residuals, "'int8_residuals'",
+                              "one tensor per parameter, same shapes; pass a state dict saved by a "
+                              "LocalSGDOptimizer with compression='int8'")
 
     @torch.no_grad()
-    def load_state_dict(self, residuals: Sequence[torch.Tensor] | None) -> None:
+    def load_state(self, entry: dict[str, Any] | None) -> None:
+        residuals = entry.get("int8_residuals") if isinstance(entry, dict) else None
         if residuals is None:  # saved without int8: error feedback starts from zero
             for r in self.residuals:
                 r.zero_()
             return
-        self.check(residuals)
         for mine, saved in zip(self.residuals, residuals):
             mine.copy_(saved)

@@ -1,0 +1,161 @@
+"""Binding to a process group, and the control collective that opens every round."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ._buckets import BucketEngine, bucket_cap_bytes
+from ._dist import (
+    AveragingRoundError,
+    LocalSGDError,
+    RoundKind,
+    agree_on_round,
+    check_ranks_agree,
+    describe_tensor,
+    fingerprint,
+)
+
+__all__ = ["Members", "Binding", "first_nonfinite"]
+
+
+class Members:
+    """What a round averages, read afresh each time: the parameters, then floating buffers.
+
+    Args:
+        owner: the optimizer whose current ``param_groups`` are read (``load_state_dict`` rebinds them).
+        buffers_module: the module whose floating-point buffers are averaged too, or ``None``.
+    """
+
+    def __init__(self, owner: Any, buffers_module: nn.Module | None) -> None:
+        self._owner = owner
+        self.buffers_module = buffers_module
+
+    def params(self) -> list[torch.Tensor]:
+        return [p for group in self._owner.param_groups for p in group["params"]]
+
+    def buffers(self) -> list[tuple[str, torch.Tensor]]:
+        # Collected afresh each round: module.to() rebinds buffer objects. Integer buffers
+        # (BatchNorm's num_batches_tracked) count steps identically on every rank: left alone.
+        if self.buffers_module is None:
+            return []
+        return [(n, b) for n, b in self.buffers_module.named_buffers()
+                if b.is_floating_point() or b.is_complex()]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Everything a round averages, in a rank-independent order: parameters, then buffers."""
+        return self.params() + [b for _, b in self.buffers()]
+
+    def names(self) -> list[str]:
+        names = []
+        for g, group in enumerate(self._owner.param_groups):
+            given = group.get("param_names")
+            for i in range(len(group["params"])):
+                where = f"param group {g}, index {i}"
+                names.append(f"parameter {given[i]!r} ({where})" if given else f"parameter ({where})")
+        return names + [f"buffer {n!r}" for n, _ in self.buffers()]
+
+    def layout(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        return [describe_tensor(t) for t in self.tensors()]
+
+    def check_averageable(self) -> None:
+        for name, p in zip(self.names(), self.tensors()):
+            if not (p.is_floating_point() or p.is_complex()):
+                raise TypeError(
+                    f"{name} has dtype {p.dtype}: only floating-point and complex parameters can be "
+                    "averaged; remove it from the optimizer or register it as a buffer"
+                )
+
+
+class Binding:
+    """A bound process group: its bucket engine, where the control tensor lives, the layout digest.
+
+    Args:
+        group: the ranks averaged over (``None``: the default group).
+        world_size: ranks in ``group``.
+        members: the tensors averaged.
+        settings: returns what every rank must agree on (folded into the digest).
+        bucket_cap_mb: the largest bucket.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, world_size: int, members: Members,
+                 settings: Callable[[], dict[str, Any]], bucket_cap_mb: float) -> None:
+        members.check_averageable()  # local and before any collective: every rank raises alike
+        tensors = members.tensors()
+        self.group = group
+        self.world_size = world_size
+        self.members = members
+        self.settings = settings
+        self.engine = BucketEngine(tensors, bucket_cap_bytes(bucket_cap_mb))
+        nccl = dist.get_backend(group) == "nccl"
+        # NCCL needs the tiny control tensor on the GPU
+        self.control_device = tensors[0].device if nccl and tensors else torch.device("cpu")
+        self.digest = self._digest()
+
+    def _digest(self) -> int:
+        return fingerprint(self.settings(), self.members.layout())
+
+    def _explain_layout(self) -> None:
+        check_ranks_agree(self.group, self.settings(), self.members.layout(), self.members.names())
+
+    def control(self, kind: RoundKind, num_steps: int, start_steps: int, prepare: Callable[[], None],
+                check_finite: bool, joined: bool = False, group: Any = None) -> int:
+        """Prepare locally, then run the round's control collective; return how many ranks send data.
+
+        Everything that can fail locally (re-planning, ``prepare``, the NaN scan) happens before
+        the gather, and a failure is announced in it: no rank is ever left waiting in a data
+        collective, and a disagreement raises on every rank before any data moves.
+        """
+        nonfinite, local_error = -1, None
+        try:
+            if self.engine.refresh(self.members.tensors()):  # storage moved or buffers rebound
+                self.digest = self._digest()
+            prepare()
+            if check_finite and kind != RoundKind.BIND and not joined:
+                nonfinite = first_nonfinite(self.engine.tensors)
+        except Exception as e:  # noqa: BLE001 - re-raised on this rank right after the gather
+            local_error = e
+        return agree_on_round(self.group if group is None else group, self.control_device, kind, num_steps,
+                              start_steps, self.digest, self._explain_layout, nonfinite, self.members.names,
+                              joined, local_error)
+
+    @contextlib.contextmanager
+    def errors(self, what: str) -> Iterator[None]:
+        """Re-raise a communication failure as AveragingRoundError saying which round; pass the rest."""
+        try:
+            yield
+        except (LocalSGDError, torch.OutOfMemoryError, NotImplementedError):
+            raise
+        except RuntimeError as e:  # gloo/NCCL errors: a dead peer, a broken link, a timeout
+            raise AveragingRoundError(
+                f"LocalSGDOptimizer: {what} failed on rank {dist.get_rank(self.group)} of {self.world_size}: "
+                f"{type(e).__name__}: {e}. If a rank died, restart the job from the last checkpoint "
+                "(see 'Failure modes' in the README)."
+            ) from e
+
+
+@torch.no_grad()
+def first_nonfinite(tensors: Sequence[torch.Tensor]) -> int:
+    """Index of this rank's first tensor holding NaN/Inf, or -1.
+
+    A sum propagates NaN and +-Inf (a max would miss -Inf): one reduction per tensor,
+    one ``isfinite`` and host sync per (device, dtype).
+    """
+    first = -1
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(tensors):
+        groups.setdefault((p.device, p.dtype), []).append(i)
+    for (_, dtype), indices in groups.items():
+        # accumulate narrow types wide: an fp16 sum overflows at 65504 on healthy values
+        acc = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
+               torch.complex32: torch.complex64}.get(dtype)
+        finite = torch.stack([tensors[i].sum(dtype=acc) for i in indices]).isfinite()
+        bad = (~finite).nonzero()
+        if bad.numel():
+            i = indices[int(bad[0])]
+            first = i if first < 0 else min(first, i)
+    return first

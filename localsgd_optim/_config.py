@@ -1,0 +1,160 @@
+"""The constructor's arguments, validated once into an immutable :class:`Config`."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+
+from ._outer import OuterFactory
+from ._schedule import PeriodSpec, Schedule
+
+__all__ = ["Config", "plain_average_outer"]
+
+#: compression name -> the dtype pseudo-gradients travel in (int8 has its own reducer)
+WIRE_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "bf16": torch.bfloat16, "int8": None}
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def plain_average_outer(params: list[torch.Tensor]) -> Optimizer:
+    """global - mean(global - local) = mean(local): averaging, through (compressible) deltas."""
+    return torch.optim.SGD(params, lr=1.0)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a :class:`~localsgd_optim.LocalSGDOptimizer`, checked.
+
+    ``outer_optimizer`` is already resolved: ``compression`` and ``overlap_steps`` need a
+    global copy, so without an explicit outer optimizer they get the plain-average one.
+    """
+
+    schedule: Schedule
+    process_group: dist.ProcessGroup | None
+    bucket_cap_mb: float
+    sync_on_init: bool
+    local_k: int  # 0: no hierarchical rounds
+    local_group: dist.ProcessGroup | None
+    buffers: nn.Module | None
+    outer_optimizer: OuterFactory | None
+    compression: str | None
+    overlap_steps: int
+    overlap_mix: float
+    check_finite: bool
+
+    @classmethod
+    def from_args(cls, optimizer: Any, k: PeriodSpec, *, process_group: Any, bucket_cap_mb: Any,
+                  sync_on_init: bool, warmup_steps: Any, local_k: Any, local_group: Any, buffers: Any,
+                  outer_optimizer: Any, compression: Any, overlap_steps: Any, overlap_mix: Any,
+                  check_finite: bool) -> "Config":
+        """Check the arguments in a fixed order; the first bad one raises, naming it and the fix."""
+        _check_optimizer(optimizer)
+        if (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real)
+                or not math.isfinite(bucket_cap_mb) or bucket_cap_mb <= 0):
+            raise ValueError(f"bucket_cap_mb must be a finite number > 0 (MiB), got {bucket_cap_mb!r}")
+        _reject_sharded(optimizer)
+        if buffers is not None and not isinstance(buffers, nn.Module):
+            raise TypeError(
+                f"buffers must be the nn.Module whose buffers to average (e.g. buffers=model), "
+                f"got {type(buffers).__name__}"
+            )
+        schedule = Schedule(k, warmup_steps)
+        if outer_optimizer is not None and not callable(outer_optimizer):
+            raise TypeError(
+                "outer_optimizer must be a callable mapping a list of tensors to an Optimizer, e.g. "
+                f"localsgd_optim.diloco(), got {type(outer_optimizer).__name__}"
+            )
+        _check_compression(optimizer, compression, buffers)
+        _check_overlap(overlap_steps, overlap_mix, compression, local_k)
+        if (compression is not None or overlap_steps) and outer_optimizer is None:
+            outer_optimizer = plain_average_outer  # compressed deltas need a global copy
+        if outer_optimizer is not None and not sync_on_init:
+            raise ValueError(
+                "outer_optimizer needs sync_on_init=True: the global copy must start identical on "
+                "every rank, got sync_on_init=False"
+            )
+        if (local_k is None) != (local_group is None):
+            raise ValueError(
+                "local_k and local_group go together (hierarchical averaging), got "
+                f"local_k={local_k!r}, local_group={local_group!r}; pass both or neither"
+            )
+        if local_k is not None and not (_is_int(local_k) and local_k >= 1):
+            raise ValueError(f"local_k must be an integer >= 1, got {local_k!r}")
+        return cls(schedule=schedule, process_group=process_group, bucket_cap_mb=float(bucket_cap_mb),
+                   sync_on_init=bool(sync_on_init), local_k=int(local_k) if local_k is not None else 0,
+                   local_group=local_group, buffers=buffers, outer_optimizer=outer_optimizer,
+                   compression=compression, overlap_steps=int(overlap_steps),
+                   overlap_mix=float(overlap_mix), check_finite=bool(check_finite))
+
+    @property
+    def wire_dtype(self) -> torch.dtype | None:
+        return WIRE_DTYPES[self.compression]
+
+    def settings(self, outer: Optimizer | None) -> dict[str, Any]:
+        """What every rank must agree on (``outer``: the built outer optimizer, if any)."""
+        return {"k": self.schedule.description, "warmup_steps": self.schedule.warmup_steps,
+                "local_k": self.local_k, "bucket_cap_mb": self.bucket_cap_mb,
+                "compression": self.compression,
+                "outer_optimizer": None if outer is None else
+                f"{type(outer).__name__}{sorted(outer.defaults.items())}",
+                "overlap": [self.overlap_steps, self.overlap_mix]}
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            "optimizer must be a torch.optim.Optimizer instance, e.g. "
+            f"torch.optim.AdamW(model.parameters()), got {type(optimizer).__name__}: {optimizer!r}"
+        )
+    from .optimizer import LocalSGDOptimizer  # imported here: the optimizer module imports this one
+
+    if isinstance(optimizer, LocalSGDOptimizer):
+        raise TypeError("optimizer is already a LocalSGDOptimizer; wrap the inner optimizer once")
+
+
+def _check_compression(optimizer: Optimizer, compression: Any, buffers: Any) -> None:
+    if compression not in WIRE_DTYPES:
+        raise ValueError(f"compression must be None, 'bf16' or 'int8', got {compression!r}")
+    if compression is not None and any(p.is_complex() for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError(f"compression={compression!r} does not support complex parameters yet")
+    if compression is not None and buffers is not None:
+        raise ValueError(
+            f"compression={compression!r} with buffers= is not supported: buffers are absolute "
+            "values, not deltas, and would be rounded; average buffers without compression"
+        )
+
+
+def _check_overlap(overlap_steps: Any, overlap_mix: Any, compression: Any, local_k: Any) -> None:
+    if not (_is_int(overlap_steps) and overlap_steps >= 0):
+        raise ValueError(f"overlap_steps must be an integer >= 0, got {overlap_steps!r}")
+    if not isinstance(overlap_mix, numbers.Real) or not 0.0 <= overlap_mix <= 1.0:
+        raise ValueError(f"overlap_mix must be a number in [0, 1], got {overlap_mix!r}")
+    if overlap_steps and compression is not None:
+        raise ValueError("overlap_steps with compression is not supported yet; pass one of them")
+    if overlap_steps and local_k is not None:
+        raise ValueError("overlap_steps with hierarchical averaging (local_k) is not supported yet")
+
+
+def _reject_sharded(optimizer: Optimizer) -> None:
+    """FSDP / DTensor parameters hold shards: averaging them as whole tensors would be wrong."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        DTensor = ()  # type: ignore[assignment,misc]
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            if isinstance(p, DTensor) or type(p).__name__ == "FlatParameter":
+                raise TypeError(
+                    f"parameter (param group {g}, index {i}) is a {type(p).__name__}: FSDP, DTensor and "
+                    "tensor-parallel parameters are sharded, which LocalSGDOptimizer does not support; "
+                    "use it with DDP or plain modules"
+                )

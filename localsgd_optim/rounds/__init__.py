@@ -1,0 +1,76 @@
+"""Round strategies, one module each, and the one function that picks them from the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._buckets import bucket_cap_bytes
+from .._config import Config
+from .._dist import RoundKind
+from .._outer import OuterState
+from .._schedule import Cursor
+from .average import AverageRound
+from .base import Reducer, Round, RoundContext
+from .int8 import Int8Reducer
+from .outer import CastReducer, OuterRound
+from .overlap import OverlapRound
+
+__all__ = ["RoundTable", "build_rounds", "Round", "RoundContext", "Reducer"]
+
+
+@dataclass(frozen=True)
+class RoundTable:
+    """The round run for each event. Only :attr:`scheduled` may hold state (a global copy)."""
+
+    warmup: Round  #: a synchronous warmup step
+    sync: Round  #: an explicit ``sync()``: always a plain average
+    scheduled: Round  #: a global round after warmup: plain, outer, compressed or overlapped
+    local: Round | None  #: a hierarchical round within the local group
+
+    @property
+    def per_parameter_state(self) -> bool:
+        return self.scheduled.per_parameter_state
+
+    def outer_optimizer(self) -> torch.optim.Optimizer | None:
+        return self.scheduled.outer_optimizer()
+
+    def restart(self, params: list[torch.Tensor]) -> None:
+        self.scheduled.restart(params)
+
+    def state(self, entry: dict[str, Any]) -> None:
+        self.scheduled.state(entry)
+
+    def check_state(self, entry: dict[str, Any] | None) -> None:
+        self.scheduled.check_state(entry)
+
+    def load_state(self, entry: dict[str, Any] | None, params: list[torch.Tensor]) -> None:
+        self.scheduled.load_state(entry, params)
+
+
+def build_rounds(config: Config, params: list[torch.Tensor]) -> tuple[Cursor, RoundTable]:
+    """The schedule's cursor and the round table for ``config`` (the only reader of its variant options).
+
+    ``params`` are the parameters at construction: a global copy is cloned from them.
+    """
+    cap = bucket_cap_bytes(config.bucket_cap_mb)
+    scheduled: Round = AverageRound(RoundKind.SCHEDULED)
+    if config.outer_optimizer is not None:
+        outer = OuterState(params, config.outer_optimizer)
+        if config.overlap_steps:
+            scheduled = OverlapRound(outer, params, cap, config.overlap_steps, config.overlap_mix)
+        elif config.compression == "int8":
+            scheduled = OuterRound(outer, Int8Reducer(params, cap))
+        elif config.wire_dtype is not None:
+            scheduled = OuterRound(outer, CastReducer(config.wire_dtype))
+        else:
+            scheduled = OuterRound(outer, Reducer())
+    table = RoundTable(
+        warmup=AverageRound(RoundKind.SCHEDULED),
+        sync=AverageRound(RoundKind.SYNC),
+        scheduled=scheduled,
+        local=AverageRound(RoundKind.LOCAL, local=True) if config.local_k else None,
+    )
+    return Cursor(config.schedule, config.local_k, config.overlap_steps), table

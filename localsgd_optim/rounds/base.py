@@ -1,0 +1,116 @@
+"""The protocol every round strategy follows: prepare, run, and its share of the checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from .._buckets import BucketEngine
+from .._dist import RoundKind
+
+__all__ = ["RoundContext", "Reducer", "Round"]
+
+
+@dataclass
+class RoundContext:
+    """What one round works on; made afresh for each round.
+
+    Attributes:
+        params: the parameters, in the wrapper's order.
+        names: returns readable names of ``params`` (then of averaged buffers), for errors.
+        engine: the bucket engine over the parameters and averaged buffers.
+        group: the ranks of this round (the local group for hierarchical rounds).
+        size: how many ranks ``group`` has.
+        step: the step count at this round.
+    """
+
+    params: list[torch.Tensor]
+    names: Callable[[], list[str]]
+    engine: BucketEngine
+    group: dist.ProcessGroup | None
+    size: int
+    step: int
+
+
+class Reducer:
+    """Replaces tensors by their mean across ranks, in place: plain, cast for the wire, or int8.
+
+    :meth:`prepare` allocates (before the round's control collective, so nothing can fail
+    locally once data moves); :meth:`reduce` runs the collectives over ``contributors``
+    ranks (ranks that joined send zeros). The default reduces every tensor of the engine.
+    """
+
+    def prepare(self, ctx: RoundContext) -> None:
+        ctx.engine.prepare()
+
+    def reduce(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
+        ctx.engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined)
+
+    # A reducer with state (int8's error feedback) saves it in the Local SGD entry.
+    def state(self, entry: dict[str, Any]) -> None:
+        pass
+
+    def check_state(self, entry: dict[str, Any]) -> None:
+        pass
+
+    def load_state(self, entry: dict[str, Any] | None) -> None:
+        pass
+
+
+class Round:
+    """One strategy for a round. The optimizer drives every round the same way:
+
+    1. :meth:`prepare`: local work only (allocate, check compatibility); it may raise, and the
+       error is announced in the control collective, so every rank raises;
+    2. the control collective (same step? same layout? NaN? who joined?);
+    3. :meth:`run`: the collectives, in place; on a failure it leaves the parameters as
+       they were before the data phase where it can (a global copy), then re-raises.
+
+    In a single process :meth:`alone` runs instead. A round's state goes into the Local SGD
+    entry of the checkpoint through :meth:`state`; :meth:`check_state` validates an entry
+    before anything is loaded, and :meth:`load_state` loads it.
+    """
+
+    #: what the control collective says this round is
+    kind: RoundKind = RoundKind.SCHEDULED
+    #: runs over the hierarchical local group instead of the whole group
+    local: bool = False
+    #: keeps per-parameter state (a global copy), so parameter groups cannot be added later
+    per_parameter_state: bool = False
+
+    def describe(self, step: int) -> str:
+        return f"{self.kind.description} at step {step}"
+
+    def outer_optimizer(self) -> torch.optim.Optimizer | None:
+        """The outer optimizer, if any: its type and defaults go into the cross-rank settings check."""
+        return None
+
+    def prepare(self, ctx: RoundContext) -> None:
+        raise NotImplementedError
+
+    def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
+        raise NotImplementedError
+
+    def wait(self) -> None:
+        """Phase two of a delayed round, first half: complete its collectives (the default has none)."""
+
+    def land(self, params: list[torch.Tensor], names: list[str]) -> None:
+        """Phase two of a delayed round, second half: apply what :meth:`wait` completed."""
+
+    def alone(self, params: list[torch.Tensor]) -> None:
+        """The round in a world of one: nothing to average."""
+
+    def restart(self, params: list[torch.Tensor]) -> None:
+        """The replicas were just made equal (binding, end of warmup): a global copy restarts here."""
+
+    def state(self, entry: dict[str, Any]) -> None:
+        pass
+
+    def check_state(self, entry: dict[str, Any] | None) -> None:
+        pass
+
+    def load_state(self, entry: dict[str, Any] | None, params: list[torch.Tensor]) -> None:
+        pass

@@ -1,0 +1,102 @@
+"""Outer rounds (DiLoCo, SlowMo, and averaging through compressible deltas)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from .._outer import OuterState
+from .base import Reducer, Round, RoundContext
+
+__all__ = ["OuterRound", "CastReducer"]
+
+
+class CastReducer(Reducer):
+    """Wraps the plain reducer so each bucket travels as ``dtype`` (e.g. bfloat16): fewer bytes.
+
+    Buckets are cast on their way into the packing buffer and widened on the way back; the
+    division by the number of ranks happens after widening, at full precision.
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def prepare(self, ctx: RoundContext) -> None:
+        ctx.engine.prepare(self.dtype)
+
+    def reduce(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
+        ctx.engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined, wire_dtype=self.dtype)
+
+
+class OuterRound(Round):
+    """A blocking outer round: pseudo-gradients ``global - local``, averaged, step the global copy.
+
+    The parameters become their pseudo-gradients in place, ``reducer`` averages them, the
+    outer optimizer steps the global copy with the mean as ``.grad`` and the new global copy
+    is written into the parameters. On a failure the global copy (identical on every rank)
+    is put back, so no rank keeps pseudo-gradients as weights.
+
+    Args:
+        outer: the global copy and the outer optimizer.
+        reducer: how the pseudo-gradients are averaged (plain, cast, int8).
+    """
+
+    per_parameter_state = True
+
+    def __init__(self, outer: OuterState, reducer: Reducer) -> None:
+        self.outer = outer
+        self.reducer = reducer
+
+    def outer_optimizer(self) -> torch.optim.Optimizer:
+        return self.outer.optimizer
+
+    def prepare(self, ctx: RoundContext) -> None:
+        self.outer.check_compatible(ctx.params, ctx.names())
+        self.reducer.prepare(ctx)
+
+    def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
+        self.outer.to_deltas(ctx.params)
+        try:
+            if contributors:  # every rank has joined: all of them skip the data phase
+                self.reducer.reduce(ctx, contributors, joined)
+            self.outer.apply(ctx.params)
+        except BaseException:
+            self.outer.reset_params(ctx.params)  # never leave pseudo-gradients in the model
+            raise
+
+    def alone(self, params: list[torch.Tensor]) -> None:
+        self.outer.step_alone(params)
+
+    def restart(self, params: list[torch.Tensor]) -> None:
+        self.outer.reset(params)
+
+    def state(self, entry: dict[str, Any]) -> None:
+        entry["outer"] = self.outer.state_dict()
+        self.reducer.state(entry)
+
+    def check_state(self, entry: dict[str, Any] | None) -> None:
+        saved = entry.get("outer") if isinstance(entry, dict) else None
+        if saved is not None:
+            self.outer.check_state(saved)
+        self.reducer.check_state(entry)
+
+    def load_state(self, entry: dict[str, Any] | None, params: list[torch.Tensor]) -> None:
+        load_outer(self.outer, entry, params)
+        self.reducer.load_state(entry)
+
+
+def load_outer(outer: OuterState, entry: dict[str, Any] | None, params: list[torch.Tensor]) -> None:
+    """Load the global copy and outer optimizer (checked), or restart from ``params`` if none was saved."""
+    saved = entry.get("outer") if isinstance(entry, dict) else None
+    if saved is None:
+        warnings.warn(
+            "The checkpoint has no outer-optimizer state (saved without outer_optimizer, compression "
+            "or overlap): starting the outer loop from the current parameters.",
+            UserWarning,
+            stacklevel=5,
+        )
+        outer.reset(params)
+    else:
+        outer.load_state_dict(saved)

@@ -1,0 +1,130 @@
+"""Overlapped rounds (Streaming DiLoCo's delayed application): reduce while training goes on."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .._buckets import bucket_views, foreach_copy, mean_op, plan_buckets
+from .._outer import OuterState
+from .._state import check_tensor_list
+from .base import Round, RoundContext
+from .outer import load_outer
+
+__all__ = ["OverlapRound"]
+
+
+class OverlapRound(Round):
+    """A two-phase outer round: launched at a scheduled step, landed ``overlap_steps`` later.
+
+    :meth:`run` (the launch) snapshots ``global - local`` into persistent flat buffers (one
+    per bucket, +1x parameters: the parameters keep training meanwhile) and starts one async
+    all-reduce per bucket. :meth:`wait` completes them and divides, leaving the mean
+    pseudo-gradient in :attr:`views`; :meth:`land` steps the outer optimizer with it and
+    mixes: ``p <- mix * p + (1 - mix) * global``. In a world of one the round is blocking.
+
+    Args:
+        outer: the global copy and the outer optimizer.
+        params: the parameters (only their shapes, dtypes and devices are read).
+        bucket_cap_bytes: the largest bucket.
+        overlap_steps: local steps between the launch and the landing.
+        mix: the weight kept of the local parameters when the round lands.
+    """
+
+    per_parameter_state = True
+
+    def __init__(self, outer: OuterState, params: Sequence[torch.Tensor], bucket_cap_bytes: int,
+                 overlap_steps: int, mix: float) -> None:
+        self.outer = outer
+        self.overlap_steps = overlap_steps
+        self.mix = mix
+        self.buckets = plan_buckets(params, bucket_cap_bytes)
+        self.buffers = [torch.empty(b.numel, dtype=b.dtype, device=b.device) for b in self.buckets]
+        self.views: list[torch.Tensor] = [torch.empty(0)] * len(params)
+        for b, buf in zip(self.buckets, self.buffers):
+            for i, view in zip(b.indices, bucket_views(buf, b, params)):
+                self.views[i] = view
+        self._works: list[Any] = []
+        self._divisor: int | None = None
+        self.apply_at: int | None = None  # the step at which the pending result is applied
+
+    def describe(self, step: int) -> str:
+        return f"the overlapped round launched at step {step}"
+
+    def outer_optimizer(self) -> torch.optim.Optimizer:
+        return self.outer.optimizer
+
+    def prepare(self, ctx: RoundContext) -> None:
+        self.outer.check_compatible(ctx.params, ctx.names())
+
+    @torch.no_grad()
+    def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
+        if joined:
+            for buf in self.buffers:
+                buf.zero_()
+        else:
+            foreach_copy(self.views, self.outer.globals)
+            torch._foreach_sub_(self.views, ctx.params)  # global - local, as a blocking round
+        op, self._divisor = mean_op(ctx.group, contributors)
+        self._works = [dist.all_reduce(buf, op, ctx.group, async_op=True) for buf in self.buffers]
+        self.apply_at = ctx.step + self.overlap_steps
+
+    @torch.no_grad()
+    def wait(self) -> None:
+        """Wait for the in-flight reduction (if any) and turn sums into means, once."""
+        works, self._works = self._works, []
+        for w in works:
+            w.wait()
+        if works and self._divisor not in (None, 1):
+            torch._foreach_div_(self.buffers, self._divisor)
+
+    @torch.no_grad()
+    def land(self, params: list[torch.Tensor], names: list[str]) -> None:
+        """Apply the round that was in flight (after :meth:`wait`); nothing if none is."""
+        if self.apply_at is None:
+            return
+        self.outer.check_compatible(params, names)  # cast since the launch: raise before stepping
+        self.outer.step(self.views)
+        torch._foreach_lerp_(params, self.outer.globals, 1.0 - self.mix)  # keep part of the local progress
+        self.apply_at = None
+
+    def alone(self, params: list[torch.Tensor]) -> None:
+        self.outer.step_alone(params)
+
+    def restart(self, params: list[torch.Tensor]) -> None:
+        self.outer.reset(params)
+
+    def state(self, entry: dict[str, Any]) -> None:
+        entry["outer"] = self.outer.state_dict()
+        if self.apply_at is not None:
+            self.wait()  # local: the collectives are already matched on every rank
+            entry["in_flight"] = {"apply_at": self.apply_at, "mean_delta": list(self.views)}
+
+    def check_state(self, entry: dict[str, Any] | None) -> None:
+        saved = entry.get("outer") if isinstance(entry, dict) else None
+        if saved is not None:
+            self.outer.check_state(saved)
+        in_flight = entry.get("in_flight") if isinstance(entry, dict) else None
+        if in_flight is None:
+            return
+        apply_at = in_flight.get("apply_at") if isinstance(in_flight, dict) else None
+        if isinstance(apply_at, bool) or not isinstance(apply_at, int) or apply_at < 1:
+            raise ValueError(
+                "state_dict['local_sgd']['in_flight'] must be a dict with 'apply_at' (an integer >= 1) and "
+                f"'mean_delta', got {in_flight!r:.200}; pass a state dict saved by a LocalSGDOptimizer "
+                "with overlap_steps"
+            )
+        check_tensor_list(in_flight.get("mean_delta"), self.views, "'in_flight']['mean_delta'",
+                          f"one tensor per parameter ({len(self.views)}, same shapes); pass a state dict "
+                          "saved by a LocalSGDOptimizer with the same model and overlap_steps")
+
+    @torch.no_grad()
+    def load_state(self, entry: dict[str, Any] | None, params: list[torch.Tensor]) -> None:
+        load_outer(self.outer, entry, params)
+        in_flight = (entry.get("in_flight") if isinstance(entry, dict) else None) or {}
+        self._works = []
+        self.apply_at = in_flight.get("apply_at")
+        if self.apply_at is not None:
+            foreach_copy(self.views, [t.to(v.device, v.dtype) for t, v in zip(in_flight["mean_delta"], self.views)])
