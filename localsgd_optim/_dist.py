@@ -162,7 +162,11 @@ def agree_on_round(
     mine = torch.tensor(row, dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(table, mine, group=group)
-    rows = torch.stack(table).cpu().tolist()
+    return _verdict(torch.stack(table).cpu().tolist(), explain_layout, names, local_error)
+
+
+def _verdict(rows: list[list[int]], explain_layout: Any, names: Any, local_error: BaseException | None) -> int:
+    """Every rank reads the same gathered table, so every rank reaches the same verdict."""
     kinds, steps, starts, digests, bad, joins, failed = (list(col) for col in zip(*rows))
     if any(failed):
         # A rank failed in its local preparation (e.g. out of memory for the buffers): it raises

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["no_sync", "warn_if_buffers_synced"]
+__all__ = ["no_sync", "scheduled_no_sync", "warn_if_buffers_synced"]
 
 
 def warn_if_buffers_synced(module: torch.nn.Module) -> None:
@@ -51,3 +51,27 @@ def no_sync(module: torch.nn.Module) -> Iterator[None]:
     warn_if_buffers_synced(module)
     with getattr(module, "no_sync", contextlib.nullcontext)():
         yield
+
+
+@contextlib.contextmanager
+def scheduled_no_sync(module: torch.nn.Module, registry: list[torch.nn.Module], sync_now: bool) -> Iterator[None]:
+    """``LocalSGDOptimizer.no_sync``: a DDP module's gradient sync, switched by the optimizer's schedule.
+
+    While the block runs, ``module`` sits in ``registry`` (the optimizer turns its
+    ``require_backward_grad_sync`` off when warmup ends) and starts with sync ``sync_now``.
+    Any other module is left alone.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}: {module!r}")
+    if not hasattr(module, "require_backward_grad_sync"):  # not DDP
+        yield
+        return
+    warn_if_buffers_synced(module)
+    previous = module.require_backward_grad_sync
+    registry.append(module)
+    module.require_backward_grad_sync = sync_now
+    try:
+        yield
+    finally:
+        registry.remove(module)
+        module.require_backward_grad_sync = previous

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,7 @@ from ._dist import LocalSGDError, RoundKind, group_size
 from ._outer import OuterFactory
 from ._schedule import Event, PeriodSpec
 from ._state import STATE_KEY, STATE_VERSION, parse_entry
-from .ddp import warn_if_buffers_synced
+from .ddp import scheduled_no_sync
 from .rounds import Round, RoundContext, build_rounds
 
 __all__ = ["LocalSGDOptimizer", "STATE_KEY", "STATE_VERSION"]
@@ -151,11 +151,10 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self.optimizer = optimizer
         self._share_inner()
         self._config = config
-        self.process_group, self.local_group = config.process_group, config.local_group
-        self.local_k, self.buffers_module = config.local_k, config.buffers
-        self.bucket_cap_mb, self.check_finite = config.bucket_cap_mb, config.check_finite
-        self.compression = config.compression
-        self.overlap_steps, self.overlap_mix = config.overlap_steps, config.overlap_mix
+        for name in ("process_group", "local_group", "local_k", "bucket_cap_mb", "check_finite", "compression",
+                     "overlap_steps", "overlap_mix"):  # the public attributes of the settings
+            setattr(self, name, getattr(config, name))
+        self.buffers_module = config.buffers
         self._members = Members(self, config.buffers)
         self._ddp_modules: list[nn.Module] = []  # registered by no_sync(): DDP syncs during warmup
         self._start_steps = 0  # the count this run started or resumed from: ranks must agree
@@ -302,28 +301,14 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         for module in self._ddp_modules:
             module.require_backward_grad_sync = on
 
-    @contextlib.contextmanager
-    def no_sync(self, module: nn.Module) -> Iterator[None]:
+    def no_sync(self, module: nn.Module) -> contextlib.AbstractContextManager[None]:
         """Like :func:`localsgd_optim.no_sync`, but driven by this optimizer's schedule.
 
         For a DDP module, gradient all-reduce stays on during ``warmup_steps`` (no parameter
         averaging needed then) and turns off when warmup ends, so post-local SGD is
         configured once, by ``warmup_steps``. For any other module it does nothing.
         """
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}: {module!r}")
-        if not hasattr(module, "require_backward_grad_sync"):  # not DDP
-            yield
-            return
-        warn_if_buffers_synced(module)
-        previous = module.require_backward_grad_sync
-        self._ddp_modules.append(module)
-        module.require_backward_grad_sync = self.num_steps < self.warmup_steps
-        try:
-            yield
-        finally:
-            self._ddp_modules.remove(module)
-            module.require_backward_grad_sync = previous
+        return scheduled_no_sync(module, self._ddp_modules, sync_now=self.num_steps < self.warmup_steps)
 
     def sync(self) -> None:
         """Average parameters across ranks now (a collective: call it on every rank).

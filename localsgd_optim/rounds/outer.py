@@ -10,7 +10,7 @@ import torch
 from .._outer import OuterState
 from .base import Reducer, Round, RoundContext
 
-__all__ = ["OuterRound", "CastReducer"]
+__all__ = ["GlobalCopyRound", "OuterRound", "CastReducer"]
 
 
 class CastReducer(Reducer):
@@ -30,7 +30,54 @@ class CastReducer(Reducer):
         ctx.engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined, wire_dtype=self.dtype)
 
 
-class OuterRound(Round):
+class GlobalCopyRound(Round):
+    """A round that keeps a global copy of the parameters and an outer optimizer stepping it.
+
+    Shared by the blocking and the overlapped outer rounds: the compatibility check, the
+    single-process step, the restart at binding and warmup end, and the ``"outer"`` entry.
+    """
+
+    per_parameter_state = True
+
+    def __init__(self, outer: OuterState) -> None:
+        self.outer = outer
+
+    def outer_optimizer(self) -> torch.optim.Optimizer:
+        return self.outer.optimizer
+
+    def prepare(self, ctx: RoundContext) -> None:
+        self.outer.check_compatible(ctx.params, ctx.names())
+
+    def alone(self, params: list[torch.Tensor]) -> None:
+        self.outer.step_alone(params)
+
+    def restart(self, params: list[torch.Tensor]) -> None:
+        self.outer.reset(params)
+
+    def state(self, entry: dict[str, Any]) -> None:
+        entry["outer"] = self.outer.state_dict()
+
+    def check_state(self, entry: dict[str, Any] | None) -> None:
+        saved = entry.get("outer") if isinstance(entry, dict) else None
+        if saved is not None:
+            self.outer.check_state(saved)
+
+    def load_state(self, entry: dict[str, Any] | None, params: list[torch.Tensor]) -> None:
+        """Load the global copy and outer optimizer, or restart from ``params`` if none was saved."""
+        saved = entry.get("outer") if isinstance(entry, dict) else None
+        if saved is None:
+            warnings.warn(
+                "The checkpoint has no outer-optimizer state (saved without outer_optimizer, compression "
+                "or overlap): starting the outer loop from the current parameters.",
+                UserWarning,
+                stacklevel=6,
+            )
+            self.outer.reset(params)
+        else:
+            self.outer.load_state_dict(saved)
+
+
+class OuterRound(GlobalCopyRound):
     """A blocking outer round: pseudo-gradients ``global - local``, averaged, step the global copy.
 
     The parameters become their pseudo-gradients in place, ``reducer`` averages them, the
@@ -43,17 +90,12 @@ class OuterRound(Round):
         reducer: how the pseudo-gradients are averaged (plain, cast, int8).
     """
 
-    per_parameter_state = True
-
     def __init__(self, outer: OuterState, reducer: Reducer) -> None:
-        self.outer = outer
+        super().__init__(outer)
         self.reducer = reducer
 
-    def outer_optimizer(self) -> torch.optim.Optimizer:
-        return self.outer.optimizer
-
     def prepare(self, ctx: RoundContext) -> None:
-        self.outer.check_compatible(ctx.params, ctx.names())
+        super().prepare(ctx)
         self.reducer.prepare(ctx)
 
     def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
@@ -66,37 +108,14 @@ class OuterRound(Round):
             self.outer.reset_params(ctx.params)  # never leave pseudo-gradients in the model
             raise
 
-    def alone(self, params: list[torch.Tensor]) -> None:
-        self.outer.step_alone(params)
-
-    def restart(self, params: list[torch.Tensor]) -> None:
-        self.outer.reset(params)
-
     def state(self, entry: dict[str, Any]) -> None:
-        entry["outer"] = self.outer.state_dict()
+        super().state(entry)
         self.reducer.state(entry)
 
     def check_state(self, entry: dict[str, Any] | None) -> None:
-        saved = entry.get("outer") if isinstance(entry, dict) else None
-        if saved is not None:
-            self.outer.check_state(saved)
+        super().check_state(entry)
         self.reducer.check_state(entry)
 
     def load_state(self, entry: dict[str, Any] | None, params: list[torch.Tensor]) -> None:
-        load_outer(self.outer, entry, params)
+        super().load_state(entry, params)
         self.reducer.load_state(entry)
-
-
-def load_outer(outer: OuterState, entry: dict[str, Any] | None, params: list[torch.Tensor]) -> None:
-    """Load the global copy and outer optimizer (checked), or restart from ``params`` if none was saved."""
-    saved = entry.get("outer") if isinstance(entry, dict) else None
-    if saved is None:
-        warnings.warn(
-            "The checkpoint has no outer-optimizer state (saved without outer_optimizer, compression "
-            "or overlap): starting the outer loop from the current parameters.",
-            UserWarning,
-            stacklevel=5,
-        )
-        outer.reset(params)
-    else:
-        outer.load_state_dict(saved)

@@ -10,13 +10,13 @@ import torch.distributed as dist
 from .._buckets import bucket_views, foreach_copy, mean_op, plan_buckets
 from .._outer import OuterState
 from .._state import check_tensor_list
-from .base import Round, RoundContext
-from .outer import load_outer
+from .base import RoundContext
+from .outer import GlobalCopyRound
 
 __all__ = ["OverlapRound"]
 
 
-class OverlapRound(Round):
+class OverlapRound(GlobalCopyRound):
     """A two-phase outer round: launched at a scheduled step, landed ``overlap_steps`` later.
 
     :meth:`run` (the launch) snapshots ``global - local`` into persistent flat buffers (one
@@ -33,11 +33,9 @@ class OverlapRound(Round):
         mix: the weight kept of the local parameters when the round lands.
     """
 
-    per_parameter_state = True
-
     def __init__(self, outer: OuterState, params: Sequence[torch.Tensor], bucket_cap_bytes: int,
                  overlap_steps: int, mix: float) -> None:
-        self.outer = outer
+        super().__init__(outer)
         self.overlap_steps = overlap_steps
         self.mix = mix
         self.buckets = plan_buckets(params, bucket_cap_bytes)
@@ -52,12 +50,6 @@ class OverlapRound(Round):
 
     def describe(self, step: int) -> str:
         return f"the overlapped round launched at step {step}"
-
-    def outer_optimizer(self) -> torch.optim.Optimizer:
-        return self.outer.optimizer
-
-    def prepare(self, ctx: RoundContext) -> None:
-        self.outer.check_compatible(ctx.params, ctx.names())
 
     @torch.no_grad()
     def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
@@ -90,22 +82,14 @@ class OverlapRound(Round):
         torch._foreach_lerp_(params, self.outer.globals, 1.0 - self.mix)  # keep part of the local progress
         self.apply_at = None
 
-    def alone(self, params: list[torch.Tensor]) -> None:
-        self.outer.step_alone(params)
-
-    def restart(self, params: list[torch.Tensor]) -> None:
-        self.outer.reset(params)
-
     def state(self, entry: dict[str, Any]) -> None:
-        entry["outer"] = self.outer.state_dict()
+        super().state(entry)
         if self.apply_at is not None:
             self.wait()  # local: the collectives are already matched on every rank
             entry["in_flight"] = {"apply_at": self.apply_at, "mean_delta": list(self.views)}
 
     def check_state(self, entry: dict[str, Any] | None) -> None:
-        saved = entry.get("outer") if isinstance(entry, dict) else None
-        if saved is not None:
-            self.outer.check_state(saved)
+        super().check_state(entry)
         in_flight = entry.get("in_flight") if isinstance(entry, dict) else None
         if in_flight is None:
             return
@@ -120,11 +104,11 @@ class OverlapRound(Round):
                           f"one tensor per parameter ({len(self.views)}, same shapes); pass a state dict "
                           "saved by a LocalSGDOptimizer with the same model and overlap_steps")
 
-    @torch.no_grad()
     def load_state(self, entry: dict[str, Any] | None, params: list[torch.Tensor]) -> None:
-        load_outer(self.outer, entry, params)
+        super().load_state(entry, params)  # (no decorator here: the warning's stacklevel counts frames)
         in_flight = (entry.get("in_flight") if isinstance(entry, dict) else None) or {}
         self._works = []
         self.apply_at = in_flight.get("apply_at")
         if self.apply_at is not None:
-            foreach_copy(self.views, [t.to(v.device, v.dtype) for t, v in zip(in_flight["mean_delta"], self.views)])
+            with torch.no_grad():
+                foreach_copy(self.views, [t.to(v.device, v.dtype) for t, v in zip(in_flight["mean_delta"], self.views)])
