@@ -134,7 +134,7 @@ class Binding:
             raise AveragingRoundError(
                 f"LocalSGDOptimizer: {what} failed on rank {dist.get_rank(self.group)} of {self.world_size}: "
                 f"{type(e).__name__}: {e}. If a rank died, restart the job from the last checkpoint "
-                "(see 'Failure modes' in the README)."
+                "(see docs/failure-modes.md)."
             ) from e
 
 

@@ -13,16 +13,12 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ._outer import OuterFactory
-from ._schedule import PeriodSpec, Schedule
+from ._schedule import PeriodSpec, Schedule, _is_int
 
 __all__ = ["Config", "plain_average_outer"]
 
 #: compression name -> the dtype pseudo-gradients travel in (int8 has its own reducer)
 WIRE_DTYPES: dict[str | None, torch.dtype | None] = {None: None, "bf16": torch.bfloat16, "int8": None}
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def plain_average_outer(params: list[torch.Tensor]) -> Optimizer:

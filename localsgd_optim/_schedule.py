@@ -162,11 +162,6 @@ class Cursor:
         if self.overlap_steps and last is not None and last + self.overlap_steps > step:
             self._land_at = last + self.overlap_steps
 
-    @property
-    def next_round(self) -> int:
-        """The step of the next global round after warmup."""
-        return self._next_round
-
     def advance(self) -> tuple[Event, ...]:
         """Count one step and return its events (an empty tuple on most steps: a few int compares)."""
         self.step = step = self.step + 1
