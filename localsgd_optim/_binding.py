@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._buckets import BucketEngine, bucket_cap_bytes
+from ._buckets import BucketEngine, bucket_cap_bytes, first_nonfinite
 from ._dist import (
     AveragingRoundError,
     LocalSGDError,
@@ -59,8 +59,12 @@ class Members:
                 names.append(f"parameter {given[i]!r} ({where})" if given else f"parameter ({where})")
         return names + [f"buffer {n!r}" for n, _ in self.buffers()]
 
-    def layout(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        return [describe_tensor(t) for t in self.tensors()]
+    def layout(self) -> list[tuple]:
+        """Device, dtype and shape per tensor, and the parameters' strides: flat storage and the
+        global copy keep a parameter's memory order, so ranks must agree on it for their buckets
+        to line up element for element."""
+        return [describe_tensor(t) + (tuple(t.stride()),) for t in self.params()] + \
+            [describe_tensor(b) for _, b in self.buffers()]
 
     def check_averageable(self) -> None:
         for name, p in zip(self.names(), self.tensors()):
@@ -80,17 +84,19 @@ class Binding:
         members: the tensors averaged.
         settings: returns what every rank must agree on (folded into the digest).
         bucket_cap_mb: the largest bucket.
+        flat_params: move the parameters into flat storage (see :class:`~localsgd_optim._flat.FlatStorage`).
     """
 
     def __init__(self, group: dist.ProcessGroup | None, world_size: int, members: Members,
-                 settings: Callable[[], dict[str, Any]], bucket_cap_mb: float) -> None:
+                 settings: Callable[[], dict[str, Any]], bucket_cap_mb: float, flat_params: bool = True) -> None:
         members.check_averageable()  # local and before any collective: every rank raises alike
         tensors = members.tensors()
         self.group = group
         self.world_size = world_size
         self.members = members
         self.settings = settings
-        self.engine = BucketEngine(tensors, bucket_cap_bytes(bucket_cap_mb))
+        self.flat_params = flat_params
+        self.engine = BucketEngine(tensors, bucket_cap_bytes(bucket_cap_mb), flat_params, len(members.params()))
         nccl = dist.get_backend(group) == "nccl"
         # NCCL needs the tiny control tensor on the GPU
         self.control_device = tensors[0].device if nccl and tensors else torch.device("cpu")
@@ -116,7 +122,7 @@ class Binding:
                 self.digest = self._digest()
             prepare()
             if check_finite and kind != RoundKind.BIND and not joined:
-                nonfinite = first_nonfinite(self.engine.tensors)
+                nonfinite = self.engine.first_nonfinite()
         except Exception as e:  # noqa: BLE001 - re-raised on this rank right after the gather
             local_error = e
         return agree_on_round(self.group if group is None else group, self.control_device, kind, num_steps,
@@ -136,26 +142,3 @@ class Binding:
                 f"{type(e).__name__}: {e}. If a rank died, restart the job from the last checkpoint "
                 "(see docs/failure-modes.md)."
             ) from e
-
-
-@torch.no_grad()
-def first_nonfinite(tensors: Sequence[torch.Tensor]) -> int:
-    """Index of this rank's first tensor holding NaN/Inf, or -1.
-
-    A sum propagates NaN and +-Inf (a max would miss -Inf): one reduction per tensor,
-    one ``isfinite`` and host sync per (device, dtype).
-    """
-    first = -1
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, p in enumerate(tensors):
-        groups.setdefault((p.device, p.dtype), []).append(i)
-    for (_, dtype), indices in groups.items():
-        # accumulate narrow types wide: an fp16 sum overflows at 65504 on healthy values
-        acc = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
-               torch.complex32: torch.complex64}.get(dtype)
-        finite = torch.stack([tensors[i].sum(dtype=acc) for i in indices]).isfinite()
-        bad = (~finite).nonzero()
-        if bad.numel():
-            i = indices[int(bad[0])]
-            first = i if first < 0 else min(first, i)
-    return first

@@ -14,7 +14,9 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["Bucket", "plan_buckets", "bucket_views", "mean_op", "BucketEngine"]
+from ._flat import FlatStorage
+
+__all__ = ["Bucket", "plan_buckets", "bucket_views", "mean_op", "BucketEngine", "layout_key", "first_nonfinite"]
 
 
 @dataclass(frozen=True)
@@ -114,37 +116,79 @@ Collective = Callable[[torch.Tensor], "dist.Work"]
 # A finisher runs on the flat tensor after its collective completed (e.g. a scale).
 Finisher = Callable[[torch.Tensor], None]
 
+_WIDE = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
+
 
 class BucketEngine:
     """Runs one collective per bucket over a fixed list of tensors, in place.
 
-    Each (device, dtype) group owns two persistent flat buffers (double buffering):
-    bucket ``i + 1`` is packed while bucket ``i`` is on the wire, and bucket ``i``
-    is unpacked while ``i + 1`` is. Extra memory is therefore at most two buckets,
-    whatever the model size, and the buffers are reused across rounds. A bucket
-    holding a single contiguous tensor is reduced directly in that tensor, with no
-    copy at all. Tensors keep their storage: results are ``copy_``-ed back.
+    With ``flat_params`` (the default of :class:`~localsgd_optim.LocalSGDOptimizer`) the
+    first ``movable`` tensors (the parameters) are moved once into persistent flat storage
+    (:class:`~localsgd_optim._flat.FlatStorage`) and every bucket is a slice of it: a round
+    reduces each bucket where it lives, one collective and at most one ``div_`` per bucket,
+    nothing packed. Tensors that cannot live there (module buffers, overlapping or non-dense
+    parameters) are staged: copied into their slot of the storage before the collective and
+    back after, one ``_foreach_copy_`` per bucket each way.
+
+    Without it (the copy engine) tensors keep their storage: each (device, dtype) group owns
+    two persistent flat buffers (double buffering: bucket ``i + 1`` is packed while bucket
+    ``i`` is on the wire), so extra memory is at most two buckets, and results are copied
+    back. A bucket holding a single contiguous tensor is reduced in that tensor.
+
+    A wire dtype (``torch.bfloat16``) always goes through the double-buffered slots: each
+    bucket is cast into one and widened back.
 
     Args:
         tensors: the tensors to operate on (e.g. every parameter), in a rank-independent order.
         bucket_cap_bytes: the largest bucket, in bytes.
+        flat_params: move the first ``movable`` tensors into flat storage.
+        movable: how many leading tensors may be moved (default: all).
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor], bucket_cap_bytes: int) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor], bucket_cap_bytes: int, flat_params: bool = False,
+                 movable: int | None = None) -> None:
         self.tensors = list(tensors)
         self.cap_bytes = bucket_cap_bytes
+        self.flat_params = flat_params
+        self.movable = len(self.tensors) if movable is None else movable
         self._plan()
 
     def _plan(self) -> None:
         self.buckets = plan_buckets(self.tensors, self.cap_bytes)
-        # A lone contiguous tensor is reduced where it lives: no buffer, no copy.
-        self._direct: list[torch.Tensor | None] = [self._in_place(b) for b in self.buckets]
+        self.storage = FlatStorage(self.tensors, [i < self.movable for i in range(len(self.tensors))]) \
+            if self.flat_params else None
+        # Per bucket: the flat tensor reduced in place (a storage slice, or a lone contiguous
+        # tensor), or None (packed into a slot); and the staged members copied in and out of it.
+        self._direct: list[torch.Tensor | None] = []
+        self._stage: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        for bucket in self.buckets:
+            direct, members, views = self._in_place(bucket), [], []
+            if self.storage is not None:
+                for i in bucket.indices:
+                    if not self.storage.resident[i]:
+                        members.append(self.tensors[i])
+                        views.append(self.storage.views[i])
+            self._direct.append(direct)
+            self._stage.append((members, views))
         # (device, tensor dtype, wire dtype or None) -> the two reusable buffers of that group
         self._slots: dict[tuple[torch.device, torch.dtype, torch.dtype | None], list[_Slot]] = {}
         self._storage = self._signature()
+        self._flats: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
+
+    def _in_place(self, bucket: Bucket) -> torch.Tensor | None:
+        if self.storage is not None:
+            region, start = self.storage.where[bucket.indices[0]]
+            return self.storage.slice(region, start, bucket.numel)
+        if len(bucket.indices) == 1:
+            t = self.tensors[bucket.indices[0]]
+            if t.is_contiguous():
+                return t.view(-1)
+        return None
 
     def _signature(self) -> list[tuple[int, torch.Size, torch.dtype]]:
-        return [(t.data_ptr(), t.shape, t.dtype) for t in self.tensors]
+        # With flat storage only the staged tensors are read here; residents are checked by pointer.
+        resident = self.storage.resident if self.storage is not None else [False] * len(self.tensors)
+        return [(t.data_ptr(), t.shape, t.dtype) for t, res in zip(self.tensors, resident) if not res]
 
     def prepare(self, wire_dtype: torch.dtype | None = None) -> None:
         """Allocate every buffer a round needs now, so nothing can fail locally mid-round."""
@@ -156,12 +200,13 @@ class BucketEngine:
         """Re-plan if the tensors changed or any storage moved (``model.to(...)``, ``p.data = ...``).
 
         ``tensors`` is the current list (buffers are rebound objects after ``module.to``).
-        Returns whether it re-planned. Cheap: identity, ``data_ptr``, shape and dtype per tensor.
+        With flat storage, re-planning moves the parameters into new storage. Returns whether
+        it re-planned. Cheap: identity and ``data_ptr`` per tensor, no device work.
         """
         if tensors is not None and (len(tensors) != len(self.tensors)
                                     or any(a is not b for a, b in zip(tensors, self.tensors))):
             self.tensors = list(tensors)
-        elif self._signature() == self._storage:
+        elif self._signature() == self._storage and (self.storage is None or not self.storage.moved(self.tensors)):
             return False
         self._plan()
         return True
@@ -175,15 +220,26 @@ class BucketEngine:
         return sum(b.numel * torch.empty((), dtype=b.dtype).element_size() for b in self.buckets)
 
     def buffer_bytes(self) -> int:
-        """Bytes held by the persistent packing buffers (allocated at first use)."""
+        """Bytes held by the persistent packing buffers (allocated at first use); not the flat storage."""
         return sum(s.buffer.numel() * s.buffer.element_size() for ss in self._slots.values() for s in ss)
 
-    def _in_place(self, bucket: Bucket) -> torch.Tensor | None:
-        if len(bucket.indices) == 1:
-            t = self.tensors[bucket.indices[0]]
-            if t.is_contiguous():
-                return t.view(-1)
-        return None
+    def flats(self, count: int) -> tuple[tuple, list[torch.Tensor]] | None:
+        """The flat storage of the first ``count`` tensors, one slice per region, with their layout key.
+
+        ``None`` unless all of them are resident. The key (device, dtype, shape, strides per
+        tensor) tells whether another flat layout (a global copy) matches element for element.
+        """
+        if self.storage is None or not all(self.storage.resident[:count]):
+            return None
+        found = self._flats.get(count)
+        if found is None:  # computed once per plan: the key is O(tensors) to build
+            ends: dict[int, int] = {}
+            for i in range(count):
+                region, off = self.storage.where[i]
+                ends[region] = off + self.tensors[i].numel()
+            found = self._flats[count] = (layout_key(self.tensors[:count]),
+                                          [self.storage.slice(r, 0, n) for r, n in sorted(ends.items())])
+        return found
 
     def _slots_for(self, bucket: Bucket, wire_dtype: torch.dtype | None = None) -> list[_Slot]:
         key = (bucket.device, bucket.dtype, wire_dtype)
@@ -209,32 +265,74 @@ class BucketEngine:
             views = slot.views[pos] = bucket_views(slot.buffer, self.buckets[pos], self.tensors)
         return views
 
+    def _members(self, pos: int) -> list[torch.Tensor]:
+        return [self.tensors[i] for i in self.buckets[pos].indices]
+
+    def _stage_in(self, pos: int) -> None:
+        members, views = self._stage[pos]
+        if members:
+            foreach_copy(views, members)
+
+    def _stage_out(self, pos: int) -> None:
+        members, views = self._stage[pos]
+        if members:
+            foreach_copy(members, views)
+
     # -- a bucket at a time, for benchmarks and tests (the round itself is :meth:`run`) ---------
 
     def staged(self) -> list[int]:
-        """Positions of the buckets that go through a packing buffer (not reduced in place)."""
-        return [pos for pos, direct in enumerate(self._direct) if direct is None]
+        """Positions of the buckets that copy tensors in and out (a packing buffer or staged members)."""
+        return [pos for pos, direct in enumerate(self._direct) if direct is None or self._stage[pos][0]]
 
     def buffer_dtypes(self) -> list[torch.dtype]:
         """The dtypes of the packing buffers allocated so far (a wire dtype shows up here)."""
         return sorted({s.buffer.dtype for slots in self._slots.values() for s in slots}, key=str)
 
     def flat(self, pos: int) -> torch.Tensor:
-        """What a collective reduces for bucket ``pos``: the tensor itself, or its packing buffer."""
+        """What a collective reduces for bucket ``pos``: its storage, or its packing buffer."""
         direct = self._direct[pos]
         return direct if direct is not None else self._slots_for(self.buckets[pos])[0].buffer[:self.buckets[pos].numel]
 
     def pack(self, pos: int) -> None:
-        """Copy bucket ``pos``'s tensors into its (first) packing buffer."""
-        foreach_copy(self._views(self._slots_for(self.buckets[pos])[0], pos), self._members(pos))
+        """Copy bucket ``pos``'s staged tensors into what :meth:`flat` returns."""
+        if self._direct[pos] is not None:
+            self._stage_in(pos)
+        else:
+            foreach_copy(self._views(self._slots_for(self.buckets[pos])[0], pos), self._members(pos))
 
     def unpack(self, pos: int, divide_by: int) -> None:
-        """Divide bucket ``pos``'s packing buffer by ``divide_by`` into its tensors, one op per tensor."""
-        for dst, src in zip(self._members(pos), self._views(self._slots_for(self.buckets[pos])[0], pos)):
-            torch.div(src, divide_by, out=dst)
+        """Divide what :meth:`flat` returns by ``divide_by``, then copy staged tensors back out."""
+        self.flat(pos).div_(divide_by)
+        if self._direct[pos] is not None:
+            self._stage_out(pos)
+        else:
+            foreach_copy(self._members(pos), self._views(self._slots_for(self.buckets[pos])[0], pos))
 
-    def _members(self, pos: int) -> list[torch.Tensor]:
-        return [self.tensors[i] for i in self.buckets[pos].indices]
+    @torch.no_grad()
+    def first_nonfinite(self) -> int:
+        """Index of this rank's first tensor holding NaN/Inf, or -1.
+
+        With flat storage, one ``sum`` per bucket (its storage slice: one memory pass, the
+        fastest reduction on CPU); with the copy engine one ``_foreach_norm`` per (device,
+        dtype) over the tensors. NaN and +-Inf propagate into either (a max would miss -Inf).
+        Narrow dtypes accumulate in fp32: an fp16 sum overflows at 65504 on healthy values.
+        One host sync per device. Only when something is not finite is the culprit looked up,
+        tensor by tensor.
+        """
+        per_device: dict[torch.device, list[torch.Tensor]] = {}
+        if self.storage is not None:
+            for pos, flat in enumerate(self._direct):
+                self._stage_in(pos)
+                per_device.setdefault(flat.device, []).append(flat.sum(dtype=_WIDE.get(flat.dtype)))  # type: ignore
+        else:
+            groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            for t in self.tensors:
+                groups.setdefault((t.device, t.dtype), []).append(t)
+            for (device, dtype), ts in groups.items():
+                per_device.setdefault(device, []).extend(torch._foreach_norm(ts, 2, dtype=_WIDE.get(dtype)))
+        if all(bool(torch.stack(found).isfinite().all()) for found in per_device.values()):
+            return -1
+        return first_nonfinite(self.tensors)
 
     @torch.no_grad()
     def run(self, collective: Collective, finish: Finisher | None = None, divide_by: int | None = None,
@@ -242,12 +340,12 @@ class BucketEngine:
         """Apply ``collective`` (then ``finish``) to every bucket and write the results back.
 
         Collectives are issued asynchronously in bucket order, identically on every
-        rank, with at most two buckets per (device, dtype) in flight. ``divide_by``
-        divides the results on their way back, fused with the copy out of the buffer
-        (one memory pass instead of two). ``send_zeros`` contributes zeros instead of
-        the tensors (a rank that has joined), and still receives the result. ``wire_dtype``
-        (e.g. ``torch.bfloat16``) casts each bucket on the way into its buffer and back: the
-        collective moves fewer bytes, at that dtype's precision.
+        rank, with at most two packing buffers per (device, dtype) in flight. ``divide_by``
+        divides each bucket's result with one ``div_``. ``send_zeros`` contributes zeros
+        instead of the tensors (a rank that has joined), and still receives the result.
+        ``wire_dtype`` (e.g. ``torch.bfloat16``) casts each bucket on its way into a packing
+        buffer and back: the collective moves fewer bytes, at that dtype's precision; the
+        division happens after widening, at full precision.
         """
         pending: deque[tuple[int, torch.Tensor, _Slot | None, dist.Work]] = deque()
         busy: set[int] = set()
@@ -257,26 +355,37 @@ class BucketEngine:
             work.wait()
             if finish is not None:
                 finish(flat)
+            direct = self._direct[pos]
+            if slot is not None and direct is not None:  # cast for the wire: widen back in place
+                direct.copy_(flat)
+                busy.discard(id(slot))
+                slot, flat = None, direct
             if slot is None:
                 if divide_by is not None:
                     flat.div_(divide_by)
+                self._stage_out(pos)
                 return
-            if divide_by is None:
-                foreach_copy(self._members(pos), self._views(slot, pos))
-            elif slot.buffer.dtype == self.buckets[pos].dtype:
-                for dst, src in zip(self._members(pos), self._views(slot, pos)):
-                    torch.div(src, divide_by, out=dst)  # fused: one pass
+            members, views = self._members(pos), self._views(slot, pos)
+            if slot.buffer.dtype == self.buckets[pos].dtype:
+                if divide_by is not None:
+                    flat.div_(divide_by)
+                foreach_copy(members, views)
             else:  # a narrower wire dtype: widen first, divide at full precision
-                members = self._members(pos)
-                foreach_copy(members, self._views(slot, pos))
-                torch._foreach_div_(members, divide_by)
+                foreach_copy(members, views)
+                if divide_by is not None:
+                    torch._foreach_div_(members, divide_by)
             busy.discard(id(slot))
 
         try:
             for pos, bucket in enumerate(self.buckets):
-                flat = self._direct[pos] if wire_dtype is None else None
-                slot = None
-                if flat is None:
+                direct = self._direct[pos]
+                if direct is not None and not send_zeros:
+                    self._stage_in(pos)
+                if direct is not None and wire_dtype is None:
+                    flat, slot = direct, None
+                    if send_zeros:
+                        flat.zero_()  # reduced in place: the result overwrites it anyway
+                else:
                     slots = self._slots_for(bucket, wire_dtype)
                     while all(id(s) in busy for s in slots):
                         complete_oldest()
@@ -285,10 +394,10 @@ class BucketEngine:
                     flat = slot.buffer[:bucket.numel]
                     if send_zeros:
                         flat.zero_()
+                    elif direct is not None:
+                        flat.copy_(direct)
                     else:
                         foreach_copy(self._views(slot, pos), self._members(pos))
-                elif send_zeros:
-                    flat.zero_()  # reduced in place: the result overwrites it anyway
                 pending.append((pos, flat, slot, collective(flat)))
             while pending:
                 complete_oldest()
@@ -315,6 +424,23 @@ class BucketEngine:
     def broadcast(self, src: int, group: dist.ProcessGroup | None) -> None:
         """Overwrite every tensor with its value on global rank ``src``."""
         self.run(lambda flat: dist.broadcast(flat, src, group, async_op=True))
+
+
+def layout_key(tensors: Sequence[torch.Tensor]) -> tuple:
+    """What two flat layouts must share to line up element for element."""
+    return tuple((t.device, t.dtype, t.shape, t.stride()) for t in tensors)
+
+
+@torch.no_grad()
+def first_nonfinite(tensors: Sequence[torch.Tensor]) -> int:
+    """Index of the first tensor holding NaN/Inf, or -1: one reduction per tensor (the slow path).
+
+    A sum propagates NaN and +-Inf (a max would miss -Inf).
+    """
+    for i, t in enumerate(tensors):
+        if not bool(t.sum(dtype=_WIDE.get(t.dtype)).isfinite()):
+            return i
+    return -1
 
 
 def bucket_cap_bytes(bucket_cap_mb: float) -> int:

@@ -46,12 +46,13 @@ class Config:
     overlap_steps: int
     overlap_mix: float
     check_finite: bool
+    flat_params: bool = True
 
     @classmethod
     def from_args(cls, optimizer: Any, k: PeriodSpec, *, process_group: Any, bucket_cap_mb: Any,
                   sync_on_init: bool, warmup_steps: Any, local_k: Any, local_group: Any, buffers: Any,
                   outer_optimizer: Any, compression: Any, overlap_steps: Any, overlap_mix: Any,
-                  check_finite: bool) -> "Config":
+                  check_finite: bool, flat_params: bool = True) -> "Config":
         """Check the arguments in a fixed order; the first bad one raises, naming it and the fix."""
         _check_optimizer(optimizer)
         if (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real)
@@ -85,11 +86,14 @@ class Config:
             )
         if local_k is not None and not (_is_int(local_k) and local_k >= 1):
             raise ValueError(f"local_k must be an integer >= 1, got {local_k!r}")
+        if not isinstance(flat_params, bool):
+            raise TypeError(f"flat_params must be True or False, got {flat_params!r}")
         return cls(schedule=schedule, process_group=process_group, bucket_cap_mb=float(bucket_cap_mb),
                    sync_on_init=bool(sync_on_init), local_k=int(local_k) if local_k is not None else 0,
                    local_group=local_group, buffers=buffers, outer_optimizer=outer_optimizer,
                    compression=compression, overlap_steps=int(overlap_steps),
-                   overlap_mix=float(overlap_mix), check_finite=bool(check_finite))
+                   overlap_mix=float(overlap_mix), check_finite=bool(check_finite),
+                   flat_params=flat_params)
 
     @property
     def wire_dtype(self) -> torch.dtype | None:
@@ -102,7 +106,7 @@ class Config:
                 "compression": self.compression,
                 "outer_optimizer": None if outer is None else
                 f"{type(outer).__name__}{sorted(outer.defaults.items())}",
-                "overlap": [self.overlap_steps, self.overlap_mix]}
+                "overlap": [self.overlap_steps, self.overlap_mix], "flat_params": self.flat_params}
 
 
 def _check_optimizer(optimizer: Any) -> None:

@@ -77,23 +77,24 @@ def describe_tensor(t: torch.Tensor) -> tuple[str, str, tuple[int, ...]]:
     return (t.device.type, str(t.dtype).removeprefix("torch."), tuple(t.shape))
 
 
-def fingerprint(settings: dict[str, Any], layout: Sequence[tuple[str, str, tuple[int, ...]]]) -> int:
+def fingerprint(settings: dict[str, Any], layout: Sequence[tuple]) -> int:
     """A stable 63-bit digest of settings and layout (Python's ``hash`` differs per process)."""
     digest = hashlib.blake2b(repr((sorted(settings.items()), list(layout))).encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "little") >> 1
 
 
-def _fmt(entry: tuple[str, str, tuple[int, ...]] | None) -> str:
+def _fmt(entry: tuple | None, strides: bool = False) -> str:
+    """``float32[2, 4] on cpu``; with ``strides`` (when only the memory order differs) also those."""
     if entry is None:
         return "missing"
-    device, dtype, shape = entry
-    return f"{dtype}{list(shape)} on {device}"
+    device, dtype, shape = entry[:3]
+    return f"{dtype}{list(shape)} on {device}" + (f" with strides {entry[3]}" if strides and len(entry) > 3 else "")
 
 
 def check_ranks_agree(
     group: dist.ProcessGroup | None,
     settings: dict[str, Any],
-    layout: Sequence[tuple[str, str, tuple[int, ...]]],
+    layout: Sequence[tuple],
     names: Sequence[str],
 ) -> None:
     """Gather every rank's settings and tensor layout; raise on every rank if any differ.
@@ -122,11 +123,12 @@ def check_ranks_agree(
         # Name it from a rank that has it, so every rank prints the very same message.
         owner = ref if first < len(ref["names"]) else theirs
         name = owner["names"][first]
+        x, y = (a[first] if first < len(a) else None), (b[first] if first < len(b) else None)
+        strides = x is not None and y is not None and x[:3] == y[:3]  # only the memory order differs
         raise LayoutMismatchError(
             "LocalSGDOptimizer: ranks wrap different parameters "
             f"(rank 0 has {len(a)}, rank {rank} has {len(b)}); the first difference is "
-            f"{name}: {_fmt(a[first] if first < len(a) else None)} on rank 0, "
-            f"{_fmt(b[first] if first < len(b) else None)} on rank {rank}. Build the model and "
+            f"{name}: {_fmt(x, strides)} on rank 0, {_fmt(y, strides)} on rank {rank}. Build the model and "
             "optimizer identically on every rank (same modules, same parameter order, same "
             "add_param_group calls)."
         )

@@ -7,10 +7,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.optim import Optimizer
 
-from ._buckets import foreach_copy
+from ._buckets import BucketEngine, foreach_copy, layout_key
+from ._flat import regions, strided_views
 from ._state import check_optimizer_state, check_tensor_list
 
-__all__ = ["OuterFactory", "OuterState", "diloco", "slowmo"]
+__all__ = ["OuterFactory", "OuterState", "flat_clone", "diloco", "slowmo"]
 
 #: Builds the outer optimizer over the global copies of the parameters.
 OuterFactory = Callable[[list[torch.Tensor]], Optimizer]
@@ -36,6 +37,23 @@ def slowmo(lr: float = 1.0, momentum: float = 0.5) -> OuterFactory:
     return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)
 
 
+def flat_clone(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Copies of ``tensors`` laid out as flat storage lays them out: one buffer per (device, dtype).
+
+    Returns the per-tensor views (with the tensors' strides; contiguous for a tensor that is
+    not dense) and the buffers.
+    """
+    views: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+    buffers = []
+    with torch.no_grad():
+        for region in regions(tensors):
+            buffer = torch.empty(region.numel, device=region.device, dtype=region.dtype)
+            buffers.append(buffer)
+            for i, view in zip(region.indices, strided_views(buffer, region, tensors)):
+                views[i] = view.copy_(tensors[i])
+    return views, buffers
+
+
 class OuterState:
     """The global parameters and the outer optimizer stepping them.
 
@@ -47,7 +65,9 @@ class OuterState:
     """
 
     def __init__(self, params: Sequence[torch.Tensor], factory: OuterFactory) -> None:
-        self.globals = [p.detach().clone() for p in params]
+        self.globals, self.flat = flat_clone(params)
+        self.key = layout_key(params)
+        self._matched: tuple | None = None  # the engine layout key last found to match ours
         self.optimizer = factory(self.globals)
         if not isinstance(self.optimizer, Optimizer):
             raise TypeError(
@@ -55,23 +75,51 @@ class OuterState:
                 f"localsgd_optim.diloco(); it returned {type(self.optimizer).__name__}"
             )
 
+    def flats(self, engine: BucketEngine | None) -> list[torch.Tensor] | None:
+        """The parameters' flat storage, if it lines up with the global copy's element for element.
+
+        Then the per-round work is one op per region instead of one ``_foreach`` over tensors.
+        """
+        found = engine.flats(len(self.globals)) if engine is not None else None
+        if found is None:
+            return None
+        key, flats = found
+        if key is not self._matched:
+            if key != self.key:
+                return None
+            self._matched = key
+        return flats
+
     @torch.no_grad()
-    def reset(self, params: Sequence[torch.Tensor]) -> None:
+    def reset(self, params: Sequence[torch.Tensor], engine: BucketEngine | None = None) -> None:
         """Take the current parameters as the global copy (after warmup, or at binding)."""
-        foreach_copy(self.globals, list(params))
+        flats = self.flats(engine)
+        if flats is not None:
+            foreach_copy(self.flat, flats)
+        else:
+            foreach_copy(self.globals, list(params))
 
     @torch.no_grad()
-    def reset_params(self, params: Sequence[torch.Tensor]) -> None:
+    def reset_params(self, params: Sequence[torch.Tensor], engine: BucketEngine | None = None) -> None:
         """Undo a failed round: put the global copy (identical on every rank) back in the model."""
-        foreach_copy(list(params), self.globals)
+        flats = self.flats(engine)
+        if flats is not None:
+            foreach_copy(flats, self.flat)
+        else:
+            foreach_copy(list(params), self.globals)
 
     @torch.no_grad()
-    def to_deltas(self, params: Sequence[torch.Tensor]) -> None:
+    def to_deltas(self, params: Sequence[torch.Tensor], engine: BucketEngine | None = None) -> None:
+        """Each parameter becomes, in place, its pseudo-gradient ``global - p``."""
+        flats = self.flats(engine)
+        if flats is not None:
+            for g, p in zip(self.flat, flats):
+                torch.sub(g, p, out=p)
+            return
         params = list(params)
         torch._foreach_neg_(params)
         torch._foreach_add_(params, self.globals)  # p <- global - p, no allocation
 
-    @torch.no_grad()
     def step(self, mean_deltas: Sequence[torch.Tensor]) -> None:
         """One outer step with the mean pseudo-gradients as the global copy's ``.grad``."""
         for g, d in zip(self.globals, mean_deltas):
@@ -83,10 +131,20 @@ class OuterState:
                 g.grad = None
 
     @torch.no_grad()
-    def apply(self, mean_deltas: Sequence[torch.Tensor]) -> None:
+    def apply(self, mean_deltas: Sequence[torch.Tensor], engine: BucketEngine | None = None) -> None:
         """Outer step, then the new global copy replaces the parameters (which held the means)."""
         self.step(mean_deltas)
-        foreach_copy(list(mean_deltas), self.globals)
+        self.reset_params(mean_deltas, engine)
+
+    @torch.no_grad()
+    def mix_into(self, params: Sequence[torch.Tensor], weight: float, engine: BucketEngine | None = None) -> None:
+        """``p <- p + weight * (global - p)``: keep ``1 - weight`` of the local progress."""
+        flats = self.flats(engine)
+        if flats is not None:
+            for p, g in zip(flats, self.flat):
+                p.lerp_(g, weight)
+        else:
+            torch._foreach_lerp_(list(params), self.globals, weight)
 
     def step_alone(self, params: Sequence[torch.Tensor]) -> None:
         """A round in a world of one: the mean pseudo-gradient is this worker's own."""

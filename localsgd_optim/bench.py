@@ -24,12 +24,14 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from ._buckets import bucket_cap_bytes, plan_buckets
 from .optimizer import LocalSGDOptimizer
 
 __all__ = ["main", "build_model"]
@@ -144,17 +146,19 @@ class TorchAverageParameters(Contender):
 
 class Ours(Contender):
     def __init__(self, name: str, params: list[torch.Tensor], world: int, cap_mb: float,
-                 check_finite: bool = True) -> None:
+                 check_finite: bool = True, flat_params: bool = True) -> None:
         super().__init__(name, params, world)
         self.cap_mb = cap_mb
         self.check_finite = check_finite
+        self.flat_params = flat_params
 
     def prepare(self) -> None:
-        # lr=0: the inner optimizer exists only to carry the parameters. The bucket buffers
-        # are allocated in the first round, which is measured.
+        # lr=0: the inner optimizer exists only to carry the parameters. Binding moves them into
+        # flat storage (once, not measured); the copy engine's buffers are allocated in the first
+        # round, which is measured.
         inner = torch.optim.SGD(self.params, lr=0.0)
         self.opt = LocalSGDOptimizer(inner, k=1 << 30, bucket_cap_mb=self.cap_mb, sync_on_init=False,
-                                     check_finite=self.check_finite)
+                                     check_finite=self.check_finite, flat_params=self.flat_params)
 
     def round(self) -> None:
         self.opt.sync()
@@ -182,23 +186,31 @@ class OursInt8(OursBF16):
     compression = "int8"
 
 
-def _contenders(params: list[torch.Tensor], world: int, caps: list[float], only: set[str] | None) -> list[Contender]:
-    out: list[Contender] = [
-        FlatLimit("flat limit (1 all-reduce, no packing)", params, world),
-        PerParamBlocking("per-parameter blocking", params, world),
-        PerParamAsync("per-parameter async (torchft)", params, world),
-        TorchAverageParameters("torch average_parameters", params, world),
-    ]
-    out += [Ours(f"localsgd_optim sync (cap {c:g} MB)", params, world, c) for c in caps]
-    # the NaN guard's cost: the first cap again, without it
-    out.append(Ours(f"localsgd_optim sync (cap {caps[0]:g} MB, check_finite=False)", params, world, caps[0],
-                    check_finite=False))
-    out.append(OursBF16(f"localsgd_optim bf16 deltas (cap {caps[0]:g} MB)", params, world, caps[0]))
-    out.append(OursInt8(f"localsgd_optim int8 deltas+EF (cap {caps[0]:g} MB)", params, world, caps[0]))
+def _contenders(model: nn.Module, world: int, caps: list[float], only: set[str] | None) -> list[Contender]:
+    """Every contender gets its own copy of the model: ours moves its parameters into flat storage,
+    and torch's ``average_parameters`` rebinds them to a new buffer every round."""
     keys = {"flat": 0, "blocking": 1, "async": 2, "torch": 3}
+
+    def params() -> list[torch.Tensor]:
+        return [p.detach().clone().requires_grad_() for p in model.parameters()]
+
+    out: list[Contender] = [
+        FlatLimit("flat limit (1 all-reduce, no packing)", params(), world),
+        PerParamBlocking("per-parameter blocking", params(), world),
+        PerParamAsync("per-parameter async (torchft)", params(), world),
+        TorchAverageParameters("torch average_parameters", params(), world),
+    ]
     if only:
-        out = [c for i, c in enumerate(out) if i == 0 or any(keys.get(k) == i for k in only)
-               or (isinstance(c, Ours) and "ours" in only)]
+        out = [c for i, c in enumerate(out) if i == 0 or any(keys.get(k) == i for k in only)]
+    if not only or "ours" in only:
+        out += [Ours(f"localsgd_optim sync (cap {c:g} MB)", params(), world, c) for c in caps]
+        # the NaN guard's cost: the first cap again, without it; and the copy engine
+        out.append(Ours(f"localsgd_optim sync (cap {caps[0]:g} MB, check_finite=False)", params(), world,
+                        caps[0], check_finite=False))
+        out.append(Ours(f"localsgd_optim sync (cap {caps[0]:g} MB, flat_params=False)", params(), world,
+                        caps[0], flat_params=False))
+        out.append(OursBF16(f"localsgd_optim bf16 deltas (cap {caps[0]:g} MB)", params(), world, caps[0]))
+        out.append(OursInt8(f"localsgd_optim int8 deltas+EF (cap {caps[0]:g} MB)", params(), world, caps[0]))
     return out
 
 
@@ -225,7 +237,7 @@ def bench_rounds(model: nn.Module, args: argparse.Namespace, device: torch.devic
     """Median round time per method, interleaved round by round; the slowest rank counts."""
     world = dist.get_world_size()
     params = [p for p in model.parameters()]
-    contenders = _contenders(params, world, args.bucket_cap_mb, set(args.methods) if args.methods else None)
+    contenders = _contenders(model, world, args.bucket_cap_mb, set(args.methods) if args.methods else None)
     for c in contenders:
         c.prepare()
         c.setup()
@@ -255,9 +267,8 @@ def bench_rounds(model: nn.Module, args: argparse.Namespace, device: torch.devic
 def bench_memory(model: nn.Module, args: argparse.Namespace, device: torch.device, mem: PeakMemory) -> dict:
     """Extra peak memory of a cold round per method: what it allocates and keeps, plus the round."""
     world = dist.get_world_size()
-    params = [p for p in model.parameters()]
     extra: dict[str, float | None] = {}
-    for c in _contenders(params, world, args.bucket_cap_mb, set(args.methods) if args.methods else None):
+    for c in _contenders(model, world, args.bucket_cap_mb, set(args.methods) if args.methods else None):
         c.prepare()  # one-time construction is not part of a round
         dist.barrier()
         value = _max_over_ranks(mem.measure(lambda c=c: (c.setup(), c.round(), _sync_device(device))), device)
@@ -268,10 +279,9 @@ def bench_memory(model: nn.Module, args: argparse.Namespace, device: torch.devic
 @torch.no_grad()
 def bench_breakdown(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
     """Time the phases of one LocalSGDOptimizer round separately (largest cap swept)."""
-    from ._binding import first_nonfinite
     from ._dist import RoundKind, agree_on_round
 
-    params = list(model.parameters())
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
     opt = LocalSGDOptimizer(torch.optim.SGD(params, lr=0.0), k=1 << 30,
                             bucket_cap_mb=max(args.bucket_cap_mb), sync_on_init=False)
     opt.sync()  # allocate buffers
@@ -292,7 +302,7 @@ def bench_breakdown(model: nn.Module, args: argparse.Namespace, device: torch.de
             w.wait()
 
     def nan_scan() -> None:
-        first_nonfinite(engine.tensors)
+        engine.first_nonfinite()
 
     def control() -> None:
         agree_on_round(None, torch.device("cpu") if dist.get_backend() != "nccl" else device,
@@ -369,7 +379,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank (CPU)")
     p.add_argument("--breakdown", action="store_true", help="also time each phase of our round")
     p.add_argument("--json", default=None, help="write the results here (rank 0)")
+    p.add_argument("--fake-world", type=int, default=0, metavar="N",
+                   help="one process, torch's fake process group of N ranks (collectives move nothing): "
+                        "time a round's non-wire cost and count its ops and CUDA kernels, against torch's "
+                        "average_parameters")
     args = p.parse_args(argv)
+    if args.fake_world == 1 or args.fake_world < 0:
+        p.error(f"--fake-world must be >= 2 (ranks to pretend), got {args.fake_world}")
     try:
         args.bucket_cap_mb = [float(v) for v in args.bucket_cap_mb.split(",")]
     except ValueError:
@@ -384,7 +400,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.fake_world:
+        return fake_world_main(args, device)
     if device.type == "cuda":
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if local_ranks > torch.cuda.device_count():
+            raise SystemExit(
+                f"{local_ranks} ranks on this host but {torch.cuda.device_count()} GPU(s): one rank per GPU "
+                "(NCCL refuses two ranks on one GPU). Run with --device cpu, or measure a round's non-wire "
+                "cost on one GPU with: python -m localsgd_optim.bench --fake-world 8"
+            )
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         device = torch.device("cuda", torch.cuda.current_device())
     if not dist.is_initialized():
@@ -420,6 +445,120 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     dist.barrier()
+    return report
+
+
+# -- one process, a fake world: the non-wire cost of a round ------------------------------------
+
+class CountOps(TorchDispatchMode):
+    """Counts the ops dispatched inside the block (collectives included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_kernels(fn: Callable[[], None], device: torch.device) -> int | None:
+    """CUDA kernels (and copies) launched by ``fn()``; ``None`` off CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def _control_without_peers(device: torch.device) -> Callable[..., int]:
+    """The control collective reduced to what it costs one rank without the wire: its row goes to
+    the device and comes back (as with NCCL), the NaN verdict is this rank's, and every rank counts."""
+    from ._dist import NonFiniteParameterError
+
+    def control(group: Any, control_device: Any, kind: Any, num_steps: int, start_steps: int, digest: int,
+                explain_layout: Any, nonfinite: int = -1, names: Any = tuple, joined: bool = False,
+                local_error: BaseException | None = None) -> int:
+        row = [int(kind), num_steps, start_steps, digest, nonfinite, int(joined), int(local_error is not None)]
+        torch.tensor(row, dtype=torch.int64, device=device).cpu()
+        if local_error is not None:
+            raise local_error
+        if nonfinite >= 0:
+            raise NonFiniteParameterError(f"non-finite parameter {nonfinite}")
+        return dist.get_world_size(group)
+
+    return control
+
+
+def fake_world_main(args: argparse.Namespace, device: torch.device) -> dict:
+    """Time one round of each method on one device, in a fake world whose collectives move nothing."""
+    from torch.distributed.algorithms.model_averaging.utils import average_parameters
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from . import _binding
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index or 0)
+        device = torch.device("cuda", torch.cuda.current_device())
+    if not dist.is_initialized():
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_world)
+    _binding.agree_on_round = _control_without_peers(device)  # type: ignore[assignment]
+    report: dict[str, Any] = {"fake_world": args.fake_world, "device": str(device), "torch": torch.__version__,
+                              "cap_mb": args.bucket_cap_mb[0], "models": []}
+    for layers, width in args.models:
+        torch.manual_seed(0)
+        model = build_model(layers, width).to(device)
+
+        def params() -> list[torch.Tensor]:
+            return [p.detach().clone().requires_grad_() for p in model.parameters()]
+
+        def ours(**kw: Any) -> Callable[[], None]:
+            opt = LocalSGDOptimizer(torch.optim.SGD(params(), lr=0.0), k=1 << 30, sync_on_init=False,
+                                    bucket_cap_mb=args.bucket_cap_mb[0], **kw)
+            return opt.sync
+
+        theirs = params()
+        methods: dict[str, Callable[[], None]] = {
+            "torch average_parameters": lambda: average_parameters(iter(theirs), dist.group.WORLD),
+            "localsgd_optim sync": ours(),
+            "localsgd_optim sync, check_finite=False": ours(check_finite=False),
+            "localsgd_optim sync, flat_params=False": ours(flat_params=False),
+        }
+        times: dict[str, list[float]] = {name: [] for name in methods}
+        for r in range(args.warmup + args.rounds):
+            for name, fn in methods.items():
+                _sync_device(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync_device(device)
+                if r >= args.warmup:
+                    times[name].append(time.perf_counter() - t0)
+        rows = []
+        for name, fn in methods.items():
+            with CountOps() as ops:
+                fn()
+            rows.append({"method": name, "median_ms": 1e3 * statistics.median(times[name]), "ops": ops.count,
+                         "cuda_kernels": count_kernels(fn, device)})
+        n = sum(p.numel() for p in model.parameters())
+        buckets = len(plan_buckets(list(model.parameters()), bucket_cap_bytes(args.bucket_cap_mb[0])))
+        entry = {"layers": layers, "width": width, "params": n, "tensors": len(list(model.parameters())),
+                 "buckets": buckets, "rounds": rows}
+        report["models"].append(entry)
+        print(f"\n== TransformerEncoder {layers}x{width}: {n / 1e6:.1f}M params in {entry['tensors']} tensors, "
+              f"{buckets} buckets of {args.bucket_cap_mb[0]:g} MB; fake world of {args.fake_world} on {device}: "
+              "no wire, everything else ==")
+        print(f"{'method':<42} {'median ms':>10} {'ops':>6} {'CUDA kernels':>13}")
+        for row in rows:
+            kernels = "n/a" if row["cuda_kernels"] is None else str(row["cuda_kernels"])
+            print(f"{row['method']:<42} {row['median_ms']:>10.3f} {row['ops']:>6} {kernels:>13}")
+        sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
     return report
 
 

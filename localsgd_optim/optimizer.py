@@ -105,6 +105,13 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             ``sum()`` per parameter, its result riding in the round's control collective) and
             raise on every rank, naming the rank and parameter, instead of averaging the NaN
             into every replica (default: ``True``).
+        flat_params: when the optimizer binds to the process group, move every parameter once
+            into persistent flat storage (one contiguous buffer per (device, dtype); ``p.data``
+            becomes a view of it with the same strides), so a round reduces each bucket where it
+            lives: no packing, O(buckets) work. Parameters are never moved again unless the model
+            is moved or cast (``model.to()``), which is detected and re-flattened. ``False``: the
+            copy engine, parameters keep their own storage and each round packs them into two
+            reusable buffers (default: ``True``).
 
     Example::
 
@@ -139,12 +146,13 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         overlap_steps: int = 0,
         overlap_mix: float = 0.5,
         check_finite: bool = True,
+        flat_params: bool = True,
     ) -> None:
         config = Config.from_args(
             optimizer, k, process_group=process_group, bucket_cap_mb=bucket_cap_mb, sync_on_init=sync_on_init,
             warmup_steps=warmup_steps, local_k=local_k, local_group=local_group, buffers=buffers,
             outer_optimizer=outer_optimizer, compression=compression, overlap_steps=overlap_steps,
-            overlap_mix=overlap_mix, check_finite=check_finite)
+            overlap_mix=overlap_mix, check_finite=check_finite, flat_params=flat_params)
         self._constructed = False
         super().__init__(optimizer.param_groups, optimizer.defaults)
         Joinable.__init__(self)  # Optimizer.__init__ does not chain to it
@@ -152,7 +160,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._share_inner()
         self._config = config
         for name in ("process_group", "local_group", "local_k", "bucket_cap_mb", "check_finite", "compression",
-                     "overlap_steps", "overlap_mix"):  # the public attributes of the settings
+                     "overlap_steps", "overlap_mix", "flat_params"):  # the public attributes of the settings
             setattr(self, name, getattr(config, name))
         self.buffers_module = config.buffers
         self._members = Members(self, config.buffers)
@@ -212,7 +220,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             self._single = dist.is_available() and dist.is_initialized()
             return None
         binding = self._binding = Binding(self.process_group, world_size, self._members, self._settings,
-                                          self.bucket_cap_mb)
+                                          self.bucket_cap_mb, self.flat_params)
         try:
             binding.control(RoundKind.BIND, self.num_steps, self._start_steps, binding.engine.prepare, False)
         except BaseException:
@@ -221,7 +229,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         if self._pending_broadcast:
             binding.engine.broadcast(dist.get_global_rank(binding.group or dist.group.WORLD, 0), binding.group)
             self._pending_broadcast = False
-            self._rounds.restart(self._members.params())  # bound late: re-take the global copy
+            self._rounds.restart(self._members.params(), binding.engine)  # bound late: re-take the global copy
         return binding
 
     def _run(self, round_: Round, joined: bool = False) -> None:
@@ -246,7 +254,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         if self._binding is not None:
             with self._binding.errors(f"the overlapped round applied at step {self.num_steps}"):
                 round_.wait()
-        round_.land(self._members.params(), self._members.names())
+        round_.land(self._members.params(), self._members.names(), self.engine)
 
     # -- stepping ---------------------------------------------------------------------------
 
@@ -289,7 +297,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                     self._run(self._rounds.warmup, joined)
             elif event == Event.WARMUP_END:
                 self._set_ddp_grad_sync(False)  # warmup over: local steps from here
-                self._rounds.restart(self._members.params())  # the outer loop starts from here
+                self._rounds.restart(self._members.params(), self.engine)  # the outer loop starts from here
             elif event == Event.GLOBAL_ROUND:
                 self._run(self._rounds.scheduled, joined)
             elif event == Event.LOCAL_ROUND:
@@ -368,7 +376,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self.optimizer.add_param_group(param_group)
         if self._binding is not None:
             self._binding = Binding(self._binding.group, self._binding.world_size, self._members,
-                                    self._settings, self.bucket_cap_mb)
+                                    self._settings, self.bucket_cap_mb, self.flat_params)
 
     # -- checkpoints --------------------------------------------------------------------------
 

@@ -115,8 +115,12 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def run(cmd: list[str], timeout: int = 240) -> str:
-    """Run ``cmd`` from the repository root; retry once only on the gloo teardown abort."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """Run ``cmd`` from the repository root; retry once only on the gloo teardown abort.
+
+    The scripts mean CPU: on a machine with a GPU, Accelerate, Lightning and the bench would
+    otherwise put every rank on it (NCCL refuses two ranks on one GPU).
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     for attempt in range(2):
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         if done.returncode == 0 or TEARDOWN_ABORT not in done.stderr or attempt == 1:

@@ -181,8 +181,8 @@ def _unused_on_one_rank():
 
     run(ref, ref_step)
     model = TwoHeads()
-    ptrs = [p.data_ptr() for p in model.parameters()]
     opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.125, momentum=0.5), k=3)
+    ptrs = [p.data_ptr() for p in model.parameters()]  # moved into flat storage once, at binding
     run(model, opt.step)
     assert [p.data_ptr() for p in model.parameters()] == ptrs
     assert model.head_b.weight.dtype == torch.bfloat16

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 
-from helpers import torchrun
+from helpers import run, torchrun
 
 
 def test_minimal_example_runs_and_ends_in_sync():
@@ -42,7 +43,8 @@ def test_benchmark_smoke(tmp_path):
         assert methods == [
             "flat limit (1 all-reduce, no packing)", "per-parameter blocking", "per-parameter async (torchft)",
             "torch average_parameters", "localsgd_optim sync (cap 0.01 MB)", "localsgd_optim sync (cap 25 MB)",
-            "localsgd_optim sync (cap 0.01 MB, check_finite=False)", "localsgd_optim bf16 deltas (cap 0.01 MB)",
+            "localsgd_optim sync (cap 0.01 MB, check_finite=False)",
+            "localsgd_optim sync (cap 0.01 MB, flat_params=False)", "localsgd_optim bf16 deltas (cap 0.01 MB)",
             "localsgd_optim int8 deltas+EF (cap 0.01 MB)",
         ]
         assert model["rounds"][-2]["payload_mb"] == model["rounds"][0]["payload_mb"] / 2  # bf16 on the wire
@@ -52,3 +54,17 @@ def test_benchmark_smoke(tmp_path):
         assert set(model["breakdown"]) >= {"pack", "unpack + divide", "control collective", "whole round (sync)"}
         assert model["step"]["ratio"] > 0
     assert "non-averaging step()" in text
+
+
+def test_benchmark_fake_world_counts_ops(tmp_path):
+    # One process, a fake world of 4: the non-wire cost of a round, with its op count (CPU here).
+    out = tmp_path / "fake.json"
+    run([sys.executable, "-m", "localsgd_optim.bench", "--fake-world", "4", "--models", "4x32",
+         "--bucket-cap-mb", "0.05", "--rounds", "2", "--warmup", "1", "--json", str(out)])
+    (model,) = json.loads(out.read_text())["models"]
+    rows = {row["method"]: row for row in model["rounds"]}
+    buckets = model["buckets"]
+    assert buckets == 4 and model["tensors"] == 48  # buckets of several tensors each
+    assert rows["localsgd_optim sync"]["ops"] <= 12 * buckets + 30
+    assert rows["torch average_parameters"]["ops"] > model["tensors"]  # torch's is O(parameters)
+    assert all(row["median_ms"] > 0 for row in rows.values())

@@ -13,7 +13,7 @@ from torch import nn
 import localsgd_optim
 from helpers import make_batches, make_model, mse, params_of, train_wrapped
 from localsgd_optim import LocalSGDOptimizer, no_sync
-from localsgd_optim._binding import first_nonfinite
+from localsgd_optim._buckets import first_nonfinite
 
 
 def wrap(model, k=4, **kw):

@@ -37,8 +37,8 @@ class RoundTable:
     def outer_optimizer(self) -> torch.optim.Optimizer | None:
         return self.scheduled.outer_optimizer()
 
-    def restart(self, params: list[torch.Tensor]) -> None:
-        self.scheduled.restart(params)
+    def restart(self, params: list[torch.Tensor], engine: Any = None) -> None:
+        self.scheduled.restart(params, engine)
 
     def state(self, entry: dict[str, Any]) -> None:
         self.scheduled.state(entry)

@@ -97,13 +97,13 @@ class Round:
     def wait(self) -> None:
         """Phase two of a delayed round, first half: complete its collectives (the default has none)."""
 
-    def land(self, params: list[torch.Tensor], names: list[str]) -> None:
+    def land(self, params: list[torch.Tensor], names: list[str], engine: BucketEngine | None = None) -> None:
         """Phase two of a delayed round, second half: apply what :meth:`wait` completed."""
 
     def alone(self, params: list[torch.Tensor]) -> None:
         """The round in a world of one: nothing to average."""
 
-    def restart(self, params: list[torch.Tensor]) -> None:
+    def restart(self, params: list[torch.Tensor], engine: BucketEngine | None = None) -> None:
         """The replicas were just made equal (binding, end of warmup): a global copy restarts here."""
 
     def state(self, entry: dict[str, Any]) -> None:

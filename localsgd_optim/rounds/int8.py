@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .._buckets import plan_buckets
+from .._buckets import bucket_views, foreach_copy, plan_buckets
 from .._state import check_tensor_list
 from .base import Reducer, RoundContext
 
@@ -21,7 +21,8 @@ class Int8Reducer(Reducer):
     per-tensor scale: more accurate than one per bucket, 4 bytes per tensor on the wire)
     and the residual ``v - codes * scale`` is kept for the next round (error feedback:
     nothing is lost, only delayed). Per bucket, the codes and the scales are all-gathered:
-    two collectives per bucket, not per tensor. They are gathered, not summed: an int8 sum
+    two collectives per bucket, not per tensor, and every other step is one flat op per
+    bucket (the per-tensor scales are expanded with ``repeat_interleave``). They are gathered, not summed: an int8 sum
     would overflow, and narrowing the range for W ranks would cost precision. Every rank
     sums the dequantized codes in rank order, so all ranks get bit-identical results.
     Wire bytes per rank: ``(W - 1) * n`` against ``8 n (W - 1) / W`` for an fp32 ring
@@ -35,8 +36,16 @@ class Int8Reducer(Reducer):
 
     def __init__(self, tensors: Sequence[torch.Tensor], bucket_cap_bytes: int) -> None:
         self.buckets = plan_buckets(tensors, bucket_cap_bytes)
-        # contiguous whatever the parameter's layout (channels_last included)
-        self.residuals = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in tensors]
+        # One fp32 buffer per bucket; each tensor's residual is a contiguous view of it,
+        # whatever the parameter's layout (channels_last included).
+        self._residual_flats = [torch.zeros(b.numel, dtype=torch.float32, device=b.device) for b in self.buckets]
+        self.residuals: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+        for bucket, flat in zip(self.buckets, self._residual_flats):
+            for i, view in zip(bucket.indices, bucket_views(flat, bucket, tensors)):
+                self.residuals[i] = view
+        # per bucket: each tensor's length (to expand per-tensor scales) and its non-empty members
+        self._lengths = [torch.tensor([tensors[i].numel() for i in b.indices], device=b.device) for b in self.buckets]
+        self._nonempty = [[j for j, i in enumerate(b.indices) if tensors[i].numel()] for b in self.buckets]
         self._buffers: dict[str, torch.Tensor] = {}
         self._world = 0
 
@@ -46,60 +55,66 @@ class Int8Reducer(Reducer):
     def _allocate(self, world: int) -> None:
         if self._world == world and self._buffers:
             return
-        device = self.residuals[0].device if self.residuals else torch.device("cpu")
+        device = self.buckets[0].device if self.buckets else torch.device("cpu")
         numel = max((b.numel for b in self.buckets), default=0)
         count = max((len(b.indices) for b in self.buckets), default=0)
-        biggest = max((r.numel() for r in self.residuals), default=0)
         self._buffers = {
             "codes": torch.empty(numel, dtype=torch.int8, device=device),
             "scales": torch.empty(count, dtype=torch.float32, device=device),
             "all_codes": torch.empty(world * numel, dtype=torch.int8, device=device),
             "all_scales": torch.empty(world * count, dtype=torch.float32, device=device),
-            "v": torch.empty(biggest, dtype=torch.float32, device=device),
-            "q": torch.empty(biggest, dtype=torch.float32, device=device),
-            "total": torch.empty(biggest, dtype=torch.float32, device=device),
+            "v": torch.empty(numel, dtype=torch.float32, device=device),
+            "q": torch.empty(numel, dtype=torch.float32, device=device),
+            "total": torch.empty(numel, dtype=torch.float32, device=device),
         }
         self._world = world
 
     @torch.no_grad()
     def reduce(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
+        """Quantize, all-gather and dequantize each bucket with a fixed number of flat ops."""
         tensors, group = ctx.params, ctx.group
         world = dist.get_world_size(group)
         self._allocate(world)  # a no-op when the round already prepared
         buf = self._buffers
-        for bucket in self.buckets:
+        for pos, bucket in enumerate(self.buckets):
             n, m = bucket.numel, len(bucket.indices)
             codes, scales = buf["codes"][:n], buf["scales"][:m]
-            for j, (i, off) in enumerate(zip(bucket.indices, bucket.offsets)):
-                k = self.residuals[i].numel()
-                v, q = buf["v"][:k], buf["q"][:k]
-                if joined or k == 0:
-                    v.zero_()
-                else:
-                    v.copy_(tensors[i].reshape(-1))
-                    v.add_(self.residuals[i].view(-1))
-                scale = v.abs().max() if k else torch.zeros((), device=v.device)
-                scale = scale.clamp_min(torch.finfo(torch.float32).tiny) / 127
-                torch.div(v, scale, out=q)
-                q.round_().clamp_(-127, 127)
-                codes[off:off + k].copy_(q)
-                scales[j] = scale
-                if not joined and k:
-                    self.residuals[i].view(-1).copy_(v.sub_(q.mul_(scale)))  # v - codes * scale
+            v, q, total = buf["v"][:n], buf["q"][:n], buf["total"][:n]
+            members = [tensors[i] for i in bucket.indices]
+            v_views = bucket_views(v, bucket, tensors)
+            if joined:
+                v.zero_()
+            else:
+                foreach_copy(v_views, members)
+                v.add_(self._residual_flats[pos])
+            # per-tensor scale max|v| / 127 (an empty tensor's is 0 before the clamp)
+            nonempty = self._nonempty[pos]
+            if len(nonempty) == m:
+                scales.copy_(torch.stack(torch._foreach_norm(v_views, float("inf"))))
+            else:
+                scales.zero_()
+                if nonempty:
+                    maxima = torch._foreach_norm([v_views[j] for j in nonempty], float("inf"))
+                    scales[nonempty] = torch.stack(maxima)
+            scales.clamp_min_(torch.finfo(torch.float32).tiny).div_(127)
+            expanded = torch.repeat_interleave(scales, self._lengths[pos], output_size=n)
+            torch.div(v, expanded, out=q)
+            q.round_().clamp_(-127, 127)
+            codes.copy_(q)
+            if not joined:
+                torch.sub(v, q.mul_(expanded), out=self._residual_flats[pos])  # v - codes * scale
             all_codes, all_scales = buf["all_codes"][:world * n], buf["all_scales"][:world * m]
             works = [dist.all_gather_into_tensor(all_codes, codes, group=group, async_op=True),
                      dist.all_gather_into_tensor(all_scales, scales, group=group, async_op=True)]
             for w in works:
                 w.wait()
             all_codes, all_scales = all_codes.view(world, n), all_scales.view(world, m)
-            for j, (i, off) in enumerate(zip(bucket.indices, bucket.offsets)):
-                k = self.residuals[i].numel()
-                total, q = buf["total"][:k], buf["q"][:k]
-                total.zero_()
-                for r in range(world):  # rank order: the same sum on every rank
-                    q.copy_(all_codes[r, off:off + k])
-                    total.add_(q.mul_(all_scales[r, j]))
-                tensors[i].copy_(total.div_(contributors).view(tensors[i].shape))
+            total.zero_()
+            for r in range(world):  # rank order: the same sum on every rank
+                q.copy_(all_codes[r])
+                total.add_(q.mul_(torch.repeat_interleave(all_scales[r], self._lengths[pos], output_size=n)))
+            total.div_(contributors)
+            foreach_copy(members, bucket_views(total, bucket, tensors))
 
     def state(self, entry: dict[str, Any]) -> None:
         entry["int8_residuals"] = list(self.residuals)
@@ -115,8 +130,8 @@ class Int8Reducer(Reducer):
     def load_state(self, entry: dict[str, Any] | None) -> None:
         residuals = entry.get("int8_residuals") if isinstance(entry, dict) else None
         if residuals is None:  # saved without int8: error feedback starts from zero
-            for r in self.residuals:
-                r.zero_()
+            for flat in self._residual_flats:
+                flat.zero_()
             return
         for mine, saved in zip(self.residuals, residuals):
             mine.copy_(saved)

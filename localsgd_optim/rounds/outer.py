@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .._buckets import BucketEngine
 from .._outer import OuterState
 from .base import Reducer, Round, RoundContext
 
@@ -51,8 +52,8 @@ class GlobalCopyRound(Round):
     def alone(self, params: list[torch.Tensor]) -> None:
         self.outer.step_alone(params)
 
-    def restart(self, params: list[torch.Tensor]) -> None:
-        self.outer.reset(params)
+    def restart(self, params: list[torch.Tensor], engine: BucketEngine | None = None) -> None:
+        self.outer.reset(params, engine)
 
     def state(self, entry: dict[str, Any]) -> None:
         entry["outer"] = self.outer.state_dict()
@@ -99,13 +100,13 @@ class OuterRound(GlobalCopyRound):
         self.reducer.prepare(ctx)
 
     def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
-        self.outer.to_deltas(ctx.params)
+        self.outer.to_deltas(ctx.params, ctx.engine)
         try:
             if contributors:  # every rank has joined: all of them skip the data phase
                 self.reducer.reduce(ctx, contributors, joined)
-            self.outer.apply(ctx.params)
+            self.outer.apply(ctx.params, ctx.engine)
         except BaseException:
-            self.outer.reset_params(ctx.params)  # never leave pseudo-gradients in the model
+            self.outer.reset_params(ctx.params, ctx.engine)  # never leave pseudo-gradients in the model
             raise
 
     def state(self, entry: dict[str, Any]) -> None:

@@ -7,8 +7,8 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .._buckets import bucket_views, foreach_copy, mean_op, plan_buckets
-from .._outer import OuterState
+from .._buckets import BucketEngine, foreach_copy, mean_op, plan_buckets
+from .._outer import OuterState, flat_clone
 from .._state import check_tensor_list
 from .base import RoundContext
 from .outer import GlobalCopyRound
@@ -19,9 +19,9 @@ __all__ = ["OverlapRound"]
 class OverlapRound(GlobalCopyRound):
     """A two-phase outer round: launched at a scheduled step, landed ``overlap_steps`` later.
 
-    :meth:`run` (the launch) snapshots ``global - local`` into persistent flat buffers (one
-    per bucket, +1x parameters: the parameters keep training meanwhile) and starts one async
-    all-reduce per bucket. :meth:`wait` completes them and divides, leaving the mean
+    :meth:`run` (the launch) snapshots ``global - local`` into persistent flat buffers laid
+    out like the global copy (+1x parameters: the parameters keep training meanwhile) and
+    starts one async all-reduce per bucket, each a slice of them. :meth:`wait` completes them and divides, leaving the mean
     pseudo-gradient in :attr:`views`; :meth:`land` steps the outer optimizer with it and
     mixes: ``p <- mix * p + (1 - mix) * global``. In a world of one the round is blocking.
 
@@ -38,12 +38,16 @@ class OverlapRound(GlobalCopyRound):
         super().__init__(outer)
         self.overlap_steps = overlap_steps
         self.mix = mix
+        self.views, self.flat = flat_clone(params)  # laid out as the global copy (values unused)
+        # One all-reduce per bucket: a region's buckets tile its buffer in order.
         self.buckets = plan_buckets(params, bucket_cap_bytes)
-        self.buffers = [torch.empty(b.numel, dtype=b.dtype, device=b.device) for b in self.buckets]
-        self.views: list[torch.Tensor] = [torch.empty(0)] * len(params)
-        for b, buf in zip(self.buckets, self.buffers):
-            for i, view in zip(b.indices, bucket_views(buf, b, params)):
-                self.views[i] = view
+        self._slices: list[torch.Tensor] = []
+        start: dict[tuple[torch.device, torch.dtype], int] = {}
+        for b in self.buckets:
+            region = next(r for r, buf in enumerate(self.flat) if (buf.device, buf.dtype) == (b.device, b.dtype))
+            at = start.get((b.device, b.dtype), 0)
+            self._slices.append(self.flat[region][at:at + b.numel])
+            start[(b.device, b.dtype)] = at + b.numel
         self._works: list[Any] = []
         self._divisor: int | None = None
         self.apply_at: int | None = None  # the step at which the pending result is applied
@@ -53,14 +57,18 @@ class OverlapRound(GlobalCopyRound):
 
     @torch.no_grad()
     def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
+        flats = self.outer.flats(ctx.engine)
         if joined:
-            for buf in self.buffers:
+            for buf in self.flat:
                 buf.zero_()
+        elif flats is not None:
+            for g, p, out in zip(self.outer.flat, flats, self.flat):
+                torch.sub(g, p, out=out)  # global - local, as a blocking round
         else:
             foreach_copy(self.views, self.outer.globals)
-            torch._foreach_sub_(self.views, ctx.params)  # global - local, as a blocking round
+            torch._foreach_sub_(self.views, ctx.params)
         op, self._divisor = mean_op(ctx.group, contributors)
-        self._works = [dist.all_reduce(buf, op, ctx.group, async_op=True) for buf in self.buffers]
+        self._works = [dist.all_reduce(buf, op, ctx.group, async_op=True) for buf in self._slices]
         self.apply_at = ctx.step + self.overlap_steps
 
     @torch.no_grad()
@@ -70,16 +78,16 @@ class OverlapRound(GlobalCopyRound):
         for w in works:
             w.wait()
         if works and self._divisor not in (None, 1):
-            torch._foreach_div_(self.buffers, self._divisor)
+            torch._foreach_div_(self.flat, self._divisor)
 
     @torch.no_grad()
-    def land(self, params: list[torch.Tensor], names: list[str]) -> None:
+    def land(self, params: list[torch.Tensor], names: list[str], engine: BucketEngine | None = None) -> None:
         """Apply the round that was in flight (after :meth:`wait`); nothing if none is."""
         if self.apply_at is None:
             return
         self.outer.check_compatible(params, names)  # cast since the launch: raise before stepping
         self.outer.step(self.views)
-        torch._foreach_lerp_(params, self.outer.globals, 1.0 - self.mix)  # keep part of the local progress
+        self.outer.mix_into(params, 1.0 - self.mix, engine)  # keep part of the local progress
         self.apply_at = None
 
     def state(self, entry: dict[str, Any]) -> None:
