@@ -7,6 +7,7 @@ This module knows *how* to move tensors, never *when*: the schedule lives in
 from __future__ import annotations
 
 import math
+import operator
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -187,8 +188,9 @@ class BucketEngine:
 
     def _signature(self) -> list[tuple[int, torch.Size, torch.dtype]]:
         # With flat storage only the staged tensors are read here; residents are checked by pointer.
-        resident = self.storage.resident if self.storage is not None else [False] * len(self.tensors)
-        return [(t.data_ptr(), t.shape, t.dtype) for t, res in zip(self.tensors, resident) if not res]
+        if self.storage is None:
+            return [(t.data_ptr(), t.shape, t.dtype) for t in self.tensors]
+        return [(t.data_ptr(), t.shape, t.dtype) for members, _ in self._stage for t in members]
 
     def prepare(self, wire_dtype: torch.dtype | None = None) -> None:
         """Allocate every buffer a round needs now, so nothing can fail locally mid-round."""
@@ -204,9 +206,9 @@ class BucketEngine:
         it re-planned. Cheap: identity and ``data_ptr`` per tensor, no device work.
         """
         if tensors is not None and (len(tensors) != len(self.tensors)
-                                    or any(a is not b for a, b in zip(tensors, self.tensors))):
+                                    or not all(map(operator.is_, tensors, self.tensors))):
             self.tensors = list(tensors)
-        elif self._signature() == self._storage and (self.storage is None or not self.storage.moved(self.tensors)):
+        elif self._signature() == self._storage and (self.storage is None or not self.storage.moved()):
             return False
         self._plan()
         return True

@@ -295,3 +295,23 @@ def test_ranks_with_different_memory_formats_are_refused(ranks2):
     for message in ranks2(_memory_format_differs):
         assert "float32[4, 3, 3, 3] on cpu with strides (27, 9, 3, 1) on rank 0" in message
         assert "with strides (27, 1, 9, 3) on rank 1" in message
+
+
+# -- inner optimizers that step all parameters at once: foreach and fused AdamW ---------------
+
+def _adamw_variant(variant):
+    rank = dist.get_rank()
+    batches = make_batches(8)
+    kw = {variant: True}
+    ref = make_model(seed=rank)
+    reference_rounds(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2, **kw), batches, {4, 8})
+    model = make_model(seed=rank)
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, **kw), k=4, bucket_cap_mb=0.01)
+    train_wrapped(model, opt, batches)
+    return params_of(model), params_of(ref)
+
+
+@pytest.mark.parametrize("variant", ["foreach", "fused"])
+def test_foreach_and_fused_adamw_step_the_flat_parameters(ranks, variant):
+    for got, want in ranks(_adamw_variant, variant):
+        assert_same(got, want, exact=ranks.world_size == 2)

@@ -21,8 +21,8 @@ class Int8Reducer(Reducer):
     per-tensor scale: more accurate than one per bucket, 4 bytes per tensor on the wire)
     and the residual ``v - codes * scale`` is kept for the next round (error feedback:
     nothing is lost, only delayed). Per bucket, the codes and the scales are all-gathered:
-    two collectives per bucket, not per tensor, and every other step is one flat op per
-    bucket (the per-tensor scales are expanded with ``repeat_interleave``). They are gathered, not summed: an int8 sum
+    two collectives per bucket, not per tensor, and every other step is one flat or
+    ``_foreach`` op per bucket. They are gathered, not summed: an int8 sum
     would overflow, and narrowing the range for W ranks would cost precision. Every rank
     sums the dequantized codes in rank order, so all ranks get bit-identical results.
     Wire bytes per rank: ``(W - 1) * n`` against ``8 n (W - 1) / W`` for an fp32 ring
@@ -43,8 +43,7 @@ class Int8Reducer(Reducer):
         for bucket, flat in zip(self.buckets, self._residual_flats):
             for i, view in zip(bucket.indices, bucket_views(flat, bucket, tensors)):
                 self.residuals[i] = view
-        # per bucket: each tensor's length (to expand per-tensor scales) and its non-empty members
-        self._lengths = [torch.tensor([tensors[i].numel() for i in b.indices], device=b.device) for b in self.buckets]
+        # per bucket: the members that are not empty (an empty tensor has no max)
         self._nonempty = [[j for j, i in enumerate(b.indices) if tensors[i].numel()] for b in self.buckets]
         self._buffers: dict[str, torch.Tensor] = {}
         self._world = 0
@@ -65,13 +64,16 @@ class Int8Reducer(Reducer):
             "all_scales": torch.empty(world * count, dtype=torch.float32, device=device),
             "v": torch.empty(numel, dtype=torch.float32, device=device),
             "q": torch.empty(numel, dtype=torch.float32, device=device),
-            "total": torch.empty(numel, dtype=torch.float32, device=device),
         }
         self._world = world
 
     @torch.no_grad()
     def reduce(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
-        """Quantize, all-gather and dequantize each bucket with a fixed number of flat ops."""
+        """Quantize, all-gather and dequantize each bucket with a fixed number of ops per bucket.
+
+        The per-tensor scales come to the host once per bucket and rank (a handful of floats),
+        so each scaling is one ``_foreach`` op with a scalar per tensor.
+        """
         tensors, group = ctx.params, ctx.group
         world = dist.get_world_size(group)
         self._allocate(world)  # a no-op when the round already prepared
@@ -79,42 +81,46 @@ class Int8Reducer(Reducer):
         for pos, bucket in enumerate(self.buckets):
             n, m = bucket.numel, len(bucket.indices)
             codes, scales = buf["codes"][:n], buf["scales"][:m]
-            v, q, total = buf["v"][:n], buf["q"][:n], buf["total"][:n]
+            v, q = buf["v"][:n], buf["q"][:n]
             members = [tensors[i] for i in bucket.indices]
-            v_views = bucket_views(v, bucket, tensors)
+            v_views, q_views = bucket_views(v, bucket, tensors), bucket_views(q, bucket, tensors)
             if joined:
                 v.zero_()
             else:
                 foreach_copy(v_views, members)
                 v.add_(self._residual_flats[pos])
             # per-tensor scale max|v| / 127 (an empty tensor's is 0 before the clamp)
+            torch.abs(v, out=q)
             nonempty = self._nonempty[pos]
             if len(nonempty) == m:
-                scales.copy_(torch.stack(torch._foreach_norm(v_views, float("inf"))))
+                scales.copy_(torch.stack(torch._foreach_max(q_views)))
             else:
                 scales.zero_()
                 if nonempty:
-                    maxima = torch._foreach_norm([v_views[j] for j in nonempty], float("inf"))
-                    scales[nonempty] = torch.stack(maxima)
+                    scales[nonempty] = torch.stack(torch._foreach_max([q_views[j] for j in nonempty]))
             scales.clamp_min_(torch.finfo(torch.float32).tiny).div_(127)
-            expanded = torch.repeat_interleave(scales, self._lengths[pos], output_size=n)
-            torch.div(v, expanded, out=q)
+            mine = scales.tolist()
+            q.copy_(v)
+            torch._foreach_div_(q_views, mine)
             q.round_().clamp_(-127, 127)
             codes.copy_(q)
             if not joined:
-                torch.sub(v, q.mul_(expanded), out=self._residual_flats[pos])  # v - codes * scale
+                torch._foreach_mul_(q_views, mine)
+                torch.sub(v, q, out=self._residual_flats[pos])  # v - codes * scale
             all_codes, all_scales = buf["all_codes"][:world * n], buf["all_scales"][:world * m]
             works = [dist.all_gather_into_tensor(all_codes, codes, group=group, async_op=True),
                      dist.all_gather_into_tensor(all_scales, scales, group=group, async_op=True)]
             for w in works:
                 w.wait()
-            all_codes, all_scales = all_codes.view(world, n), all_scales.view(world, m)
-            total.zero_()
+            all_codes = all_codes.view(world, n)
+            per_rank = all_scales.view(world, m).tolist()
+            total = v.zero_()  # v is spent: it accumulates the dequantized sum
             for r in range(world):  # rank order: the same sum on every rank
                 q.copy_(all_codes[r])
-                total.add_(q.mul_(torch.repeat_interleave(all_scales[r], self._lengths[pos], output_size=n)))
+                torch._foreach_mul_(q_views, per_rank[r])
+                total.add_(q)
             total.div_(contributors)
-            foreach_copy(members, bucket_views(total, bucket, tensors))
+            foreach_copy(members, v_views)
 
     def state(self, entry: dict[str, Any]) -> None:
         entry["int8_residuals"] = list(self.residuals)
