@@ -292,8 +292,8 @@ def bench_breakdown(model: nn.Module, args: argparse.Namespace, device: torch.de
         for pos in staged:
             engine.pack(pos)
 
-    def unpack_divide() -> None:  # divide by 1: same cost, leaves the values alone
-        for pos in staged:
+    def unpack_divide() -> None:  # divide by 1: same cost, leaves the values alone (every bucket divides)
+        for pos in range(len(engine.buckets)):
             engine.unpack(pos, 1)
 
     def comm_only() -> None:
