@@ -31,6 +31,7 @@ METHODS = {
     "localsgd_k8_bf16": ("Local SGD k=8, bf16 deltas", ["--method", "localsgd", "--k", "8", "--compression", "bf16"], None),
     "localsgd_k8_overlap4": ("Local SGD k=8, overlapped 4 steps", ["--method", "localsgd", "--k", "8", "--overlap-steps", "4"], None),
     "diloco_k64": ("DiLoCo k=64", ["--method", "diloco", "--k", "64"], 0.02),
+    "diloco_k8": ("DiLoCo k=8", ["--method", "diloco", "--k", "8"], None),
     "diloco_k64_int8": ("DiLoCo k=64, int8 deltas + EF", ["--method", "diloco", "--k", "64", "--compression", "int8"], None),
     "diloco_k64_overlap8": ("DiLoCo k=64, overlapped 8 steps", ["--method", "diloco", "--k", "64", "--overlap-steps", "8"], None),
 }
@@ -47,6 +48,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reuse", action="store_true", help="keep results already in --out instead of rerunning")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--port", type=int, default=29517)
+    p.add_argument("--tune", action="store_true",
+                   help="tuning mode: sweep the learning rate per method (x2 grid, widened until it brackets the "
+                        "best), DiLoCo's outer lr x momentum at the best inner lr, then --seeds seeds at each "
+                        "method's best; writes <out>/tune/ and <out>/tuned.{json,md,png}")
+    p.add_argument("--lrs", type=str, default="1.5e-3,3e-3,6e-3,1.2e-2", help="--tune: the starting lr grid")
+    p.add_argument("--seeds", type=int, default=3, help="--tune: seeds at each method's best settings")
+    p.add_argument("--outer-lrs", type=str, default="0.3,0.5,0.7,1.0", help="--tune: DiLoCo outer lrs")
+    p.add_argument("--outer-momenta", type=str, default="0.5,0.9", help="--tune: DiLoCo outer (Nesterov) momenta")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train_charlm.py flags for every run")
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(METHODS)
@@ -62,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.tune:
+        from tune_study import tune
+
+        tune(args, METHODS)
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = ["--steps", str(args.steps), "--eval-every", str(args.eval_every),

@@ -148,33 +148,36 @@ class BucketEngine:
 
     def __init__(self, tensors: Sequence[torch.Tensor], bucket_cap_bytes: int, flat_params: bool = False,
                  movable: int | None = None) -> None:
-        self.tensors = list(tensors)
         self.cap_bytes = bucket_cap_bytes
         self.flat_params = flat_params
-        self.movable = len(self.tensors) if movable is None else movable
-        self._plan()
+        self.movable = len(tensors) if movable is None else movable
+        self._plan(list(tensors))
 
-    def _plan(self) -> None:
-        self.buckets = plan_buckets(self.tensors, self.cap_bytes)
-        self.storage = FlatStorage(self.tensors, [i < self.movable for i in range(len(self.tensors))]) \
+    def _plan(self, tensors: list[torch.Tensor]) -> None:
+        # Everything is built first and assigned last: if the storage cannot be allocated (out
+        # of memory), nothing has moved and the engine still describes the old plan.
+        buckets = plan_buckets(tensors, self.cap_bytes)
+        storage = FlatStorage(tensors, [i < self.movable for i in range(len(tensors))]) \
             if self.flat_params else None
+        self.tensors, self.buckets, self.storage = tensors, buckets, storage
         # Per bucket: the flat tensor reduced in place (a storage slice, or a lone contiguous
         # tensor), or None (packed into a slot); and the staged members copied in and out of it.
-        self._direct: list[torch.Tensor | None] = []
-        self._stage: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
-        for bucket in self.buckets:
-            direct, members, views = self._in_place(bucket), [], []
-            if self.storage is not None:
+        self._direct: list[torch.Tensor | None] = [self._in_place(b) for b in buckets]
+        self._restage()
+        # (device, tensor dtype, wire dtype or None) -> the two reusable buffers of that group
+        self._slots: dict[tuple[torch.device, torch.dtype, torch.dtype | None], list[_Slot]] = {}
+        self._flats: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
+
+    def _restage(self) -> None:
+        """Which staged tensors each bucket copies in and out (flat storage only)."""
+        self._stage: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in self.buckets]
+        if self.storage is not None:
+            for (members, views), bucket in zip(self._stage, self.buckets):
                 for i in bucket.indices:
                     if not self.storage.resident[i]:
                         members.append(self.tensors[i])
                         views.append(self.storage.views[i])
-            self._direct.append(direct)
-            self._stage.append((members, views))
-        # (device, tensor dtype, wire dtype or None) -> the two reusable buffers of that group
-        self._slots: dict[tuple[torch.device, torch.dtype, torch.dtype | None], list[_Slot]] = {}
         self._storage = self._signature()
-        self._flats: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
 
     def _in_place(self, bucket: Bucket) -> torch.Tensor | None:
         if self.storage is not None:
@@ -185,6 +188,14 @@ class BucketEngine:
             if t.is_contiguous():
                 return t.view(-1)
         return None
+
+    def _only_staged_rebound(self, tensors: Sequence[torch.Tensor]) -> bool:
+        """Whether ``tensors`` differs from ours only in staged tensors of the same layout (a module
+        buffer reassigned by its forward, or rebound by ``module.to()`` on the same device)."""
+        if self.storage is None or len(tensors) != len(self.tensors) or self.storage.moved():
+            return False
+        return all(new is old if res else (new.shape, new.dtype, new.device) == (old.shape, old.dtype, old.device)
+                   for new, old, res in zip(tensors, self.tensors, self.storage.resident))
 
     def _signature(self) -> list[tuple[int, torch.Size, torch.dtype]]:
         # With flat storage only the staged tensors are read here; residents are checked by pointer.
@@ -207,10 +218,15 @@ class BucketEngine:
         """
         if tensors is not None and (len(tensors) != len(self.tensors)
                                     or not all(map(operator.is_, tensors, self.tensors))):
-            self.tensors = list(tensors)
+            if self._only_staged_rebound(tensors):  # the parameters stay where they are
+                self.tensors = list(tensors)
+                self._restage()
+                return True
+            self._plan(list(tensors))
         elif self._signature() == self._storage and (self.storage is None or not self.storage.moved()):
             return False
-        self._plan()
+        else:
+            self._plan(self.tensors)
         return True
 
     @property
@@ -231,8 +247,8 @@ class BucketEngine:
         ``None`` unless all of them are resident. The key (device, dtype, shape, strides per
         tensor) tells whether another flat layout (a global copy) matches element for element.
         """
-        if self.storage is None or not all(self.storage.resident[:count]):
-            return None
+        if self.storage is None or not all(self.storage.resident[:count]) or self.storage.moved():
+            return None  # (moved: until the next round re-plans, the parameters are elsewhere)
         found = self._flats.get(count)
         if found is None:  # computed once per plan: the key is O(tensors) to build
             ends: dict[int, int] = {}

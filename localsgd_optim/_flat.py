@@ -56,6 +56,8 @@ def regions(tensors: Sequence[torch.Tensor]) -> list[Region]:
 
 def dense(t: torch.Tensor) -> bool:
     """Whether ``t``'s elements tile a block of memory exactly once (any dimension order)."""
+    if t.numel() == 0:
+        return True
     expected = 1
     for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda x: x[1]):
         if stride != expected:
@@ -111,14 +113,13 @@ class FlatStorage:
         self.regions = regions(tensors)
         shared = overlapping(tensors)
         self.resident = [m and i not in shared and dense(t) for i, (t, m) in enumerate(zip(tensors, movable))]
-        self.buffers: list[torch.Tensor] = []
         self.views: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
         #: per tensor, (region index, element offset in the region's buffer)
         self.where: list[tuple[int, int]] = [(0, 0)] * len(tensors)
+        # every buffer first: running out of memory here leaves every tensor where it was
+        self.buffers = [torch.empty(r.numel, device=r.device, dtype=r.dtype) for r in self.regions]
         with torch.no_grad():
-            for r, region in enumerate(self.regions):
-                buffer = torch.empty(region.numel, device=region.device, dtype=region.dtype)
-                self.buffers.append(buffer)
+            for r, (region, buffer) in enumerate(zip(self.regions, self.buffers)):
                 for i, off, view in zip(region.indices, region.offsets, strided_views(buffer, region, tensors)):
                     t = tensors[i]
                     self.where[i] = (r, off)

@@ -1,0 +1,138 @@
+"""The convergence study's tuning mode (``convergence_study.py --tune``): each method at its own best.
+
+For every method: a learning-rate sweep on a x2 grid, widened (x2 at a time) while the best
+value sits at an edge, so the grid brackets it; for DiLoCo, a grid over the outer lr and
+momentum at the best inner lr; then ``--seeds`` seeds at each method's best settings. Every run
+is one ``train_charlm.py`` JSON under ``<out>/tune/``, reused when present (the sweep resumes
+where it stopped). Writes ``<out>/tuned.json`` (``{"steps", "world_size", "methods": {name:
+{"best_lr", "lrs": {lr: [final val loss per seed]}, "seeds", "final_val_loss", ...}}}``),
+``<out>/tuned.md`` and two plots: loss against steps at the best settings, and final loss
+against lr per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from study_common import TRAIN, finish, markdown_table, plot_curves, pyplot, run_logged
+
+#: the methods tuned, in the order they run (the comparisons that matter most first)
+TUNED = ["ddp", "localsgd_k8", "diloco_k64", "none", "localsgd_k32_warmup", "diloco_k8"]
+MAX_WIDEN = 3  # x2 steps beyond the starting grid, each way
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+class Sweep:
+    """Runs (or reuses) one training run per setting; every result is a JSON file."""
+
+    def __init__(self, args: argparse.Namespace, methods: dict) -> None:
+        self.args, self.methods = args, methods
+        self.dir = Path(args.out) / "tune"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.common = ["--steps", str(args.steps), "--eval-every", str(args.eval_every),
+                       "--eval-batches", str(args.eval_batches), *args.extra]
+
+    def run(self, name: str, lr: float, seed: int, outer: tuple[float, float] | None = None) -> dict:
+        _, flags, _ = self.methods[name]
+        flags = [f.format(warmup=self.args.steps // 10) for f in flags]
+        tag = f"{name}_lr{_fmt(lr)}_s{seed}" + (f"_olr{_fmt(outer[0])}_om{_fmt(outer[1])}" if outer else "")
+        json_out = self.dir / f"{tag}.json"
+        if json_out.exists():
+            return json.loads(json_out.read_text())
+        more = ["--lr", repr(lr), "--seed", str(seed)]
+        if outer:
+            more += ["--outer-lr", repr(outer[0]), "--outer-momentum", repr(outer[1])]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.args.nproc}",
+               f"--master-port={self.args.port}", str(TRAIN), *flags, *more, *self.common, "--json-out", str(json_out)]
+        return run_logged(cmd, self.dir / f"{tag}.log", json_out, env={"OMP_NUM_THREADS": "1"})
+
+
+def _best(losses: dict[float, float]) -> float:
+    return min(losses, key=losses.__getitem__)
+
+
+def sweep_lr(sweep: Sweep, name: str, grid: list[float], outer: tuple[float, float] | None = None) -> dict[float, float]:
+    """Seed-0 final loss per lr, the grid widened x2 while the best is at an edge."""
+    losses = {lr: sweep.run(name, lr, 0, outer)["final_val_loss"] for lr in grid}
+    for _ in range(MAX_WIDEN):
+        lrs = sorted(losses)
+        best = _best(losses)
+        if best == lrs[0]:
+            lr = lrs[0] / 2
+        elif best == lrs[-1]:
+            lr = lrs[-1] * 2
+        else:
+            break
+        losses[lr] = sweep.run(name, lr, 0, outer)["final_val_loss"]
+    return losses
+
+
+def tune(args: argparse.Namespace, methods: dict) -> None:
+    sweep = Sweep(args, methods)
+    grid = [float(v) for v in args.lrs.split(",")]
+    outer_grid = [(float(lr), float(m)) for lr in args.outer_lrs.split(",") for m in args.outer_momenta.split(",")]
+    names = [n for n in TUNED if n in args.names] if args.only else TUNED
+    report: dict = {"steps": args.steps, "world_size": args.nproc, "methods": {}}
+    curves: dict[str, dict] = {}
+    for name in names:
+        diloco = name.startswith("diloco")
+        default_outer = (0.7, 0.9) if diloco else None
+        losses = sweep_lr(sweep, name, grid, default_outer)
+        best_lr, best_outer = _best(losses), default_outer
+        entry: dict = {"label": methods[name][0]}
+        if diloco:  # the outer optimizer at the best inner lr
+            outer_losses = {o: sweep.run(name, best_lr, 0, o)["final_val_loss"] for o in outer_grid}
+            outer_losses[default_outer] = losses[best_lr]
+            best_outer = _best(outer_losses)
+            entry["outer"] = {f"lr={o[0]:g},momentum={o[1]:g}": v for o, v in sorted(outer_losses.items())}
+            entry["best_outer"] = {"lr": best_outer[0], "momentum": best_outer[1], "nesterov": True}
+        per_seed = [sweep.run(name, best_lr, s, best_outer) for s in range(args.seeds)]
+        finals = [r["final_val_loss"] for r in per_seed]
+        lrs = {_fmt(lr): [loss] for lr, loss in sorted(losses.items())}
+        lrs[_fmt(best_lr)] = finals if best_outer == default_outer else [losses[best_lr]]
+        entry.update({"best_lr": best_lr, "lrs": lrs, "seeds": len(finals), "final_val_loss": statistics.mean(finals),
+                      "final_val_loss_per_seed": finals,
+                      "stdev": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                      "samples_per_s": statistics.mean(r["samples_per_s"] for r in per_seed)})
+        report["methods"][name] = entry
+        curves[f"{entry['label']} (lr {best_lr:g})"] = per_seed[0]
+        _write(args, report, curves)
+
+
+def _write(args: argparse.Namespace, report: dict, curves: dict[str, dict]) -> None:
+    """Rewritten after every method, so a stopped sweep still leaves its results so far."""
+    out = Path(args.out)
+    (out / "tuned.json").write_text(json.dumps(report, indent=1))
+    base = report["methods"].get("ddp", {}).get("final_val_loss")
+    rows = []
+    for name, e in report["methods"].items():
+        vs = "-" if base is None else f"{e['final_val_loss'] / base - 1:+.2%}"
+        outer = e.get("best_outer")
+        rows.append([e["label"], _fmt(e["best_lr"]), "-" if outer is None else f"{outer['lr']:g} / {outer['momentum']:g}",
+                     f"{e['final_val_loss']:.4f} ± {e['stdev']:.4f} ({e['seeds']} seeds)", vs,
+                     ", ".join(f"{lr}: {min(v):.4f}" for lr, v in e["lrs"].items())])
+    title = f"{report['world_size']} ranks, {report['steps']} steps, each method at its own best learning rate"
+    table = markdown_table(["method", "best lr", "outer lr / momentum", "final val loss", "vs tuned DDP",
+                            "seed-0 loss per lr"], rows)
+    (out / "tuned.md").write_text(f"{title}\n\n{table}")
+    print(f"\n{title}\n\n{table}", flush=True)
+    if args.no_plots:
+        return
+    plot_curves(curves, out / "tuned_steps.png", title, "step", "optimizer step")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for name, e in report["methods"].items():
+        pts = sorted((float(lr), min(v)) for lr, v in e["lrs"].items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=e["label"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("inner learning rate (peak of the cosine schedule)")
+    ax.set_ylabel("final validation loss, seed 0 (nats/byte)")
+    ax.set_title(title, fontsize=9)
+    finish(plt, fig, ax, out / "tuned_lr.png")
