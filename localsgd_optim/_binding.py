@@ -27,13 +27,35 @@ class Members:
     """What a round averages, read afresh each time: the parameters, then floating buffers.
 
     Args:
-        owner: the optimizer whose current ``param_groups`` are read (``load_state_dict`` rebinds them).
+        owner: the optimizer whose current ``param_groups`` and ``state`` are read (``load_state_dict``
+            rebinds them).
         buffers_module: the module whose floating-point buffers are averaged too, or ``None``.
+        optimizer_state: the inner optimizer's per-parameter state is averaged too (in its own
+            engine: see :meth:`optimizer_state`); it joins the cross-rank layout check.
     """
 
-    def __init__(self, owner: Any, buffers_module: nn.Module | None) -> None:
+    def __init__(self, owner: Any, buffers_module: nn.Module | None, optimizer_state: bool = False) -> None:
         self._owner = owner
         self.buffers_module = buffers_module
+        self.averages_optimizer_state = optimizer_state
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the layout can change between rounds without the tensors moving (state appears)."""
+        return self.averages_optimizer_state
+
+    def optimizer_state(self) -> list[tuple[str, torch.Tensor]]:
+        """The inner optimizer's floating per-parameter state shaped like its parameter (Adam's
+        moments, SGD's momentum buffer), in parameter then key order; never ``step``."""
+        if not self.averages_optimizer_state:
+            return []
+        state, out = self._owner.state, []
+        for name, p in zip(self.param_names(), self.params()):
+            for key, value in sorted(state.get(p, {}).items()):
+                if (key != "step" and isinstance(value, torch.Tensor) and value.shape == p.shape
+                        and (value.is_floating_point() or value.is_complex())):
+                    out.append((f"optimizer state {key!r} of {name}", value))
+        return out
 
     def params(self) -> list[torch.Tensor]:
         return [p for group in self._owner.param_groups for p in group["params"]]
@@ -50,21 +72,27 @@ class Members:
         """Everything a round averages, in a rank-independent order: parameters, then buffers."""
         return self.params() + [b for _, b in self.buffers()]
 
-    def names(self) -> list[str]:
+    def param_names(self) -> list[str]:
         names = []
         for g, group in enumerate(self._owner.param_groups):
             given = group.get("param_names")
             for i in range(len(group["params"])):
                 where = f"param group {g}, index {i}"
                 names.append(f"parameter {given[i]!r} ({where})" if given else f"parameter ({where})")
-        return names + [f"buffer {n!r}" for n, _ in self.buffers()]
+        return names
+
+    def names(self) -> list[str]:
+        names = self.param_names() + [f"buffer {n!r}" for n, _ in self.buffers()]
+        if self.averages_optimizer_state:  # after everything the engine averages: indices still line up
+            names += [n for n, _ in self.optimizer_state()]
+        return names
 
     def layout(self) -> list[tuple]:
         """Device, dtype and shape per tensor, and the parameters' strides: flat storage and the
         global copy keep a parameter's memory order, so ranks must agree on it for their buckets
         to line up element for element."""
         return [describe_tensor(t) + (tuple(t.stride()),) for t in self.params()] + \
-            [describe_tensor(b) for _, b in self.buffers()]
+            [describe_tensor(b) for _, b in self.buffers()] + [describe_tensor(s) for _, s in self.optimizer_state()]
 
     def check_averageable(self) -> None:
         for name, p in zip(self.names(), self.tensors()):
@@ -118,7 +146,7 @@ class Binding:
         """
         nonfinite, local_error = -1, None
         try:
-            if self.engine.refresh(self.members.tensors()):  # storage moved or buffers rebound
+            if self.engine.refresh(self.members.tensors()) or self.members.dynamic:  # moved, rebound, new state
                 self.digest = self._digest()
             prepare()
             if check_finite and kind != RoundKind.BIND and not joined:

@@ -47,12 +47,13 @@ class Config:
     overlap_mix: float
     check_finite: bool
     flat_params: bool = True
+    average_optimizer_state: bool = False
 
     @classmethod
     def from_args(cls, optimizer: Any, k: PeriodSpec, *, process_group: Any, bucket_cap_mb: Any,
                   sync_on_init: bool, warmup_steps: Any, local_k: Any, local_group: Any, buffers: Any,
                   outer_optimizer: Any, compression: Any, overlap_steps: Any, overlap_mix: Any,
-                  check_finite: bool, flat_params: bool = True) -> "Config":
+                  check_finite: bool, flat_params: bool = True, average_optimizer_state: bool = False) -> "Config":
         """Check the arguments in a fixed order; the first bad one raises, naming it and the fix."""
         _check_optimizer(optimizer)
         if (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real)
@@ -88,12 +89,20 @@ class Config:
             raise ValueError(f"local_k must be an integer >= 1, got {local_k!r}")
         if not isinstance(flat_params, bool):
             raise TypeError(f"flat_params must be True or False, got {flat_params!r}")
+        if not isinstance(average_optimizer_state, bool):
+            raise TypeError(f"average_optimizer_state must be True or False, got {average_optimizer_state!r}")
+        if average_optimizer_state and (compression is not None or overlap_steps):
+            raise ValueError(
+                "average_optimizer_state with compression or overlap_steps is not supported yet (the state "
+                f"is averaged as values, at full precision, in blocking rounds), got compression={compression!r}, "
+                f"overlap_steps={overlap_steps!r}; pass one of them"
+            )
         return cls(schedule=schedule, process_group=process_group, bucket_cap_mb=float(bucket_cap_mb),
                    sync_on_init=bool(sync_on_init), local_k=int(local_k) if local_k is not None else 0,
                    local_group=local_group, buffers=buffers, outer_optimizer=outer_optimizer,
                    compression=compression, overlap_steps=int(overlap_steps),
                    overlap_mix=float(overlap_mix), check_finite=bool(check_finite),
-                   flat_params=flat_params)
+                   flat_params=flat_params, average_optimizer_state=average_optimizer_state)
 
     @property
     def wire_dtype(self) -> torch.dtype | None:
@@ -106,7 +115,8 @@ class Config:
                 "compression": self.compression,
                 "outer_optimizer": None if outer is None else
                 f"{type(outer).__name__}{sorted(outer.defaults.items())}",
-                "overlap": [self.overlap_steps, self.overlap_mix], "flat_params": self.flat_params}
+                "overlap": [self.overlap_steps, self.overlap_mix], "flat_params": self.flat_params,
+                "average_optimizer_state": self.average_optimizer_state}
 
 
 def _check_optimizer(optimizer: Any) -> None:

@@ -112,6 +112,12 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             is moved or cast (``model.to()``), which is detected and re-flattened. ``False``: the
             copy engine, parameters keep their own storage and each round packs them into two
             reusable buffers (default: ``True``).
+        average_optimizer_state: also average the inner optimizer's per-parameter state (Adam's
+            moments, SGD's momentum buffer; not ``step``) at warmup, scheduled and local rounds, in
+            buckets of its own: replicas then restart each period from the same optimizer state,
+            as in Local Adam variants. Costs the state's bytes per round on top of the parameters'
+            (AdamW: 3x). Not with ``compression`` or ``overlap_steps``; ``sync()`` averages the
+            parameters only (default: ``False``).
 
     Example::
 
@@ -147,12 +153,14 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         overlap_mix: float = 0.5,
         check_finite: bool = True,
         flat_params: bool = True,
+        average_optimizer_state: bool = False,
     ) -> None:
         config = Config.from_args(
             optimizer, k, process_group=process_group, bucket_cap_mb=bucket_cap_mb, sync_on_init=sync_on_init,
             warmup_steps=warmup_steps, local_k=local_k, local_group=local_group, buffers=buffers,
             outer_optimizer=outer_optimizer, compression=compression, overlap_steps=overlap_steps,
-            overlap_mix=overlap_mix, check_finite=check_finite, flat_params=flat_params)
+            overlap_mix=overlap_mix, check_finite=check_finite, flat_params=flat_params,
+            average_optimizer_state=average_optimizer_state)
         self._constructed = False
         super().__init__(optimizer.param_groups, optimizer.defaults)
         Joinable.__init__(self)  # Optimizer.__init__ does not chain to it
@@ -160,10 +168,10 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._share_inner()
         self._config = config
         for name in ("process_group", "local_group", "local_k", "bucket_cap_mb", "check_finite", "compression",
-                     "overlap_steps", "overlap_mix", "flat_params"):  # the public attributes of the settings
+                     "overlap_steps", "overlap_mix", "flat_params", "average_optimizer_state"):  # the public attributes of the settings
             setattr(self, name, getattr(config, name))
         self.buffers_module = config.buffers
-        self._members = Members(self, config.buffers)
+        self._members = Members(self, config.buffers, config.average_optimizer_state)
         self._ddp_modules: list[nn.Module] = []  # registered by no_sync(): DDP syncs during warmup
         self._start_steps = 0  # the count this run started or resumed from: ranks must agree
         self._binding: Binding | None = None
@@ -172,7 +180,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._constructed = True
         # Built before binding, so the bind check compares them across ranks; a global copy is
         # re-taken right after the binding broadcast, so it starts identical everywhere.
-        self._cursor, self._rounds = build_rounds(config, self._members.params())
+        self._cursor, self._rounds = build_rounds(
+            config, self._members.params(), lambda: [t for _, t in self._members.optimizer_state()])
         self._bind()
 
     def _share_inner(self) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -17,6 +17,7 @@ from .base import Reducer, Round, RoundContext
 from .int8 import Int8Reducer
 from .outer import CastReducer, OuterRound
 from .overlap import OverlapRound
+from .state import WithOptimizerState
 
 __all__ = ["RoundTable", "build_rounds", "Round", "RoundContext", "Reducer"]
 
@@ -50,10 +51,13 @@ class RoundTable:
         self.scheduled.load_state(entry, params)
 
 
-def build_rounds(config: Config, params: list[torch.Tensor]) -> tuple[Cursor, RoundTable]:
+def build_rounds(config: Config, params: list[torch.Tensor],
+                 optimizer_state: Callable[[], list[torch.Tensor]] | None = None) -> tuple[Cursor, RoundTable]:
     """The schedule's cursor and the round table for ``config`` (the only reader of its variant options).
 
     ``params`` are the parameters at construction: a global copy is cloned from them.
+    ``optimizer_state`` returns the inner optimizer's state tensors, averaged with the parameters
+    at warmup, scheduled and local rounds when ``config.average_optimizer_state`` (not by ``sync()``).
     """
     cap = bucket_cap_bytes(config.bucket_cap_mb)
     scheduled: Round = AverageRound(RoundKind.SCHEDULED)
@@ -67,10 +71,11 @@ def build_rounds(config: Config, params: list[torch.Tensor]) -> tuple[Cursor, Ro
             scheduled = OuterRound(outer, CastReducer(config.wire_dtype))
         else:
             scheduled = OuterRound(outer, Reducer())
-    table = RoundTable(
-        warmup=AverageRound(RoundKind.SCHEDULED),
-        sync=AverageRound(RoundKind.SYNC),
-        scheduled=scheduled,
-        local=AverageRound(RoundKind.LOCAL, local=True) if config.local_k else None,
-    )
+    warmup: Round = AverageRound(RoundKind.SCHEDULED)
+    local: Round | None = AverageRound(RoundKind.LOCAL, local=True) if config.local_k else None
+    if config.average_optimizer_state and optimizer_state is not None:
+        warmup, scheduled = WithOptimizerState(warmup, optimizer_state, cap), WithOptimizerState(
+            scheduled, optimizer_state, cap)
+        local = WithOptimizerState(local, optimizer_state, cap) if local is not None else None
+    table = RoundTable(warmup=warmup, sync=AverageRound(RoundKind.SYNC), scheduled=scheduled, local=local)
     return Cursor(config.schedule, config.local_k, config.overlap_steps), table
