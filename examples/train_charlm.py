@@ -161,6 +161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overlap-steps", type=int, default=0,
                    help="Streaming DiLoCo: reduce in the background for N more local steps, then apply")
     p.add_argument("--k", type=int, default=8, help="steps between averaging rounds (localsgd)")
+    p.add_argument("--average-optimizer-state", action="store_true",
+                   help="also average AdamW's moments at every round (3x the bytes of a round)")
     p.add_argument("--warmup-steps", type=int, default=0,
                    help="post-local SGD: synchronous steps (DDP gradient all-reduce) before Local SGD")
     p.add_argument("--steps", type=int, default=400)
@@ -214,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         outer = diloco(args.outer_lr, args.outer_momentum) if args.method == "diloco" else None
         opt = LocalSGDOptimizer(inner, k=args.k, warmup_steps=args.warmup_steps, outer_optimizer=outer,
-                                compression=args.compression, overlap_steps=args.overlap_steps)
+                                compression=args.compression, overlap_steps=args.overlap_steps,
+                                average_optimizer_state=args.average_optimizer_state)
     # LR schedulers step the wrapper like any optimizer (param_groups are shared with the inner one)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args))
     g = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own data stream

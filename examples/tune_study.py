@@ -21,7 +21,9 @@ from pathlib import Path
 from study_common import TRAIN, finish, markdown_table, plot_curves, pyplot, run_logged
 
 #: the methods tuned, in the order they run (the comparisons that matter most first)
-TUNED = ["ddp", "localsgd_k8", "diloco_k64", "none", "localsgd_k32_warmup", "diloco_k8"]
+TUNED = ["ddp", "localsgd_k8", "localsgd_k8_avgstate", "diloco_k64", "none", "localsgd_k32_warmup", "diloco_k8"]
+#: ideas to close the gap: their lr grid starts at x0.5, x1, x2 of their baseline's best
+IDEAS = {"localsgd_k8_avgstate": "localsgd_k8"}
 MAX_WIDEN = 3  # x2 steps beyond the starting grid, each way
 
 
@@ -81,11 +83,15 @@ def tune(args: argparse.Namespace, methods: dict) -> None:
     names = [n for n in TUNED if n in args.names] if args.only else TUNED
     report: dict = {"steps": args.steps, "world_size": args.nproc, "methods": {}}
     curves: dict[str, dict] = {}
+    best_lrs: dict[str, float] = {}
     for name in names:
         diloco = name.startswith("diloco")
         default_outer = (0.7, 0.9) if diloco else None
-        losses = sweep_lr(sweep, name, grid, default_outer)
+        base = IDEAS.get(name)
+        start = [best_lrs[base] * f for f in (0.5, 1, 2)] if base in best_lrs else grid
+        losses = sweep_lr(sweep, name, start, default_outer)
         best_lr, best_outer = _best(losses), default_outer
+        best_lrs[name] = best_lr
         entry: dict = {"label": methods[name][0]}
         if diloco:  # the outer optimizer at the best inner lr
             outer_losses = {o: sweep.run(name, best_lr, 0, o)["final_val_loss"] for o in outer_grid}
