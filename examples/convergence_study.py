@@ -29,6 +29,8 @@ METHODS = {
     "localsgd_k8": ("Local SGD k=8", ["--method", "localsgd", "--k", "8"], 0.01),
     "localsgd_k8_avgstate": ("Local SGD k=8, AdamW state averaged", ["--method", "localsgd", "--k", "8",
                                                                      "--average-optimizer-state"], None),
+    "localsgd_k8_extrap": ("Local SGD k=8, outer SGD lr 1.5 (extrapolation)", ["--method", "localsgd", "--k", "8",
+                                                                             "--extrapolate", "1.5"], None),
     "localsgd_k32_warmup": ("Local SGD k=32, warmup 10%", ["--method", "localsgd", "--k", "32", "--warmup-steps", "{warmup}"], None),
     "localsgd_k8_bf16": ("Local SGD k=8, bf16 deltas", ["--method", "localsgd", "--k", "8", "--compression", "bf16"], None),
     "localsgd_k8_overlap4": ("Local SGD k=8, overlapped 4 steps", ["--method", "localsgd", "--k", "8", "--overlap-steps", "4"], None),

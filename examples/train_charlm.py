@@ -161,6 +161,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overlap-steps", type=int, default=0,
                    help="Streaming DiLoCo: reduce in the background for N more local steps, then apply")
     p.add_argument("--k", type=int, default=8, help="steps between averaging rounds (localsgd)")
+    p.add_argument("--extrapolate", type=float, default=None, metavar="LR",
+                   help="localsgd: an outer SGD step of LR on the averaged pseudo-gradient (1.0: plain "
+                        "averaging; > 1 extrapolates past the average, lookahead-like)")
     p.add_argument("--average-optimizer-state", action="store_true",
                    help="also average AdamW's moments at every round (3x the bytes of a round)")
     p.add_argument("--warmup-steps", type=int, default=0,
@@ -215,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
         opt = inner
     else:
         outer = diloco(args.outer_lr, args.outer_momentum) if args.method == "diloco" else None
+        if args.extrapolate is not None:  # plain averaging, then a step past the average (no momentum)
+            outer = lambda params: torch.optim.SGD(params, lr=args.extrapolate)  # noqa: E731
         opt = LocalSGDOptimizer(inner, k=args.k, warmup_steps=args.warmup_steps, outer_optimizer=outer,
                                 compression=args.compression, overlap_steps=args.overlap_steps,
                                 average_optimizer_state=args.average_optimizer_state)

@@ -21,9 +21,10 @@ from pathlib import Path
 from study_common import TRAIN, finish, markdown_table, plot_curves, pyplot, run_logged
 
 #: the methods tuned, in the order they run (the comparisons that matter most first)
-TUNED = ["ddp", "localsgd_k8", "localsgd_k8_avgstate", "diloco_k64", "none", "localsgd_k32_warmup", "diloco_k8"]
+TUNED = ["ddp", "localsgd_k8", "localsgd_k8_avgstate", "diloco_k64", "none", "localsgd_k32_warmup", "diloco_k8",
+         "localsgd_k8_extrap"]
 #: ideas to close the gap: their lr grid starts at x0.5, x1, x2 of their baseline's best
-IDEAS = {"localsgd_k8_avgstate": "localsgd_k8"}
+IDEAS = {"localsgd_k8_avgstate": "localsgd_k8", "localsgd_k8_extrap": "localsgd_k8"}
 MAX_WIDEN = 3  # x2 steps beyond the starting grid, each way
 
 
