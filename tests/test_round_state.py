@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import assert_same, make_batches, make_model, mse, params_of, resume_run
 from localsgd_optim import LayoutMismatchError, LocalSGDOptimizer, diloco
@@ -140,3 +141,37 @@ def test_not_with_compression_or_overlap(kwargs):
 def test_must_be_a_bool():
     with pytest.raises(TypeError, match="average_optimizer_state must be True or False, got 1"):
         LocalSGDOptimizer(INNER["adamw"](make_model().parameters()), k=4, average_optimizer_state=1)
+
+
+class Payload(TorchDispatchMode):
+    """Bytes this rank hands to all-reduces inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "allreduce_":
+            self.bytes += sum(t.numel() * t.element_size() for t in args[0])
+        return func(*args, **(kwargs or {}))
+
+
+def _bytes_per_round(average_state):
+    model = make_model(seed=dist.get_rank())
+    opt = LocalSGDOptimizer(INNER["adamw"](model.parameters()), k=2, average_optimizer_state=average_state)
+    payload = Payload()
+    for step, (x, y) in enumerate(make_batches(2), start=1):
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        if step == 2:
+            with payload:
+                opt.step()  # the scheduled round
+        else:
+            opt.step()
+    return payload.bytes, sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_adamw_state_triples_the_bytes_of_a_round(ranks2):
+    (plain, nbytes), _ = ranks2(_bytes_per_round, False)
+    (with_state, _), _ = ranks2(_bytes_per_round, True)
+    assert plain == nbytes and with_state == 3 * nbytes  # parameters, exp_avg, exp_avg_sq
