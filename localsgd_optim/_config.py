@@ -73,6 +73,7 @@ class Config:
             )
         _check_compression(optimizer, compression, buffers)
         _check_overlap(overlap_steps, overlap_mix, compression, local_k)
+        overlap_mix = 0.5 if overlap_mix is None else overlap_mix
         if (compression is not None or overlap_steps) and outer_optimizer is None:
             outer_optimizer = plain_average_outer  # compressed deltas need a global copy
         if outer_optimizer is not None and not sync_on_init:
@@ -146,8 +147,13 @@ def _check_compression(optimizer: Optimizer, compression: Any, buffers: Any) -> 
 def _check_overlap(overlap_steps: Any, overlap_mix: Any, compression: Any, local_k: Any) -> None:
     if not (_is_int(overlap_steps) and overlap_steps >= 0):
         raise ValueError(f"overlap_steps must be an integer >= 0, got {overlap_steps!r}")
-    if not isinstance(overlap_mix, numbers.Real) or not 0.0 <= overlap_mix <= 1.0:
+    if overlap_mix is not None and (not isinstance(overlap_mix, numbers.Real) or not 0.0 <= overlap_mix <= 1.0):
         raise ValueError(f"overlap_mix must be a number in [0, 1], got {overlap_mix!r}")
+    if overlap_mix is not None and not overlap_steps:
+        raise ValueError(
+            f"overlap_mix={overlap_mix!r} only applies to overlapped rounds, but overlap_steps=0; pass "
+            "overlap_steps >= 1 with it, or drop overlap_mix"
+        )
     if overlap_steps and compression is not None:
         raise ValueError("overlap_steps with compression is not supported yet; pass one of them")
     if overlap_steps and local_k is not None:

@@ -98,7 +98,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             Must be smaller than the period; +1x parameters for the in-flight buffers
             (default: 0, blocking rounds).
         overlap_mix: the weight kept of the local parameters when an overlapped round is
-            applied (default: 0.5; 0 discards the local progress of those steps).
+            applied (default: ``None``, meaning 0.5; 0 discards the local progress of those
+            steps). Only with ``overlap_steps``: given without it, a ``ValueError``.
         buffers: a module whose floating-point buffers (e.g. BatchNorm running statistics)
             are averaged with the parameters, in the same buckets (default: ``None``).
         check_finite: before each round, check every rank's parameters for NaN/Inf (one
@@ -150,7 +151,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         outer_optimizer: OuterFactory | None = None,
         compression: str | None = None,
         overlap_steps: int = 0,
-        overlap_mix: float = 0.5,
+        overlap_mix: float | None = None,
         check_finite: bool = True,
         flat_params: bool = True,
         average_optimizer_state: bool = False,

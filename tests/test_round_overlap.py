@@ -53,6 +53,9 @@ def test_overlap_bad_input():
         LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, overlap_steps=-1)
     with pytest.raises(ValueError, match=r"overlap_mix must be a number in \[0, 1\], got 1.5"):
         LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, overlap_steps=1, overlap_mix=1.5)
+    with pytest.raises(ValueError, match=r"overlap_mix=0.25 only applies to overlapped rounds, but overlap_steps=0"):
+        LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, overlap_mix=0.25)  # silently ignored before
+    assert LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, overlap_steps=1).overlap_mix == 0.5
     with pytest.raises(ValueError, match="overlap_steps with compression is not supported yet"):
         LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, overlap_steps=1, compression="bf16")
 
