@@ -23,8 +23,16 @@ from ._dist import (
 __all__ = ["Members", "Binding", "first_nonfinite"]
 
 
+def _averaged(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
 class Members:
     """What a round averages, read afresh each time: the parameters, then floating buffers.
+
+    Parameters that are not floating-point (an ``int64`` counter with ``requires_grad=False``,
+    which torch's optimizers and DDP accept) are left alone, as integer buffers are; they still
+    count in the cross-rank layout check.
 
     Args:
         owner: the optimizer whose current ``param_groups`` and ``state`` are read (``load_state_dict``
@@ -57,8 +65,18 @@ class Members:
                     out.append((f"optimizer state {key!r} of {name}", value))
         return out
 
+    def _named_params(self) -> list[tuple[str, torch.Tensor]]:
+        out = []
+        for g, group in enumerate(self._owner.param_groups):
+            given = group.get("param_names")
+            for i, p in enumerate(group["params"]):
+                where = f"param group {g}, index {i}"
+                out.append((f"parameter {given[i]!r} ({where})" if given else f"parameter ({where})", p))
+        return out
+
     def params(self) -> list[torch.Tensor]:
-        return [p for group in self._owner.param_groups for p in group["params"]]
+        """The parameters averaged: every floating-point (or complex) one, in ``param_groups`` order."""
+        return [p for group in self._owner.param_groups for p in group["params"] if _averaged(p)]
 
     def buffers(self) -> list[tuple[str, torch.Tensor]]:
         # Collected afresh each round: module.to() rebinds buffer objects. Integer buffers
@@ -73,33 +91,33 @@ class Members:
         return self.params() + [b for _, b in self.buffers()]
 
     def param_names(self) -> list[str]:
-        names = []
-        for g, group in enumerate(self._owner.param_groups):
-            given = group.get("param_names")
-            for i in range(len(group["params"])):
-                where = f"param group {g}, index {i}"
-                names.append(f"parameter {given[i]!r} ({where})" if given else f"parameter ({where})")
-        return names
+        """Names of the parameters averaged (lined up with :meth:`params`)."""
+        return [n for n, p in self._named_params() if _averaged(p)]
 
     def names(self) -> list[str]:
+        """Names lined up with :meth:`tensors` (then the optimizer state, when averaged)."""
         names = self.param_names() + [f"buffer {n!r}" for n, _ in self.buffers()]
         if self.averages_optimizer_state:  # after everything the engine averages: indices still line up
             names += [n for n, _ in self.optimizer_state()]
         return names
 
+    def layout_names(self) -> list[str]:
+        """Names lined up with :meth:`layout`: every parameter, averaged or not."""
+        return [n for n, _ in self._named_params()] + self.names()[len(self.param_names()):]
+
     def layout(self) -> list[tuple]:
         """Device, dtype and shape per tensor, and the parameters' strides: flat storage and the
         global copy keep a parameter's memory order, so ranks must agree on it for their buckets
-        to line up element for element."""
-        return [describe_tensor(t) + (tuple(t.stride()),) for t in self.params()] + \
+        to line up element for element. Every parameter counts, averaged or not."""
+        return [describe_tensor(t) + (tuple(t.stride()),) for _, t in self._named_params()] + \
             [describe_tensor(b) for _, b in self.buffers()] + [describe_tensor(s) for _, s in self.optimizer_state()]
 
     def check_averageable(self) -> None:
-        for name, p in zip(self.names(), self.tensors()):
-            if not (p.is_floating_point() or p.is_complex()):
+        for name, p in self._named_params():
+            if not _averaged(p) and p.requires_grad:  # (torch itself refuses this today)
                 raise TypeError(
-                    f"{name} has dtype {p.dtype}: only floating-point and complex parameters can be "
-                    "averaged; remove it from the optimizer or register it as a buffer"
+                    f"{name} has dtype {p.dtype} and requires grad: only floating-point and complex "
+                    "parameters can be averaged; remove it from the optimizer or set requires_grad=False"
                 )
 
 
@@ -134,7 +152,7 @@ class Binding:
         return fingerprint(self.settings(), self.members.layout())
 
     def _explain_layout(self) -> None:
-        check_ranks_agree(self.group, self.settings(), self.members.layout(), self.members.names())
+        check_ranks_agree(self.group, self.settings(), self.members.layout(), self.members.layout_names())
 
     def control(self, kind: RoundKind, num_steps: int, start_steps: int, prepare: Callable[[], None],
                 check_finite: bool, joined: bool = False, group: Any = None) -> int:

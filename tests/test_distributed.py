@@ -499,15 +499,38 @@ def test_process_group_subset(ranks):
 
 
 def _integer_parameter():
+    # torch's own post-local SGD parity model has an int64 nn.Parameter(requires_grad=False):
+    # optimizers and DDP accept it, and so do we. It is left alone, and averaging goes on around it.
+    rank = dist.get_rank()
+    torch.manual_seed(rank)
     model = nn.Linear(2, 2)
-    model.register_parameter("count", nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False))
-    with pytest.raises(TypeError, match=r"parameter \(param group 0, index 2\) has dtype torch.int64"):
+    model.register_parameter("count", nn.Parameter(torch.full((3,), 10 + rank, dtype=torch.long), requires_grad=False))
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=2, sync_on_init=False)
+    expected = [model.weight.detach().clone(), model.bias.detach().clone()]
+    average_one_by_one(expected)
+    opt.sync()
+    return [model.weight.detach(), model.bias.detach()], expected, model.count.tolist(), opt.engine.numel
+
+
+def test_integer_parameter_is_left_alone_and_the_rest_averaged(ranks2):
+    for rank, (got, want, count, averaged) in enumerate(ranks2(_integer_parameter)):
+        assert_same(got, want, exact=True)
+        assert count == [10 + rank] * 3 and averaged == 6  # the weight and bias only
+
+
+def _integer_parameter_on_one_rank_only():
+    model = nn.Linear(2, 2)
+    if dist.get_rank() == 1:
+        model.register_parameter("count", nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False))
+    with pytest.raises(LayoutMismatchError) as info:
         LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
-    return True
+    dist.barrier()
+    return str(info.value)
 
 
-def test_integer_parameter_is_rejected_before_any_collective(ranks2):
-    assert ranks2(_integer_parameter) == [True, True]
+def test_integer_parameters_still_count_in_the_layout_check(ranks2):
+    for message in ranks2(_integer_parameter_on_one_rank_only):
+        assert "parameter (param group 0, index 2): missing on rank 0, int64[3] on cpu on rank 1" in message
 
 
 # -- reliability: NaN guard, GradScaler, errors on the way out, checkpoints across world sizes
