@@ -124,7 +124,7 @@ def _write(args: argparse.Namespace, report: dict, curves: dict[str, dict]) -> N
         outer = e.get("best_outer")
         rows.append([e["label"], _fmt(e["best_lr"]), "-" if outer is None else f"{outer['lr']:g} / {outer['momentum']:g}",
                      f"{e['final_val_loss']:.4f} ± {e['stdev']:.4f} ({e['seeds']} seeds)", vs,
-                     ", ".join(f"{lr}: {min(v):.4f}" for lr, v in e["lrs"].items())])
+                     ", ".join(f"{lr}: {v[0]:.4f}" for lr, v in e["lrs"].items())])
     title = f"{report['world_size']} ranks, {report['steps']} steps, each method at its own best learning rate"
     table = markdown_table(["method", "best lr", "outer lr / momentum", "final val loss", "vs tuned DDP",
                             "seed-0 loss per lr"], rows)
@@ -136,7 +136,7 @@ def _write(args: argparse.Namespace, report: dict, curves: dict[str, dict]) -> N
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for name, e in report["methods"].items():
-        pts = sorted((float(lr), min(v)) for lr, v in e["lrs"].items())
+        pts = sorted((float(lr), v[0]) for lr, v in e["lrs"].items())  # seed 0 everywhere
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=e["label"])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("inner learning rate (peak of the cosine schedule)")
