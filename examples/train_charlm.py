@@ -117,6 +117,25 @@ def evaluate_average(model: nn.Module, opt: torch.optim.Optimizer, val: torch.Te
     return loss
 
 
+def communication_summary(opt: torch.optim.Optimizer, eval_cost: dict, steps: int, n_params: int,
+                          train_s: float, world: int) -> dict | None:
+    """Rounds, MB this rank sent against what DDP's gradient all-reduce would have sent, time in rounds."""
+    if world == 1:
+        return None
+    ddp_mb = steps * n_params * 4 / 2**20  # DDP hands every gradient (fp32) to an all-reduce every step
+    if not isinstance(opt, LocalSGDOptimizer):
+        return {"rounds": steps, "mb_sent": ddp_mb, "ddp_mb": ddp_mb, "round_share": None,
+                "line": f"communication: {steps} gradient all-reduces, {ddp_mb:.1f} MB sent per rank "
+                        "(overlapped with backward)"}
+    s = {key: value - eval_cost[key] for key, value in opt.stats().items()}
+    mb = s["bytes_sent"] / 2**20
+    share = s["round_seconds"] / train_s if train_s else float("nan")
+    return {"rounds": s["rounds"], "mb_sent": mb, "ddp_mb": ddp_mb, "round_share": share,
+            "line": f"communication: {s['rounds']} rounds, {mb:.1f} MB sent per rank against {ddp_mb:.1f} MB "
+                    f"for DDP ({mb / ddp_mb:.1%}), {share:.1%} of training time in rounds "
+                    "(evaluation syncs excluded)"}
+
+
 def save_checkpoint(path: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer,
                     sched: torch.optim.lr_scheduler.LRScheduler, g: torch.Generator) -> None:
     tmp = path.with_suffix(".tmp")
@@ -246,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{args.method}: {n_params / 1e6:.2f}M parameters, {world} rank(s), "
               f"{len(train) / 1e6:.1f}M train / {len(val) / 1e6:.2f}M val bytes", flush=True)
     history = []
+    eval_cost = {"rounds": 0, "bytes_sent": 0, "round_seconds": 0.0}
     # opt.no_sync keeps DDP's gradient all-reduce on for --warmup-steps, then turns it off
     sync_ctx = opt.no_sync(model) if isinstance(opt, LocalSGDOptimizer) else _nullcontext()
     train_s, t0 = 0.0, time.perf_counter()  # the clock excludes validation
@@ -266,7 +286,11 @@ def main(argv: list[str] | None = None) -> dict:
             if step % args.eval_every == 0 or step == args.steps:
                 train_loss = loss.item()
                 train_s += time.perf_counter() - t0
+                before = opt.stats() if isinstance(opt, LocalSGDOptimizer) else None
                 val_loss = evaluate_average(net, opt, val, args)
+                if before is not None:  # the evaluation's sync() is not training traffic
+                    for key, value in opt.stats().items():
+                        eval_cost[key] += value - before[key]
                 history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss, "time_s": train_s})
                 if rank == 0:
                     bar = "#" * int(30 * step / args.steps)
@@ -275,7 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
                           f"val {val_loss:.3f}  ({rate:.0f} seq/s)", flush=True)
                 t0 = time.perf_counter()
     steps_run = args.steps - start
-    result = {"method": args.method, "k": args.k, "world_size": world, "params": n_params,
+    comm = communication_summary(opt, eval_cost, steps_run, n_params, train_s, world)
+    if rank == 0 and comm is not None:
+        print(comm.pop("line"), flush=True)
+    result = {"communication": comm, "method": args.method, "k": args.k, "world_size": world, "params": n_params,
               "batch_size": args.batch_size, "context": args.context, "steps": steps_run,
               "train_time_s": train_s,
               "samples_per_s": steps_run * world * args.batch_size / train_s if train_s else math.nan,

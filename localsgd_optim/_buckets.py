@@ -354,8 +354,10 @@ class BucketEngine:
 
     @torch.no_grad()
     def run(self, collective: Collective, finish: Finisher | None = None, divide_by: int | None = None,
-            send_zeros: bool = False, wire_dtype: torch.dtype | None = None) -> None:
+            send_zeros: bool = False, wire_dtype: torch.dtype | None = None) -> int:
         """Apply ``collective`` (then ``finish``) to every bucket and write the results back.
+
+        Returns the bytes handed to collectives (the payload this rank sent).
 
         Collectives are issued asynchronously in bucket order, identically on every
         rank, with at most two packing buffers per (device, dtype) in flight. ``divide_by``
@@ -367,6 +369,7 @@ class BucketEngine:
         """
         pending: deque[tuple[int, torch.Tensor, _Slot | None, dist.Work]] = deque()
         busy: set[int] = set()
+        sent = 0
 
         def complete_oldest() -> None:
             pos, flat, slot, work = pending.popleft()
@@ -417,8 +420,10 @@ class BucketEngine:
                     else:
                         foreach_copy(self._views(slot, pos), self._members(pos))
                 pending.append((pos, flat, slot, collective(flat)))
+                sent += flat.numel() * flat.element_size()
             while pending:
                 complete_oldest()
+            return sent
         finally:
             # On an error, let in-flight collectives finish before the buffers are reused.
             for _, _, _, work in pending:
@@ -429,19 +434,19 @@ class BucketEngine:
 
     def all_reduce_mean(self, group: dist.ProcessGroup | None, world_size: int,
                         contributors: int | None = None, send_zeros: bool = False,
-                        wire_dtype: torch.dtype | None = None) -> None:
-        """Replace every tensor by its mean across the ranks of ``group``.
+                        wire_dtype: torch.dtype | None = None) -> int:
+        """Replace every tensor by its mean across the ranks of ``group``; return the bytes sent.
 
         With ``contributors < world_size`` (ranks that joined send zeros), the sum is
         divided by the number of contributors instead.
         """
         op, divisor = mean_op(group, world_size if contributors is None else contributors)
-        self.run(lambda flat: dist.all_reduce(flat, op, group, async_op=True),
+        return self.run(lambda flat: dist.all_reduce(flat, op, group, async_op=True),
                  divide_by=divisor, send_zeros=send_zeros, wire_dtype=wire_dtype)
 
-    def broadcast(self, src: int, group: dist.ProcessGroup | None) -> None:
+    def broadcast(self, src: int, group: dist.ProcessGroup | None) -> int:
         """Overwrite every tensor with its value on global rank ``src``."""
-        self.run(lambda flat: dist.broadcast(flat, src, group, async_op=True))
+        return self.run(lambda flat: dist.broadcast(flat, src, group, async_op=True))
 
 
 def layout_key(tensors: Sequence[torch.Tensor]) -> tuple:

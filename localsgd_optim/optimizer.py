@@ -8,6 +8,7 @@ driving every round the same way (prepare locally, agree in one control collecti
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from typing import Any, Callable
 
@@ -178,6 +179,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._binding: Binding | None = None
         self._single = False  # bound to a world of one: never communicate
         self._pending_broadcast = config.sync_on_init
+        self._stats = {"rounds": 0, "bytes_sent": 0, "round_seconds": 0.0}
         self._constructed = True
         # Built before binding, so the bind check compares them across ranks; a global copy is
         # re-taken right after the binding broadcast, so it starts identical everywhere.
@@ -253,18 +255,40 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         group = self.local_group if round_.local else binding.group
         size = dist.get_world_size(group) if round_.local else binding.world_size
         ctx = RoundContext(params, self._members.names, binding.engine, group, size, step)
-        with binding.errors(round_.describe(step)):
-            contributors = binding.control(round_.kind, step, self._start_steps, lambda: round_.prepare(ctx),
-                                           self.check_finite, joined, group)
-            round_.run(ctx, contributors, joined)
+        start = time.perf_counter()
+        try:
+            with binding.errors(round_.describe(step)):
+                contributors = binding.control(round_.kind, step, self._start_steps, lambda: round_.prepare(ctx),
+                                               self.check_finite, joined, group)
+                round_.run(ctx, contributors, joined)
+            self._stats["rounds"] += 1
+        finally:
+            self._stats["bytes_sent"] += ctx.sent
+            self._stats["round_seconds"] += time.perf_counter() - start
 
     def _land(self) -> None:
         """Phase two of a delayed round: wait for its collectives, then apply it."""
         round_ = self._rounds.scheduled
-        if self._binding is not None:
-            with self._binding.errors(f"the overlapped round applied at step {self.num_steps}"):
-                round_.wait()
-        round_.land(self._members.params(), self._members.names(), self.engine)
+        start = time.perf_counter()
+        try:
+            if self._binding is not None:
+                with self._binding.errors(f"the overlapped round applied at step {self.num_steps}"):
+                    round_.wait()
+            round_.land(self._members.params(), self._members.names(), self.engine)
+        finally:
+            self._stats["round_seconds"] += time.perf_counter() - start
+
+    def stats(self) -> dict[str, Any]:
+        """What averaging cost this rank so far (this process; not saved in checkpoints).
+
+        Returns:
+            ``rounds``: averaging rounds completed with the process group (warmup, scheduled,
+            local and ``sync()``; none in a single process); ``bytes_sent``: the payload this
+            rank handed to the rounds' data collectives (a ring all-reduce puts about twice that
+            on the wire); ``round_seconds``: wall time inside rounds, control collective and
+            landing of overlapped rounds included. A non-averaging ``step()`` touches none of them.
+        """
+        return dict(self._stats)
 
     # -- stepping ---------------------------------------------------------------------------
 

@@ -28,6 +28,10 @@ def test_charlm_resumes_exactly(tmp_path):
     assert a["history"][-1]["step"] == b["history"][-1]["step"] == 24
     assert a["final_val_loss"] == b["final_val_loss"]  # same parameters => bit-identical loss
     assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+    # the summary: k=4 sends a quarter of DDP's bytes (evaluation syncs excluded)
+    comm = a["communication"]
+    assert comm["rounds"] == 6 and comm["mb_sent"] == comm["ddp_mb"] / 4 and 0 < comm["round_share"] < 1
+    assert b["communication"]["rounds"] == 4  # resumed at step 10: rounds at 12, 16, 20, 24
 
 
 def test_benchmark_smoke(tmp_path):

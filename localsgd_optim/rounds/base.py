@@ -25,6 +25,7 @@ class RoundContext:
         group: the ranks of this round (the local group for hierarchical rounds).
         size: how many ranks ``group`` has.
         step: the step count at this round.
+        sent: bytes this rank handed to the round's data collectives (strategies add to it).
     """
 
     params: list[torch.Tensor]
@@ -33,6 +34,7 @@ class RoundContext:
     group: dist.ProcessGroup | None
     size: int
     step: int
+    sent: int = 0
 
 
 class Reducer:
@@ -47,7 +49,7 @@ class Reducer:
         ctx.engine.prepare()
 
     def reduce(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
-        ctx.engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined)
+        ctx.sent += ctx.engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined)
 
     # A reducer with state (int8's error feedback) saves it in the Local SGD entry.
     def state(self, entry: dict[str, Any]) -> None:

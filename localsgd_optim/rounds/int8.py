@@ -110,6 +110,7 @@ class Int8Reducer(Reducer):
             all_codes, all_scales = buf["all_codes"][:world * n], buf["all_scales"][:world * m]
             works = [dist.all_gather_into_tensor(all_codes, codes, group=group, async_op=True),
                      dist.all_gather_into_tensor(all_scales, scales, group=group, async_op=True)]
+            ctx.sent += codes.numel() * codes.element_size() + scales.numel() * scales.element_size()
             for w in works:
                 w.wait()
             all_codes = all_codes.view(world, n)

@@ -28,7 +28,8 @@ class CastReducer(Reducer):
         ctx.engine.prepare(self.dtype)
 
     def reduce(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
-        ctx.engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined, wire_dtype=self.dtype)
+        ctx.sent += ctx.engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined,
+                                               wire_dtype=self.dtype)
 
 
 class GlobalCopyRound(Round):

@@ -69,6 +69,7 @@ class OverlapRound(GlobalCopyRound):
             torch._foreach_sub_(self.views, ctx.params)
         op, self._divisor = mean_op(ctx.group, contributors)
         self._works = [dist.all_reduce(buf, op, ctx.group, async_op=True) for buf in self._slices]
+        ctx.sent += sum(buf.numel() * buf.element_size() for buf in self._slices)
         self.apply_at = ctx.step + self.overlap_steps
 
     @torch.no_grad()

@@ -53,7 +53,7 @@ class WithOptimizerState(Round):
     def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
         self.inner.run(ctx, contributors, joined)
         if contributors and self.engine is not None and self.engine.tensors:
-            self.engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined)
+            ctx.sent += self.engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined)
 
     def wait(self) -> None:
         self.inner.wait()
