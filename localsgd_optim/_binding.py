@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._buckets import BucketEngine, bucket_cap_bytes, first_nonfinite
+from ._buckets import BucketEngine, bucket_cap_bytes
 from ._dist import (
     AveragingRoundError,
     LocalSGDError,
@@ -20,7 +20,7 @@ from ._dist import (
     fingerprint,
 )
 
-__all__ = ["Members", "Binding", "first_nonfinite"]
+__all__ = ["Members", "Binding"]
 
 
 def _averaged(t: torch.Tensor) -> bool:

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from ._flat import FlatStorage
+from ._flat import FlatStorage, bucket_slices, regions
 
 __all__ = ["Bucket", "plan_buckets", "bucket_views", "mean_op", "BucketEngine", "layout_key", "first_nonfinite"]
 
@@ -53,18 +53,15 @@ def plan_buckets(tensors: Sequence[torch.Tensor], cap_bytes: int) -> list[Bucket
     """
     if cap_bytes < 1:
         raise ValueError(f"cap_bytes must be >= 1, got {cap_bytes!r}")
-    by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_key.setdefault((t.device, t.dtype), []).append(i)
-
     buckets: list[Bucket] = []
-    for (device, dtype), members in by_key.items():
+    for region in regions(tensors):  # the (device, dtype) grouping flat storage uses
+        device, dtype = region.device, region.dtype
         itemsize = torch.empty((), dtype=dtype).element_size()
         cap_elems = max(1, cap_bytes // itemsize)
         indices: list[int] = []
         offsets: list[int] = []
         filled = 0
-        for i in members:
+        for i in region.indices:
             n = tensors[i].numel()
             if indices and filled + n > cap_elems:
                 buckets.append(Bucket(device, dtype, tuple(indices), tuple(offsets), filled))
@@ -94,11 +91,7 @@ def mean_op(group: dist.ProcessGroup | None, contributors: int) -> tuple[dist.Re
 
 
 def foreach_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    if hasattr(torch, "_foreach_copy_"):
-        torch._foreach_copy_(dst, src)
-    else:  # pragma: no cover - torch < 2.1
-        for d, s in zip(dst, src):
-            d.copy_(s)
+    torch._foreach_copy_(dst, src)
 
 
 class _Slot:
@@ -162,7 +155,9 @@ class BucketEngine:
         self.tensors, self.buckets, self.storage = tensors, buckets, storage
         # Per bucket: the flat tensor reduced in place (a storage slice, or a lone contiguous
         # tensor), or None (packed into a slot); and the staged members copied in and out of it.
-        self._direct: list[torch.Tensor | None] = [self._in_place(b) for b in buckets]
+        self._direct: list[torch.Tensor | None] = (
+            list(bucket_slices(storage.buffers, storage.regions, buckets)) if storage is not None
+            else [self._lone_contiguous(b) for b in buckets])
         self._restage()
         # (device, tensor dtype, wire dtype or None) -> the two reusable buffers of that group
         self._slots: dict[tuple[torch.device, torch.dtype, torch.dtype | None], list[_Slot]] = {}
@@ -179,10 +174,7 @@ class BucketEngine:
                         views.append(self.storage.views[i])
         self._storage = self._signature()
 
-    def _in_place(self, bucket: Bucket) -> torch.Tensor | None:
-        if self.storage is not None:
-            region, start = self.storage.where[bucket.indices[0]]
-            return self.storage.slice(region, start, bucket.numel)
+    def _lone_contiguous(self, bucket: Bucket) -> torch.Tensor | None:
         if len(bucket.indices) == 1:
             t = self.tensors[bucket.indices[0]]
             if t.is_contiguous():
@@ -256,7 +248,7 @@ class BucketEngine:
                 region, off = self.storage.where[i]
                 ends[region] = off + self.tensors[i].numel()
             found = self._flats[count] = (layout_key(self.tensors[:count]),
-                                          [self.storage.slice(r, 0, n) for r, n in sorted(ends.items())])
+                                          [self.storage.buffers[r][:n] for r, n in sorted(ends.items())])
         return found
 
     def _slots_for(self, bucket: Bucket, wire_dtype: torch.dtype | None = None) -> list[_Slot]:

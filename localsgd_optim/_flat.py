@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["Region", "regions", "dense", "strided_views", "overlapping", "FlatStorage"]
+__all__ = ["Region", "regions", "dense", "strided_views", "bucket_slices", "overlapping", "FlatStorage"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,17 @@ def strided_views(buffer: torch.Tensor, region: Region, tensors: Sequence[torch.
     return [buffer.as_strided(tensors[i].shape, tensors[i].stride(), buffer.storage_offset() + off)
             if dense(tensors[i]) else buffer[off:off + tensors[i].numel()].view(tensors[i].shape)
             for i, off in zip(region.indices, region.offsets)]
+
+
+def bucket_slices(buffers: Sequence[torch.Tensor], regions: Sequence[Region], buckets: Sequence) -> list[torch.Tensor]:
+    """Each bucket's slice of its region's buffer (``plan_buckets`` groups like :func:`regions`,
+    so a region's buckets tile its buffer in order)."""
+    where = {i: (r, off) for r, region in enumerate(regions) for i, off in zip(region.indices, region.offsets)}
+    out = []
+    for bucket in buckets:
+        r, start = where[bucket.indices[0]]
+        out.append(buffers[r][start:start + bucket.numel])
+    return out
 
 
 def overlapping(tensors: Sequence[torch.Tensor]) -> set[int]:
@@ -138,9 +149,6 @@ class FlatStorage:
         One ``data_ptr()`` per tensor, mapped in C: about 30 us for 576 parameters.
         """
         return list(map(torch.Tensor.data_ptr, self._residents)) != self._ptrs
-
-    def slice(self, region: int, start: int, numel: int) -> torch.Tensor:
-        return self.buffers[region][start:start + numel]
 
     @property
     def nbytes(self) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
 import json
 import os
 import statistics
@@ -145,20 +146,19 @@ class TorchAverageParameters(Contender):
 
 
 class Ours(Contender):
+    """``LocalSGDOptimizer.sync()`` with ``options``; ``cls``: this version's optimizer or a baseline's."""
+
     def __init__(self, name: str, params: list[torch.Tensor], world: int, cap_mb: float,
-                 check_finite: bool = True, flat_params: bool = True) -> None:
+                 cls: type = LocalSGDOptimizer, **options: Any) -> None:
         super().__init__(name, params, world)
-        self.cap_mb = cap_mb
-        self.check_finite = check_finite
-        self.flat_params = flat_params
+        self.cap_mb, self.cls, self.options = cap_mb, cls, options
 
     def prepare(self) -> None:
         # lr=0: the inner optimizer exists only to carry the parameters. Binding moves them into
         # flat storage (once, not measured); the copy engine's buffers are allocated in the first
         # round, which is measured.
         inner = torch.optim.SGD(self.params, lr=0.0)
-        self.opt = LocalSGDOptimizer(inner, k=1 << 30, bucket_cap_mb=self.cap_mb, sync_on_init=False,
-                                     check_finite=self.check_finite, flat_params=self.flat_params)
+        self.opt = self.cls(inner, k=1 << 30, bucket_cap_mb=self.cap_mb, sync_on_init=False, **self.options)
 
     def round(self) -> None:
         self.opt.sync()
@@ -173,7 +173,7 @@ class OursBF16(Ours):
     def prepare(self) -> None:
         # Every step is a scheduled (outer) round; the inner SGD has no gradients to apply.
         inner = torch.optim.SGD(self.params, lr=0.0)
-        self.opt = LocalSGDOptimizer(inner, k=[(None, 1)], bucket_cap_mb=self.cap_mb, compression=self.compression)
+        self.opt = self.cls(inner, k=[(None, 1)], bucket_cap_mb=self.cap_mb, compression=self.compression)
 
     def round(self) -> None:
         self.opt.step()
@@ -186,9 +186,11 @@ class OursInt8(OursBF16):
     compression = "int8"
 
 
-def _contenders(model: nn.Module, world: int, caps: list[float], only: set[str] | None) -> list[Contender]:
+def _contenders(model: nn.Module, world: int, caps: list[float], only: set[str] | None,
+                baseline: str | None = None) -> list[Contender]:
     """Every contender gets its own copy of the model: ours moves its parameters into flat storage,
-    and torch's ``average_parameters`` rebinds them to a new buffer every round."""
+    and torch's ``average_parameters`` rebinds them to a new buffer every round. ``baseline``
+    names another importable copy of this package (an older version): its rounds run beside ours."""
     keys = {"flat": 0, "blocking": 1, "async": 2, "torch": 3}
 
     def params() -> list[torch.Tensor]:
@@ -211,6 +213,14 @@ def _contenders(model: nn.Module, world: int, caps: list[float], only: set[str] 
                         caps[0], flat_params=False))
         out.append(OursBF16(f"localsgd_optim bf16 deltas (cap {caps[0]:g} MB)", params(), world, caps[0]))
         out.append(OursInt8(f"localsgd_optim int8 deltas+EF (cap {caps[0]:g} MB)", params(), world, caps[0]))
+    if baseline:
+        cls = importlib.import_module(baseline).LocalSGDOptimizer
+        name = f"baseline {baseline}"
+        out += [Ours(f"{name} sync (cap {caps[0]:g} MB)", params(), world, caps[0], cls),
+                Ours(f"{name} sync (cap {caps[0]:g} MB, check_finite=False)", params(), world, caps[0], cls,
+                     check_finite=False),
+                OursBF16(f"{name} bf16 deltas (cap {caps[0]:g} MB)", params(), world, caps[0], cls),
+                OursInt8(f"{name} int8 deltas+EF (cap {caps[0]:g} MB)", params(), world, caps[0], cls)]
     return out
 
 
@@ -237,7 +247,8 @@ def bench_rounds(model: nn.Module, args: argparse.Namespace, device: torch.devic
     """Median round time per method, interleaved round by round; the slowest rank counts."""
     world = dist.get_world_size()
     params = [p for p in model.parameters()]
-    contenders = _contenders(model, world, args.bucket_cap_mb, set(args.methods) if args.methods else None)
+    contenders = _contenders(model, world, args.bucket_cap_mb, set(args.methods) if args.methods else None,
+                             args.baseline)
     for c in contenders:
         c.prepare()
         c.setup()
@@ -268,7 +279,8 @@ def bench_memory(model: nn.Module, args: argparse.Namespace, device: torch.devic
     """Extra peak memory of a cold round per method: what it allocates and keeps, plus the round."""
     world = dist.get_world_size()
     extra: dict[str, float | None] = {}
-    for c in _contenders(model, world, args.bucket_cap_mb, set(args.methods) if args.methods else None):
+    for c in _contenders(model, world, args.bucket_cap_mb, set(args.methods) if args.methods else None,
+                         args.baseline):
         c.prepare()  # one-time construction is not part of a round
         dist.barrier()
         value = _max_over_ranks(mem.measure(lambda c=c: (c.setup(), c.round(), _sync_device(device))), device)
@@ -379,6 +391,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank (CPU)")
     p.add_argument("--breakdown", action="store_true", help="also time each phase of our round")
     p.add_argument("--json", default=None, help="write the results here (rank 0)")
+    p.add_argument("--baseline", default=None, metavar="MODULE",
+                   help="another importable copy of this package (e.g. an older release installed as "
+                        "localsgd_optim_before): its rounds are timed beside ours, in the same run")
     p.add_argument("--fake-world", type=int, default=0, metavar="N",
                    help="one process, torch's fake process group of N ranks (collectives move nothing): "
                         "time a round's non-wire cost and count its ops and CUDA kernels, against torch's "
@@ -516,10 +531,10 @@ def fake_world_main(args: argparse.Namespace, device: torch.device) -> dict:
         def params() -> list[torch.Tensor]:
             return [p.detach().clone().requires_grad_() for p in model.parameters()]
 
-        def ours(**kw: Any) -> Callable[[], None]:
-            opt = LocalSGDOptimizer(torch.optim.SGD(params(), lr=0.0), k=1 << 30, sync_on_init=False,
-                                    bucket_cap_mb=args.bucket_cap_mb[0], **kw)
-            return opt.sync
+        def ours(**options: Any) -> Callable[[], None]:
+            contender = Ours("", params(), args.fake_world, args.bucket_cap_mb[0], **options)
+            contender.prepare()
+            return contender.round
 
         theirs = params()
         methods: dict[str, Callable[[], None]] = {

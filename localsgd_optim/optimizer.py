@@ -170,7 +170,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._share_inner()
         self._config = config
         for name in ("process_group", "local_group", "local_k", "bucket_cap_mb", "check_finite", "compression",
-                     "overlap_steps", "overlap_mix", "flat_params", "average_optimizer_state"):  # the public attributes of the settings
+                     "overlap_steps", "overlap_mix", "flat_params",
+                     "average_optimizer_state"):  # the public attributes of the settings
             setattr(self, name, getattr(config, name))
         self.buffers_module = config.buffers
         self._members = Members(self, config.buffers, config.average_optimizer_state)

@@ -39,7 +39,8 @@ def test_benchmark_smoke(tmp_path):
     # contender ran and the report is complete.
     out = tmp_path / "bench.json"
     text = torchrun("-m", "localsgd_optim.bench", "--models", "2x32,3x16", "--bucket-cap-mb", "0.01,25",
-                    "--rounds", "2", "--warmup", "1", "--step-reps", "2", "--breakdown", "--json", str(out))
+                    "--rounds", "2", "--warmup", "1", "--step-reps", "2", "--breakdown", "--json", str(out),
+                    "--baseline", "localsgd_optim")  # itself as the baseline: the before/after rows run
     report = json.loads(out.read_text())
     assert report["world_size"] == 2 and len(report["models"]) == 2
     for model in report["models"]:
@@ -50,9 +51,13 @@ def test_benchmark_smoke(tmp_path):
             "localsgd_optim sync (cap 0.01 MB, check_finite=False)",
             "localsgd_optim sync (cap 0.01 MB, flat_params=False)", "localsgd_optim bf16 deltas (cap 0.01 MB)",
             "localsgd_optim int8 deltas+EF (cap 0.01 MB)",
+            "baseline localsgd_optim sync (cap 0.01 MB)",
+            "baseline localsgd_optim sync (cap 0.01 MB, check_finite=False)",
+            "baseline localsgd_optim bf16 deltas (cap 0.01 MB)", "baseline localsgd_optim int8 deltas+EF (cap 0.01 MB)",
         ]
         assert model["rounds"][-2]["payload_mb"] == model["rounds"][0]["payload_mb"] / 2  # bf16 on the wire
         assert model["rounds"][-1]["payload_mb"] == model["rounds"][0]["payload_mb"] / 4  # int8
+        assert model["rounds"][-6]["payload_mb"] == model["rounds"][0]["payload_mb"] / 2  # ours, bf16
         assert all(row["median_ms"] > 0 and row["ratio_to_flat"] > 0 for row in model["rounds"])
         assert model["rounds"][0]["ratio_to_flat"] == 1.0
         assert set(model["breakdown"]) >= {"pack", "unpack + divide", "control collective", "whole round (sync)"}

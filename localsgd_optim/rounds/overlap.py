@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from .._buckets import BucketEngine, foreach_copy, mean_op, plan_buckets
+from .._flat import bucket_slices, regions
 from .._outer import OuterState, flat_clone
 from .._state import check_tensor_list
 from .base import RoundContext
@@ -41,13 +42,7 @@ class OverlapRound(GlobalCopyRound):
         self.views, self.flat = flat_clone(params)  # laid out as the global copy (values unused)
         # One all-reduce per bucket: a region's buckets tile its buffer in order.
         self.buckets = plan_buckets(params, bucket_cap_bytes)
-        self._slices: list[torch.Tensor] = []
-        start: dict[tuple[torch.device, torch.dtype], int] = {}
-        for b in self.buckets:
-            region = next(r for r, buf in enumerate(self.flat) if (buf.device, buf.dtype) == (b.device, b.dtype))
-            at = start.get((b.device, b.dtype), 0)
-            self._slices.append(self.flat[region][at:at + b.numel])
-            start[(b.device, b.dtype)] = at + b.numel
+        self._slices = bucket_slices(self.flat, regions(params), self.buckets)
         self._works: list[Any] = []
         self._divisor: int | None = None
         self.apply_at: int | None = None  # the step at which the pending result is applied
