@@ -56,10 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tuning mode: sweep the learning rate per method (x2 grid, widened until it brackets the "
                         "best), DiLoCo's outer lr x momentum at the best inner lr, then --seeds seeds at each "
                         "method's best; writes <out>/tune/ and <out>/tuned.{json,md,png}")
-    p.add_argument("--lrs", type=str, default="1.5e-3,3e-3,6e-3,1.2e-2", help="--tune: the starting lr grid")
+    p.add_argument("--lrs", type=str, default="3e-3,6e-3,1.2e-2,2.4e-2", help="--tune: the starting lr grid")
     p.add_argument("--seeds", type=int, default=3, help="--tune: seeds at each method's best settings")
     p.add_argument("--outer-lrs", type=str, default="0.3,0.5,0.7,1.0", help="--tune: DiLoCo outer lrs")
-    p.add_argument("--outer-momenta", type=str, default="0.5,0.9", help="--tune: DiLoCo outer (Nesterov) momenta")
+    p.add_argument("--outer-momenta", type=str, default="0.9,0.5", help="--tune: DiLoCo outer (Nesterov) momenta; the first is searched over --outer-lrs, the rest at the best outer lr")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train_charlm.py flags for every run")
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(METHODS)

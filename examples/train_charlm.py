@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from localsgd_optim import LocalSGDOptimizer, diloco
+from localsgd_optim import LocalSGDOptimizer, checkpoint, diloco
 
 
 def stdlib_text(max_bytes: int) -> bytes:
@@ -137,11 +137,24 @@ def communication_summary(opt: torch.optim.Optimizer, eval_cost: dict, steps: in
 
 
 def save_checkpoint(path: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer,
-                    sched: torch.optim.lr_scheduler.LRScheduler, g: torch.Generator) -> None:
+                    sched: torch.optim.lr_scheduler.LRScheduler, g: torch.Generator, world: int) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"step": step, "model": model.state_dict(), "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "data_rng": g.get_state()}, tmp)
+                "sched": sched.state_dict(), "data_rng": g.get_state(), "world_size": world}, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a torn checkpoint
+
+
+def load_checkpoint(ckpt_dir: Path, rank: int, world: int) -> tuple[dict | None, int]:
+    """This rank's own checkpoint; or, when a different number of ranks saved them (a host gone
+    for good, or added), every saved rank's state consolidated into one that loads at any size."""
+    first = ckpt_dir / "rank0.pt"
+    if not first.exists():
+        return None, world
+    saved_world = torch.load(first, weights_only=True).get("world_size", world)
+    if saved_world == world:
+        return torch.load(ckpt_dir / f"rank{rank}.pt", weights_only=True), world
+    states = [torch.load(ckpt_dir / f"rank{r}.pt", weights_only=True) for r in range(saved_world)]
+    return checkpoint.consolidate(states), saved_world
 
 
 def fail_once(marker: Path, step: int) -> None:
@@ -250,15 +263,21 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = Path(args.ckpt_dir) / f"rank{rank}.pt" if args.ckpt_dir else None
     if ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-        if ckpt.exists():
-            state = torch.load(ckpt, weights_only=True)
+        state, saved_world = load_checkpoint(Path(args.ckpt_dir), rank, world)
+        if state is not None:
             net.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
-            g.set_state(state["data_rng"])
             start = state["step"]
+            if saved_world == world:
+                g.set_state(state["data_rng"])
+            else:  # a new world: each rank a fresh data stream of its own
+                g.manual_seed(args.seed * 1000 + rank + 7919 * start)
             if rank == 0:
-                print(f"resumed from {ckpt.parent} at step {start}", flush=True)
+                how = "" if saved_world == world else f" (saved by {saved_world} ranks: their average)"
+                print(f"resumed from {ckpt.parent} at step {start}{how}", flush=True)
+        if distributed:
+            dist.barrier()  # every rank has read the checkpoints before any rank overwrites its own
 
     n_params = sum(p.numel() for p in net.parameters())
     if rank == 0:
@@ -278,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
             sched.step()
             opt.zero_grad()
             if ckpt is not None and args.ckpt_every and step % args.ckpt_every == 0:
-                save_checkpoint(ckpt, step, net, opt, sched, g)
+                save_checkpoint(ckpt, step, net, opt, sched, g, world)
             if step == args.fail_at_step and rank == world - 1:
                 fail_once(ckpt.parent / "failed-once", step)
             if step == args.stop_at_step:

@@ -2,7 +2,9 @@
 
 For every method: a learning-rate sweep on a x2 grid, widened (x2 at a time) while the best
 value sits at an edge, so the grid brackets it; for DiLoCo, a grid over the outer lr and
-momentum at the best inner lr; then ``--seeds`` seeds at each method's best settings. Every run
+momentum at the best inner lr (a coordinate search: the outer lrs at the first momentum, then the
+other momenta at the best outer lr); then seeds at each method's best settings, in two passes: every
+method gets 2 seeds before any gets ``--seeds``. Every run
 is one ``train_charlm.py`` JSON under ``<out>/tune/``, reused when present (the sweep resumes
 where it stopped). Writes ``<out>/tuned.json`` (``{"steps", "world_size", "methods": {name:
 {"best_lr", "lrs": {lr: [final val loss per seed]}, "seeds", "final_val_loss", ...}}}``),
@@ -21,7 +23,7 @@ from pathlib import Path
 from study_common import TRAIN, finish, markdown_table, plot_curves, pyplot, run_logged
 
 #: the methods tuned, in the order they run (the comparisons that matter most first)
-TUNED = ["ddp", "localsgd_k8", "localsgd_k8_avgstate", "diloco_k64", "none", "localsgd_k32_warmup", "diloco_k8",
+TUNED = ["ddp", "localsgd_k8", "diloco_k64", "localsgd_k8_avgstate", "localsgd_k32_warmup", "none", "diloco_k8",
          "localsgd_k8_extrap"]
 #: ideas to close the gap: their lr grid starts at x0.5, x1, x2 of their baseline's best
 IDEAS = {"localsgd_k8_avgstate": "localsgd_k8", "localsgd_k8_extrap": "localsgd_k8"}
@@ -42,10 +44,21 @@ class Sweep:
         self.common = ["--steps", str(args.steps), "--eval-every", str(args.eval_every),
                        "--eval-batches", str(args.eval_batches), *args.extra]
 
+    @staticmethod
+    def _tag(name: str, lr: float | str, seed: int | str, outer: tuple[float, float] | None) -> str:
+        return f"{name}_lr{lr if isinstance(lr, str) else _fmt(lr)}_s{seed}" + (
+            f"_olr{_fmt(outer[0])}_om{_fmt(outer[1])}" if outer else "")
+
+    def done(self, name: str, outer: tuple[float, float] | None) -> dict[float, float]:
+        """Seed-0 final loss of every lr already run for this setting (an earlier, wider grid included)."""
+        head, tail = self._tag(name, "*", 0, outer).split("*")
+        return {float(f.name[len(head):-len(tail) - 5]): json.loads(f.read_text())["final_val_loss"]
+                for f in self.dir.glob(f"{head}*{tail}.json")}
+
     def run(self, name: str, lr: float, seed: int, outer: tuple[float, float] | None = None) -> dict:
         _, flags, _ = self.methods[name]
         flags = [f.format(warmup=self.args.steps // 10) for f in flags]
-        tag = f"{name}_lr{_fmt(lr)}_s{seed}" + (f"_olr{_fmt(outer[0])}_om{_fmt(outer[1])}" if outer else "")
+        tag = self._tag(name, lr, seed, outer)
         json_out = self.dir / f"{tag}.json"
         if json_out.exists():
             return json.loads(json_out.read_text())
@@ -63,7 +76,8 @@ def _best(losses: dict[float, float]) -> float:
 
 def sweep_lr(sweep: Sweep, name: str, grid: list[float], outer: tuple[float, float] | None = None) -> dict[float, float]:
     """Seed-0 final loss per lr, the grid widened x2 while the best is at an edge."""
-    losses = {lr: sweep.run(name, lr, 0, outer)["final_val_loss"] for lr in grid}
+    losses = sweep.done(name, outer)
+    losses.update({lr: sweep.run(name, lr, 0, outer)["final_val_loss"] for lr in grid if lr not in losses})
     for _ in range(MAX_WIDEN):
         lrs = sorted(losses)
         best = _best(losses)
@@ -80,8 +94,15 @@ def sweep_lr(sweep: Sweep, name: str, grid: list[float], outer: tuple[float, flo
 def tune(args: argparse.Namespace, methods: dict) -> None:
     sweep = Sweep(args, methods)
     grid = [float(v) for v in args.lrs.split(",")]
-    outer_grid = [(float(lr), float(m)) for lr in args.outer_lrs.split(",") for m in args.outer_momenta.split(",")]
+    outer_lrs = [float(v) for v in args.outer_lrs.split(",")]
+    outer_momenta = [float(v) for v in args.outer_momenta.split(",")]
     names = [n for n in TUNED if n in args.names] if args.only else TUNED
+    for seeds in sorted({min(2, args.seeds), args.seeds}):
+        _tune_pass(args, methods, sweep, names, seeds, grid, outer_lrs, outer_momenta)
+
+
+def _tune_pass(args: argparse.Namespace, methods: dict, sweep: Sweep, names: list[str], seeds: int, grid: list[float],
+               outer_lrs: list[float], outer_momenta: list[float]) -> None:
     report: dict = {"steps": args.steps, "world_size": args.nproc, "methods": {}}
     curves: dict[str, dict] = {}
     best_lrs: dict[str, float] = {}
@@ -94,13 +115,17 @@ def tune(args: argparse.Namespace, methods: dict) -> None:
         best_lr, best_outer = _best(losses), default_outer
         best_lrs[name] = best_lr
         entry: dict = {"label": methods[name][0]}
-        if diloco:  # the outer optimizer at the best inner lr
-            outer_losses = {o: sweep.run(name, best_lr, 0, o)["final_val_loss"] for o in outer_grid}
-            outer_losses[default_outer] = losses[best_lr]
+        if diloco:  # the outer optimizer at the best inner lr: lr first, then momentum
+            outer_losses = {default_outer: losses[best_lr]}
+            for lr in outer_lrs:
+                outer_losses.setdefault((lr, outer_momenta[0]), sweep.run(name, best_lr, 0, (lr, outer_momenta[0]))["final_val_loss"])
+            best_olr = _best({o: v for o, v in outer_losses.items() if o[1] == outer_momenta[0]})[0]
+            for m in outer_momenta[1:]:
+                outer_losses.setdefault((best_olr, m), sweep.run(name, best_lr, 0, (best_olr, m))["final_val_loss"])
             best_outer = _best(outer_losses)
             entry["outer"] = {f"lr={o[0]:g},momentum={o[1]:g}": v for o, v in sorted(outer_losses.items())}
             entry["best_outer"] = {"lr": best_outer[0], "momentum": best_outer[1], "nesterov": True}
-        per_seed = [sweep.run(name, best_lr, s, best_outer) for s in range(args.seeds)]
+        per_seed = [sweep.run(name, best_lr, s, best_outer) for s in range(seeds)]
         finals = [r["final_val_loss"] for r in per_seed]
         lrs = {_fmt(lr): [loss] for lr, loss in sorted(losses.items())}
         lrs[_fmt(best_lr)] = finals if best_outer == default_outer else [losses[best_lr]]

@@ -27,12 +27,15 @@ rank in :func:`set_state_dict`; a larger one fails earlier, in ``dcp.load``, wit
 "Missing key in checkpoint state_dict: train.rank<r>...". The Local SGD entry (with any
 outer-optimizer state) is one serialized blob per rank: DCP loads only the keys its template
 has, and the outer optimizer's state only exists after its first step.
+
+To resume at another world size (a host gone for good), :func:`consolidate` turns every rank's
+own checkpoint into one state that loads on any number of ranks.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -47,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ._state import STATE_KEY
 from .optimizer import LocalSGDOptimizer
 
-__all__ = ["get_state_dict", "set_state_dict"]
+__all__ = ["get_state_dict", "set_state_dict", "consolidate"]
 
 
 def get_state_dict(model: nn.Module, optimizer: LocalSGDOptimizer) -> dict[str, Any]:
@@ -79,6 +82,97 @@ def set_state_dict(model: nn.Module, optimizer: LocalSGDOptimizer, state: dict[s
         set_optimizer_state_dict(model, optimizer.optimizer, mine["optimizer"])
 
     optimizer.load_local_sgd_entry(entry, load_model_and_inner)
+
+
+def consolidate(per_rank_states: Sequence[Any]) -> Any:
+    """One checkpoint from every rank's own, loadable at any world size.
+
+    ``per_rank_states[r]`` is what rank ``r`` saved, for example
+    ``{"model": model.state_dict(), "opt": opt.state_dict()}`` (any nesting of dicts, lists
+    and tuples; every rank's must have the same structure). The result has that structure:
+
+    - floating-point tensors that differ between ranks (the weights mid-period, the inner
+      optimizer's state such as Adam's moments, int8 error-feedback residuals) become their
+      mean: summed in rank order in their own dtype, then divided by the number of ranks, as
+      :meth:`LocalSGDOptimizer.sync` averages;
+    - everything identical on every rank (the step count, param groups, the outer optimizer's
+      global copy and momentum, an in-flight overlapped round's mean) is kept as it is;
+    - anything else that differs is rank 0's (per-rank RNG states, for example), except inside
+      the ``"local_sgd"`` entry, where the ranks must agree: checkpoints saved at different steps
+      raise a ``ValueError`` naming the entry.
+
+    Load the result on every rank of the new world with ``model.load_state_dict`` and
+    ``opt.load_state_dict``: the weights are the average a ``sync()`` at save time would have
+    made, the step count (so the schedule's phase) carries on, and each new rank starts from
+    the mean optimizer state. A same-size restart should load each rank's own state instead:
+    that one resumes bit for bit.
+
+    Example::
+
+        >>> states = [torch.load(f"ckpt/rank{r}.pt", weights_only=True) for r in range(3)]
+        >>> state = consolidate(states)  # then, on each of the 2 new ranks:
+        >>> model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
+    """
+    if isinstance(per_rank_states, (str, bytes, dict)) or not isinstance(per_rank_states, Sequence):
+        raise TypeError(
+            f"per_rank_states must be a list with one saved state per rank, got {type(per_rank_states).__name__}; "
+            "pass [torch.load(path_of_rank(r)) for r in range(saved_world_size)]"
+        )
+    if not per_rank_states:
+        raise ValueError("per_rank_states is empty: pass one saved state per rank of the run that saved them")
+    return _merge(list(per_rank_states), ())
+
+
+def _merge(values: list[Any], path: tuple[Any, ...]) -> Any:
+    first = values[0]
+    where = ".".join(map(str, path)) or "the state"
+    if all(isinstance(v, dict) for v in values):
+        for r, v in enumerate(values[1:], 1):
+            if v.keys() != first.keys():
+                raise ValueError(
+                    f"consolidate: rank {r}'s {where} has keys {sorted(map(str, v))} but rank 0's has "
+                    f"{sorted(map(str, first))}; pass states saved by the same run at the same step"
+                )
+        return {key: _merge([v[key] for v in values], path + (key,)) for key in first}
+    if all(isinstance(v, (list, tuple)) for v in values) and len({len(v) for v in values}) == 1:
+        merged = [_merge([v[i] for v in values], path + (i,)) for i in range(len(first))]
+        if isinstance(first, list) or type(first) is tuple:
+            return type(first)(merged)
+        return type(first)(*merged) if hasattr(first, "_fields") else type(first)(merged)  # namedtuple
+    if all(_same(v, first) for v in values[1:]):
+        return first
+    shared = STATE_KEY in path and "int8_residuals" not in path  # per-rank only: error feedback
+    if not shared and all(isinstance(v, torch.Tensor) for v in values) and (
+        first.is_floating_point() or first.is_complex()
+    ) and all(v.dtype == first.dtype and v.shape == first.shape for v in values):
+        total = first.detach().clone()
+        for v in values[1:]:
+            total.add_(v.to(total.device))
+        return total.div_(len(values))
+    if shared:
+        differ = next(r for r, v in enumerate(values) if not _same(v, first))
+        raise ValueError(
+            f"consolidate: ranks 0 and {differ} disagree on {where} ({_short(first)} vs "
+            f"{_short(values[differ])}); every rank's Local SGD entry must come from the same step of "
+            "the same run: pass the checkpoints every rank saved at one step"
+        )
+    return first  # differs per rank but cannot be averaged (an RNG state): rank 0's
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a.detach().cpu(), b.detach().cpu()))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an object without a boolean equality: treat as different
+        return False
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}" if value.numel() > 1 else repr(value.item())
+    return f"{value!r:.80}"
 
 
 def _to_bytes(obj: Any) -> bytes:

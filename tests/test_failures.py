@@ -8,6 +8,7 @@ These tests start their own processes: killing a rank would break the shared poo
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 import pytest
+import torch
 
 from helpers import ROOT, TEARDOWN_ABORT
 
@@ -188,3 +190,20 @@ def test_charlm_restarted_by_torchrun_after_a_dead_rank_matches_an_uninterrupted
     assert a["final_val_loss"] == b["final_val_loss"]  # same parameters => bit-identical loss
     assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
     assert a["history"][0]["val_loss"] == b["history"][0]["val_loss"]  # step 12, redone after the resume
+
+
+def test_charlm_resumes_at_another_world_size_from_consolidated_checkpoints(tmp_path):
+    """A host gone for good: 3 ranks checkpoint at step 10 (mid-period), 2 ranks resume from their average."""
+    ck, out_json = tmp_path / "ck", tmp_path / "b.json"
+    three = [*TORCHRUN[:-1], "--nproc-per-node=3"]
+    first = subprocess.run([*three, *CHARLM[:2], "10", *CHARLM[3:], "--ckpt-dir", str(ck), "--ckpt-every", "10"],
+                           cwd=ROOT, env=TORCHRUN_ENV, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert sorted(p.name for p in ck.glob("rank*.pt")) == ["rank0.pt", "rank1.pt", "rank2.pt"]
+    done = _torchrun([*CHARLM, "--ckpt-dir", str(ck), "--ckpt-every", "12", "--json-out", str(out_json)])
+    assert f"resumed from {ck} at step 10 (saved by 3 ranks: their average)" in done.stdout
+    result = json.loads(out_json.read_text())
+    assert result["world_size"] == 2 and [h["step"] for h in result["history"]] == [12, 24]
+    assert math.isfinite(result["final_val_loss"])
+    # The new world's checkpoints say so: the next restart loads them one per rank.
+    assert torch.load(ck / "rank0.pt", weights_only=True)["world_size"] == 2

@@ -52,8 +52,9 @@ def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> 
         task = tasks.get()
         if task is None:
             break
-        fn, args = task
+        fn, payload = task
         try:
+            args = torch.load(io.BytesIO(payload), weights_only=False)
             results.put((rank, True, _dumps(fn(*args))))
         except BaseException:  # noqa: BLE001 - report everything to the test
             results.put((rank, False, traceback.format_exc()))
@@ -83,8 +84,11 @@ class WorkerPool:
 
     def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """Run ``fn(*args)`` on every rank; return the per-rank results in rank order."""
+        # Serialized, not put as tensors: a queue would hand every rank the same shared-memory
+        # tensors, and one rank's in-place update (an optimizer's loaded "step") would reach the others.
+        payload = _dumps(args)
         for q in self._tasks:
-            q.put((fn, args))
+            q.put((fn, payload))
         outcomes: dict[int, tuple[bool, Any]] = {}
         try:
             while len(outcomes) < self.world_size:

@@ -1,0 +1,126 @@
+"""checkpoint.consolidate: every rank's own checkpoint becomes one state that resumes at another world size."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from helpers import make_batches, make_model, params_of, train_wrapped
+from localsgd_optim import LocalSGDOptimizer, checkpoint, diloco
+
+K = 4
+
+
+def _build(outer: bool):
+    model = make_model(seed=0)
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=K,
+                            outer_optimizer=diloco() if outer else None)
+    return model, opt
+
+
+def _saved(model, opt) -> dict:
+    """What a rank writes: a weights_only round trip of its own model and optimizer."""
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()}, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _train_and_save(outer: bool, steps: int):
+    """Train mid-period, save this rank's state; then sync() to get what consolidation must equal."""
+    torch.manual_seed(1234 + torch.distributed.get_rank())  # per-rank RNG: differs, cannot be averaged
+    model, opt = _build(outer)
+    train_wrapped(model, opt, make_batches(steps))
+    state = _saved(model, opt)
+    opt.sync()
+    return state, params_of(model)
+
+
+def _resume(state: dict, outer: bool, steps: int):
+    model, opt = _build(outer)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    loaded = params_of(model), opt.num_steps
+    train_wrapped(model, opt, make_batches(steps))
+    return loaded, params_of(model), opt.num_steps
+
+
+def _mean(tensors):  # the oracle: a plain Python sum over ranks, divided by their count
+    return sum(tensors[1:], tensors[0].clone()) / len(tensors)
+
+
+@pytest.mark.parametrize("outer", [False, True], ids=["average", "diloco"])
+@pytest.mark.parametrize("saved_on,resumed_on", [(3, 2), (2, 3)], ids=["3to2", "2to3"])
+def test_consolidate_resumes_at_another_world_size(ranks2, ranks3, outer, saved_on, resumed_on):
+    save_ranks, resume_ranks = (ranks3, ranks2) if saved_on == 3 else (ranks2, ranks3)
+    saved = save_ranks(_train_and_save, outer, 6)  # step 6: mid-period for k=4, replicas differ
+    states = [s for s, _ in saved]
+    assert not torch.equal(states[0]["model"]["0.weight"], states[1]["model"]["0.weight"])
+    state = checkpoint.consolidate(states)
+
+    # The weights are what a sync() at save time made (gloo's summation order: 1 ulp on 3 ranks).
+    synced = saved[0][1]
+    exact = saved_on == 2
+    for got, want in zip(state["model"].values(), synced):
+        torch.testing.assert_close(got, want, rtol=0 if exact else 1.3e-7, atol=0 if exact else 1e-7)
+    # The inner optimizer's moments are every rank's mean; the step counts are kept.
+    for index, entry in state["opt"]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(entry[key], _mean([s["opt"]["state"][index][key] for s in states]),
+                                       rtol=0, atol=0)
+        assert entry["step"].item() == 6
+    assert state["opt"]["local_sgd"]["num_steps"] == 6
+    assert torch.equal(state["rng"], states[0]["rng"])  # not averageable: rank 0's
+    if outer:  # the global copy is the same on every rank and kept as it is
+        for g, g0 in zip(state["opt"]["local_sgd"]["outer"]["global"], states[0]["opt"]["local_sgd"]["outer"]["global"]):
+            assert g is g0
+
+    results = resume_ranks(_resume, state, outer, 6)  # 6 more: two rounds (steps 8 and 12)
+    for (loaded, num_steps), final, steps in results:
+        assert num_steps == 6 and steps == 12
+        for got, want in zip(loaded, state["model"].values()):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert all(torch.isfinite(p).all() for p in final)
+    finals = [final for _, final, _ in results]
+    for other in finals[1:]:  # step 12 is a round: the new world agrees again
+        for a, b in zip(finals[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(finals[0][0], synced[0])  # and it trained on
+
+
+def test_consolidate_of_one_rank_is_that_rank():
+    model, opt = make_model(), None
+    state = {"model": model.state_dict(), "step": 3}
+    merged = checkpoint.consolidate([state])
+    assert merged["step"] == 3 and all(merged["model"][k] is v for k, v in state["model"].items())
+
+
+def test_consolidate_mixed_structures():
+    a = {"w": torch.tensor([1.0, 2.0]), "pair": (torch.tensor([1.0]), 5), "ids": torch.tensor([1, 2])}
+    b = {"w": torch.tensor([3.0, 5.0]), "pair": (torch.tensor([4.0]), 5), "ids": torch.tensor([7, 8])}
+    merged = checkpoint.consolidate([a, b])
+    assert torch.equal(merged["w"], torch.tensor([2.0, 3.5]))
+    assert isinstance(merged["pair"], tuple) and torch.equal(merged["pair"][0], torch.tensor([2.5]))
+    assert merged["pair"][1] == 5
+    assert torch.equal(merged["ids"], a["ids"])  # integers that differ are rank 0's
+
+
+def _entry(num_steps):
+    return {"state": {}, "param_groups": [], "local_sgd": {"version": 1, "num_steps": num_steps, "k": 4}}
+
+
+@pytest.mark.parametrize("states,error,match", [
+    ({"model": {}}, TypeError, "per_rank_states must be a list"),
+    ([], ValueError, "per_rank_states is empty"),
+    ([{"a": 1}, {"b": 1}], ValueError, r"rank 1's the state has keys \['b'\] but rank 0's has \['a'\]"),
+    ([{"opt": _entry(8)}, {"opt": _entry(8)}, {"opt": _entry(12)}], ValueError,
+     r"ranks 0 and 2 disagree on opt.local_sgd.num_steps \(8 vs 12\)"),
+    ([{"opt": {"local_sgd": {"outer": {"global": [torch.ones(2)]}}}},
+      {"opt": {"local_sgd": {"outer": {"global": [torch.zeros(2)]}}}}], ValueError,
+     r"disagree on opt.local_sgd.outer.global.0 \(a torch.float32 tensor of shape \[2\]"),
+])
+def test_consolidate_refuses_bad_input(states, error, match):
+    with pytest.raises(error, match=match):
+        checkpoint.consolidate(states)
