@@ -48,12 +48,14 @@ class Config:
     check_finite: bool
     flat_params: bool = True
     average_optimizer_state: bool = False
+    fragments: int = 1
 
     @classmethod
     def from_args(cls, optimizer: Any, k: PeriodSpec, *, process_group: Any, bucket_cap_mb: Any,
                   sync_on_init: bool, warmup_steps: Any, local_k: Any, local_group: Any, buffers: Any,
                   outer_optimizer: Any, compression: Any, overlap_steps: Any, overlap_mix: Any,
-                  check_finite: bool, flat_params: bool = True, average_optimizer_state: bool = False) -> "Config":
+                  check_finite: bool, flat_params: bool = True, average_optimizer_state: bool = False,
+                  fragments: Any = 1) -> "Config":
         """Check the arguments in a fixed order; the first bad one raises, naming it and the fix."""
         _check_optimizer(optimizer)
         if (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real)
@@ -98,12 +100,14 @@ class Config:
                 f"is averaged as values, at full precision, in blocking rounds), got compression={compression!r}, "
                 f"overlap_steps={overlap_steps!r}; pass one of them"
             )
+        _check_fragments(fragments, schedule, local_k, average_optimizer_state, overlap_steps)
         return cls(schedule=schedule, process_group=process_group, bucket_cap_mb=float(bucket_cap_mb),
                    sync_on_init=bool(sync_on_init), local_k=int(local_k) if local_k is not None else 0,
                    local_group=local_group, buffers=buffers, outer_optimizer=outer_optimizer,
                    compression=compression, overlap_steps=int(overlap_steps),
                    overlap_mix=float(overlap_mix), check_finite=bool(check_finite),
-                   flat_params=flat_params, average_optimizer_state=average_optimizer_state)
+                   flat_params=flat_params, average_optimizer_state=average_optimizer_state,
+                   fragments=int(fragments))
 
     @property
     def wire_dtype(self) -> torch.dtype | None:
@@ -117,7 +121,8 @@ class Config:
                 "outer_optimizer": None if outer is None else
                 f"{type(outer).__name__}{sorted(outer.defaults.items())}",
                 "overlap": [self.overlap_steps, self.overlap_mix], "flat_params": self.flat_params,
-                "average_optimizer_state": self.average_optimizer_state}
+                "average_optimizer_state": self.average_optimizer_state,
+                **({"fragments": self.fragments} if self.fragments > 1 else {})}
 
 
 def _check_optimizer(optimizer: Any) -> None:
@@ -158,6 +163,30 @@ def _check_overlap(overlap_steps: Any, overlap_mix: Any, compression: Any, local
         raise ValueError("overlap_steps with compression is not supported yet; pass one of them")
     if overlap_steps and local_k is not None:
         raise ValueError("overlap_steps with hierarchical averaging (local_k) is not supported yet")
+
+
+def _check_fragments(fragments: Any, schedule: Schedule, local_k: Any, average_optimizer_state: bool,
+                     overlap_steps: int) -> None:
+    if not (_is_int(fragments) and fragments >= 1):
+        raise ValueError(f"fragments must be an integer >= 1 (1: the whole model at once), got {fragments!r}")
+    if fragments == 1:
+        return
+    k = schedule.spec
+    if not _is_int(k) or k < fragments:
+        raise ValueError(
+            f"fragments={fragments} needs an integer k >= fragments (every fragment syncs once per period, "
+            f"at staggered steps), got k={k!r}; pass k >= {fragments}, or fragments=1 for a period schedule"
+        )
+    if local_k is not None:
+        raise ValueError("fragments with hierarchical averaging (local_k) is not supported yet; pass one of them")
+    if average_optimizer_state:
+        raise ValueError("fragments with average_optimizer_state is not supported yet; pass one of them")
+    gap = k // fragments  # the fewest steps between two fragments' syncs
+    if overlap_steps >= gap:
+        raise ValueError(
+            f"overlap_steps={overlap_steps} with fragments={fragments} and k={k}: a fragment's round must land "
+            f"before the next fragment's starts, {gap} step(s) later (k // fragments); pass overlap_steps < {gap}"
+        )
 
 
 def _reject_sharded(optimizer: Optimizer) -> None:

@@ -8,7 +8,7 @@ import warnings
 from enum import IntEnum
 from typing import Any, Callable, Sequence, Union
 
-__all__ = ["Schedule", "PeriodSpec", "Event", "Cursor"]
+__all__ = ["Schedule", "FragmentSchedule", "PeriodSpec", "Event", "Cursor"]
 
 #: A period: a fixed ``k``, a list of ``(until_step, period)`` pairs (``None`` = forever),
 #: or a callable mapping the first step of an interval to that interval's period.
@@ -116,6 +116,33 @@ class Schedule:
         return f"Schedule(k={self.description!r}, warmup_steps={self.warmup_steps})"
 
 
+class FragmentSchedule:
+    """Streaming rounds: ``fragments`` parts of the model, each synced once per period ``k``.
+
+    Fragment ``i`` syncs at the steps ``s > warmup_steps`` with ``(s - warmup_steps) % k ==
+    (k * (i + 1) // fragments) % k``: the last fragment at multiples of ``k`` (after warmup),
+    fragment 0 first, ``k // fragments`` steps in (torchft's schedule). Every such step is a
+    round, for one fragment; :meth:`fragment_at` says which. Needs an integer ``k >= fragments``
+    (checked by the config), so no two fragments share a step.
+    """
+
+    def __init__(self, schedule: Schedule, fragments: int) -> None:
+        self.k, self.fragments, self.warmup_steps = int(schedule.spec), fragments, schedule.warmup_steps
+        self.description = schedule.description
+        self._fragment_at_phase = {(self.k * (i + 1) // fragments) % self.k: i for i in range(fragments)}
+
+    def fragment_at(self, step: int) -> int:
+        """The fragment synced at ``step`` (a round step after warmup)."""
+        return self._fragment_at_phase[(step - self.warmup_steps) % self.k]
+
+    def next_round(self, last_round: int) -> int:
+        """The first fragment round after ``last_round`` (a round's step, or the end of warmup)."""
+        step = max(last_round, self.warmup_steps) + 1
+        while (step - self.warmup_steps) % self.k not in self._fragment_at_phase:
+            step += 1
+        return step
+
+
 class Event(IntEnum):
     """Something that happens at the end of a step, in the order a step's events are run."""
 
@@ -138,14 +165,14 @@ class Cursor:
     cursor at any step, which is how a resumed run continues the schedule exactly.
 
     Args:
-        schedule: the global rounds (and warmup).
+        schedule: the global rounds (and warmup); a :class:`FragmentSchedule` for streaming rounds.
         local_k: hierarchical rounds every ``local_k`` steps after warmup (0: none).
         overlap_steps: rounds land this many steps after they were launched (0: blocking).
     """
 
     __slots__ = ("schedule", "local_k", "overlap_steps", "step", "_next_round", "_land_at")
 
-    def __init__(self, schedule: Schedule, local_k: int = 0, overlap_steps: int = 0) -> None:
+    def __init__(self, schedule: Schedule | FragmentSchedule, local_k: int = 0, overlap_steps: int = 0) -> None:
         self.schedule = schedule
         self.local_k = local_k
         self.overlap_steps = overlap_steps

@@ -120,6 +120,15 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             as in Local Adam variants. Costs the state's bytes per round on top of the parameters'
             (AdamW: 3x). Not with ``compression`` or ``overlap_steps``; ``sync()`` averages the
             parameters only (default: ``False``).
+        fragments: Streaming DiLoCo: split the parameters into this many contiguous fragments
+            (parameter order, balanced by bytes; ``buffers`` go with the last) and sync one at a
+            time, fragment ``i`` (0-based) at the steps ``s`` after warmup with
+            ``(s - warmup_steps) % k == (k * (i + 1) // fragments) % k``: the last at multiples
+            of ``k``, the others staggered before it. Each round moves ``1/fragments`` of the
+            bytes. Every option of the scheduled round applies per fragment: ``outer_optimizer``
+            (one outer state per fragment), ``compression``, ``overlap_steps`` (smaller than
+            ``k // fragments``). Needs an integer ``k >= fragments``; not with ``local_k`` or
+            ``average_optimizer_state`` (default: 1, the whole model in every round).
 
     Example::
 
@@ -156,13 +165,14 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         check_finite: bool = True,
         flat_params: bool = True,
         average_optimizer_state: bool = False,
+        fragments: int = 1,
     ) -> None:
         config = Config.from_args(
             optimizer, k, process_group=process_group, bucket_cap_mb=bucket_cap_mb, sync_on_init=sync_on_init,
             warmup_steps=warmup_steps, local_k=local_k, local_group=local_group, buffers=buffers,
             outer_optimizer=outer_optimizer, compression=compression, overlap_steps=overlap_steps,
             overlap_mix=overlap_mix, check_finite=check_finite, flat_params=flat_params,
-            average_optimizer_state=average_optimizer_state)
+            average_optimizer_state=average_optimizer_state, fragments=fragments)
         self._constructed = False
         super().__init__(optimizer.param_groups, optimizer.defaults)
         Joinable.__init__(self)  # Optimizer.__init__ does not chain to it
@@ -171,7 +181,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._config = config
         for name in ("process_group", "local_group", "local_k", "bucket_cap_mb", "check_finite", "compression",
                      "overlap_steps", "overlap_mix", "flat_params",
-                     "average_optimizer_state"):  # the public attributes of the settings
+                     "average_optimizer_state", "fragments"):  # the public attributes of the settings
             setattr(self, name, getattr(config, name))
         self.buffers_module = config.buffers
         self._members = Members(self, config.buffers, config.average_optimizer_state)

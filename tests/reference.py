@@ -147,6 +147,70 @@ def reference_overlapped(model, inner, batches, k, tau, mix, outer_factory):
                 pending = None
 
 
+def reference_streaming(model, inner, batches, k, fragments, outer_factory=None, tau=0, mix=0.5, counts=None,
+                        wire=None):
+    """Plain loop, fragment by fragment: ``fragments`` lists each fragment's parameter indices.
+
+    Fragment i syncs after the steps s with s % k == (k * (i + 1) // P) % k. Without an outer
+    optimizer its parameters are averaged one by one. With one: a global copy per parameter and
+    an outer optimizer per fragment; the mean of (global - local) steps it, then the fragment's
+    parameters become the global copy; or, with ``tau``, the mean is taken at the sync and
+    applied tau steps later as p <- mix * p + (1 - mix) * global. With ``counts`` (uneven
+    inputs under Join), a rank out of batches keeps counting and sends zeros, and each mean
+    divides by the ranks still training.
+    """
+    params = list(model.parameters())
+    broadcast_one_by_one(params)
+    world, n = dist.get_world_size(), len(fragments)
+    phase_of = {(k * (i + 1) // n) % k: i for i in range(n)}
+    global_copy = [p.detach().clone() for p in params]
+    outers = [outer_factory([global_copy[j] for j in idx]) for idx in fragments] if outer_factory else None
+    pending = None  # (fragment, step to apply at, mean deltas)
+    steps = len(batches) if counts is None else max(counts)
+    for step in range(1, steps + 1):
+        training = step <= len(batches)
+        if training:
+            x, y = batches[step - 1]
+            inner.zero_grad()
+            mse(model(x), y).backward()
+            inner.step()
+        active = world if counts is None else sum(1 for c in counts if c >= step)
+        with torch.no_grad():
+            if pending is not None and step == pending[1]:
+                i, _, means = pending
+                for j, d in zip(fragments[i], means):
+                    global_copy[j].grad = d
+                outers[i].step()
+                for j in fragments[i]:
+                    global_copy[j].grad = None
+                    params[j].lerp_(global_copy[j], 1.0 - mix)
+                pending = None
+            i = phase_of.get(step % k)
+            if i is None:
+                continue
+            if outers is None:
+                for j in fragments[i]:
+                    t = params[j] if training else torch.zeros_like(params[j])
+                    dist.all_reduce(t)
+                    params[j].copy_(t / active)
+                continue
+            means = []
+            for j in fragments[i]:
+                d = (global_copy[j] - params[j]) if training else torch.zeros_like(params[j])
+                d = d if wire is None else d.to(wire)
+                dist.all_reduce(d)
+                means.append(d.to(params[j].dtype) / active)
+            if tau:
+                pending = (i, step + tau, means)
+                continue
+            for j, d in zip(fragments[i], means):
+                global_copy[j].grad = d
+            outers[i].step()
+            for j in fragments[i]:
+                global_copy[j].grad = None
+                params[j].copy_(global_copy[j])
+
+
 def reference_join(counts, k, rank):
     """Plain loops: after a rank runs out it sends zeros; each round divides by the ranks still training."""
     batches = make_batches(counts[rank])

@@ -11,9 +11,10 @@ from .._buckets import bucket_cap_bytes
 from .._config import Config
 from .._dist import RoundKind
 from .._outer import OuterState
-from .._schedule import Cursor
+from .._schedule import Cursor, FragmentSchedule
 from .average import AverageRound
 from .base import Reducer, Round, RoundContext
+from .fragments import FragmentedRound, split_fragments
 from .int8 import Int8Reducer
 from .outer import CastReducer, OuterRound
 from .overlap import OverlapRound
@@ -60,17 +61,15 @@ def build_rounds(config: Config, params: list[torch.Tensor],
     at warmup, scheduled and local rounds when ``config.average_optimizer_state`` (not by ``sync()``).
     """
     cap = bucket_cap_bytes(config.bucket_cap_mb)
-    scheduled: Round = AverageRound(RoundKind.SCHEDULED)
-    if config.outer_optimizer is not None:
-        outer = OuterState(params, config.outer_optimizer)
-        if config.overlap_steps:
-            scheduled = OverlapRound(outer, params, cap, config.overlap_steps, config.overlap_mix)
-        elif config.compression == "int8":
-            scheduled = OuterRound(outer, Int8Reducer(params, cap))
-        elif config.wire_dtype is not None:
-            scheduled = OuterRound(outer, CastReducer(config.wire_dtype))
-        else:
-            scheduled = OuterRound(outer, Reducer())
+    if config.fragments > 1:  # Streaming DiLoCo: one fragment per round, each its own scheduled round
+        schedule = FragmentSchedule(config.schedule, config.fragments)
+        cursor = Cursor(schedule, config.local_k, config.overlap_steps)
+        bounds = split_fragments(params, config.fragments)
+        scheduled: Round = FragmentedRound(schedule, bounds, [_scheduled(config, params[lo:hi], cap)
+                                                              for lo, hi in bounds], cap, cursor)
+    else:
+        cursor = Cursor(config.schedule, config.local_k, config.overlap_steps)
+        scheduled = _scheduled(config, params, cap)
     warmup: Round = AverageRound(RoundKind.SCHEDULED)
     local: Round | None = AverageRound(RoundKind.LOCAL, local=True) if config.local_k else None
     if config.average_optimizer_state and optimizer_state is not None:
@@ -78,4 +77,18 @@ def build_rounds(config: Config, params: list[torch.Tensor],
             scheduled, optimizer_state, cap)
         local = WithOptimizerState(local, optimizer_state, cap) if local is not None else None
     table = RoundTable(warmup=warmup, sync=AverageRound(RoundKind.SYNC), scheduled=scheduled, local=local)
-    return Cursor(config.schedule, config.local_k, config.overlap_steps), table
+    return cursor, table
+
+
+def _scheduled(config: Config, params: list[torch.Tensor], cap: int) -> Round:
+    """The scheduled round over ``params`` (the whole model, or one fragment of it)."""
+    if config.outer_optimizer is None:
+        return AverageRound(RoundKind.SCHEDULED)
+    outer = OuterState(params, config.outer_optimizer)
+    if config.overlap_steps:
+        return OverlapRound(outer, params, cap, config.overlap_steps, config.overlap_mix)
+    if config.compression == "int8":
+        return OuterRound(outer, Int8Reducer(params, cap))
+    if config.wire_dtype is not None:
+        return OuterRound(outer, CastReducer(config.wire_dtype))
+    return OuterRound(outer, Reducer())
