@@ -131,6 +131,7 @@ def communication_summary(opt: torch.optim.Optimizer, eval_cost: dict, steps: in
     mb = s["bytes_sent"] / 2**20
     share = s["round_seconds"] / train_s if train_s else float("nan")
     return {"rounds": s["rounds"], "mb_sent": mb, "ddp_mb": ddp_mb, "round_share": share,
+            "mb_per_round": mb / s["rounds"] if s["rounds"] else 0.0,
             "line": f"communication: {s['rounds']} rounds, {mb:.1f} MB sent per rank against {ddp_mb:.1f} MB "
                     f"for DDP ({mb / ddp_mb:.1%}), {share:.1%} of training time in rounds "
                     "(evaluation syncs excluded)"}
@@ -193,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overlap-steps", type=int, default=0,
                    help="Streaming DiLoCo: reduce in the background for N more local steps, then apply")
     p.add_argument("--k", type=int, default=8, help="steps between averaging rounds (localsgd)")
+    p.add_argument("--fragments", type=int, default=1,
+                   help="Streaming DiLoCo: sync the model in this many fragments at staggered steps")
     p.add_argument("--extrapolate", type=float, default=None, metavar="LR",
                    help="localsgd: an outer SGD step of LR on the averaged pseudo-gradient (1.0: plain "
                         "averaging; > 1 extrapolates past the average, lookahead-like)")
@@ -254,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
             outer = lambda params: torch.optim.SGD(params, lr=args.extrapolate)  # noqa: E731
         opt = LocalSGDOptimizer(inner, k=args.k, warmup_steps=args.warmup_steps, outer_optimizer=outer,
                                 compression=args.compression, overlap_steps=args.overlap_steps,
-                                average_optimizer_state=args.average_optimizer_state)
+                                average_optimizer_state=args.average_optimizer_state, fragments=args.fragments)
     # LR schedulers step the wrapper like any optimizer (param_groups are shared with the inner one)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args))
     g = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own data stream
