@@ -4,7 +4,8 @@
 #
 #   examples/slow_link.sh up 1000              # 1000 Mbit/s each way
 #   examples/slow_link.sh run -- python -m localsgd_optim.bench --models 12x512
-#       (runs `torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d <args>` on both hosts)
+#       (runs `torchrun --nnodes 2 --nproc-per-node $NPROC --rdzv-backend c10d <args>` on both hosts;
+#        NPROC defaults to 1)
 #   examples/slow_link.sh down
 set -euo pipefail
 A=lsgd0 B=lsgd1 IPA=10.77.0.1 IPB=10.77.0.2 PORT=${PORT:-29611}
@@ -40,7 +41,7 @@ run() {
   local py=${1:?usage: slow_link.sh run -- python SCRIPT_OR_-m MODULE ARGS...}
   shift
   # c10d rendezvous: the store lives on lsgd0 and every rank meets there over the slow link
-  local common=(--nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint $IPA:$PORT --rdzv-id lsgd)
+  local common=(--nnodes 2 --nproc-per-node ${NPROC:-1} --rdzv-backend c10d --rdzv-endpoint $IPA:$PORT --rdzv-id lsgd)
   # python -m torch.distributed.run == torchrun; each host talks over its own veth
   # is_host and --local-addr: both namespaces share one hostname, so torchrun can neither tell
   # which one hosts the store nor which address to advertise

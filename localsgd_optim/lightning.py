@@ -17,7 +17,9 @@ are its weights; restoring rank 0's on every rank would resume a *different* run
 callback also gathers each rank's optimizer state and weights into the checkpoint and, on
 resume, gives every rank back its own: the resumed run continues exactly. This costs
 ``world_size`` copies of weights plus optimizer state in the checkpoint file (pass
-``per_rank_state=False`` for rank 0's only, as Lightning does by default).
+``per_rank_state=False`` for rank 0's only, as Lightning does by default). Resumed on a
+different number of ranks, every rank starts from their average
+(:func:`localsgd_optim.checkpoint.consolidate`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ except ImportError:
             "(or pytorch-lightning)"
         ) from exc
 
+from .checkpoint import consolidate
 from .optimizer import LocalSGDOptimizer
 
 __all__ = ["LocalSGDCallback"]
@@ -82,17 +85,20 @@ class LocalSGDCallback(pl.Callback):
         if saved is None or trainer.state.fn != "fit":  # validate/test/predict: rank 0's weights are right
             return
         ranks, rank = saved["ranks"], trainer.global_rank
-        if len(ranks) != trainer.world_size:
+        if len(ranks) == trainer.world_size:
+            own = ranks[rank]
+        else:  # a host gone for good (or added): every rank resumes from the saved ranks' average
             if rank == 0:
                 warnings.warn(
                     f"LocalSGDCallback: the checkpoint holds the state of {len(ranks)} ranks but this run "
-                    f"has {trainer.world_size}; every rank resumes from rank 0's weights and optimizer state",
+                    f"has {trainer.world_size}; every rank resumes from their average "
+                    "(localsgd_optim.checkpoint.consolidate)",
                     UserWarning,
                     stacklevel=2,
                 )
-            return
-        self._own_weights = ranks[rank]["model"]  # loaded in on_train_start, after DDP's broadcast
-        checkpoint["optimizer_states"][saved["optimizer_index"]] = ranks[rank]["optimizer"]  # restored later
+            own = consolidate(ranks)
+        self._own_weights = own["model"]  # loaded in on_train_start, after DDP's broadcast
+        checkpoint["optimizer_states"][saved["optimizer_index"]] = own["optimizer"]  # restored later
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._own_weights = None  # a fit that never started training must not leak them into the next

@@ -414,9 +414,9 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             return
         if self._rounds.per_parameter_state:
             raise ValueError(
-                "add_param_group is not supported with an outer_optimizer, compression or "
-                "overlap_steps (their global copy and state are per parameter); add every "
-                "parameter group before constructing LocalSGDOptimizer"
+                "add_param_group is not supported with an outer_optimizer, compression, "
+                "overlap_steps or fragments (their global copy, state and fragments are per "
+                "parameter); add every parameter group before constructing LocalSGDOptimizer"
             )
         self.optimizer.add_param_group(param_group)
         if self._binding is not None:

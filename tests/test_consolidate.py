@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import warnings
 
 import pytest
 import torch
@@ -91,7 +93,7 @@ def test_consolidate_resumes_at_another_world_size(ranks2, ranks3, outer, saved_
 
 
 def test_consolidate_of_one_rank_is_that_rank():
-    model, opt = make_model(), None
+    model = make_model()
     state = {"model": model.state_dict(), "step": 3}
     merged = checkpoint.consolidate([state])
     assert merged["step"] == 3 and all(merged["model"][k] is v for k, v in state["model"].items())
@@ -124,3 +126,37 @@ def _entry(num_steps):
 def test_consolidate_refuses_bad_input(states, error, match):
     with pytest.raises(error, match=match):
         checkpoint.consolidate(states)
+
+
+def test_lightning_callback_resumes_a_different_world_size_from_the_average():
+    pytest.importorskip("pytorch_lightning", reason="install the integrations extra: pip install -e '.[integrations]'")
+    from types import SimpleNamespace
+
+    from localsgd_optim.lightning import LocalSGDCallback
+
+    saved = []
+    for seed in (1, 2):  # what two ranks saved: different weights, each its own optimizer state
+        model = make_model(seed=seed)
+        opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=K)
+        train_wrapped(model, opt, make_batches(3, rank=seed))
+        saved.append({"model": model.state_dict(), "optimizer": opt.state_dict()})
+    for rank in range(3):  # resumed on 3 ranks
+        checkpoint_dict = {"optimizer_states": [None], LocalSGDCallback.KEY: {"optimizer_index": 0, "ranks": saved}}
+        callback = LocalSGDCallback()
+        trainer = SimpleNamespace(global_rank=rank, world_size=3, state=SimpleNamespace(fn="fit"))
+        with pytest.warns(UserWarning, match="holds the state of 2 ranks but this run has 3") if rank == 0 else \
+                _no_warning():
+            callback.on_load_checkpoint(trainer, None, checkpoint_dict)
+        for key, weight in callback._own_weights.items():
+            torch.testing.assert_close(weight, _mean([s["model"][key] for s in saved]), rtol=0, atol=0)
+        state = checkpoint_dict["optimizer_states"][0]
+        assert state["local_sgd"]["num_steps"] == 3
+        torch.testing.assert_close(state["state"][0]["exp_avg"],
+                                   _mean([s["optimizer"]["state"][0]["exp_avg"] for s in saved]), rtol=0, atol=0)
+
+
+@contextlib.contextmanager
+def _no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield

@@ -218,3 +218,10 @@ def test_bad_fragment_settings_are_refused(kwargs, match):
     kwargs = {"k": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
+
+
+def test_add_param_group_is_refused_with_fragments():
+    model, extra = make_model(), nn.Linear(2, 2)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=4, fragments=2)
+    with pytest.raises(ValueError, match=r"add_param_group is not supported with .*fragments"):
+        opt.add_param_group({"params": list(extra.parameters())})

@@ -61,7 +61,7 @@ class FragmentedRound(Round):
         self.schedule, self.bounds, self.inners = schedule, bounds, inners
         self.cap = bucket_cap_bytes
         self.cursor = cursor
-        self.per_parameter_state = inners[0].per_parameter_state
+        self.per_parameter_state = True  # the fragments' bounds are indices into the parameters
         self.engines: list[BucketEngine | None] = [None] * len(inners)
         self._sub: RoundContext | None = None
         self._in_flight: int | None = None  # the overlapped fragment not landed yet

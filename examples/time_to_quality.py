@@ -1,0 +1,162 @@
+"""Time to quality over a slow link: when does each tuned method reach tuned DDP's final loss?
+
+Two measurements, combined:
+
+1. **Loss against steps**: the tuned convergence runs (``convergence_study.py --tune``), each
+   method at its best settings, seed 0, 4 ranks, on this machine.
+2. **Seconds per step over the link**: the same model, method and settings, 4 ranks as 2
+   hosts x 2 over a rate-limited link (``slow_link.sh``, ``NPROC=2``), timed for ``--steps``
+   steps at each rate.
+
+A method's wall time to a loss is the step where its validation curve first reaches that
+loss (linear between evaluations) times its seconds per step. Warmup steps cost what a DDP
+step costs; evaluation is not counted. The target is tuned DDP's final validation loss
+(its mean over seeds). A method that never reaches it within the run's steps says so, with
+the time to its own best loss. Needs root (it skips with a message otherwise).
+
+    sudo python examples/time_to_quality.py                   # 100 and 500 Mbit/s, ~20 min
+    sudo python examples/time_to_quality.py --reuse --no-plots
+
+Writes ``<out>/time_to_quality.{json,md}``, per-run logs and JSON, and
+``loss_vs_wall_<rate>mbit.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from convergence_study import METHODS
+from slow_link_study import SLOW_LINK, can_make_namespaces
+from study_common import TRAIN, finish, markdown_table, pyplot, run_logged
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", type=str, default="100,500", help="link rates in Mbit/s, each way")
+    p.add_argument("--steps", type=int, default=160, help="steps timed per method and rate")
+    p.add_argument("--tuned", type=str, default="benchmarks/convergence/tuned.json")
+    p.add_argument("--out", type=str, default="benchmarks/convergence/time_to_quality")
+    p.add_argument("--reuse", action="store_true", help="keep timings already in --out instead of rerunning")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    args.rates = [int(r) for r in args.rates.split(",")]
+    return args
+
+
+def tuned_flags(name: str, entry: dict, steps: int) -> list[str]:
+    flags = [f.format(warmup=steps // 10) for f in METHODS[name][1]]
+    flags += ["--lr", repr(entry["best_lr"])]
+    outer = entry.get("best_outer")
+    if outer:
+        flags += ["--outer-lr", repr(outer["lr"]), "--outer-momentum", repr(outer["momentum"])]
+    return flags
+
+
+def crossing(history: list[dict], target: float) -> float | None:
+    """The (fractional) step where the validation curve first reaches ``target``."""
+    prev_step, prev_loss = 0, float("inf")
+    for point in history:
+        step, loss = point["step"], point["val_loss"]
+        if loss <= target:
+            if prev_loss == float("inf"):
+                return float(step)
+            return prev_step + (step - prev_step) * (prev_loss - target) / (prev_loss - loss)
+        prev_step, prev_loss = step, loss
+    return None
+
+
+def warmup_steps(name: str, total: int) -> int:
+    return total // 10 if "{warmup}" in " ".join(METHODS[name][1]) else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    why = can_make_namespaces()
+    if why:
+        print(f"time_to_quality.py: skipping: {why}", file=sys.stderr)
+        return
+    tuned = json.loads(Path(args.tuned).read_text())
+    methods = {n: e for n, e in tuned["methods"].items() if n != "none"}  # "none" never averages
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    tune_dir = Path(args.tuned).parent / "tune"
+    timings: dict[int, dict[str, float]] = {}
+    for rate in args.rates:
+        timings[rate] = {}
+        todo = [n for n in methods if not (args.reuse and (out / f"{n}_{rate}mbit.json").exists())]
+        if todo:
+            subprocess.run(["bash", str(SLOW_LINK), "up", str(rate)], check=True)
+        try:
+            for name, entry in methods.items():
+                json_out = out / f"{name}_{rate}mbit.json"
+                if name in todo:
+                    cmd = ["bash", str(SLOW_LINK), "run", "--", sys.executable, str(TRAIN),
+                           *tuned_flags(name, entry, args.steps), "--steps", str(args.steps), "--eval-every",
+                           str(args.steps), "--eval-batches", "1", "--json-out", str(json_out)]
+                    run_logged(cmd, out / f"{name}_{rate}mbit.log", json_out, env={"NPROC": "2"})
+                run = json.loads(json_out.read_text())
+                timings[rate][name] = run["world_size"] * run["batch_size"] / run["samples_per_s"]
+        finally:
+            subprocess.run(["bash", str(SLOW_LINK), "down"], check=False)
+
+    target = methods["ddp"]["final_val_loss"]
+    rows, report, curves = [], [], {}
+    for rate in args.rates:
+        ddp_time = None
+        for name, entry in methods.items():
+            seed0 = _seed0(tune_dir, name, entry)
+            steps, warm = seed0["steps"], warmup_steps(name, seed0["steps"])
+            per_step, sync_step = timings[rate][name], timings[rate]["ddp"]
+
+            def wall(step: float) -> float:
+                return min(step, warm) * sync_step + max(0.0, step - warm) * per_step
+
+            at = crossing(seed0["history"], target)
+            best = min(seed0["history"], key=lambda h: h["val_loss"])
+            seconds = None if at is None else wall(at)
+            if name == "ddp":
+                ddp_time = seconds
+            curves.setdefault(rate, {})[entry["label"]] = [(wall(h["step"]), h["val_loss"]) for h in seed0["history"]]
+            report.append({"rate_mbit": rate, "name": name, "label": entry["label"], "s_per_step": per_step,
+                           "target_loss": target, "step_at_target": at, "seconds_to_target": seconds,
+                           "seconds_for_run": wall(steps), "best_loss": best["val_loss"]})
+        for r in report:
+            if r["rate_mbit"] == rate:
+                r["vs_ddp"] = None if r["seconds_to_target"] is None or not ddp_time else r["seconds_to_target"] / ddp_time
+                rows.append([str(rate), r["label"], f"{r['s_per_step']:.3f}", f"{r['seconds_for_run']:.0f}",
+                             "not reached" if r["step_at_target"] is None else f"{r['step_at_target']:.0f}",
+                             "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.0f}",
+                             "-" if r["vs_ddp"] is None else f"{r['vs_ddp']:.2f}x"])
+    title = (f"4 ranks as 2 hosts x 2, tuned settings, target = tuned DDP's final val loss {target:.4f} "
+             f"(mean of {methods['ddp']['seeds']} seeds); curves: seed 0")
+    table = markdown_table(["Mbit/s", "method", "s/step on the link", "s for the 2000 steps",
+                            "step reaching target", "s to target", "vs DDP"], rows)
+    (out / "time_to_quality.md").write_text(f"{title}\n\n{table}")
+    (out / "time_to_quality.json").write_text(json.dumps({"setup": title, "runs": report}, indent=1))
+    print(f"\n{title}\n\n{table}")
+    if not args.no_plots:
+        for rate, by_label in curves.items():
+            plt = pyplot()
+            fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+            for label, pts in by_label.items():
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+            ax.axhline(target, color="grey", linestyle=":", label="tuned DDP's final loss")
+            ax.set_xlabel(f"training wall time at {rate} Mbit/s, s (measured s/step x steps)")
+            ax.set_ylabel("validation loss (nats/byte)")
+            ax.set_ylim(top=min(2.0, ax.get_ylim()[1]))
+            ax.set_title(title, fontsize=8)
+            finish(plt, fig, ax, out / f"loss_vs_wall_{rate}mbit.png")
+
+
+def _seed0(tune_dir: Path, name: str, entry: dict) -> dict:
+    outer = entry.get("best_outer")
+    tag = f"{name}_lr{entry['best_lr']:g}_s0" + (f"_olr{outer['lr']:g}_om{outer['momentum']:g}" if outer else "")
+    return json.loads((tune_dir / f"{tag}.json").read_text())
+
+
+if __name__ == "__main__":
+    main()
