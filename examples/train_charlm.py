@@ -151,11 +151,7 @@ def load_checkpoint(ckpt_dir: Path, rank: int, world: int) -> tuple[dict | None,
     first = ckpt_dir / "rank0.pt"
     if not first.exists():
         return None, world
-    saved_world = torch.load(first, weights_only=True).get("world_size", world)
-    if saved_world == world:
-        return torch.load(ckpt_dir / f"rank{rank}.pt", weights_only=True), world
-    states = [torch.load(ckpt_dir / f"rank{r}.pt", weights_only=True) for r in range(saved_world)]
-    return checkpoint.consolidate(states), saved_world
+    return checkpoint.load_per_rank(lambda r: ckpt_dir / f"rank{r}.pt", rank, world)
 
 
 def fail_once(marker: Path, step: int) -> None:

@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ._state import STATE_KEY
 from .optimizer import LocalSGDOptimizer
 
-__all__ = ["get_state_dict", "set_state_dict", "consolidate"]
+__all__ = ["get_state_dict", "set_state_dict", "consolidate", "load_per_rank"]
 
 
 def get_state_dict(model: nn.Module, optimizer: LocalSGDOptimizer) -> dict[str, Any]:
@@ -121,6 +121,19 @@ def consolidate(per_rank_states: Sequence[Any]) -> Any:
     if not per_rank_states:
         raise ValueError("per_rank_states is empty: pass one saved state per rank of the run that saved them")
     return _merge(list(per_rank_states), ())
+
+
+def load_per_rank(path_of: Any, rank: int, world: int) -> tuple[Any, int]:
+    """This rank's own saved state, or, when another number of ranks saved them, their consolidation.
+
+    ``path_of(r)`` is rank ``r``'s file; each holds a ``"world_size"`` entry (the number of ranks
+    that saved). Rank 0's says how many to read. Returns ``(state, saved_world_size)``.
+    """
+    saved_world = torch.load(path_of(0), map_location="cpu", weights_only=True).get("world_size", world)
+    if saved_world == world:
+        return torch.load(path_of(rank), map_location="cpu", weights_only=True), world
+    return consolidate([torch.load(path_of(r), map_location="cpu", weights_only=True)
+                        for r in range(saved_world)]), saved_world
 
 
 def _merge(values: list[Any], path: tuple[Any, ...]) -> Any:

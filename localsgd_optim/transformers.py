@@ -164,15 +164,7 @@ class LocalSGDTrainerMixin:
         # Our files hold each rank's whole optimizer state: the Trainer's optimizer.pt (rank 0's)
         # is not read. (Its loader also maps to args.device, "cpu:<rank>" on CPU, which torch 2.13's
         # torch.load refuses.)
-        saved_world = torch.load(first, map_location="cpu", weights_only=True)["world_size"]
-        if saved_world == world:
-            own = torch.load(os.path.join(checkpoint_dir, RANK_FILE.format(rank)), map_location="cpu",
-                             weights_only=True)
-        else:  # a host gone for good (or added): every rank starts from the saved ranks' average
-            own = checkpoint.consolidate([
-                torch.load(os.path.join(checkpoint_dir, RANK_FILE.format(r)), map_location="cpu", weights_only=True)
-                for r in range(saved_world)
-            ])
+        own, _ = checkpoint.load_per_rank(lambda r: os.path.join(checkpoint_dir, RANK_FILE.format(r)), rank, world)
         # After DDP's construction broadcast rank 0's weights: in place, into the wrapped module.
         with torch.no_grad():
             self.model.load_state_dict(own["model"])
