@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="--tune: seeds at each method's best settings")
     p.add_argument("--outer-lrs", type=str, default="0.3,0.5,0.7,1.0", help="--tune: DiLoCo outer lrs")
     p.add_argument("--outer-momenta", type=str, default="0.9,0.5", help="--tune: DiLoCo outer (Nesterov) momenta; the first is searched over --outer-lrs, the rest at the best outer lr")
+    p.add_argument("--gap-vs-k", type=str, default=None, metavar="K,K,...",
+                   help="diagnostic: plain Local SGD at these k, seed 0, at Local SGD k=8's tuned lr (needs a tuned.json); "
+                        "writes <out>/gap_vs_k.{json,md,png}, reusing <out>/tune/ runs")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train_charlm.py flags for every run")
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(METHODS)
@@ -75,6 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.gap_vs_k:
+        from tune_study import gap_vs_k
+
+        gap_vs_k(args, METHODS, [int(k) for k in args.gap_vs_k.split(",")])
+        return
     if args.tune:
         from tune_study import tune
 

@@ -22,8 +22,12 @@ def diloco(lr: float = 0.7, momentum: float = 0.9) -> OuterFactory:
 
     Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language Models"
     (2023, https://arxiv.org/abs/2311.08105), use lr 0.7 and momentum 0.9 with AdamW inside.
+    ``momentum=0`` is plain SGD on the pseudo-gradient (Nesterov needs a momentum).
     """
-    return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True)
+    if not 0 <= momentum < 1:
+        raise ValueError(f"diloco(momentum={momentum!r}): the outer momentum must be in [0, 1); "
+                         "DiLoCo uses 0.9, and 0 gives plain outer SGD")
+    return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
 
 
 def slowmo(lr: float = 1.0, momentum: float = 0.5) -> OuterFactory:

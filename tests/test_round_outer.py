@@ -47,7 +47,7 @@ def test_outer_sgd_lr1_equals_plain_averaging_exactly(ranks):
 
 
 def _diloco_parity(preset, warmup):
-    factory = {"diloco": diloco(), "slowmo": slowmo(lr=0.8, momentum=0.5)}[preset]
+    factory = {"diloco": diloco(), "slowmo": slowmo(lr=0.8, momentum=0.5), "outer_sgd": diloco(lr=1.5, momentum=0)}[preset]
     batches = make_batches(warmup + 12)  # ends on a round: replicas equal at the end
     ref = make_model(seed=dist.get_rank())
     reference_diloco(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), batches, 4, factory, warmup)
@@ -58,7 +58,7 @@ def _diloco_parity(preset, warmup):
     return params_of(ref), params_of(model)
 
 
-@pytest.mark.parametrize("preset, warmup", [("diloco", 0), ("slowmo", 0), ("diloco", 3)])
+@pytest.mark.parametrize("preset, warmup", [("diloco", 0), ("slowmo", 0), ("diloco", 3), ("outer_sgd", 0)])
 def test_outer_presets_match_reference(ranks, preset, warmup):
     results = ranks(_diloco_parity, preset, warmup)
     for ref, got in results:
@@ -103,6 +103,10 @@ def test_single_worker_diloco_applies_the_outer_step():
 
 def test_outer_optimizer_bad_input():
     ps = make_model().parameters
+    for momentum in (1.0, -0.1):
+        with pytest.raises(ValueError, match=rf"diloco\(momentum={momentum}\): the outer momentum must be in \[0, 1\)"):
+            diloco(momentum=momentum)
+    assert diloco(momentum=0)([nn.Parameter(torch.ones(2))]).defaults["nesterov"] is False
     with pytest.raises(TypeError, match="outer_optimizer must be a callable.*got str"):
         LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, outer_optimizer="diloco")
     with pytest.raises(ValueError, match="outer_optimizer needs sync_on_init=True"):
