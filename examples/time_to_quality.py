@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=str, default="benchmarks/convergence/time_to_quality")
     p.add_argument("--reuse", action="store_true", help="keep timings already in --out instead of rerunning")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--only", type=str, default=None,
+                   help="comma-separated tuned methods to time and report (DDP, the reference, always is)")
     p.add_argument("--long", action="append", default=[], metavar="NAME=STEPS",
                    help="also a STEPS-step run of tuned method NAME (e.g. localsgd_k8=3600)")
     args = p.parse_args(argv)
@@ -85,7 +87,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"time_to_quality.py: skipping: {why}", file=sys.stderr)
         return
     tuned = json.loads(Path(args.tuned).read_text())
-    methods = {n: e for n, e in tuned["methods"].items() if n != "none"}  # "none" never averages
+    only = None if args.only is None else {"ddp", *args.only.split(",")}
+    unknown = sorted((only or set()) - set(tuned["methods"]))
+    if unknown:
+        sys.exit(f"time_to_quality.py: --only {args.only!r}: {unknown} not in {args.tuned}; "
+                 f"tuned there: {sorted(tuned['methods'])}")
+    methods = {n: e for n, e in tuned["methods"].items()
+               if n != "none" and (only is None or n in only)}  # "none" never averages
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tune_dir = Path(args.tuned).parent / "tune"
