@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="--tune: seeds at each method's best settings")
     p.add_argument("--outer-lrs", type=str, default="0.3,0.5,0.7,1.0", help="--tune: DiLoCo outer lrs")
     p.add_argument("--outer-momenta", type=str, default="0.9,0.5", help="--tune: DiLoCo outer (Nesterov) momenta; the first is searched over --outer-lrs, the rest at the best outer lr")
+    p.add_argument("--report", action="store_true",
+                   help="--tune: rewrite tuned.{json,md,png} from the runs already on disk, as far as the sweep "
+                        "has got; run nothing")
     p.add_argument("--gap-vs-k", type=str, default=None, metavar="K,K,...",
                    help="diagnostic: plain Local SGD at these k, seed 0, at Local SGD k=8's tuned lr (needs a tuned.json); "
                         "writes <out>/gap_vs_k.{json,md,png}, reusing <out>/tune/ runs")

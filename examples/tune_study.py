@@ -34,6 +34,10 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
+class NotRun(Exception):
+    """``--report``: a setting the sweep would run next has no result on disk yet."""
+
+
 class Sweep:
     """Runs (or reuses) one training run per setting; every result is a JSON file."""
 
@@ -62,6 +66,8 @@ class Sweep:
         json_out = self.dir / f"{tag}.json"
         if json_out.exists():
             return json.loads(json_out.read_text())
+        if self.args.report:
+            raise NotRun(tag)
         more = ["--lr", repr(lr), "--seed", str(seed)]
         if outer:
             more += ["--outer-lr", repr(outer[0]), "--outer-momentum", repr(outer[1])]
@@ -97,14 +103,18 @@ def tune(args: argparse.Namespace, methods: dict) -> None:
     outer_lrs = [float(v) for v in args.outer_lrs.split(",")]
     outer_momenta = [float(v) for v in args.outer_momenta.split(",")]
     names = [n for n in TUNED if n in args.names] if args.only else TUNED
-    for seeds in sorted({min(2, args.seeds), args.seeds}):
-        _tune_pass(args, methods, sweep, names, seeds, grid, outer_lrs, outer_momenta)
+    # one report across both passes: the second replaces each method's entry as it gets there
+    report: dict = {"steps": args.steps, "world_size": args.nproc, "methods": {}}
+    curves: dict[str, dict] = {}
+    try:
+        for seeds in sorted({min(2, args.seeds), args.seeds}):
+            _tune_pass(args, methods, sweep, names, seeds, grid, outer_lrs, outer_momenta, report, curves)
+    except NotRun as missing:  # the report so far is written; the sweep would run this next
+        print(f"--report: stopped before {missing}, the next run the sweep would make", flush=True)
 
 
 def _tune_pass(args: argparse.Namespace, methods: dict, sweep: Sweep, names: list[str], seeds: int, grid: list[float],
-               outer_lrs: list[float], outer_momenta: list[float]) -> None:
-    report: dict = {"steps": args.steps, "world_size": args.nproc, "methods": {}}
-    curves: dict[str, dict] = {}
+               outer_lrs: list[float], outer_momenta: list[float], report: dict, curves: dict[str, dict]) -> None:
     best_lrs: dict[str, float] = {}
     for name in names:
         diloco = name.startswith("diloco")
@@ -134,7 +144,7 @@ def _tune_pass(args: argparse.Namespace, methods: dict, sweep: Sweep, names: lis
                       "stdev": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                       "samples_per_s": statistics.mean(r["samples_per_s"] for r in per_seed)})
         report["methods"][name] = entry
-        curves[f"{entry['label']} (lr {best_lr:g})"] = per_seed[0]
+        curves[entry["label"]] = (best_lr, per_seed[0])
         _write(args, report, curves)
 
 
@@ -157,7 +167,8 @@ def _write(args: argparse.Namespace, report: dict, curves: dict[str, dict]) -> N
     print(f"\n{title}\n\n{table}", flush=True)
     if args.no_plots:
         return
-    plot_curves(curves, out / "tuned_steps.png", title, "step", "optimizer step")
+    plot_curves({f"{label} (lr {lr:g})": run for label, (lr, run) in curves.items()}, out / "tuned_steps.png", title,
+                "step", "optimizer step")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for name, e in report["methods"].items():

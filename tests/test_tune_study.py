@@ -110,3 +110,17 @@ def test_gap_vs_k_reuses_the_tuned_runs_and_reports_each_k_against_ddp(sweep):
     assert report["k"]["8"]["vs_ddp"] == pytest.approx(1.0 / ddp - 1)  # the tuning run's loss, reused
     assert report["k"]["8"]["avgstate_vs_ddp"] == pytest.approx(1.02 / ddp - 1)
     assert f"| 2 | 1.0020 | {1.002 / ddp - 1:+.2%} | - | 400 |" in (out / "gap_vs_k.md").read_text()
+
+
+def test_report_rewrites_the_results_so_far_and_runs_nothing(sweep):
+    args, calls, out = sweep
+    args.seeds = 2
+    tune_study.tune(args, convergence_study.METHODS)  # the first pass only: 2 seeds everywhere
+    (out / "tuned.json").unlink()
+    calls.clear()
+    args.seeds, args.report = 3, True  # the second pass would run ddp's seed 2 next
+    tune_study.tune(args, convergence_study.METHODS)
+    assert calls == []
+    report = json.loads((out / "tuned.json").read_text())
+    assert list(report["methods"]) == list(BEST)  # the first pass's entries survive the stopped second
+    assert all(e["seeds"] == 2 for e in report["methods"].values())
