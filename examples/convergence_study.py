@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gap-vs-k", type=str, default=None, metavar="K,K,...",
                    help="diagnostic: plain Local SGD at these k, seed 0, at Local SGD k=8's tuned lr (needs a tuned.json); "
                         "writes <out>/gap_vs_k.{json,md,png}, reusing <out>/tune/ runs")
+    p.add_argument("--gap-state-ks", type=str, default="", metavar="K,K,...",
+                   help="--gap-vs-k: also run these k with the AdamW state averaged at rounds")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train_charlm.py flags for every run")
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(METHODS)
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.gap_vs_k:
         from tune_study import gap_vs_k
 
-        gap_vs_k(args, METHODS, [int(k) for k in args.gap_vs_k.split(",")])
+        gap_vs_k(args, METHODS, [int(k) for k in args.gap_vs_k.split(",")],
+                 tuple(int(k) for k in args.gap_state_ks.split(",") if k))
         return
     if args.tune:
         from tune_study import tune

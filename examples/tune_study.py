@@ -181,23 +181,28 @@ def _write(args: argparse.Namespace, report: dict, curves: dict[str, dict]) -> N
     finish(plt, fig, ax, out / "tuned_lr.png")
 
 
-def gap_vs_k(args: argparse.Namespace, methods: dict, ks: list[int]) -> None:
+def gap_vs_k(args: argparse.Namespace, methods: dict, ks: list[int], state_ks: tuple[int, ...] = ()) -> None:
     """Where the gap to DDP comes from: plain Local SGD at each ``k``, seed 0, at Local SGD k=8's tuned lr.
 
     ``k=1`` averages after every step, so its gap is not drift: it is each replica's AdamW
     normalising its own (4x noisier) gradient. The rest of the curve is what longer local
-    phases add. Writes ``<out>/gap_vs_k.{json,md,png}``.
+    phases add. ``state_ks``: also run these k with the AdamW state averaged at rounds (any such
+    run already on disk is shown too). Writes ``<out>/gap_vs_k.{json,md,png}``.
     """
     tuned = json.loads((Path(args.out) / "tuned.json").read_text())["methods"]
     lr = tuned["localsgd_k8"]["best_lr"]
     methods = dict(methods)
     for k in ks:
         methods.setdefault(f"localsgd_k{k}", (f"Local SGD k={k}", ["--method", "localsgd", "--k", str(k)], None))
+        methods.setdefault(f"localsgd_k{k}_avgstate", (f"Local SGD k={k}, AdamW state averaged",
+                                                       ["--method", "localsgd", "--k", str(k), "--average-optimizer-state"], None))
     sweep = Sweep(args, methods)
     ddp = sweep.run("ddp", lr, 0)
     rows, report = [], {"lr": lr, "seed": 0, "ddp_final_val_loss": ddp["final_val_loss"], "k": {}}
     for k in sorted(ks):
         run = sweep.run(f"localsgd_k{k}", lr, 0)
+        if k in state_ks:
+            sweep.run(f"localsgd_k{k}_avgstate", lr, 0)
         gap = run["final_val_loss"] / ddp["final_val_loss"] - 1
         state = sweep.dir / f"localsgd_k{k}_avgstate_lr{_fmt(lr)}_s0.json"
         state_gap = json.loads(state.read_text())["final_val_loss"] / ddp["final_val_loss"] - 1 if state.exists() else None

@@ -24,9 +24,11 @@ BEST = {"ddp": 0.012, "localsgd_k8": 0.006, "diloco_k64": 0.048}
 
 def synthetic(name, lr, seed, outer):
     """Convex in log2(lr) with the minimum at BEST[name]; DiLoCo best at outer (0.5, 0.9)."""
-    if name not in BEST:  # the gap-vs-k runs, localsgd_k<k>: worse with k, best where localsgd_k8 is
-        return {"final_val_loss": 1.0 + 0.001 * int(name[len("localsgd_k"):]) + 0.01 * math.log2(lr / BEST["localsgd_k8"]) ** 2,
-                "samples_per_s": 100.0, "history": [], "communication": {"mb_sent": 800.0 / int(name[len("localsgd_k"):])}}
+    if name not in BEST:  # the gap-vs-k runs, localsgd_k<k>[_avgstate]: worse with k, best where localsgd_k8 is
+        k = int(name[len("localsgd_k"):].removesuffix("_avgstate"))
+        loss = 1.0 + (0.0005 if name.endswith("_avgstate") else 0.001) * k
+        return {"final_val_loss": loss + 0.01 * math.log2(lr / BEST["localsgd_k8"]) ** 2, "samples_per_s": 100.0,
+                "history": [], "communication": {"mb_sent": 800.0 / k}}
     loss = 1.0 + 0.01 * math.log2(lr / BEST[name]) ** 2 + 0.001 * seed
     if outer is not None:
         loss += 0.02 * abs(outer[0] - 0.5) + 0.03 * (outer[1] != 0.9)
@@ -98,18 +100,22 @@ def test_gap_vs_k_reuses_the_tuned_runs_and_reports_each_k_against_ddp(sweep):
     state = {"final_val_loss": 1.02}  # an AdamW-state-averaged k=8 run already on disk
     (out / "tune" / "localsgd_k8_avgstate_lr0.006_s0.json").write_text(json.dumps(state))
     calls.clear()
-    tune_study.gap_vs_k(args, convergence_study.METHODS, [1, 8, 2])
-    # DDP and k=8 at Local SGD k=8's best lr (0.006), seed 0, were tuning runs: only k=1 and 2 ran.
-    assert calls == [("localsgd_k1", 0.006, 0, None), ("localsgd_k2", 0.006, 0, None)]
+    tune_study.gap_vs_k(args, convergence_study.METHODS, [1, 8, 2], state_ks=(2, 8))
+    # DDP and k=8 at Local SGD k=8's best lr (0.006), seed 0, were tuning runs: only k=1 and 2 ran,
+    # and k=2 with the state averaged (k=8's is on disk).
+    assert calls == [("localsgd_k1", 0.006, 0, None), ("localsgd_k2", 0.006, 0, None),
+                     ("localsgd_k2_avgstate", 0.006, 0, None)]
     report = json.loads((out / "gap_vs_k.json").read_text())
     ddp = 1.0 + 0.01 * math.log2(0.006 / 0.012) ** 2  # DDP at that lr and seed, not DDP at its best
     assert report["lr"] == 0.006 and report["ddp_final_val_loss"] == pytest.approx(ddp)
     assert list(report["k"]) == ["1", "2", "8"]
     assert report["k"]["2"]["vs_ddp"] == pytest.approx(1.002 / ddp - 1)
-    assert report["k"]["2"]["mb_sent"] == 400.0 and report["k"]["2"]["avgstate_vs_ddp"] is None
+    assert report["k"]["1"]["avgstate_vs_ddp"] is None
+    assert report["k"]["2"]["mb_sent"] == 400.0
+    assert report["k"]["2"]["avgstate_vs_ddp"] == pytest.approx(synthetic("localsgd_k2_avgstate", 0.006, 0, None)["final_val_loss"] / ddp - 1)
     assert report["k"]["8"]["vs_ddp"] == pytest.approx(1.0 / ddp - 1)  # the tuning run's loss, reused
     assert report["k"]["8"]["avgstate_vs_ddp"] == pytest.approx(1.02 / ddp - 1)
-    assert f"| 2 | 1.0020 | {1.002 / ddp - 1:+.2%} | - | 400 |" in (out / "gap_vs_k.md").read_text()
+    assert f"| 1 | 1.0010 | {1.001 / ddp - 1:+.2%} | - | 800 |" in (out / "gap_vs_k.md").read_text()
 
 
 def test_report_rewrites_the_results_so_far_and_runs_nothing(sweep):
