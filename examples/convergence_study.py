@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lrs", type=str, default="3e-3,6e-3,1.2e-2,2.4e-2", help="--tune: the starting lr grid")
     p.add_argument("--seeds", type=int, default=3, help="--tune: seeds at each method's best settings")
     p.add_argument("--outer-lrs", type=str, default="0.3,0.5,0.7,1.0", help="--tune: DiLoCo outer lrs")
-    p.add_argument("--outer-momenta", type=str, default="0.9,0.5", help="--tune: DiLoCo outer (Nesterov) momenta; the first is searched over --outer-lrs, the rest at the best outer lr")
+    p.add_argument("--outer-momenta", type=str, default="0.9,0.5", help="--tune: DiLoCo outer momenta (Nesterov; 0 is plain outer SGD); the first is searched over --outer-lrs, the rest at the best outer lr")
     p.add_argument("--report", action="store_true",
                    help="--tune: rewrite tuned.{json,md,png} from the runs already on disk, as far as the sweep "
                         "has got; run nothing")
@@ -78,7 +78,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         names.insert(0, "ddp")  # every ratio is to DDP
     args.names = names
     args.extra = [a for a in args.extra if a != "--"]
+    if args.report and not args.tune:
+        p.error("--report rewrites the tuning report: it needs --tune")
+    if args.gap_vs_k is not None and (args.tune or args.report):
+        p.error("--gap-vs-k is a mode of its own: run it without --tune/--report (it reuses the tune runs)")
+    args.gap_vs_k = _ks(p, "--gap-vs-k", args.gap_vs_k or "")
+    args.gap_state_ks = _ks(p, "--gap-state-ks", args.gap_state_ks)
+    if args.gap_state_ks and not set(args.gap_state_ks) <= set(args.gap_vs_k):
+        p.error(f"--gap-state-ks {args.gap_state_ks}: each k must also be in --gap-vs-k ({args.gap_vs_k})")
     return args
+
+
+def _ks(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    """``"1,8,64"`` -> ``[1, 8, 64]``, sorted and unique; anything but positive integers is an error."""
+    try:
+        ks = sorted({int(k) for k in text.split(",")}) if text else []
+    except ValueError:
+        p.error(f"{flag} {text!r}: expected comma-separated positive integers, e.g. 1,8,64")
+    if any(k < 1 for k in ks):
+        p.error(f"{flag} {text!r}: every k must be at least 1")
+    return ks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,8 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.gap_vs_k:
         from tune_study import gap_vs_k
 
-        gap_vs_k(args, METHODS, [int(k) for k in args.gap_vs_k.split(",")],
-                 tuple(int(k) for k in args.gap_state_ks.split(",") if k))
+        gap_vs_k(args, METHODS, args.gap_vs_k, tuple(args.gap_state_ks))
         return
     if args.tune:
         from tune_study import tune

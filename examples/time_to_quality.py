@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reuse", action="store_true", help="keep timings already in --out instead of rerunning")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--only", type=str, default=None,
-                   help="comma-separated tuned methods to time and report (DDP, the reference, always is)")
+                   help="comma-separated tuned methods to time and report (DDP, the reference, is always included); "
+                        "the report then covers these only")
     p.add_argument("--long", action="append", default=[], metavar="NAME=STEPS",
                    help="also a STEPS-step run of tuned method NAME (e.g. localsgd_k8=3600)")
     args = p.parse_args(argv)
@@ -87,13 +88,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"time_to_quality.py: skipping: {why}", file=sys.stderr)
         return
     tuned = json.loads(Path(args.tuned).read_text())
+    timeable = sorted(n for n in tuned["methods"] if n != "none")  # "none" never averages: no model to time
     only = None if args.only is None else {"ddp", *args.only.split(",")}
-    unknown = sorted((only or set()) - set(tuned["methods"]))
+    unknown = sorted((only or set()) - set(timeable))
     if unknown:
-        sys.exit(f"time_to_quality.py: --only {args.only!r}: {unknown} not in {args.tuned}; "
-                 f"tuned there: {sorted(tuned['methods'])}")
-    methods = {n: e for n, e in tuned["methods"].items()
-               if n != "none" and (only is None or n in only)}  # "none" never averages
+        sys.exit(f"time_to_quality.py: --only {args.only!r}: {unknown} cannot be timed; "
+                 f"the tuned methods in {args.tuned} that can: {timeable}")
+    methods = {n: e for n, e in tuned["methods"].items() if n in timeable and (only is None or n in only)}
+    not_timed = sorted({name for name, _ in args.long} - set(methods))
+    if not_timed:
+        sys.exit(f"time_to_quality.py: --long {not_timed}: not among the methods timed here ({sorted(methods)}); "
+                 "add them to --only")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tune_dir = Path(args.tuned).parent / "tune"

@@ -59,6 +59,11 @@ class Sweep:
         return {float(f.name[len(head):-len(tail) - 5]): json.loads(f.read_text())["final_val_loss"]
                 for f in self.dir.glob(f"{head}*{tail}.json")}
 
+    def existing(self, name: str, lr: float, seed: int, outer: tuple[float, float] | None = None) -> dict | None:
+        """The result of this setting if it has run, else None (never runs it)."""
+        json_out = self.dir / f"{self._tag(name, lr, seed, outer)}.json"
+        return json.loads(json_out.read_text()) if json_out.exists() else None
+
     def run(self, name: str, lr: float, seed: int, outer: tuple[float, float] | None = None) -> dict:
         _, flags, _ = self.methods[name]
         flags = [f.format(warmup=self.args.steps // 10) for f in flags]
@@ -105,50 +110,60 @@ def tune(args: argparse.Namespace, methods: dict) -> None:
     names = [n for n in TUNED if n in args.names] if args.only else TUNED
     # one report across both passes: the second replaces each method's entry as it gets there
     report: dict = {"steps": args.steps, "world_size": args.nproc, "methods": {}}
-    curves: dict[str, dict] = {}
-    try:
-        for seeds in sorted({min(2, args.seeds), args.seeds}):
-            _tune_pass(args, methods, sweep, names, seeds, grid, outer_lrs, outer_momenta, report, curves)
-    except NotRun as missing:  # the report so far is written; the sweep would run this next
-        print(f"--report: stopped before {missing}, the next run the sweep would make", flush=True)
+    curves: dict[str, tuple[float, dict]] = {}  # label -> (best lr, seed 0's run)
+    for seeds in sorted({min(2, args.seeds), args.seeds}):
+        _tune_pass(args, methods, sweep, names, seeds, grid, outer_lrs, outer_momenta, report, curves)
 
 
 def _tune_pass(args: argparse.Namespace, methods: dict, sweep: Sweep, names: list[str], seeds: int, grid: list[float],
-               outer_lrs: list[float], outer_momenta: list[float], report: dict, curves: dict[str, dict]) -> None:
+               outer_lrs: list[float], outer_momenta: list[float], report: dict,
+               curves: dict[str, tuple[float, dict]]) -> None:
     best_lrs: dict[str, float] = {}
     for name in names:
-        diloco = name.startswith("diloco")
-        default_outer = (0.7, 0.9) if diloco else None
-        base = IDEAS.get(name)
-        start = [best_lrs[base] * f for f in (0.5, 1, 2)] if base in best_lrs else grid
-        losses = sweep_lr(sweep, name, start, default_outer)
-        best_lr, best_outer = _best(losses), default_outer
-        best_lrs[name] = best_lr
-        entry: dict = {"label": methods[name][0]}
-        if diloco:  # the outer optimizer at the best inner lr: lr first, then momentum
-            outer_losses = {default_outer: losses[best_lr]}
-            for lr in outer_lrs:
-                outer_losses.setdefault((lr, outer_momenta[0]), sweep.run(name, best_lr, 0, (lr, outer_momenta[0]))["final_val_loss"])
-            best_olr = _best({o: v for o, v in outer_losses.items() if o[1] == outer_momenta[0]})[0]
-            for m in outer_momenta[1:]:
-                outer_losses.setdefault((best_olr, m), sweep.run(name, best_lr, 0, (best_olr, m))["final_val_loss"])
-            best_outer = _best(outer_losses)
-            entry["outer"] = {f"lr={o[0]:g},momentum={o[1]:g}": v for o, v in sorted(outer_losses.items())}
-            entry["best_outer"] = {"lr": best_outer[0], "momentum": best_outer[1], "nesterov": True}
-        per_seed = [sweep.run(name, best_lr, s, best_outer) for s in range(seeds)]
-        finals = [r["final_val_loss"] for r in per_seed]
-        lrs = {_fmt(lr): [loss] for lr, loss in sorted(losses.items())}
-        lrs[_fmt(best_lr)] = finals if best_outer == default_outer else [losses[best_lr]]
-        entry.update({"best_lr": best_lr, "lrs": lrs, "seeds": len(finals), "final_val_loss": statistics.mean(finals),
-                      "final_val_loss_per_seed": finals,
-                      "stdev": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-                      "samples_per_s": statistics.mean(r["samples_per_s"] for r in per_seed)})
-        report["methods"][name] = entry
-        curves[entry["label"]] = (best_lr, per_seed[0])
-        _write(args, report, curves)
+        try:
+            best_lrs[name] = _tune_method(args, methods, sweep, name, seeds, grid, outer_lrs, outer_momenta, best_lrs,
+                                          report, curves)
+        except NotRun as missing:  # --report: this method keeps what an earlier pass found, if anything
+            print(f"--report: {name}: {missing} has not run yet; "
+                  f"{'kept its earlier entry' if name in report['methods'] else 'left out'}", flush=True)
 
 
-def _write(args: argparse.Namespace, report: dict, curves: dict[str, dict]) -> None:
+def _tune_method(args: argparse.Namespace, methods: dict, sweep: Sweep, name: str, seeds: int, grid: list[float],
+                 outer_lrs: list[float], outer_momenta: list[float], best_lrs: dict[str, float], report: dict,
+                 curves: dict[str, tuple[float, dict]]) -> float:
+    """Tune one method (its lr, its outer optimizer, its seeds), write the report; its best lr."""
+    diloco = name.startswith("diloco")
+    default_outer = (0.7, 0.9) if diloco else None
+    base = IDEAS.get(name)
+    start = [best_lrs[base] * f for f in (0.5, 1, 2)] if base in best_lrs else grid
+    losses = sweep_lr(sweep, name, start, default_outer)
+    best_lr, best_outer = _best(losses), default_outer
+    entry: dict = {"label": methods[name][0]}
+    if diloco:  # the outer optimizer at the best inner lr: lr first, then momentum
+        outer_losses = {default_outer: losses[best_lr]}
+        for lr in outer_lrs:
+            outer_losses.setdefault((lr, outer_momenta[0]), sweep.run(name, best_lr, 0, (lr, outer_momenta[0]))["final_val_loss"])
+        best_olr = _best({o: v for o, v in outer_losses.items() if o[1] == outer_momenta[0]})[0]
+        for m in outer_momenta[1:]:
+            outer_losses.setdefault((best_olr, m), sweep.run(name, best_lr, 0, (best_olr, m))["final_val_loss"])
+        best_outer = _best(outer_losses)
+        entry["outer"] = {f"lr={o[0]:g},momentum={o[1]:g}": v for o, v in sorted(outer_losses.items())}
+        entry["best_outer"] = {"lr": best_outer[0], "momentum": best_outer[1], "nesterov": best_outer[1] > 0}
+    per_seed = [sweep.run(name, best_lr, s, best_outer) for s in range(seeds)]
+    finals = [r["final_val_loss"] for r in per_seed]
+    lrs = {_fmt(lr): [loss] for lr, loss in sorted(losses.items())}
+    lrs[_fmt(best_lr)] = finals if best_outer == default_outer else [losses[best_lr]]
+    entry.update({"best_lr": best_lr, "lrs": lrs, "seeds": len(finals), "final_val_loss": statistics.mean(finals),
+                  "final_val_loss_per_seed": finals,
+                  "stdev": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                  "samples_per_s": statistics.mean(r["samples_per_s"] for r in per_seed)})
+    report["methods"][name] = entry
+    curves[entry["label"]] = (best_lr, per_seed[0])
+    _write(args, report, curves)
+    return best_lr
+
+
+def _write(args: argparse.Namespace, report: dict, curves: dict[str, tuple[float, dict]]) -> None:
     """Rewritten after every method, so a stopped sweep still leaves its results so far."""
     out = Path(args.out)
     (out / "tuned.json").write_text(json.dumps(report, indent=1))
@@ -184,12 +199,17 @@ def _write(args: argparse.Namespace, report: dict, curves: dict[str, dict]) -> N
 def gap_vs_k(args: argparse.Namespace, methods: dict, ks: list[int], state_ks: tuple[int, ...] = ()) -> None:
     """Where the gap to DDP comes from: plain Local SGD at each ``k``, seed 0, at Local SGD k=8's tuned lr.
 
-    ``k=1`` averages after every step, so its gap is not drift: it is each replica's AdamW
-    normalising its own (4x noisier) gradient. The rest of the curve is what longer local
-    phases add. ``state_ks``: also run these k with the AdamW state averaged at rounds (any such
-    run already on disk is shown too). Writes ``<out>/gap_vs_k.{json,md,png}``.
+    ``k=1`` averages after every step, so replicas never drift: its gap is what per-replica
+    AdamW (each normalising its own, noisier gradient) costs or gains against DDP's one AdamW
+    on the mean gradient. The rest of the curve is what longer local phases add. ``state_ks``:
+    also run these k with the AdamW state averaged at rounds (such runs already on disk are
+    shown for every k). Writes ``<out>/gap_vs_k.{json,md,png}``.
     """
-    tuned = json.loads((Path(args.out) / "tuned.json").read_text())["methods"]
+    tuned_json = Path(args.out) / "tuned.json"
+    tuned = json.loads(tuned_json.read_text())["methods"] if tuned_json.exists() else {}
+    if "localsgd_k8" not in tuned:
+        sys.exit(f"--gap-vs-k runs at Local SGD k=8's tuned lr, and {tuned_json} has none yet: "
+                 "run `convergence_study.py --tune --only localsgd_k8` first")
     lr = tuned["localsgd_k8"]["best_lr"]
     methods = dict(methods)
     for k in ks:
@@ -201,19 +221,17 @@ def gap_vs_k(args: argparse.Namespace, methods: dict, ks: list[int], state_ks: t
     rows, report = [], {"lr": lr, "seed": 0, "ddp_final_val_loss": ddp["final_val_loss"], "k": {}}
     for k in sorted(ks):
         run = sweep.run(f"localsgd_k{k}", lr, 0)
-        if k in state_ks:
-            sweep.run(f"localsgd_k{k}_avgstate", lr, 0)
+        state = sweep.run(f"localsgd_k{k}_avgstate", lr, 0) if k in state_ks else sweep.existing(f"localsgd_k{k}_avgstate", lr, 0)
         gap = run["final_val_loss"] / ddp["final_val_loss"] - 1
-        state = sweep.dir / f"localsgd_k{k}_avgstate_lr{_fmt(lr)}_s0.json"
-        state_gap = json.loads(state.read_text())["final_val_loss"] / ddp["final_val_loss"] - 1 if state.exists() else None
+        state_gap = None if state is None else state["final_val_loss"] / ddp["final_val_loss"] - 1
         report["k"][k] = {"final_val_loss": run["final_val_loss"], "vs_ddp": gap, "avgstate_vs_ddp": state_gap,
                           "mb_sent": (run.get("communication") or {}).get("mb_sent")}
         rows.append([str(k), f"{run['final_val_loss']:.4f}", f"{gap:+.2%}", "-" if state_gap is None else f"{state_gap:+.2%}",
                      "-" if report["k"][k]["mb_sent"] is None else f"{report['k'][k]['mb_sent']:.0f}"])
-    none = sweep.dir / f"none_lr{_fmt(lr)}_s0.json"
-    if none.exists():
-        report["none_vs_ddp"] = json.loads(none.read_text())["final_val_loss"] / ddp["final_val_loss"] - 1
-        rows.append(["never (no communication)", "-", f"{report['none_vs_ddp']:+.2%}", "-", "0"])
+    none = sweep.existing("none", lr, 0)
+    if none is not None:
+        report["none_vs_ddp"] = none["final_val_loss"] / ddp["final_val_loss"] - 1
+        rows.append(["never (no communication)", f"{none['final_val_loss']:.4f}", f"{report['none_vs_ddp']:+.2%}", "-", "0"])
     out = Path(args.out)
     title = f"gap to DDP against k: {args.nproc} ranks, {args.steps} steps, lr {lr:g} (Local SGD k=8's best), seed 0"
     table = markdown_table(["k", "final val loss", "vs DDP (same lr, seed)", "with AdamW state averaged",

@@ -18,15 +18,12 @@ OuterFactory = Callable[[list[torch.Tensor]], Optimizer]
 
 
 def diloco(lr: float = 0.7, momentum: float = 0.9) -> OuterFactory:
-    """DiLoCo's outer optimizer: Nesterov SGD on the pseudo-gradient.
+    """DiLoCo's outer optimizer: Nesterov SGD on the pseudo-gradient (plain SGD at ``momentum=0``).
 
     Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language Models"
     (2023, https://arxiv.org/abs/2311.08105), use lr 0.7 and momentum 0.9 with AdamW inside.
-    ``momentum=0`` is plain SGD on the pseudo-gradient (Nesterov needs a momentum).
     """
-    if not 0 <= momentum < 1:
-        raise ValueError(f"diloco(momentum={momentum!r}): the outer momentum must be in [0, 1); "
-                         "DiLoCo uses 0.9, and 0 gives plain outer SGD")
+    _check_momentum("diloco", momentum, "DiLoCo uses 0.9")
     return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
 
 
@@ -38,7 +35,14 @@ def slowmo(lr: float = 1.0, momentum: float = 0.5) -> OuterFactory:
     (their alpha; the inner-LR scaling of their formulation folded in) and slow momentum
     ``momentum`` (their beta).
     """
+    _check_momentum("slowmo", momentum, "SlowMo uses 0.5 to 0.8")
     return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)
+
+
+def _check_momentum(preset: str, momentum: float, usual: str) -> None:
+    if not 0 <= momentum < 1:
+        raise ValueError(f"{preset}(momentum={momentum!r}): the outer momentum must be in [0, 1); "
+                         f"{usual}, and 0 gives plain outer SGD")
 
 
 def flat_clone(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -103,9 +103,10 @@ def test_single_worker_diloco_applies_the_outer_step():
 
 def test_outer_optimizer_bad_input():
     ps = make_model().parameters
-    for momentum in (1.0, -0.1):
-        with pytest.raises(ValueError, match=rf"diloco\(momentum={momentum}\): the outer momentum must be in \[0, 1\)"):
-            diloco(momentum=momentum)
+    for preset in (diloco, slowmo):
+        for momentum in (1.0, -0.1):
+            with pytest.raises(ValueError, match=rf"{preset.__name__}\(momentum={momentum}\): the outer momentum must be in \[0, 1\)"):
+                preset(momentum=momentum)
     assert diloco(momentum=0)([nn.Parameter(torch.ones(2))]).defaults["nesterov"] is False
     with pytest.raises(TypeError, match="outer_optimizer must be a callable.*got str"):
         LocalSGDOptimizer(torch.optim.SGD(ps(), lr=0.1), k=4, outer_optimizer="diloco")

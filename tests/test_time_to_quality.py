@@ -38,7 +38,7 @@ def _curve(final: float) -> dict:
 
 @pytest.fixture
 def study(monkeypatch, tmp_path):
-    finals = {"ddp": 1.0, "localsgd_k8": 0.9, "localsgd_k32_warmup": 1.2}
+    finals = {"ddp": 1.0, "localsgd_k8": 0.9, "localsgd_k32_warmup": 1.2, "none": 1.3}
     methods = {n: {"label": n, "best_lr": 0.01} for n in finals}
     (tmp_path / "tune").mkdir()
     for name, final in finals.items():
@@ -78,5 +78,9 @@ def test_only_restricts_the_methods_and_names_unknown_ones(study):
     argv, timed, out = study
     time_to_quality.main(argv + ["--only", "localsgd_k8"])
     assert sorted(timed) == ["ddp", "localsgd_k8"]  # DDP, the reference, always
-    with pytest.raises(SystemExit, match=r"--only 'diloco_k8': \['diloco_k8'\] not in .*tuned there: \['ddp', "):
-        time_to_quality.main(argv + ["--only", "diloco_k8"])
+    for only in ("diloco_k8", "none"):
+        with pytest.raises(SystemExit, match=rf"--only '{only}': \['{only}'\] cannot be timed; .* that can: \['ddp', "):
+            time_to_quality.main(argv + ["--only", only])
+    with pytest.raises(SystemExit, match=r"--long \['localsgd_k32_warmup'\]: not among the methods timed"):
+        time_to_quality.main(argv + ["--only", "localsgd_k8", "--long", "localsgd_k32_warmup=4000"])
+    assert sorted(timed) == ["ddp", "localsgd_k8"]  # both refused before anything ran

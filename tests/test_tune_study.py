@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -100,9 +101,9 @@ def test_gap_vs_k_reuses_the_tuned_runs_and_reports_each_k_against_ddp(sweep):
     state = {"final_val_loss": 1.02}  # an AdamW-state-averaged k=8 run already on disk
     (out / "tune" / "localsgd_k8_avgstate_lr0.006_s0.json").write_text(json.dumps(state))
     calls.clear()
-    tune_study.gap_vs_k(args, convergence_study.METHODS, [1, 8, 2], state_ks=(2, 8))
+    tune_study.gap_vs_k(args, convergence_study.METHODS, [1, 2, 8], state_ks=(2,))
     # DDP and k=8 at Local SGD k=8's best lr (0.006), seed 0, were tuning runs: only k=1 and 2 ran,
-    # and k=2 with the state averaged (k=8's is on disk).
+    # and k=2 with the state averaged; k=8's averaged run was not asked for, but is on disk: shown.
     assert calls == [("localsgd_k1", 0.006, 0, None), ("localsgd_k2", 0.006, 0, None),
                      ("localsgd_k2_avgstate", 0.006, 0, None)]
     report = json.loads((out / "gap_vs_k.json").read_text())
@@ -118,15 +119,40 @@ def test_gap_vs_k_reuses_the_tuned_runs_and_reports_each_k_against_ddp(sweep):
     assert f"| 1 | 1.0010 | {1.001 / ddp - 1:+.2%} | - | 800 |" in (out / "gap_vs_k.md").read_text()
 
 
-def test_report_rewrites_the_results_so_far_and_runs_nothing(sweep):
+def test_report_rewrites_the_results_so_far_and_runs_nothing(sweep, capsys):
     args, calls, out = sweep
     args.seeds = 2
     tune_study.tune(args, convergence_study.METHODS)  # the first pass only: 2 seeds everywhere
     (out / "tuned.json").unlink()
     calls.clear()
-    args.seeds, args.report = 3, True  # the second pass would run ddp's seed 2 next
+    args.seeds, args.report = 3, True
+    for name in ("ddp", "diloco_k64"):  # the second pass has given these their third seed, not localsgd_k8
+        tune_study.Sweep(args, convergence_study.METHODS).dir.joinpath(f"{name}_lr{BEST[name]:g}_s2" + (
+            "_olr0.5_om0.9" if name == "diloco_k64" else "") + ".json").write_text(
+                json.dumps(synthetic(name, BEST[name], 2, (0.5, 0.9) if name == "diloco_k64" else None)))
     tune_study.tune(args, convergence_study.METHODS)
     assert calls == []
     report = json.loads((out / "tuned.json").read_text())
-    assert list(report["methods"]) == list(BEST)  # the first pass's entries survive the stopped second
-    assert all(e["seeds"] == 2 for e in report["methods"].values())
+    assert list(report["methods"]) == list(BEST)  # the first pass's entry stands in for the one not done
+    assert {n: e["seeds"] for n, e in report["methods"].items()} == {"ddp": 3, "localsgd_k8": 2, "diloco_k64": 3}
+    assert "--report: localsgd_k8: localsgd_k8_lr0.006_s2 has not run yet; kept its earlier entry" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--report"], "--report rewrites the tuning report: it needs --tune"),
+    (["--gap-vs-k", "1,8", "--tune"], "--gap-vs-k is a mode of its own"),
+    (["--gap-vs-k", "1,8,"], "--gap-vs-k '1,8,': expected comma-separated positive integers"),
+    (["--gap-vs-k", "0,8"], "--gap-vs-k '0,8': every k must be at least 1"),
+    (["--gap-vs-k", "1,8", "--gap-state-ks", "64"], r"--gap-state-ks \[64\]: each k must also be in --gap-vs-k \(\[1, 8\]\)"),
+    (["--gap-state-ks", "8"], r"--gap-state-ks \[8\]: each k must also be in --gap-vs-k \(\[\]\)"),
+])
+def test_study_flags_bad_combinations_are_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        convergence_study.parse_args(argv)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_gap_vs_k_without_a_tuned_local_sgd_says_what_to_run(tmp_path):
+    args = convergence_study.parse_args(["--gap-vs-k", "1,8", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"has none yet: run `convergence_study.py --tune --only localsgd_k8` first"):
+        tune_study.gap_vs_k(args, convergence_study.METHODS, args.gap_vs_k)
