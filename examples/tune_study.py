@@ -111,8 +111,24 @@ def tune(args: argparse.Namespace, methods: dict) -> None:
     # one report across both passes: the second replaces each method's entry as it gets there
     report: dict = {"steps": args.steps, "world_size": args.nproc, "methods": {}}
     curves: dict[str, tuple[float, dict]] = {}  # label -> (best lr, seed 0's run)
+    if args.only:
+        _keep_the_others(args, sweep, report, curves)
     for seeds in sorted({min(2, args.seeds), args.seeds}):
         _tune_pass(args, methods, sweep, names, seeds, grid, outer_lrs, outer_momenta, report, curves)
+
+
+def _keep_the_others(args: argparse.Namespace, sweep: Sweep, report: dict, curves: dict[str, tuple[float, dict]]) -> None:
+    """``--only``: the methods left out keep their entries from an earlier tuned.json of the same study."""
+    path = Path(args.out) / "tuned.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    if (old.get("steps"), old.get("world_size")) != (args.steps, args.nproc):
+        return
+    for name, entry in old["methods"].items():
+        report["methods"][name] = entry
+        outer = entry.get("best_outer")
+        run = sweep.existing(name, entry["best_lr"], 0, None if outer is None else (outer["lr"], outer["momentum"]))
+        if run is not None:
+            curves[entry["label"]] = (entry["best_lr"], run)
 
 
 def _tune_pass(args: argparse.Namespace, methods: dict, sweep: Sweep, names: list[str], seeds: int, grid: list[float],

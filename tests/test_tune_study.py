@@ -156,3 +156,16 @@ def test_gap_vs_k_without_a_tuned_local_sgd_says_what_to_run(tmp_path):
     args = convergence_study.parse_args(["--gap-vs-k", "1,8", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"has none yet: run `convergence_study.py --tune --only localsgd_k8` first"):
         tune_study.gap_vs_k(args, convergence_study.METHODS, args.gap_vs_k)
+
+
+def test_only_updates_its_methods_and_keeps_the_others(sweep):
+    args, calls, out = sweep
+    args.seeds = 2
+    tune_study.tune(args, convergence_study.METHODS)
+    calls.clear()
+    only = convergence_study.parse_args(["--tune", "--no-plots", "--out", str(out), "--seeds", "3", "--only", "localsgd_k8"])
+    tune_study.tune(only, convergence_study.METHODS)
+    assert calls == [("ddp", 0.012, 2, None), ("localsgd_k8", 0.006, 2, None)]  # DDP, the reference, always runs
+    report = json.loads((out / "tuned.json").read_text())
+    assert list(report["methods"]) == list(BEST)  # in the order they were, DiLoCo's entry kept as it was
+    assert {n: e["seeds"] for n, e in report["methods"].items()} == {"ddp": 3, "localsgd_k8": 3, "diloco_k64": 2}
