@@ -34,6 +34,7 @@ from pathlib import Path
 from convergence_study import METHODS
 from slow_link_study import SLOW_LINK, can_make_namespaces
 from study_common import TRAIN, finish, markdown_table, pyplot, run_logged
+from tune_study import run_tag
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _seed0(tune_dir: Path, name: str, entry: dict) -> dict:
     outer = entry.get("best_outer")
-    tag = f"{name}_lr{entry['best_lr']:g}_s0" + (f"_olr{outer['lr']:g}_om{outer['momentum']:g}" if outer else "")
+    tag = run_tag(name, entry["best_lr"], 0, outer and (outer["lr"], outer["momentum"]))
     return json.loads((tune_dir / f"{tag}.json").read_text())
 
 

@@ -34,6 +34,12 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
+def run_tag(name: str, lr: float | str, seed: int | str, outer: tuple[float, float] | None = None) -> str:
+    """A run's file name (without ``.json``) under ``<out>/tune/``."""
+    return f"{name}_lr{lr if isinstance(lr, str) else _fmt(lr)}_s{seed}" + (
+        f"_olr{_fmt(outer[0])}_om{_fmt(outer[1])}" if outer else "")
+
+
 class NotRun(Exception):
     """``--report``: a setting the sweep would run next has no result on disk yet."""
 
@@ -47,32 +53,30 @@ class Sweep:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.common = ["--steps", str(args.steps), "--eval-every", str(args.eval_every),
                        "--eval-batches", str(args.eval_batches), *args.extra]
-
-    @staticmethod
-    def _tag(name: str, lr: float | str, seed: int | str, outer: tuple[float, float] | None) -> str:
-        return f"{name}_lr{lr if isinstance(lr, str) else _fmt(lr)}_s{seed}" + (
-            f"_olr{_fmt(outer[0])}_om{_fmt(outer[1])}" if outer else "")
+        floats = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
+        self.grid, self.outer_lrs, self.outer_momenta = floats(args.lrs), floats(args.outer_lrs), floats(args.outer_momenta)
 
     def done(self, name: str, outer: tuple[float, float] | None) -> dict[float, float]:
         """Seed-0 final loss of every lr already run for this setting (an earlier, wider grid included)."""
-        head, tail = self._tag(name, "*", 0, outer).split("*")
+        head, tail = run_tag(name, "*", 0, outer).split("*")
         return {float(f.name[len(head):-len(tail) - 5]): json.loads(f.read_text())["final_val_loss"]
                 for f in self.dir.glob(f"{head}*{tail}.json")}
 
     def existing(self, name: str, lr: float, seed: int, outer: tuple[float, float] | None = None) -> dict | None:
         """The result of this setting if it has run, else None (never runs it)."""
-        json_out = self.dir / f"{self._tag(name, lr, seed, outer)}.json"
+        json_out = self.dir / f"{run_tag(name, lr, seed, outer)}.json"
         return json.loads(json_out.read_text()) if json_out.exists() else None
 
     def run(self, name: str, lr: float, seed: int, outer: tuple[float, float] | None = None) -> dict:
-        _, flags, _ = self.methods[name]
-        flags = [f.format(warmup=self.args.steps // 10) for f in flags]
-        tag = self._tag(name, lr, seed, outer)
-        json_out = self.dir / f"{tag}.json"
-        if json_out.exists():
-            return json.loads(json_out.read_text())
+        done = self.existing(name, lr, seed, outer)
+        if done is not None:
+            return done
+        tag = run_tag(name, lr, seed, outer)
         if self.args.report:
             raise NotRun(tag)
+        _, flags, _ = self.methods[name]
+        flags = [f.format(warmup=self.args.steps // 10) for f in flags]
+        json_out = self.dir / f"{tag}.json"
         more = ["--lr", repr(lr), "--seed", str(seed)]
         if outer:
             more += ["--outer-lr", repr(outer[0]), "--outer-momentum", repr(outer[1])]
@@ -104,21 +108,19 @@ def sweep_lr(sweep: Sweep, name: str, grid: list[float], outer: tuple[float, flo
 
 def tune(args: argparse.Namespace, methods: dict) -> None:
     sweep = Sweep(args, methods)
-    grid = [float(v) for v in args.lrs.split(",")]
-    outer_lrs = [float(v) for v in args.outer_lrs.split(",")]
-    outer_momenta = [float(v) for v in args.outer_momenta.split(",")]
     names = [n for n in TUNED if n in args.names] if args.only else TUNED
     # one report across both passes: the second replaces each method's entry as it gets there
     report: dict = {"steps": args.steps, "world_size": args.nproc, "methods": {}}
     curves: dict[str, tuple[float, dict]] = {}  # label -> (best lr, seed 0's run)
     if args.only:
-        _keep_the_others(args, sweep, report, curves)
+        _keep_the_others(sweep, report, curves)
     for seeds in sorted({min(2, args.seeds), args.seeds}):
-        _tune_pass(args, methods, sweep, names, seeds, grid, outer_lrs, outer_momenta, report, curves)
+        _tune_pass(sweep, names, seeds, report, curves)
 
 
-def _keep_the_others(args: argparse.Namespace, sweep: Sweep, report: dict, curves: dict[str, tuple[float, dict]]) -> None:
+def _keep_the_others(sweep: Sweep, report: dict, curves: dict[str, tuple[float, dict]]) -> None:
     """``--only``: the methods left out keep their entries from an earlier tuned.json of the same study."""
+    args = sweep.args
     path = Path(args.out) / "tuned.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     if (old.get("steps"), old.get("world_size")) != (args.steps, args.nproc):
@@ -131,30 +133,27 @@ def _keep_the_others(args: argparse.Namespace, sweep: Sweep, report: dict, curve
             curves[entry["label"]] = (entry["best_lr"], run)
 
 
-def _tune_pass(args: argparse.Namespace, methods: dict, sweep: Sweep, names: list[str], seeds: int, grid: list[float],
-               outer_lrs: list[float], outer_momenta: list[float], report: dict,
-               curves: dict[str, tuple[float, dict]]) -> None:
+def _tune_pass(sweep: Sweep, names: list[str], seeds: int, report: dict, curves: dict[str, tuple[float, dict]]) -> None:
     best_lrs: dict[str, float] = {}
     for name in names:
         try:
-            best_lrs[name] = _tune_method(args, methods, sweep, name, seeds, grid, outer_lrs, outer_momenta, best_lrs,
-                                          report, curves)
+            best_lrs[name] = _tune_method(sweep, name, seeds, best_lrs, report, curves)
         except NotRun as missing:  # --report: this method keeps what an earlier pass found, if anything
             print(f"--report: {name}: {missing} has not run yet; "
                   f"{'kept its earlier entry' if name in report['methods'] else 'left out'}", flush=True)
 
 
-def _tune_method(args: argparse.Namespace, methods: dict, sweep: Sweep, name: str, seeds: int, grid: list[float],
-                 outer_lrs: list[float], outer_momenta: list[float], best_lrs: dict[str, float], report: dict,
+def _tune_method(sweep: Sweep, name: str, seeds: int, best_lrs: dict[str, float], report: dict,
                  curves: dict[str, tuple[float, dict]]) -> float:
     """Tune one method (its lr, its outer optimizer, its seeds), write the report; its best lr."""
+    outer_lrs, outer_momenta = sweep.outer_lrs, sweep.outer_momenta
     diloco = name.startswith("diloco")
     default_outer = (0.7, 0.9) if diloco else None
     base = IDEAS.get(name)
-    start = [best_lrs[base] * f for f in (0.5, 1, 2)] if base in best_lrs else grid
+    start = [best_lrs[base] * f for f in (0.5, 1, 2)] if base in best_lrs else sweep.grid
     losses = sweep_lr(sweep, name, start, default_outer)
     best_lr, best_outer = _best(losses), default_outer
-    entry: dict = {"label": methods[name][0]}
+    entry: dict = {"label": sweep.methods[name][0]}
     if diloco:  # the outer optimizer at the best inner lr: lr first, then momentum
         outer_losses = {default_outer: losses[best_lr]}
         for lr in outer_lrs:
@@ -175,7 +174,7 @@ def _tune_method(args: argparse.Namespace, methods: dict, sweep: Sweep, name: st
                   "samples_per_s": statistics.mean(r["samples_per_s"] for r in per_seed)})
     report["methods"][name] = entry
     curves[entry["label"]] = (best_lr, per_seed[0])
-    _write(args, report, curves)
+    _write(sweep.args, report, curves)
     return best_lr
 
 

@@ -35,6 +35,7 @@ own checkpoint into one state that loads on any number of ranks.
 from __future__ import annotations
 
 import io
+import os
 from typing import Any, Sequence
 
 import torch
@@ -127,13 +128,21 @@ def load_per_rank(path_of: Any, rank: int, world: int) -> tuple[Any, int]:
     """This rank's own saved state, or, when another number of ranks saved them, their consolidation.
 
     ``path_of(r)`` is rank ``r``'s file; each holds a ``"world_size"`` entry (the number of ranks
-    that saved). Rank 0's says how many to read. Returns ``(state, saved_world_size)``.
+    that saved). Each file is read at most once: the usual resume reads only this rank's own.
+    Returns ``(state, saved_world_size)``.
     """
-    saved_world = torch.load(path_of(0), map_location="cpu", weights_only=True).get("world_size", world)
+    loaded: dict[int, Any] = {}
+
+    def load(r: int) -> Any:
+        if r not in loaded:
+            loaded[r] = torch.load(path_of(r), map_location="cpu", weights_only=True)
+        return loaded[r]
+
+    # any file names the saved world size; this rank's own exists unless the world grew
+    saved_world = load(rank if os.path.exists(path_of(rank)) else 0).get("world_size", world)
     if saved_world == world:
-        return torch.load(path_of(rank), map_location="cpu", weights_only=True), world
-    return consolidate([torch.load(path_of(r), map_location="cpu", weights_only=True)
-                        for r in range(saved_world)]), saved_world
+        return load(rank), world
+    return consolidate([load(r) for r in range(saved_world)]), saved_world
 
 
 def _merge(values: list[Any], path: tuple[Any, ...]) -> Any:

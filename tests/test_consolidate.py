@@ -160,3 +160,21 @@ def _no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         yield
+
+
+def test_load_per_rank_reads_own_file_or_consolidates_each_file_once(tmp_path, monkeypatch):
+    """Oracle: the files themselves; own file at the same world size, their plain mean otherwise."""
+    for r in range(2):
+        torch.save({"world_size": 2, "w": torch.full((3,), float(r + 1)), "step": 5}, tmp_path / f"rank{r}.pt")
+    reads, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, **kw: reads.append(f.name) or real_load(f, **kw))
+    path_of = lambda r: tmp_path / f"rank{r}.pt"  # noqa: E731
+
+    own, saved = checkpoint.load_per_rank(path_of, 1, 2)
+    assert saved == 2 and torch.equal(own["w"], torch.full((3,), 2.0))
+    assert reads == ["rank1.pt"]  # the usual resume reads this rank's own file, once
+    for rank, world in ((1, 3), (2, 3), (0, 1)):  # more ranks (rank 2 has no file), fewer ranks
+        reads.clear()
+        merged, saved = checkpoint.load_per_rank(path_of, rank, world)
+        assert saved == 2 and torch.equal(merged["w"], torch.full((3,), 1.5)) and merged["step"] == 5
+        assert sorted(reads) == ["rank0.pt", "rank1.pt"]  # each saved file once
