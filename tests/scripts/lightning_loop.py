@@ -1,11 +1,11 @@
 """Local SGD under PyTorch Lightning's DDP strategy on 2 CPU processes (Lightning launches them).
 
-    python lightning_loop.py OUT_DIR full      # 3 epochs, then the same run as a bare loop
-    python lightning_loop.py OUT_DIR first     # 1 epoch, then trainer.save_checkpoint
+    python lightning_loop.py OUT_DIR full      # 3 epochs (checkpointed after the first), then a bare loop
     python lightning_loop.py OUT_DIR resume    # resume that checkpoint to 3 epochs
 
 Each rank writes its final parameters, step count and (full) the bare loop's parameters
-to OUT_DIR/<phase>_rank<r>.pt.
+to OUT_DIR/<phase>_rank<r>.pt, and (full) the step count saved in the checkpoint to
+OUT_DIR/first_rank<r>.pt.
 """
 
 import sys
@@ -57,6 +57,18 @@ class Module(pl.LightningModule):
         return DataLoader(dataset(), batch_size=BATCH, shuffle=False)
 
 
+class SaveAfterFirstEpoch(pl.Callback):
+    """trainer.save_checkpoint at the end of epoch 0, mid-period for k=4 (10 steps)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def on_train_epoch_end(self, trainer, module):
+        if trainer.current_epoch == 0:
+            trainer.save_checkpoint(self.out / "first.ckpt")
+            torch.save({"num_steps": trainer.optimizers[0].num_steps}, self.out / f"first_rank{trainer.global_rank}.pt")
+
+
 def bare_loop(epochs, rank, world):
     net = make_net()
     model = DDP(net)
@@ -78,13 +90,12 @@ def bare_loop(epochs, rank, world):
 def main():
     out, phase = Path(sys.argv[1]), sys.argv[2]
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=1 if phase == "first" else 3,
-                         callbacks=[LocalSGDCallback()], logger=False, enable_checkpointing=False,
+    saver = [SaveAfterFirstEpoch(out)] if phase == "full" else []
+    trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=3,
+                         callbacks=[LocalSGDCallback(), *saver], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     module = Module()
     trainer.fit(module, ckpt_path=str(out / "first.ckpt") if phase == "resume" else None)
-    if phase == "first":
-        trainer.save_checkpoint(out / "first.ckpt")
     rank, world = trainer.global_rank, trainer.world_size
     result = {"params": [p.detach().clone() for p in module.net.parameters()],
               "num_steps": trainer.optimizers[0].num_steps}
