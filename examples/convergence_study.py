@@ -68,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "writes <out>/gap_vs_k.{json,md,png}, reusing <out>/tune/ runs")
     p.add_argument("--gap-state-ks", type=str, default="", metavar="K,K,...",
                    help="--gap-vs-k: also run these k with the AdamW state averaged at rounds")
+    p.add_argument("--gap-vs-steps", type=str, default=None, metavar="N,N,...",
+                   help="diagnostic: DDP and each method (--only; default localsgd_k8,diloco_k64) at its tuned "
+                        "settings, seed 0, as runs of N steps each (needs a tuned.json); writes "
+                        "<out>/gap_vs_steps.{json,md,png}, reusing <out>/tune/ runs for N = --steps")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train_charlm.py flags for every run")
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(METHODS)
@@ -82,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--report rewrites the tuning report: it needs --tune")
     if args.gap_vs_k is not None and (args.tune or args.report):
         p.error("--gap-vs-k is a mode of its own: run it without --tune/--report (it reuses the tune runs)")
+    if args.gap_vs_steps is not None and (args.tune or args.report or args.gap_vs_k is not None):
+        p.error("--gap-vs-steps is a mode of its own: run it without --tune/--report/--gap-vs-k")
+    args.gap_vs_steps = _ks(p, "--gap-vs-steps", args.gap_vs_steps or "")
+    args.horizon_names = [n for n in names if n != "ddp"] if args.only else ["localsgd_k8", "diloco_k64"]
     args.gap_vs_k = _ks(p, "--gap-vs-k", args.gap_vs_k or "")
     args.gap_state_ks = _ks(p, "--gap-state-ks", args.gap_state_ks)
     if args.gap_state_ks and not set(args.gap_state_ks) <= set(args.gap_vs_k):
@@ -96,7 +104,7 @@ def _ks(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
     except ValueError:
         p.error(f"{flag} {text!r}: expected comma-separated positive integers, e.g. 1,8,64")
     if any(k < 1 for k in ks):
-        p.error(f"{flag} {text!r}: every k must be at least 1")
+        p.error(f"{flag} {text!r}: every value must be at least 1")
     return ks
 
 
@@ -106,6 +114,11 @@ def main(argv: list[str] | None = None) -> None:
         from tune_study import gap_vs_k
 
         gap_vs_k(args, METHODS, args.gap_vs_k, tuple(args.gap_state_ks))
+        return
+    if args.gap_vs_steps:
+        from tune_study import gap_vs_steps
+
+        gap_vs_steps(args, METHODS, args.gap_vs_steps, args.horizon_names)
         return
     if args.tune:
         from tune_study import tune

@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from study_common import TRAIN, finish, markdown_table, plot_curves, pyplot, run_logged
 
@@ -47,11 +48,14 @@ class NotRun(Exception):
 class Sweep:
     """Runs (or reuses) one training run per setting; every result is a JSON file."""
 
-    def __init__(self, args: argparse.Namespace, methods: dict) -> None:
+    def __init__(self, args: argparse.Namespace, methods: dict, steps: int | None = None) -> None:
+        """``steps``: runs of another length than ``--steps`` (the horizon study), kept apart in
+        ``<out>/horizon/steps<N>/``, since a run's tag does not name its length."""
         self.args, self.methods = args, methods
-        self.dir = Path(args.out) / "tune"
+        self.steps = args.steps if steps is None else steps
+        self.dir = Path(args.out) / ("tune" if self.steps == args.steps else f"horizon/steps{self.steps}")
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.common = ["--steps", str(args.steps), "--eval-every", str(args.eval_every),
+        self.common = ["--steps", str(self.steps), "--eval-every", str(args.eval_every),
                        "--eval-batches", str(args.eval_batches), *args.extra]
         floats = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
         self.grid, self.outer_lrs, self.outer_momenta = floats(args.lrs), floats(args.outer_lrs), floats(args.outer_momenta)
@@ -75,7 +79,7 @@ class Sweep:
         if self.args.report:
             raise NotRun(tag)
         _, flags, _ = self.methods[name]
-        flags = [f.format(warmup=self.args.steps // 10) for f in flags]
+        flags = [f.format(warmup=self.steps // 10) for f in flags]
         json_out = self.dir / f"{tag}.json"
         more = ["--lr", repr(lr), "--seed", str(seed)]
         if outer:
@@ -211,6 +215,17 @@ def _write(args: argparse.Namespace, report: dict, curves: dict[str, tuple[float
     finish(plt, fig, ax, out / "tuned_lr.png")
 
 
+def _tuned(args: argparse.Namespace, names: list[str], why: str) -> dict:
+    """tuned.json's methods; exits saying what to run first when one of ``names`` is not tuned yet."""
+    tuned_json = Path(args.out) / "tuned.json"
+    tuned = json.loads(tuned_json.read_text())["methods"] if tuned_json.exists() else {}
+    missing = [n for n in names if n not in tuned]
+    if missing:
+        sys.exit(f"{why}, and {tuned_json} has none yet for {', '.join(missing)}: "
+                 f"run `convergence_study.py --tune --only {','.join(missing)}` first")
+    return tuned
+
+
 def gap_vs_k(args: argparse.Namespace, methods: dict, ks: list[int], state_ks: tuple[int, ...] = ()) -> None:
     """Where the gap to DDP comes from: plain Local SGD at each ``k``, seed 0, at Local SGD k=8's tuned lr.
 
@@ -220,12 +235,7 @@ def gap_vs_k(args: argparse.Namespace, methods: dict, ks: list[int], state_ks: t
     also run these k with the AdamW state averaged at rounds (such runs already on disk are
     shown for every k). Writes ``<out>/gap_vs_k.{json,md,png}``.
     """
-    tuned_json = Path(args.out) / "tuned.json"
-    tuned = json.loads(tuned_json.read_text())["methods"] if tuned_json.exists() else {}
-    if "localsgd_k8" not in tuned:
-        sys.exit(f"--gap-vs-k runs at Local SGD k=8's tuned lr, and {tuned_json} has none yet: "
-                 "run `convergence_study.py --tune --only localsgd_k8` first")
-    lr = tuned["localsgd_k8"]["best_lr"]
+    lr = _tuned(args, ["localsgd_k8"], "--gap-vs-k runs at Local SGD k=8's tuned lr")["localsgd_k8"]["best_lr"]
     methods = dict(methods)
     for k in ks:
         methods.setdefault(f"localsgd_k{k}", (f"Local SGD k={k}", ["--method", "localsgd", "--k", str(k)], None))
@@ -247,28 +257,74 @@ def gap_vs_k(args: argparse.Namespace, methods: dict, ks: list[int], state_ks: t
     if none is not None:
         report["none_vs_ddp"] = none["final_val_loss"] / ddp["final_val_loss"] - 1
         rows.append(["never (no communication)", f"{none['final_val_loss']:.4f}", f"{report['none_vs_ddp']:+.2%}", "-", "0"])
-    out = Path(args.out)
     title = f"gap to DDP against k: {args.nproc} ranks, {args.steps} steps, lr {lr:g} (Local SGD k=8's best), seed 0"
     table = markdown_table(["k", "final val loss", "vs DDP (same lr, seed)", "with AdamW state averaged",
                             "MB sent per rank"], rows)
-    (out / "gap_vs_k.json").write_text(json.dumps(report, indent=1))
-    (out / "gap_vs_k.md").write_text(f"{title}\n\n{table}")
+
+    def draw(ax) -> None:
+        ks_run = sorted(report["k"])
+        ax.plot(ks_run, [100 * report["k"][k]["vs_ddp"] for k in ks_run], marker="o", label="Local SGD")
+        with_state = [k for k in ks_run if report["k"][k]["avgstate_vs_ddp"] is not None]
+        if with_state:
+            ax.plot(with_state, [100 * report["k"][k]["avgstate_vs_ddp"] for k in with_state], marker="s",
+                    label="Local SGD, AdamW state averaged")
+        if "none_vs_ddp" in report:
+            ax.axhline(100 * report["none_vs_ddp"], color="grey", linestyle="--", label="no communication")
+        ax.set_xscale("log", base=2)
+
+    _write_gap(args, "gap_vs_k", report, title, table, "k (optimizer steps between averaging rounds)", draw)
+
+
+def _write_gap(args: argparse.Namespace, stem: str, report: dict, title: str, table: str, xlabel: str,
+               draw: Callable[[Any], None]) -> None:
+    """``<out>/<stem>.{json,md}``, the table printed, and ``<stem>.png``: ``draw(ax)`` plots the
+    gaps (in %) on axes that get the zero line, the labels and the title."""
+    out = Path(args.out)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{stem}.md").write_text(f"{title}\n\n{table}")
     print(f"\n{title}\n\n{table}", flush=True)
     if args.no_plots:
         return
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    ks_run = sorted(report["k"])
-    ax.plot(ks_run, [100 * report["k"][k]["vs_ddp"] for k in ks_run], marker="o", label="Local SGD")
-    with_state = [k for k in ks_run if report["k"][k]["avgstate_vs_ddp"] is not None]
-    if with_state:
-        ax.plot(with_state, [100 * report["k"][k]["avgstate_vs_ddp"] for k in with_state], marker="s",
-                label="Local SGD, AdamW state averaged")
-    if "none_vs_ddp" in report:
-        ax.axhline(100 * report["none_vs_ddp"], color="grey", linestyle="--", label="no communication")
+    draw(ax)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("k (optimizer steps between averaging rounds)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("final val loss above DDP's (%)")
     ax.set_title(title, fontsize=9)
-    finish(plt, fig, ax, out / "gap_vs_k.png")
+    finish(plt, fig, ax, out / f"{stem}.png")
+
+def gap_vs_steps(args: argparse.Namespace, methods: dict, horizons: list[int], names: list[str]) -> None:
+    """The gap to DDP against the horizon: each method and DDP at their tuned settings, seed 0, as
+    complete runs of each length (the cosine schedule spans the run).
+
+    A gap that shrinks as the runs get longer is one that more steps (more rounds) would close.
+    The settings were tuned at ``--steps``; at other lengths they are not re-tuned. Runs of
+    ``--steps`` are the tuning runs; the others go to ``<out>/horizon/steps<N>/``. Writes
+    ``<out>/gap_vs_steps.{json,md,png}``.
+    """
+    tuned = _tuned(args, ["ddp", *names], "--gap-vs-steps runs each method at its tuned settings")
+    outer = {n: None if "best_outer" not in tuned[n] else (tuned[n]["best_outer"]["lr"], tuned[n]["best_outer"]["momentum"])
+             for n in names}
+    report: dict = {"seed": 0, "settings": {n: {"lr": tuned[n]["best_lr"], "outer": outer.get(n)} for n in ["ddp", *names]},
+                    "steps": {}}
+    rows = []
+    for steps in horizons:
+        sweep = Sweep(args, methods, steps)
+        ddp = sweep.run("ddp", tuned["ddp"]["best_lr"], 0)["final_val_loss"]
+        at = report["steps"][steps] = {"ddp_final_val_loss": ddp, "methods": {}}
+        for name in names:
+            loss = sweep.run(name, tuned[name]["best_lr"], 0, outer[name])["final_val_loss"]
+            at["methods"][name] = {"final_val_loss": loss, "vs_ddp": loss / ddp - 1}
+        rows.append([str(steps), f"{ddp:.4f}", *(f"{m['final_val_loss']:.4f} ({m['vs_ddp']:+.2%})" for m in at["methods"].values())])
+    title = (f"gap to DDP against the run's length: {args.nproc} ranks, seed 0, each method at the settings "
+             f"tuned at {args.steps} steps")
+    labels = [methods[n][0] for n in names]
+    table = markdown_table(["steps", "DDP", *(f"{label} (vs DDP)" for label in labels)], rows)
+
+    def draw(ax) -> None:
+        for name, label in zip(names, labels):
+            ax.plot(horizons, [100 * report["steps"][s]["methods"][name]["vs_ddp"] for s in horizons], marker="o",
+                    label=label)
+
+    _write_gap(args, "gap_vs_steps", report, title, table, "optimizer steps in the run", draw)

@@ -48,6 +48,8 @@ def sweep(monkeypatch, tmp_path):
         call = (name, flag("--lr"), flag("--seed", int), outer)
         calls.append(call)
         result = synthetic(*call)
+        result["steps"] = flag("--steps", int)  # longer runs end lower, DiLoCo's faster (the horizon study)
+        result["final_val_loss"] *= (2000 / result["steps"]) ** (0.5 if name.startswith("diloco") else 0.25)
         json_out.write_text(json.dumps(result))  # what a real run leaves: reused from then on
         return result
 
@@ -142,8 +144,11 @@ def test_report_rewrites_the_results_so_far_and_runs_nothing(sweep, capsys):
     (["--report"], "--report rewrites the tuning report: it needs --tune"),
     (["--gap-vs-k", "1,8", "--tune"], "--gap-vs-k is a mode of its own"),
     (["--gap-vs-k", "1,8,"], "--gap-vs-k '1,8,': expected comma-separated positive integers"),
-    (["--gap-vs-k", "0,8"], "--gap-vs-k '0,8': every k must be at least 1"),
+    (["--gap-vs-k", "0,8"], "--gap-vs-k '0,8': every value must be at least 1"),
     (["--gap-vs-k", "1,8", "--gap-state-ks", "64"], r"--gap-state-ks \[64\]: each k must also be in --gap-vs-k \(\[1, 8\]\)"),
+    (["--gap-vs-steps", "1000", "--tune"], "--gap-vs-steps is a mode of its own"),
+    (["--gap-vs-steps", "1000", "--gap-vs-k", "1,8"], "--gap-vs-steps is a mode of its own"),
+    (["--gap-vs-steps", "0,1000"], "--gap-vs-steps '0,1000': every value must be at least 1"),
     (["--gap-state-ks", "8"], r"--gap-state-ks \[8\]: each k must also be in --gap-vs-k \(\[\]\)"),
 ])
 def test_study_flags_bad_combinations_are_clear_errors(argv, message, capsys):
@@ -154,8 +159,44 @@ def test_study_flags_bad_combinations_are_clear_errors(argv, message, capsys):
 
 def test_gap_vs_k_without_a_tuned_local_sgd_says_what_to_run(tmp_path):
     args = convergence_study.parse_args(["--gap-vs-k", "1,8", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match=r"has none yet: run `convergence_study.py --tune --only localsgd_k8` first"):
+    with pytest.raises(SystemExit, match=r"has none yet for localsgd_k8: run `convergence_study.py --tune --only localsgd_k8` first"):
         tune_study.gap_vs_k(args, convergence_study.METHODS, args.gap_vs_k)
+
+
+def test_gap_vs_steps_runs_each_length_at_the_tuned_settings(sweep):
+    args, calls, out = sweep
+    tune_study.tune(args, convergence_study.METHODS)
+    calls.clear()
+    horizon = convergence_study.parse_args(["--gap-vs-steps", "4000,1000,2000", "--no-plots", "--out", str(out)])
+    assert horizon.gap_vs_steps == [1000, 2000, 4000] and horizon.horizon_names == ["localsgd_k8", "diloco_k64"]
+    tune_study.gap_vs_steps(horizon, convergence_study.METHODS, horizon.gap_vs_steps, horizon.horizon_names)
+    # Each at its tuned lr (DiLoCo at its tuned outer optimizer), seed 0; 2000 steps were tuning runs, reused.
+    tuned = [("ddp", 0.012, 0, None), ("localsgd_k8", 0.006, 0, None), ("diloco_k64", 0.048, 0, (0.5, 0.9))]
+    assert calls == tuned * 2
+    for steps in (1000, 4000):  # the other lengths are kept apart, one folder per length
+        runs = {f.name: json.loads(f.read_text())["steps"] for f in (out / "horizon" / f"steps{steps}").glob("*.json")}
+        assert runs == {"ddp_lr0.012_s0.json": steps, "localsgd_k8_lr0.006_s0.json": steps,
+                        "diloco_k64_lr0.048_s0_olr0.5_om0.9.json": steps}
+    report = json.loads((out / "gap_vs_steps.json").read_text())
+    assert report["settings"]["diloco_k64"] == {"lr": 0.048, "outer": [0.5, 0.9]}
+    for steps in (1000, 2000, 4000):  # every method's optimum is 1.0; only the length moves them
+        at = report["steps"][str(steps)]
+        assert at["ddp_final_val_loss"] == pytest.approx((2000 / steps) ** 0.25)
+        assert at["methods"]["localsgd_k8"]["vs_ddp"] == pytest.approx(0.0)
+        assert at["methods"]["diloco_k64"]["vs_ddp"] == pytest.approx((2000 / steps) ** 0.25 - 1)
+    assert f"| 1000 | {2 ** 0.25:.4f} | {2 ** 0.25:.4f} (+0.00%) | {2 ** 0.5:.4f} ({2 ** 0.25 - 1:+.2%}) |" in (
+        out / "gap_vs_steps.md").read_text()
+
+
+def test_gap_vs_steps_without_a_tuned_method_says_what_to_run(sweep):
+    args, calls, out = sweep
+    args.seeds = 2
+    tune_study.tune(args, convergence_study.METHODS)
+    horizon = convergence_study.parse_args(["--gap-vs-steps", "1000", "--only", "localsgd_k8,none", "--out", str(out)])
+    assert horizon.horizon_names == ["localsgd_k8", "none"]
+    with pytest.raises(SystemExit, match=r"has none yet for none: run `convergence_study.py --tune --only none` first"):
+        tune_study.gap_vs_steps(horizon, convergence_study.METHODS, horizon.gap_vs_steps, horizon.horizon_names)
+    assert not (out / "horizon").exists()  # checked before anything ran
 
 
 def test_only_updates_its_methods_and_keeps_the_others(sweep):
