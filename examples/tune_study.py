@@ -192,7 +192,7 @@ def _write(args: argparse.Namespace, report: dict, curves: dict[str, tuple[float
         vs = "-" if base is None else f"{e['final_val_loss'] / base - 1:+.2%}"
         outer = e.get("best_outer")
         rows.append([e["label"], _fmt(e["best_lr"]), "-" if outer is None else f"{outer['lr']:g} / {outer['momentum']:g}",
-                     f"{e['final_val_loss']:.4f} ± {e['stdev']:.4f} ({e['seeds']} seeds)", vs,
+                     f"{e['final_val_loss']:.4f} ± {e['stdev']:.4f} ({e['seeds']} seed{'s' * (e['seeds'] > 1)})", vs,
                      ", ".join(f"{lr}: {v[0]:.4f}" for lr, v in e["lrs"].items())])
     title = f"{report['world_size']} ranks, {report['steps']} steps, each method at its own best learning rate"
     table = markdown_table(["method", "best lr", "outer lr / momentum", "final val loss", "vs tuned DDP",
