@@ -34,7 +34,7 @@ from pathlib import Path
 from convergence_study import METHODS
 from slow_link_study import SLOW_LINK, can_make_namespaces
 from study_common import TRAIN, finish, markdown_table, pyplot, run_logged
-from tune_study import run_tag
+from tune_study import best_outer, run_tag
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,9 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def tuned_flags(name: str, entry: dict, steps: int) -> list[str]:
     flags = [f.format(warmup=steps // 10) for f in METHODS[name][1]]
     flags += ["--lr", repr(entry["best_lr"])]
-    outer = entry.get("best_outer")
+    outer = best_outer(entry)
     if outer:
-        flags += ["--outer-lr", repr(outer["lr"]), "--outer-momentum", repr(outer["momentum"])]
+        flags += ["--outer-lr", repr(outer[0]), "--outer-momentum", repr(outer[1])]
     return flags
 
 
@@ -181,8 +181,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _seed0(tune_dir: Path, name: str, entry: dict) -> dict:
-    outer = entry.get("best_outer")
-    tag = run_tag(name, entry["best_lr"], 0, outer and (outer["lr"], outer["momentum"]))
+    tag = run_tag(name, entry["best_lr"], 0, best_outer(entry))
     return json.loads((tune_dir / f"{tag}.json").read_text())
 
 

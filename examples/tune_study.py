@@ -41,6 +41,12 @@ def run_tag(name: str, lr: float | str, seed: int | str, outer: tuple[float, flo
         f"_olr{_fmt(outer[0])}_om{_fmt(outer[1])}" if outer else "")
 
 
+def best_outer(entry: dict) -> tuple[float, float] | None:
+    """A tuned.json entry's outer optimizer as ``(lr, momentum)``, the form runs take; None without one."""
+    outer = entry.get("best_outer")
+    return None if outer is None else (outer["lr"], outer["momentum"])
+
+
 class NotRun(Exception):
     """``--report``: a setting the sweep would run next has no result on disk yet."""
 
@@ -131,8 +137,7 @@ def _keep_the_others(sweep: Sweep, report: dict, curves: dict[str, tuple[float, 
         return
     for name, entry in old["methods"].items():
         report["methods"][name] = entry
-        outer = entry.get("best_outer")
-        run = sweep.existing(name, entry["best_lr"], 0, None if outer is None else (outer["lr"], outer["momentum"]))
+        run = sweep.existing(name, entry["best_lr"], 0, best_outer(entry))
         if run is not None:
             curves[entry["label"]] = (entry["best_lr"], run)
 
@@ -304,10 +309,8 @@ def gap_vs_steps(args: argparse.Namespace, methods: dict, horizons: list[int], n
     ``<out>/gap_vs_steps.{json,md,png}``.
     """
     tuned = _tuned(args, ["ddp", *names], "--gap-vs-steps runs each method at its tuned settings")
-    outer = {n: None if "best_outer" not in tuned[n] else (tuned[n]["best_outer"]["lr"], tuned[n]["best_outer"]["momentum"])
-             for n in names}
-    report: dict = {"seed": 0, "settings": {n: {"lr": tuned[n]["best_lr"], "outer": outer.get(n)} for n in ["ddp", *names]},
-                    "steps": {}}
+    outer = {n: best_outer(tuned[n]) for n in ["ddp", *names]}
+    report: dict = {"seed": 0, "settings": {n: {"lr": tuned[n]["best_lr"], "outer": outer[n]} for n in outer}, "steps": {}}
     rows = []
     for steps in horizons:
         sweep = Sweep(args, methods, steps)
