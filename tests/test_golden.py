@@ -77,6 +77,19 @@ VARIANTS: dict[str, tuple[Any, dict[str, Any], bool, tuple[int, ...]]] = {
     # k=3, tau=2: launched at 3, 6, 9 and landing at 5, 8, 11; at STOP=7 a round is in flight
     "overlap_diloco_k3_t2": (_adamw, {"k": 3, "overlap_steps": 2, "outer_optimizer": diloco()}, False, (2, 3)),
     "overlap_plain_k4_t1_mix0": (_sgdm, {"k": 4, "overlap_steps": 1, "overlap_mix": 0.0}, False, (2, 3)),
+    # added for issue 23 (one layout), recorded from the code before it
+    "fragments2_k4": (_adamw, {"k": 4, "fragments": 2}, False, (2, 3)),
+    "fragments3_diloco_k6": (_adamw, {"k": 6, "fragments": 3, "outer_optimizer": diloco()}, False, (2, 3)),
+    "fragments2_overlap_k4_t1": (_sgdm, {"k": 4, "fragments": 2, "overlap_steps": 1}, False, (2, 3)),
+    "fragments2_int8_k4": (_sgdm, {"k": 4, "fragments": 2, "compression": "int8"}, False, (2, 3)),
+    "avgstate_adamw_k3": (_adamw, {"k": 3, "average_optimizer_state": True}, False, (2, 3)),
+    "avgstate_warmup2_sgdm_k3": (_sgdm, {"k": 3, "warmup_steps": 2, "average_optimizer_state": True}, False, (2, 3)),
+    "copy_engine_k3": (_adamw, {"k": 3, "flat_params": False}, False, (2, 3)),
+    "copy_engine_diloco_k3": (_adamw, {"k": 3, "flat_params": False, "outer_optimizer": diloco()}, False, (2, 3)),
+    "copy_engine_bf16_k4": (_adamw, {"k": 4, "flat_params": False, "compression": "bf16"}, False, (2, 3)),
+    "copy_engine_int8_k4": (_sgdm, {"k": 4, "flat_params": False, "compression": "int8"}, False, (2, 3)),
+    "copy_engine_overlap_k3_t2": (_adamw, {"k": 3, "flat_params": False, "overlap_steps": 2,
+                                           "outer_optimizer": diloco()}, False, (2, 3)),
 }
 CASES = [(name, world) for name, (*_, worlds) in VARIANTS.items() for world in worlds]
 
