@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -12,6 +12,7 @@ from torch import nn
 from ._buckets import BucketEngine, bucket_cap_bytes
 from ._dist import (
     AveragingRoundError,
+    LayoutMismatchError,
     LocalSGDError,
     RoundKind,
     agree_on_round,
@@ -27,12 +28,21 @@ def _averaged(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
-class Members:
-    """What a round averages, read afresh each time: the parameters, then floating buffers.
+def _trained(p: torch.Tensor) -> bool:
+    """Whether a round averages parameter ``p``: floating (or complex) and ``requires_grad``."""
+    return p.requires_grad and _averaged(p)
 
-    Parameters that are not floating-point (an ``int64`` counter with ``requires_grad=False``,
-    which torch's optimizers and DDP accept) are left alone, as integer buffers are; they still
-    count in the cross-rank layout check.
+
+class Members:
+    """What a round averages, read afresh each time: the trainable parameters, then floating buffers.
+
+    Parameters with ``requires_grad=False`` (frozen: an embedding kept fixed while the rest
+    trains) are not averaged and not sent, as torch's averagers skip parameters without
+    gradients; with ``sync_on_init`` they are broadcast once, at binding. Setting
+    ``requires_grad`` later changes what the next round averages. Parameters that are not
+    floating-point (an ``int64`` counter, necessarily frozen) are never broadcast either. Every
+    parameter, averaged or not, counts in the cross-rank layout check, with its
+    ``requires_grad`` flag, so ranks that freeze different parameters are told so.
 
     Args:
         owner: the optimizer whose current ``param_groups`` and ``state`` are read (``load_state_dict``
@@ -75,8 +85,23 @@ class Members:
         return out
 
     def params(self) -> list[torch.Tensor]:
-        """The parameters averaged: every floating-point (or complex) one, in ``param_groups`` order."""
-        return [p for group in self._owner.param_groups for p in group["params"] if _averaged(p)]
+        """The parameters averaged: every floating-point (or complex) one with ``requires_grad``,
+        in ``param_groups`` order."""
+        return [p for group in self._owner.param_groups for p in group["params"] if _trained(p)]
+
+    def frozen(self) -> list[torch.Tensor]:
+        """The floating-point (or complex) parameters with ``requires_grad=False``: broadcast at
+        binding, never averaged."""
+        return [p for group in self._owner.param_groups for p in group["params"]
+                if not p.requires_grad and _averaged(p)]
+
+    def device(self) -> torch.device | None:
+        """The device of the first tensor averaged now (``None`` if there is none); O(1) when the
+        first parameter is averaged."""
+        first = next((p for group in self._owner.param_groups for p in group["params"] if _trained(p)), None)
+        if first is None:
+            first = next((b for _, b in self.buffers()), None)
+        return first.device if first is not None else None
 
     def buffers(self) -> list[tuple[str, torch.Tensor]]:
         # Collected afresh each round: module.to() rebinds buffer objects. Integer buffers
@@ -92,7 +117,7 @@ class Members:
 
     def param_names(self) -> list[str]:
         """Names of the parameters averaged (lined up with :meth:`params`)."""
-        return [n for n, p in self._named_params() if _averaged(p)]
+        return [n for n, p in self._named_params() if _trained(p)]
 
     def names(self) -> list[str]:
         """Names lined up with :meth:`tensors` (then the optimizer state, when averaged)."""
@@ -105,12 +130,33 @@ class Members:
         """Names lined up with :meth:`layout`: every parameter, averaged or not."""
         return [n for n, _ in self._named_params()] + self.names()[len(self.param_names()):]
 
-    def layout(self) -> list[tuple]:
+    def layout(self, requires_grad: bool = True) -> list[tuple]:
         """Device, dtype and shape per tensor, and the parameters' strides: flat storage and the
         global copy keep a parameter's memory order, so ranks must agree on it for their buckets
-        to line up element for element. Every parameter counts, averaged or not."""
-        return [describe_tensor(t) + (tuple(t.stride()),) for _, t in self._named_params()] + \
-            [describe_tensor(b) for _, b in self.buffers()] + [describe_tensor(s) for _, s in self.optimizer_state()]
+        to line up element for element. Every parameter counts, averaged or not, with its
+        ``requires_grad`` flag last: it decides whether the parameter is averaged. The argument
+        ``requires_grad=False`` leaves the flag out (a difference in it is explained apart, by
+        :meth:`requires_grad_disagreement`)."""
+        params = [describe_tensor(t) + (tuple(t.stride()),) + ((t.requires_grad,) if requires_grad else ())
+                  for _, t in self._named_params()]
+        return params + [describe_tensor(b) for _, b in self.buffers()] + \
+            [describe_tensor(s) for _, s in self.optimizer_state()]
+
+    def requires_grad_disagreement(self, group: dist.ProcessGroup | None) -> str | None:
+        """A collective: the first parameter whose ``requires_grad`` differs between ranks, said
+        identically on every rank, or ``None``. Only meaningful once the layouts without the flag
+        agree (same parameters in the same order)."""
+        mine = [(n, p.requires_grad) for n, p in self._named_params()]
+        everyone: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, mine, group=group)
+        for rank, theirs in enumerate(everyone[1:], start=1):
+            for (name, a), (_, b) in zip(everyone[0], theirs):
+                if a != b:
+                    return (f"LocalSGDOptimizer: ranks disagree on which parameters are trained: {name} has "
+                            f"requires_grad={a} on rank 0, requires_grad={b} on rank {rank}. Parameters with "
+                            "requires_grad=False are not averaged, so freeze and unfreeze the same parameters "
+                            "on every rank, before the same step.")
+        return None
 
     def check_averageable(self) -> None:
         for name, p in self._named_params():
@@ -131,10 +177,12 @@ class Binding:
         settings: returns what every rank must agree on (folded into the digest).
         bucket_cap_mb: the largest bucket.
         flat_params: move the parameters into flat storage (see :class:`~localsgd_optim._flat.FlatStorage`).
+        breaks: tensor indices no bucket straddles (fragment boundaries).
     """
 
     def __init__(self, group: dist.ProcessGroup | None, world_size: int, members: Members,
-                 settings: Callable[[], dict[str, Any]], bucket_cap_mb: float, flat_params: bool = True) -> None:
+                 settings: Callable[[], dict[str, Any]], bucket_cap_mb: float, flat_params: bool = True,
+                 breaks: Sequence[int] = ()) -> None:
         members.check_averageable()  # local and before any collective: every rank raises alike
         tensors = members.tensors()
         self.group = group
@@ -142,20 +190,34 @@ class Binding:
         self.members = members
         self.settings = settings
         self.flat_params = flat_params
-        self.engine = BucketEngine(tensors, bucket_cap_bytes(bucket_cap_mb), flat_params, len(members.params()))
-        nccl = dist.get_backend(group) == "nccl"
-        # NCCL needs the tiny control tensor on the GPU
-        self.control_device = tensors[0].device if nccl and tensors else torch.device("cpu")
+        self.engine = BucketEngine(tensors, bucket_cap_bytes(bucket_cap_mb), flat_params, len(members.params()),
+                                   breaks)
+        self._nccl = dist.get_backend(group) == "nccl"
         self.digest = self._digest()
+
+    @property
+    def control_device(self) -> torch.device:
+        """Where the round's tiny control tensor lives: the CPU, except on NCCL, which needs it on
+        the GPU of the tensors averaged now (read at each call: ``model.to("cuda:1")`` after
+        binding moves it too)."""
+        device = self.members.device() if self._nccl else None
+        return device if device is not None else torch.device("cpu")
 
     def _digest(self) -> int:
         return fingerprint(self.settings(), self.members.layout())
 
     def _explain_layout(self) -> None:
-        check_ranks_agree(self.group, self.settings(), self.members.layout(), self.members.layout_names())
+        # Called on every rank alike (the digests differ): shapes, dtypes and settings first, then
+        # which parameters are frozen, the one difference check_ranks_agree would not name.
+        check_ranks_agree(self.group, self.settings(), self.members.layout(requires_grad=False),
+                          self.members.layout_names())
+        message = self.members.requires_grad_disagreement(self.group)
+        if message is not None:
+            raise LayoutMismatchError(message)
 
     def control(self, kind: RoundKind, num_steps: int, start_steps: int, prepare: Callable[[], None],
-                check_finite: bool, joined: bool = False, group: Any = None) -> int:
+                check_finite: bool, joined: bool = False, group: Any = None,
+                riders: Sequence[Any] = ()) -> int:
         """Prepare locally, then run the round's control collective; return how many ranks send data.
 
         Everything that can fail locally (re-planning, ``prepare``, the NaN scan) happens before
@@ -164,11 +226,18 @@ class Binding:
         """
         nonfinite, local_error = -1, None
         try:
-            if self.engine.refresh(self.members.tensors()) or self.members.dynamic:  # moved, rebound, new state
+            params = self.members.params()
+            # The trainable set can change (unfreezing): the parameters, and only they, may move.
+            self.engine.movable = len(params)
+            # moved, rebound, (un)frozen, new state
+            if self.engine.refresh(params + [b for _, b in self.members.buffers()]) or self.members.dynamic:
                 self.digest = self._digest()
             prepare()
             if check_finite and kind != RoundKind.BIND and not joined:
                 nonfinite = self.engine.first_nonfinite()
+                for rider in riders:  # the optimizer state: named after the engine's tensors
+                    if nonfinite < 0 and (found := rider.first_nonfinite()) >= 0:
+                        nonfinite = len(self.engine.tensors) + found
         except Exception as e:  # noqa: BLE001 - re-raised on this rank right after the gather
             local_error = e
         return agree_on_round(self.group if group is None else group, self.control_device, kind, num_steps,

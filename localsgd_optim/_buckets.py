@@ -1,7 +1,8 @@
 """The communication engine: flat, bucketed, in-place collectives over a fixed tensor list.
 
 This module knows *how* to move tensors, never *when*: the schedule lives in
-:mod:`localsgd_optim._schedule` and the optimizer wrapper composes the two.
+:mod:`localsgd_optim._schedule` and the optimizer wrapper composes the two. Where tensors
+live is :mod:`localsgd_optim._flat`'s one layout; every strategy reduces slices of it.
 """
 
 from __future__ import annotations
@@ -9,81 +10,27 @@ from __future__ import annotations
 import math
 import operator
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ._flat import FlatStorage, bucket_slices, regions
+from ._flat import FlatStorage, Span, overlapping, plan_buckets
 
-__all__ = ["Bucket", "plan_buckets", "bucket_views", "mean_op", "BucketEngine", "layout_key", "first_nonfinite"]
+__all__ = ["Bucket", "plan_buckets", "mean_op", "BucketEngine", "InFlight", "first_nonfinite", "bucket_cap_bytes", "WIDE"]
 
+#: A bucket is a :class:`~localsgd_optim._flat.Span`: a slice of a region's buffer.
+Bucket = Span
 
-@dataclass(frozen=True)
-class Bucket:
-    """A run of same-(device, dtype) tensors packed back to back into one flat buffer.
-
-    Attributes:
-        device: device of every tensor in the bucket.
-        dtype: dtype of every tensor in the bucket.
-        indices: positions of the bucket's tensors in the engine's tensor list.
-        offsets: element offset of each tensor inside the flat buffer.
-        numel: total number of elements packed.
-    """
-
-    device: torch.device
-    dtype: torch.dtype
-    indices: tuple[int, ...]
-    offsets: tuple[int, ...]
-    numel: int
-
-
-def plan_buckets(tensors: Sequence[torch.Tensor], cap_bytes: int) -> list[Bucket]:
-    """Split ``tensors`` into buckets of at most ``cap_bytes`` bytes each.
-
-    Tensors are grouped by (device, dtype) in order of first appearance and then
-    packed greedily in their original order. A tensor larger than the cap gets a
-    bucket of its own. Every tensor lands in exactly one bucket: the planner
-    advances by what it packed, never by capacity.
-
-    Args:
-        tensors: the tensors to pack; only their device, dtype and numel are read.
-        cap_bytes: the largest bucket, in bytes (>= 1).
-    """
-    if cap_bytes < 1:
-        raise ValueError(f"cap_bytes must be >= 1, got {cap_bytes!r}")
-    buckets: list[Bucket] = []
-    for region in regions(tensors):  # the (device, dtype) grouping flat storage uses
-        device, dtype = region.device, region.dtype
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        cap_elems = max(1, cap_bytes // itemsize)
-        indices: list[int] = []
-        offsets: list[int] = []
-        filled = 0
-        for i in region.indices:
-            n = tensors[i].numel()
-            if indices and filled + n > cap_elems:
-                buckets.append(Bucket(device, dtype, tuple(indices), tuple(offsets), filled))
-                indices, offsets, filled = [], [], 0
-            indices.append(i)
-            offsets.append(filled)
-            filled += n
-        if indices:
-            buckets.append(Bucket(device, dtype, tuple(indices), tuple(offsets), filled))
-    return buckets
-
-
-def bucket_views(flat: torch.Tensor, bucket: Bucket, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of ``flat`` (a bucket's buffer) shaped like the bucket's ``tensors``, at their offsets."""
-    return [flat[off:off + tensors[i].numel()].view_as(tensors[i]) for i, off in zip(bucket.indices, bucket.offsets)]
+#: Narrow dtypes a reduction accumulates in (an fp16 sum overflows at 65504 on healthy values).
+WIDE = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
 
 
 def mean_op(group: dist.ProcessGroup | None, contributors: int) -> tuple[dist.ReduceOp, int | None]:
     """How to average over ``contributors`` ranks of ``group``: ``(op, divisor)``.
 
     NCCL reduces with ``AVG`` natively when every rank contributes; gloo and MPI have no
-    ``AVG``, and ranks that joined send zeros: then ``SUM`` and divide by ``divisor``.
+    faster ``AVG``, and ranks that joined send zeros: then ``SUM`` and divide by ``divisor``.
     """
     if contributors == dist.get_world_size(group) and dist.get_backend(group) == "nccl":
         return dist.ReduceOp.AVG, None
@@ -94,92 +41,93 @@ def foreach_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     torch._foreach_copy_(dst, src)
 
 
-class _Slot:
-    """One reusable flat buffer plus the views that map a bucket's tensors onto it."""
-
-    __slots__ = ("buffer", "views")
-
-    def __init__(self, buffer: torch.Tensor) -> None:
-        self.buffer = buffer
-        # bucket position -> views of ``buffer`` shaped like that bucket's tensors
-        self.views: dict[int, list[torch.Tensor]] = {}
-
-
 # A collective takes the flat tensor to reduce and returns its async work handle.
 Collective = Callable[[torch.Tensor], "dist.Work"]
 # A finisher runs on the flat tensor after its collective completed (e.g. a scale).
 Finisher = Callable[[torch.Tensor], None]
 
-_WIDE = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
+
+class _Slots:
+    """Two reusable buffers of one (device, dtype) group: bucket ``i + 1`` is packed while ``i`` is on the wire."""
+
+    def __init__(self, numel: int, device: torch.device, dtype: torch.dtype, count: int) -> None:
+        self.buffers = [torch.empty(numel, device=device, dtype=dtype) for _ in range(count)]
+        self.free = list(range(count))
+        self._views: dict[tuple[int, int], list[torch.Tensor]] = {}  # (buffer, bucket) -> member views
+
+    def views(self, index: int, pos: int, members: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of buffer ``index`` shaped like bucket ``pos``'s ``members``, back to back (made once)."""
+        found = self._views.get((index, pos))
+        if found is None:
+            found = self._views[(index, pos)] = _views(self.buffers[index], members)
+        return found
 
 
 class BucketEngine:
     """Runs one collective per bucket over a fixed list of tensors, in place.
 
-    With ``flat_params`` (the default of :class:`~localsgd_optim.LocalSGDOptimizer`) the
-    first ``movable`` tensors (the parameters) are moved once into persistent flat storage
-    (:class:`~localsgd_optim._flat.FlatStorage`) and every bucket is a slice of it: a round
-    reduces each bucket where it lives, one collective and at most one ``div_`` per bucket,
-    nothing packed. Tensors that cannot live there (module buffers, overlapping or non-dense
-    parameters) are staged: copied into their slot of the storage before the collective and
-    back after, one ``_foreach_copy_`` per bucket each way.
+    With ``flat_params`` the first ``movable`` tensors (the parameters) are moved once into
+    persistent flat storage (:class:`~localsgd_optim._flat.FlatStorage`) and every bucket is a
+    slice of it: a round copies the staged tensors (module buffers, parameters sharing memory)
+    into their slots once, reduces each bucket where it lives, divides once per buffer and
+    copies the staged tensors back once: O(buckets) work, nothing packed.
 
-    Without it (the copy engine) tensors keep their storage: each (device, dtype) group owns
-    two persistent flat buffers (double buffering: bucket ``i + 1`` is packed while bucket
-    ``i`` is on the wire), so extra memory is at most two buckets, and results are copied
-    back. A bucket holding a single contiguous tensor is reduced in that tensor.
-
-    A wire dtype (``torch.bfloat16``) always goes through the double-buffered slots: each
-    bucket is cast into one and widened back.
+    Without it (the copy engine) tensors keep their storage: a plain round packs each bucket
+    into one of two persistent buffers per (device, dtype) (bucket ``i + 1`` is packed while
+    ``i`` is on the wire; a bucket that is one contiguous tensor sharing memory with no other
+    is reduced in that tensor). Rounds that compute on the flat layout (outer rounds, int8,
+    overlap) get a staging copy of it (:meth:`storage_for_rounds`), built once per plan.
 
     Args:
         tensors: the tensors to operate on (e.g. every parameter), in a rank-independent order.
         bucket_cap_bytes: the largest bucket, in bytes.
         flat_params: move the first ``movable`` tensors into flat storage.
         movable: how many leading tensors may be moved (default: all).
+        breaks: tensor indices no bucket straddles (fragment boundaries).
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], bucket_cap_bytes: int, flat_params: bool = False,
-                 movable: int | None = None) -> None:
+                 movable: int | None = None, breaks: Sequence[int] = ()) -> None:
         self.cap_bytes = bucket_cap_bytes
         self.flat_params = flat_params
         self.movable = len(tensors) if movable is None else movable
+        self.breaks = tuple(breaks)
         self._plan(list(tensors))
 
     def _plan(self, tensors: list[torch.Tensor]) -> None:
         # Everything is built first and assigned last: if the storage cannot be allocated (out
         # of memory), nothing has moved and the engine still describes the old plan.
-        buckets = plan_buckets(tensors, self.cap_bytes)
+        buckets = plan_buckets(tensors, self.cap_bytes, self.breaks)
         storage = FlatStorage(tensors, [i < self.movable for i in range(len(tensors))]) \
             if self.flat_params else None
         self.tensors, self.buckets, self.storage = tensors, buckets, storage
-        # Per bucket: the flat tensor reduced in place (a storage slice, or a lone contiguous
-        # tensor), or None (packed into a slot); and the staged members copied in and out of it.
-        self._direct: list[torch.Tensor | None] = (
-            list(bucket_slices(storage.buffers, storage.regions, buckets)) if storage is not None
-            else [self._lone_contiguous(b) for b in buckets])
-        self._restage()
-        # (device, tensor dtype, wire dtype or None) -> the two reusable buffers of that group
-        self._slots: dict[tuple[torch.device, torch.dtype, torch.dtype | None], list[_Slot]] = {}
-        self._flats: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
+        self._staging: FlatStorage | None = None  # the copy engine's flat layout, built on demand
+        shared = overlapping(tensors) if storage is None else set()
+        # copy engine: per bucket, the lone contiguous tensor reduced in place, or None (packed)
+        self._direct: list[torch.Tensor | None] = [
+            tensors[b.indices[0]].view(-1) if storage is None and len(b.indices) == 1
+            and b.indices[0] not in shared and tensors[b.indices[0]].is_contiguous() else None
+            for b in buckets]
+        self._slots: dict[tuple[torch.device, torch.dtype], _Slots] = {}
+        self._keys: dict[tuple[int, int], tuple[tuple, list[torch.Tensor]]] = {}
+        self._slices: dict[tuple, list[torch.Tensor]] = {}  # bucket slices, per range and buffers
+        self._stale = False
+        self._signature_now = self._signature()
 
-    def _restage(self) -> None:
-        """Which staged tensors each bucket copies in and out (flat storage only)."""
-        self._stage: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in self.buckets]
-        if self.storage is not None:
-            for (members, views), bucket in zip(self._stage, self.buckets):
-                for i in bucket.indices:
-                    if not self.storage.resident[i]:
-                        members.append(self.tensors[i])
-                        views.append(self.storage.views[i])
-        self._storage = self._signature()
+    def release(self) -> None:
+        """Drop every buffer: the tensors left the storage (``model.half()``, ``model.cpu()``).
 
-    def _lone_contiguous(self, bucket: Bucket) -> torch.Tensor | None:
-        if len(bucket.indices) == 1:
-            t = self.tensors[bucket.indices[0]]
-            if t.is_contiguous():
-                return t.view(-1)
-        return None
+        Called at the step that detects the move, so the old storage is freed then, not at the
+        next round. The next :meth:`refresh` re-plans.
+        """
+        self.storage = self._staging = None
+        self._direct = [None] * len(self.buckets)
+        self._slots, self._keys, self._slices = {}, {}, {}
+        self._stale = True
+
+    def moved_cheap(self) -> bool:
+        """Whether the whole model moved (one ``data_ptr()``: cheap enough for every step)."""
+        return self.storage is not None and self.storage.first_moved()
 
     def _only_staged_rebound(self, tensors: Sequence[torch.Tensor]) -> bool:
         """Whether ``tensors`` differs from ours only in staged tensors of the same layout (a module
@@ -193,13 +141,7 @@ class BucketEngine:
         # With flat storage only the staged tensors are read here; residents are checked by pointer.
         if self.storage is None:
             return [(t.data_ptr(), t.shape, t.dtype) for t in self.tensors]
-        return [(t.data_ptr(), t.shape, t.dtype) for members, _ in self._stage for t in members]
-
-    def prepare(self, wire_dtype: torch.dtype | None = None) -> None:
-        """Allocate every buffer a round needs now, so nothing can fail locally mid-round."""
-        for bucket, direct in zip(self.buckets, self._direct):
-            if direct is None or wire_dtype is not None:
-                self._slots_for(bucket, wire_dtype)
+        return [(t.data_ptr(), t.shape, t.dtype) for t in self.storage.staged_tensors()]
 
     def refresh(self, tensors: Sequence[torch.Tensor] | None = None) -> bool:
         """Re-plan if the tensors changed or any storage moved (``model.to(...)``, ``p.data = ...``).
@@ -208,14 +150,18 @@ class BucketEngine:
         With flat storage, re-planning moves the parameters into new storage. Returns whether
         it re-planned. Cheap: identity and ``data_ptr`` per tensor, no device work.
         """
-        if tensors is not None and (len(tensors) != len(self.tensors)
-                                    or not all(map(operator.is_, tensors, self.tensors))):
+        if self._stale:
+            self._plan(list(self.tensors if tensors is None else tensors))
+        elif tensors is not None and (len(tensors) != len(self.tensors)
+                                      or not all(map(operator.is_, tensors, self.tensors))):
             if self._only_staged_rebound(tensors):  # the parameters stay where they are
                 self.tensors = list(tensors)
-                self._restage()
+                assert self.storage is not None
+                self.storage.restage(self.tensors)
+                self._signature_now = self._signature()
                 return True
             self._plan(list(tensors))
-        elif self._signature() == self._storage and (self.storage is None or not self.storage.moved()):
+        elif self._signature() == self._signature_now and (self.storage is None or not self.storage.moved()):
             return False
         else:
             self._plan(self.tensors)
@@ -227,223 +173,303 @@ class BucketEngine:
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel * torch.empty((), dtype=b.dtype).element_size() for b in self.buckets)
+        return sum(b.numel * b.dtype.itemsize for b in self.buckets)
 
     def buffer_bytes(self) -> int:
-        """Bytes held by the persistent packing buffers (allocated at first use); not the flat storage."""
-        return sum(s.buffer.numel() * s.buffer.element_size() for ss in self._slots.values() for s in ss)
+        """Bytes held by packing buffers and the copy engine's staging copy; not the flat storage."""
+        slots = sum(b.numel() * b.element_size() for s in self._slots.values() for b in s.buffers)
+        return slots + (self._staging.nbytes if self._staging is not None else 0)
 
-    def flats(self, count: int) -> tuple[tuple, list[torch.Tensor]] | None:
-        """The flat storage of the first ``count`` tensors, one slice per region, with their layout key.
-
-        ``None`` unless all of them are resident. The key (device, dtype, shape, strides per
-        tensor) tells whether another flat layout (a global copy) matches element for element.
-        """
-        if self.storage is None or not all(self.storage.resident[:count]) or self.storage.moved():
-            return None  # (moved: until the next round re-plans, the parameters are elsewhere)
-        found = self._flats.get(count)
-        if found is None:  # computed once per plan: the key is O(tensors) to build
-            ends: dict[int, int] = {}
-            for i in range(count):
-                region, off = self.storage.where[i]
-                ends[region] = off + self.tensors[i].numel()
-            found = self._flats[count] = (layout_key(self.tensors[:count]),
-                                          [self.storage.buffers[r][:n] for r, n in sorted(ends.items())])
-        return found
-
-    def _slots_for(self, bucket: Bucket, wire_dtype: torch.dtype | None = None) -> list[_Slot]:
-        key = (bucket.device, bucket.dtype, wire_dtype)
-        slots = self._slots.get(key)
-        if slots is None:
-            # Size for the largest bucket of this group that goes through a buffer (with a
-            # wire dtype, every bucket does: the in-place path cannot change dtype).
-            sizes = [
-                b.numel for b, direct in zip(self.buckets, self._direct)
-                if (b.device, b.dtype) == key[:2] and (direct is None or wire_dtype is not None)
-            ]
-            size, count = max(sizes), min(2, len(sizes))
-            slots = [
-                _Slot(torch.empty(size, device=bucket.device, dtype=wire_dtype or bucket.dtype))
-                for _ in range(count)
-            ]
-            self._slots[key] = slots
-        return slots
-
-    def _views(self, slot: _Slot, pos: int) -> list[torch.Tensor]:
-        views = slot.views.get(pos)
-        if views is None:
-            views = slot.views[pos] = bucket_views(slot.buffer, self.buckets[pos], self.tensors)
-        return views
-
-    def _members(self, pos: int) -> list[torch.Tensor]:
-        return [self.tensors[i] for i in self.buckets[pos].indices]
-
-    def _stage_in(self, pos: int) -> None:
-        members, views = self._stage[pos]
-        if members:
-            foreach_copy(views, members)
-
-    def _stage_out(self, pos: int) -> None:
-        members, views = self._stage[pos]
-        if members:
-            foreach_copy(members, views)
-
-    # -- a bucket at a time, for benchmarks and tests (the round itself is :meth:`run`) ---------
-
-    def staged(self) -> list[int]:
-        """Positions of the buckets that copy tensors in and out (a packing buffer or staged members)."""
-        return [pos for pos, direct in enumerate(self._direct) if direct is None or self._stage[pos][0]]
+    def packed(self) -> list[int]:
+        """Positions of the buckets a plain round of the copy engine packs into a buffer (the others
+        are one contiguous tensor, reduced where it lives; with flat storage, none is packed)."""
+        return [pos for pos, direct in enumerate(self._direct) if self.storage is None and direct is None]
 
     def buffer_dtypes(self) -> list[torch.dtype]:
         """The dtypes of the packing buffers allocated so far (a wire dtype shows up here)."""
-        return sorted({s.buffer.dtype for slots in self._slots.values() for s in slots}, key=str)
+        return sorted({b.dtype for s in self._slots.values() for b in s.buffers}, key=str)
 
-    def flat(self, pos: int) -> torch.Tensor:
-        """What a collective reduces for bucket ``pos``: its storage, or its packing buffer."""
-        direct = self._direct[pos]
-        return direct if direct is not None else self._slots_for(self.buckets[pos])[0].buffer[:self.buckets[pos].numel]
+    # -- the flat layout, for rounds that compute on it ------------------------------------------
 
-    def pack(self, pos: int) -> None:
-        """Copy bucket ``pos``'s staged tensors into what :meth:`flat` returns."""
-        if self._direct[pos] is not None:
-            self._stage_in(pos)
-        else:
-            foreach_copy(self._views(self._slots_for(self.buckets[pos])[0], pos), self._members(pos))
+    def storage_for_rounds(self) -> FlatStorage:
+        """The flat storage; for the copy engine, a staging copy of the same layout (built once per plan)."""
+        if self.storage is not None:
+            return self.storage
+        if self._staging is None:
+            self._staging = FlatStorage(self.tensors, [False] * len(self.tensors))
+            self._keys.clear()
+        return self._staging
 
-    def unpack(self, pos: int, divide_by: int) -> None:
-        """Divide what :meth:`flat` returns by ``divide_by``, then copy staged tensors back out."""
-        self.flat(pos).div_(divide_by)
-        if self._direct[pos] is not None:
-            self._stage_out(pos)
-        else:
-            foreach_copy(self._members(pos), self._views(self._slots_for(self.buckets[pos])[0], pos))
+    def flats(self, lo: int = 0, hi: int | None = None) -> tuple[tuple, list[torch.Tensor]]:
+        """Per region, the slice of the flat layout holding tensors ``[lo, hi)``, with its layout key.
+
+        The key tells whether another flat layout (a global copy) lines up element for element.
+        """
+        hi = len(self.tensors) if hi is None else hi
+        found = self._keys.get((lo, hi))
+        if found is None:  # computed once per plan: O(tensors)
+            storage = self.storage_for_rounds()
+            found = self._keys[(lo, hi)] = (storage.layout.key(lo, hi), storage.layout.slices(storage.buffers, lo, hi))
+        return found
+
+    def views(self, lo: int = 0, hi: int | None = None) -> list[torch.Tensor]:
+        """Each tensor's view in the flat layout (its slot), for tensors ``[lo, hi)``."""
+        return self.storage_for_rounds().views[lo:hi]
+
+    def stage_in(self, lo: int = 0, hi: int | None = None) -> None:
+        self.storage_for_rounds().stage_in(lo, hi)
+
+    def stage_out(self, lo: int = 0, hi: int | None = None) -> None:
+        self.storage_for_rounds().stage_out(lo, hi)
+
+    def bucket_range(self, lo: int, hi: int) -> list[int]:
+        """Positions of the buckets holding tensors ``[lo, hi)`` (whole buckets: see ``breaks``)."""
+        return [pos for pos, b in enumerate(self.buckets) if lo <= b.indices[0] < hi]
+
+    def bucket_slices(self, buffers: Sequence[torch.Tensor], lo: int, hi: int) -> list[torch.Tensor]:
+        """Each bucket of ``[lo, hi)`` as a slice of ``buffers`` laid out like :meth:`flats` ``(lo, hi)``."""
+        cache = (lo, hi, *map(torch.Tensor.data_ptr, buffers))
+        found = self._slices.get(cache)
+        if found is None:  # once per plan and set of buffers
+            extent = self.storage_for_rounds().layout.extent(lo, hi)
+            base = {r: (k, a) for k, (r, a, _) in enumerate(extent)}
+            found = self._slices[cache] = []
+            for pos in self.bucket_range(lo, hi):
+                b = self.buckets[pos]
+                k, a = base[b.region]
+                found.append(buffers[k][b.start - a:b.start - a + b.numel])
+        return found
+
+    def prepare(self, wire_dtype: torch.dtype | None = None, flat: bool = False) -> None:
+        """Allocate every buffer a round needs now, so nothing can fail locally mid-round."""
+        if flat:
+            self.storage_for_rounds()
+        if wire_dtype is not None or (self.storage is None and not flat):
+            for pos in range(len(self.buckets)):
+                if wire_dtype is not None or self._direct[pos] is None:
+                    self._slots_for(self.buckets[pos], wire_dtype)
+
+    def _slots_for(self, bucket: Span, wire_dtype: torch.dtype | None = None) -> _Slots:
+        key = (bucket.device, wire_dtype or bucket.dtype)
+        slots = self._slots.get(key)
+        if slots is None:
+            # Sized for the largest bucket of this group that goes through a buffer (with a
+            # wire dtype, every bucket does: the in-place path cannot change dtype).
+            sizes = [b.numel for b, direct in zip(self.buckets, self._direct)
+                     if b.device == bucket.device and (b.dtype if wire_dtype is None else wire_dtype) == key[1]
+                     and (direct is None or wire_dtype is not None)] or [bucket.numel]
+            slots = self._slots[key] = _Slots(max(sizes), bucket.device, key[1], min(2, len(sizes)))
+        return slots
+
+    # -- the NaN scan ----------------------------------------------------------------------------
 
     @torch.no_grad()
     def first_nonfinite(self) -> int:
         """Index of this rank's first tensor holding NaN/Inf, or -1.
 
-        With flat storage, one ``sum`` per bucket (its storage slice: one memory pass, the
-        fastest reduction on CPU); with the copy engine one ``_foreach_norm`` per (device,
-        dtype) over the tensors. NaN and +-Inf propagate into either (a max would miss -Inf).
-        Narrow dtypes accumulate in fp32: an fp16 sum overflows at 65504 on healthy values.
-        One host sync per device. Only when something is not finite is the culprit looked up,
-        tensor by tensor.
+        One ``sum`` per flat buffer (a region: one memory pass, fused however many buckets it
+        has), staged tensors copied in first; the copy engine, one ``_foreach_norm`` per (device,
+        dtype). NaN and +-Inf propagate into either (a max would miss -Inf); narrow dtypes
+        accumulate in fp32. Only when something is not finite is the culprit looked up, tensor
+        by tensor (a sum that overflowed on finite values finds none: then -1).
         """
-        per_device: dict[torch.device, list[torch.Tensor]] = {}
         if self.storage is not None:
-            for pos, flat in enumerate(self._direct):
-                self._stage_in(pos)
-                per_device.setdefault(flat.device, []).append(flat.sum(dtype=_WIDE.get(flat.dtype)))  # type: ignore
+            self.storage.stage_in()
+            sums = [b.sum(dtype=WIDE.get(b.dtype)) for b in self.storage.buffers]  # type: ignore[call-overload]
         else:
             groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
             for t in self.tensors:
                 groups.setdefault((t.device, t.dtype), []).append(t)
-            for (device, dtype), ts in groups.items():
-                per_device.setdefault(device, []).extend(torch._foreach_norm(ts, 2, dtype=_WIDE.get(dtype)))
-        if all(bool(torch.stack(found).isfinite().all()) for found in per_device.values()):
+            # one value per group: a sum of norms (>= 0: no cancellation) propagates NaN and Inf
+            sums = [torch.stack(torch._foreach_norm(ts, 2, dtype=WIDE.get(dtype))).sum() for (_, dtype), ts in groups.items()]
+        if all(math.isfinite(s.item()) if not s.is_complex() else bool(s.isfinite()) for s in sums):
             return -1
         return first_nonfinite(self.tensors)
 
+    # -- a round -----------------------------------------------------------------------------------
+
     @torch.no_grad()
     def run(self, collective: Collective, finish: Finisher | None = None, divide_by: int | None = None,
-            send_zeros: bool = False, wire_dtype: torch.dtype | None = None) -> int:
-        """Apply ``collective`` (then ``finish``) to every bucket and write the results back.
+            send_zeros: bool = False, wire_dtype: torch.dtype | None = None, lo: int = 0, hi: int | None = None,
+            buffers: Sequence[torch.Tensor] | None = None) -> int:
+        """Apply ``collective`` (then ``finish``) to every bucket of tensors ``[lo, hi)``, in place.
 
         Returns the bytes handed to collectives (the payload this rank sent).
 
-        Collectives are issued asynchronously in bucket order, identically on every
-        rank, with at most two packing buffers per (device, dtype) in flight. ``divide_by``
-        divides each bucket's result with one ``div_``. ``send_zeros`` contributes zeros
-        instead of the tensors (a rank that has joined), and still receives the result.
-        ``wire_dtype`` (e.g. ``torch.bfloat16``) casts each bucket on its way into a packing
-        buffer and back: the collective moves fewer bytes, at that dtype's precision; the
+        ``buffers`` (laid out like :meth:`flats` ``(lo, hi)``: an outer round's deltas, an
+        overlapped round's in-flight copy) are reduced instead of the tensors. Without them,
+        the flat storage is reduced, its staged tensors copied in before and out after; the
+        copy engine packs. Collectives are issued asynchronously in bucket order, identically
+        on every rank. ``divide_by`` divides the result: once per flat buffer. ``send_zeros``
+        contributes zeros (a rank that has joined) and receives the result. ``wire_dtype``
+        (``torch.bfloat16``) casts each bucket on its way into a packing buffer and back; the
         division happens after widening, at full precision.
         """
-        pending: deque[tuple[int, torch.Tensor, _Slot | None, dist.Work]] = deque()
-        busy: set[int] = set()
+        hi = len(self.tensors) if hi is None else hi
+        if buffers is None and self.storage is None:
+            return self._run_packed(collective, finish, divide_by, send_zeros, wire_dtype, lo, hi)
+        own = buffers is None
+        if own:
+            buffers = self.flats(lo, hi)[1]
+            if not send_zeros:
+                self.stage_in(lo, hi)
+        assert buffers is not None
+        if send_zeros:
+            for b in buffers:
+                b.zero_()  # reduced in place: the result overwrites it anyway
+        sent = self._reduce_slices(self.bucket_slices(buffers, lo, hi), collective, finish, wire_dtype)
+        if divide_by is not None:
+            for b in buffers:
+                b.div_(divide_by)
+        if own:
+            self.stage_out(lo, hi)
+        return sent
+
+    def _reduce_slices(self, slices: list[torch.Tensor], collective: Collective, finish: Finisher | None,
+                       wire_dtype: torch.dtype | None) -> int:
+        """One collective per slice, in place, or through a packing buffer of ``wire_dtype``."""
+        pending: deque[tuple[torch.Tensor, torch.Tensor, _Slots | None, int, dist.Work]] = deque()
         sent = 0
 
         def complete_oldest() -> None:
-            pos, flat, slot, work = pending.popleft()
+            target, flat, slots, index, work = pending.popleft()
             work.wait()
             if finish is not None:
                 finish(flat)
-            direct = self._direct[pos]
-            if slot is not None and direct is not None:  # cast for the wire: widen back in place
-                direct.copy_(flat)
-                busy.discard(id(slot))
-                slot, flat = None, direct
-            if slot is None:
-                if divide_by is not None:
-                    flat.div_(divide_by)
-                self._stage_out(pos)
-                return
-            members, views = self._members(pos), self._views(slot, pos)
-            if slot.buffer.dtype == self.buckets[pos].dtype:
-                if divide_by is not None:
-                    flat.div_(divide_by)
-                foreach_copy(members, views)
-            else:  # a narrower wire dtype: widen first, divide at full precision
-                foreach_copy(members, views)
-                if divide_by is not None:
-                    torch._foreach_div_(members, divide_by)
-            busy.discard(id(slot))
+            if slots is not None:
+                target.copy_(flat)  # widen back in place
+                slots.free.append(index)
 
         try:
-            for pos, bucket in enumerate(self.buckets):
-                direct = self._direct[pos]
-                if direct is not None and not send_zeros:
-                    self._stage_in(pos)
-                if direct is not None and wire_dtype is None:
-                    flat, slot = direct, None
-                    if send_zeros:
-                        flat.zero_()  # reduced in place: the result overwrites it anyway
-                else:
-                    slots = self._slots_for(bucket, wire_dtype)
-                    while all(id(s) in busy for s in slots):
+            for target in slices:
+                slots = index = None
+                flat = target
+                if wire_dtype is not None:
+                    slots = self._slots_for(Span(target.device, target.dtype, (), (), target.numel()), wire_dtype)
+                    while not slots.free:
                         complete_oldest()
-                    slot = next(s for s in slots if id(s) not in busy)
-                    busy.add(id(slot))
-                    flat = slot.buffer[:bucket.numel]
-                    if send_zeros:
-                        flat.zero_()
-                    elif direct is not None:
-                        flat.copy_(direct)
-                    else:
-                        foreach_copy(self._views(slot, pos), self._members(pos))
-                pending.append((pos, flat, slot, collective(flat)))
+                    index = slots.free.pop(0)
+                    flat = slots.buffers[index][:target.numel()]
+                    flat.copy_(target)
+                pending.append((target, flat, slots, index or 0, collective(flat)))
                 sent += flat.numel() * flat.element_size()
             while pending:
                 complete_oldest()
             return sent
         finally:
-            # On an error, let in-flight collectives finish before the buffers are reused.
-            for _, _, _, work in pending:
-                try:
-                    work.wait()
-                except Exception:  # noqa: BLE001 - the first error is the one to report
-                    pass
+            _drain(pending)
+
+    def _run_packed(self, collective: Collective, finish: Finisher | None, divide_by: int | None,
+                    send_zeros: bool, wire_dtype: torch.dtype | None, lo: int, hi: int) -> int:
+        """The copy engine's round: each bucket packed into a double buffer (or reduced in its lone tensor)."""
+        pending: deque[tuple[int, list[torch.Tensor], torch.Tensor, _Slots | None, int, dist.Work]] = deque()
+        sent = 0
+
+        def complete_oldest() -> None:
+            pos, members, flat, slots, index, work = pending.popleft()
+            work.wait()
+            if finish is not None:
+                finish(flat)
+            if slots is None:
+                if divide_by is not None:
+                    flat.div_(divide_by)
+                return
+            views = slots.views(index, pos, members)
+            if flat.dtype == members[0].dtype and divide_by is not None:
+                flat.div_(divide_by)
+            foreach_copy(members, views)
+            if flat.dtype != members[0].dtype and divide_by is not None:  # widened first: divide at full precision
+                torch._foreach_div_(members, divide_by)
+            slots.free.append(index)
+
+        try:
+            for pos in self.bucket_range(lo, hi):
+                bucket, direct = self.buckets[pos], self._direct[pos]
+                members = [self.tensors[i] for i in bucket.indices]
+                slots, index = None, 0
+                if direct is not None and wire_dtype is None:
+                    flat = direct
+                    if send_zeros:
+                        flat.zero_()
+                else:
+                    slots = self._slots_for(bucket, wire_dtype)
+                    while not slots.free:
+                        complete_oldest()
+                    index = slots.free.pop(0)
+                    flat = slots.buffers[index][:bucket.numel]
+                    if send_zeros:
+                        flat.zero_()
+                    else:
+                        foreach_copy(slots.views(index, pos, members), members)
+                pending.append((pos, members, flat, slots, index, collective(flat)))
+                sent += flat.numel() * flat.element_size()
+            while pending:
+                complete_oldest()
+            return sent
+        finally:
+            _drain(pending)
 
     def all_reduce_mean(self, group: dist.ProcessGroup | None, world_size: int,
                         contributors: int | None = None, send_zeros: bool = False,
-                        wire_dtype: torch.dtype | None = None) -> int:
-        """Replace every tensor by its mean across the ranks of ``group``; return the bytes sent.
+                        wire_dtype: torch.dtype | None = None, lo: int = 0, hi: int | None = None,
+                        buffers: Sequence[torch.Tensor] | None = None) -> int:
+        """Replace tensors ``[lo, hi)`` (or ``buffers``) by their mean across ``group``; return the bytes sent.
 
-        With ``contributors < world_size`` (ranks that joined send zeros), the sum is
-        divided by the number of contributors instead.
+        The one SUM-then-divide of the package. With ``contributors < world_size`` (ranks that
+        joined send zeros), the sum is divided by the number of contributors instead.
         """
         op, divisor = mean_op(group, world_size if contributors is None else contributors)
-        return self.run(lambda flat: dist.all_reduce(flat, op, group, async_op=True),
-                 divide_by=divisor, send_zeros=send_zeros, wire_dtype=wire_dtype)
+        return self.run(lambda flat: dist.all_reduce(flat, op, group, async_op=True), divide_by=divisor,
+                        send_zeros=send_zeros, wire_dtype=wire_dtype, lo=lo, hi=hi, buffers=buffers)
+
+    def start_mean(self, group: dist.ProcessGroup | None, world_size: int, contributors: int,
+                   buffers: Sequence[torch.Tensor], lo: int, hi: int) -> "InFlight":
+        """Phase one of a two-phase mean of ``buffers`` (laid out like :meth:`flats` ``(lo, hi)``):
+        one asynchronous all-reduce per bucket; :meth:`InFlight.wait` completes and divides."""
+        op, divisor = mean_op(group, contributors)
+        slices = self.bucket_slices(buffers, lo, hi)
+        works = [dist.all_reduce(s, op, group, async_op=True) for s in slices]
+        return InFlight(works, list(buffers), divisor, sum(s.numel() * s.element_size() for s in slices))
 
     def broadcast(self, src: int, group: dist.ProcessGroup | None) -> int:
         """Overwrite every tensor with its value on global rank ``src``."""
         return self.run(lambda flat: dist.broadcast(flat, src, group, async_op=True))
 
 
-def layout_key(tensors: Sequence[torch.Tensor]) -> tuple:
-    """What two flat layouts must share to line up element for element."""
-    return tuple((t.device, t.dtype, t.shape, t.stride()) for t in tensors)
+class InFlight:
+    """An overlapped mean on the wire: :meth:`wait` completes its collectives and divides, once."""
+
+    __slots__ = ("works", "buffers", "divisor", "sent")
+
+    def __init__(self, works: list, buffers: list[torch.Tensor], divisor: int | None, sent: int) -> None:
+        self.works, self.buffers, self.divisor, self.sent = works, buffers, divisor, sent
+
+    @torch.no_grad()
+    def wait(self) -> None:
+        works, self.works = self.works, []
+        for w in works:
+            w.wait()
+        if works and self.divisor not in (None, 1):
+            for b in self.buffers:
+                b.div_(self.divisor)
+
+
+def _views(flat: torch.Tensor, members: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of a packing buffer shaped like ``members``, back to back."""
+    out, off = [], 0
+    for t in members:
+        out.append(flat[off:off + t.numel()].view(t.shape))
+        off += t.numel()
+    return out
+
+
+def _drain(pending: deque) -> None:
+    """On an error, let in-flight collectives finish before their buffers are reused."""
+    for *_, work in pending:
+        try:
+            work.wait()
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            pass
 
 
 @torch.no_grad()
@@ -453,7 +479,7 @@ def first_nonfinite(tensors: Sequence[torch.Tensor]) -> int:
     A sum propagates NaN and +-Inf (a max would miss -Inf).
     """
     for i, t in enumerate(tensors):
-        if not bool(t.sum(dtype=_WIDE.get(t.dtype)).isfinite()):
+        if not bool(t.sum(dtype=WIDE.get(t.dtype)).isfinite()):
             return i
     return -1
 

@@ -131,10 +131,6 @@ def _check_optimizer(optimizer: Any) -> None:
             "optimizer must be a torch.optim.Optimizer instance, e.g. "
             f"torch.optim.AdamW(model.parameters()), got {type(optimizer).__name__}: {optimizer!r}"
         )
-    from .optimizer import LocalSGDOptimizer  # imported here: the optimizer module imports this one
-
-    if isinstance(optimizer, LocalSGDOptimizer):
-        raise TypeError("optimizer is already a LocalSGDOptimizer; wrap the inner optimizer once")
 
 
 def _check_compression(optimizer: Optimizer, compression: Any, buffers: Any) -> None:

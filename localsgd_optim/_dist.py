@@ -21,6 +21,7 @@ __all__ = [
     "fingerprint",
     "check_ranks_agree",
     "agree_on_round",
+    "all_gather_into",
 ]
 
 
@@ -157,14 +158,39 @@ def agree_on_round(
     the NaN message (called only then, identically everywhere). A rank that has run out
     of data under :class:`~torch.distributed.algorithms.Join` says ``joined``.
 
+    On torch's fake process group (backend ``"fake"``, from
+    ``torch.testing._internal.distributed.fake_pg``; ``python -m localsgd_optim.bench
+    --fake-world N`` uses it), collectives move nothing, so a gathered table would be
+    garbage. A fake group has no peers: every rank is this one. The table is then this
+    rank's own row repeated world-size times and no collective is issued; the row still
+    goes to ``device`` and back, as with NCCL, and the verdict is the same code. Such a
+    table always agrees with itself, so only this rank's own NaN or local error can raise.
+
     Returns:
         The number of ranks that are still training (not joined).
     """
     row = [kind, num_steps, start_steps, digest, nonfinite, int(joined), int(local_error is not None)]
     mine = torch.tensor(row, dtype=torch.int64, device=device)
-    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(table, mine, group=group)
-    return _verdict(torch.stack(table).cpu().tolist(), explain_layout, names, local_error)
+    world = dist.get_world_size(group)
+    if _is_fake(group):
+        own = mine.cpu().tolist()
+        return _verdict([list(own) for _ in range(world)], explain_layout, names, local_error)
+    table = mine.new_empty(world * len(row))  # one gather into one tensor: no per-rank outputs, no stack
+    all_gather_into(table, mine, group)
+    flat = table.cpu().tolist()
+    return _verdict([flat[r * len(row):(r + 1) * len(row)] for r in range(world)], explain_layout, names, local_error)
+
+
+def all_gather_into(out: torch.Tensor, mine: torch.Tensor, group: dist.ProcessGroup | None,
+                     async_op: bool = False) -> Any:
+    """``all_gather_into_tensor`` under the name this torch prefers (2.13 deprecates the old one)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(out, mine, group=group, async_op=async_op)
+
+
+def _is_fake(group: dist.ProcessGroup | None) -> bool:
+    """Whether ``group`` is torch's fake process group (no peers, collectives move nothing)."""
+    return dist.get_backend(group) == "fake"
 
 
 def _verdict(rows: list[list[int]], explain_layout: Any, names: Any, local_error: BaseException | None) -> int:

@@ -1,9 +1,12 @@
-"""Persistent flat storage: tensors moved once into one contiguous buffer per (device, dtype).
+"""One layout: tensors laid back to back in one flat buffer per (device, dtype), buckets as slices.
 
-After the move every resident tensor's ``.data`` is a view of its region's buffer with the
-tensor's own shape and strides (channels_last stays channels_last), so a round reduces a
-bucket where it lives: a slice of that buffer. Megatron-LM's ``ParamAndGradBuffer`` does the
-same for its distributed optimizer, DDP's ``gradient_as_bucket_view`` for gradients.
+Every strategy asks this one index map for "the bytes of these tensors": the engine's
+persistent storage (parameters moved in once, Megatron-LM's ``ParamAndGradBuffer`` does the
+same), the global copy of an outer optimizer, an overlapped round's in-flight buffer, int8's
+residuals. A :class:`Span` is a run of same-(device, dtype) tensors: a *region* (a whole
+buffer) or a *bucket* (a slice of one). Inside a buffer a tensor that is dense keeps its own
+strides (channels_last stays channels_last); one that is not, or that is not resident
+(staged: a module buffer, a parameter sharing memory with another), gets a contiguous slot.
 """
 
 from __future__ import annotations
@@ -13,19 +16,21 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["Region", "regions", "dense", "strided_views", "bucket_slices", "overlapping", "FlatStorage"]
+__all__ = ["Span", "regions", "plan_buckets", "dense", "overlapping", "Layout", "FlatStorage", "rebase"]
 
 
 @dataclass(frozen=True)
-class Region:
-    """The tensors of one (device, dtype), laid out back to back in list order.
+class Span:
+    """Same-(device, dtype) tensors laid back to back: a whole region's buffer, or a bucket of it.
 
     Attributes:
-        device: device of every tensor in the region.
-        dtype: dtype of every tensor in the region.
-        indices: positions of the region's tensors in the tensor list.
-        offsets: element offset of each tensor in the region's buffer.
+        device: device of every tensor in the span.
+        dtype: dtype of every tensor in the span.
+        indices: positions of the span's tensors in the tensor list.
+        offsets: element offset of each tensor from the span's start.
         numel: total number of elements.
+        region: index of the region (buffer) the span lies in.
+        start: element offset of the span in its region's buffer (0 for a region).
     """
 
     device: torch.device
@@ -33,25 +38,66 @@ class Region:
     indices: tuple[int, ...]
     offsets: tuple[int, ...]
     numel: int
+    region: int = 0
+    start: int = 0
+
+    def of(self, buffers: Sequence[torch.Tensor]) -> torch.Tensor:
+        """This span's slice of ``buffers`` (one per region)."""
+        return buffers[self.region][self.start:self.start + self.numel]
 
 
-def regions(tensors: Sequence[torch.Tensor]) -> list[Region]:
-    """Group ``tensors`` by (device, dtype) in order of first appearance; offsets follow list order.
-
-    :func:`localsgd_optim._buckets.plan_buckets` groups the same way, so every bucket is a
-    contiguous slice of its region.
-    """
+def regions(tensors: Sequence[torch.Tensor]) -> list[Span]:
+    """Group ``tensors`` by (device, dtype) in order of first appearance; offsets follow list order."""
     members: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
         members.setdefault((t.device, t.dtype), []).append(i)
     out = []
-    for (device, dtype), indices in members.items():
+    for r, ((device, dtype), indices) in enumerate(members.items()):
         offsets, filled = [], 0
         for i in indices:
             offsets.append(filled)
             filled += tensors[i].numel()
-        out.append(Region(device, dtype, tuple(indices), tuple(offsets), filled))
+        out.append(Span(device, dtype, tuple(indices), tuple(offsets), filled, r))
     return out
+
+
+def plan_buckets(tensors: Sequence[torch.Tensor], cap_bytes: int, breaks: Sequence[int] = ()) -> list[Span]:
+    """Split each region of ``tensors`` into buckets of at most ``cap_bytes`` bytes, in list order.
+
+    A tensor larger than the cap gets a bucket of its own. Every tensor lands in exactly one
+    bucket (the planner advances by what it packed, never by capacity), and a region's buckets
+    tile its buffer in order. No bucket holds tensors from both sides of an index in ``breaks``
+    (a fragment boundary), so any ``[lo, hi)`` range between breaks is a run of whole buckets.
+
+    Args:
+        tensors: the tensors to pack; only their device, dtype and numel are read.
+        cap_bytes: the largest bucket, in bytes (>= 1).
+        breaks: tensor indices that start a new bucket.
+    """
+    if cap_bytes < 1:
+        raise ValueError(f"cap_bytes must be >= 1, got {cap_bytes!r}")
+    cuts = set(breaks)
+    buckets: list[Span] = []
+    for region in regions(tensors):
+        cap_elems = max(1, cap_bytes // torch.empty((), dtype=region.dtype).element_size())
+        run: list[tuple[int, int]] = []  # (index, offset in the region) of the open bucket
+        filled = 0
+        for i, off in zip(region.indices, region.offsets):
+            n = tensors[i].numel()
+            if run and (filled + n > cap_elems or i in cuts or any(run[-1][0] < c <= i for c in cuts)):
+                buckets.append(_bucket(region, run, filled))
+                run, filled = [], 0
+            run.append((i, off))
+            filled += n
+        if run:
+            buckets.append(_bucket(region, run, filled))
+    return buckets
+
+
+def _bucket(region: Span, run: list[tuple[int, int]], numel: int) -> Span:
+    start = run[0][1]
+    return Span(region.device, region.dtype, tuple(i for i, _ in run), tuple(off - start for _, off in run),
+                numel, region.region, start)
 
 
 def dense(t: torch.Tensor) -> bool:
@@ -66,27 +112,8 @@ def dense(t: torch.Tensor) -> bool:
     return True
 
 
-def strided_views(buffer: torch.Tensor, region: Region, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Views of ``buffer`` at the region's offsets with each tensor's shape, and its strides if it
-    is dense (a tensor that is not gets a contiguous view)."""
-    return [buffer.as_strided(tensors[i].shape, tensors[i].stride(), buffer.storage_offset() + off)
-            if dense(tensors[i]) else buffer[off:off + tensors[i].numel()].view(tensors[i].shape)
-            for i, off in zip(region.indices, region.offsets)]
-
-
-def bucket_slices(buffers: Sequence[torch.Tensor], regions: Sequence[Region], buckets: Sequence) -> list[torch.Tensor]:
-    """Each bucket's slice of its region's buffer (``plan_buckets`` groups like :func:`regions`,
-    so a region's buckets tile its buffer in order)."""
-    where = {i: (r, off) for r, region in enumerate(regions) for i, off in zip(region.indices, region.offsets)}
-    out = []
-    for bucket in buckets:
-        r, start = where[bucket.indices[0]]
-        out.append(buffers[r][start:start + bucket.numel])
-    return out
-
-
 def overlapping(tensors: Sequence[torch.Tensor]) -> set[int]:
-    """Indices of the tensors whose memory overlaps another's in the list (e.g. one a slice of another)."""
+    """Indices of the tensors whose memory overlaps another's in the list (a view, or the same tensor twice)."""
     spans: dict[tuple[torch.device, int], list[tuple[int, int, int]]] = {}
     for i, t in enumerate(tensors):
         if t.numel() == 0:
@@ -106,42 +133,138 @@ def overlapping(tensors: Sequence[torch.Tensor]) -> set[int]:
     return out
 
 
-class FlatStorage:
-    """One contiguous buffer per (device, dtype) region holding ``tensors``.
-
-    The ``movable`` tensors that are dense and overlap no other become *resident*: their
-    values are copied into the buffer once and their ``.data`` rebound to a view of it that
-    keeps their strides; from then on the buffer *is* their storage. The others (floating
-    buffers, overlapping or non-dense parameters) are *staged*: they keep their storage and
-    each round copies them into their slot (:attr:`views`, contiguous) and back.
+class Layout:
+    """Where each tensor of a list lives in flat buffers: the one index map every strategy uses.
 
     Args:
         tensors: the tensors, in a rank-independent order.
-        movable: per tensor, whether it may be moved (parameters yes, module buffers no).
+        movable: per tensor, whether it may live in the buffer (parameters yes, module buffers
+            no). A movable tensor that is dense and overlaps no other is *resident*: its view keeps
+            its strides. The others are *staged*: a contiguous slot they are copied into and out of.
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], movable: Sequence[bool]) -> None:
         self.regions = regions(tensors)
         shared = overlapping(tensors)
         self.resident = [m and i not in shared and dense(t) for i, (t, m) in enumerate(zip(tensors, movable))]
-        self.views: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+        self.shapes = [(t.shape, t.stride() if res and t.numel() else None) for t, res in zip(tensors, self.resident)]
         #: per tensor, (region index, element offset in the region's buffer)
         self.where: list[tuple[int, int]] = [(0, 0)] * len(tensors)
+        for region in self.regions:
+            for i, off in zip(region.indices, region.offsets):
+                self.where[i] = (region.region, off)
+
+    def allocate(self) -> list[torch.Tensor]:
+        """Fresh (uninitialized) buffers, one per region."""
+        return [torch.empty(r.numel, device=r.device, dtype=r.dtype) for r in self.regions]
+
+    def views(self, buffers: Sequence[torch.Tensor], lo: int = 0, hi: int | None = None) -> list[torch.Tensor]:
+        """Each tensor's view of ``buffers``: its shape, and its strides if resident."""
+        out = []
+        for i in range(lo, len(self.where) if hi is None else hi):
+            r, off = self.where[i]
+            shape, stride = self.shapes[i]
+            buf = buffers[r]
+            n = shape.numel()
+            out.append(buf.as_strided(shape, stride, buf.storage_offset() + off) if stride is not None
+                       else buf[off:off + n].view(shape))
+        return out
+
+    def extent(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """``(region, start, end)`` per region holding tensors ``[lo, hi)``, in region order.
+
+        Tensors of one region lie in list order, so a contiguous index range is one slice of each.
+        """
+        ends: dict[int, list[int]] = {}
+        for i in range(lo, hi):
+            r, off = self.where[i]
+            n = self.shapes[i][0].numel()
+            if r in ends:
+                ends[r][1] = off + n
+            else:
+                ends[r] = [off, off + n]
+        return [(r, a, b) for r, (a, b) in sorted(ends.items())]
+
+    def slices(self, buffers: Sequence[torch.Tensor], lo: int, hi: int) -> list[torch.Tensor]:
+        """Per region, the slice of ``buffers`` holding tensors ``[lo, hi)``."""
+        return [buffers[r][a:b] for r, a, b in self.extent(lo, hi)]
+
+    def key(self, lo: int, hi: int) -> tuple:
+        """What another layout must share to line up with tensors ``[lo, hi)`` element for element."""
+        base = {r: a for r, a, _ in self.extent(lo, hi)}
+        return tuple((self.where[i][0], self.where[i][1] - base[self.where[i][0]], self.shapes[i])
+                     for i in range(lo, hi))
+
+
+def rebase(views: Sequence[torch.Tensor], old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The views ``views`` of buffers ``old``, re-made on buffers ``new`` of the same sizes."""
+    where = {b.untyped_storage().data_ptr(): (b, n) for b, n in zip(old, new)}
+    out = []
+    for v in views:
+        b, n = where[v.untyped_storage().data_ptr()]
+        out.append(n.as_strided(v.shape, v.stride(), n.storage_offset() + v.storage_offset() - b.storage_offset()))
+    return out
+
+
+class FlatStorage:
+    """The buffers of a :class:`Layout`, holding ``tensors``.
+
+    Resident tensors are copied into the buffers once and their ``.data`` rebound to their
+    view: from then on the buffer *is* their storage. Staged tensors keep their storage and a
+    round copies them into their slot (:meth:`stage_in`) and back (:meth:`stage_out`), once
+    per round each, so tensors that share memory all read their values before any is written.
+
+    Args:
+        tensors: the tensors, in a rank-independent order.
+        movable: per tensor, whether it may be moved (``False`` everywhere: a staging copy that
+            moves nothing, for the copy engine's outer rounds).
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], movable: Sequence[bool]) -> None:
+        self.layout = layout = Layout(tensors, movable)
+        self.resident = layout.resident
         # every buffer first: running out of memory here leaves every tensor where it was
-        self.buffers = [torch.empty(r.numel, device=r.device, dtype=r.dtype) for r in self.regions]
+        self.buffers = layout.allocate()
+        self.views = layout.views(self.buffers)
         with torch.no_grad():
-            for r, (region, buffer) in enumerate(zip(self.regions, self.buffers)):
-                for i, off, view in zip(region.indices, region.offsets, strided_views(buffer, region, tensors)):
-                    t = tensors[i]
-                    self.where[i] = (r, off)
-                    if self.resident[i]:
-                        view.copy_(t)
-                        t.data = view  # the one move: same Parameter object, new storage
-                    else:
-                        view = buffer[off:off + t.numel()].view(t.shape)  # a contiguous slot
-                    self.views[i] = view
+            for t, view, res in zip(tensors, self.views, self.resident):
+                if res:
+                    view.copy_(t)
+                    t.data = view  # the one move: same Parameter object, new storage
         self._residents = [t for t, res in zip(tensors, self.resident) if res]
         self._ptrs = list(map(torch.Tensor.data_ptr, self._residents))
+        self._staged: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._tensors = list(tensors)
+
+    def restage(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Staged tensors were rebound (a module buffer reassigned): stage the new objects."""
+        self._tensors = list(tensors)
+        self._staged.clear()
+
+    def _pairs(self, lo: int, hi: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        found = self._staged.get((lo, hi))
+        if found is None:
+            found = self._staged[(lo, hi)] = (
+                [t for t, res in zip(self._tensors[lo:hi], self.resident[lo:hi]) if not res],
+                [v for v, res in zip(self.views[lo:hi], self.resident[lo:hi]) if not res])
+        return found
+
+    @torch.no_grad()
+    def stage_in(self, lo: int = 0, hi: int | None = None) -> None:
+        """Copy the staged tensors of ``[lo, hi)`` into their slots (one ``_foreach_copy_``)."""
+        members, slots = self._pairs(lo, len(self._tensors) if hi is None else hi)
+        if members:
+            torch._foreach_copy_(slots, members)
+
+    @torch.no_grad()
+    def stage_out(self, lo: int = 0, hi: int | None = None) -> None:
+        """Copy the slots of the staged tensors of ``[lo, hi)`` back out (one ``_foreach_copy_``)."""
+        members, slots = self._pairs(lo, len(self._tensors) if hi is None else hi)
+        if members:
+            torch._foreach_copy_(members, slots)
+
+    def staged_tensors(self) -> list[torch.Tensor]:
+        return self._pairs(0, len(self._tensors))[0]
 
     def moved(self) -> bool:
         """Whether a resident tensor left the storage (``model.to()``, ``.double()``, ``p.data = ...``).
@@ -149,6 +272,13 @@ class FlatStorage:
         One ``data_ptr()`` per tensor, mapped in C: about 30 us for 576 parameters.
         """
         return list(map(torch.Tensor.data_ptr, self._residents)) != self._ptrs
+
+    def first_moved(self) -> bool:
+        """Whether the first resident tensor left: one ``data_ptr()``, cheap enough for every step.
+
+        ``model.to()`` and ``model.half()`` move every parameter, the first included.
+        """
+        return bool(self._residents) and self._residents[0].data_ptr() != self._ptrs[0]
 
     @property
     def nbytes(self) -> int:

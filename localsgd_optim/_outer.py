@@ -7,11 +7,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.optim import Optimizer
 
-from ._buckets import BucketEngine, foreach_copy, layout_key
-from ._flat import regions, strided_views
+from ._buckets import foreach_copy
+from ._flat import Layout, rebase
 from ._state import check_optimizer_state, check_tensor_list
 
-__all__ = ["OuterFactory", "OuterState", "flat_clone", "diloco", "slowmo"]
+__all__ = ["OuterFactory", "OuterState", "check_trainable_count", "diloco", "slowmo"]
 
 #: Builds the outer optimizer over the global copies of the parameters.
 OuterFactory = Callable[[list[torch.Tensor]], Optimizer]
@@ -45,37 +45,44 @@ def _check_momentum(preset: str, momentum: float, usual: str) -> None:
                          f"{usual}, and 0 gives plain outer SGD")
 
 
-def flat_clone(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Copies of ``tensors`` laid out as flat storage lays them out: one buffer per (device, dtype).
-
-    Returns the per-tensor views (with the tensors' strides; contiguous for a tensor that is
-    not dense) and the buffers.
-    """
-    views: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
-    buffers = []
-    with torch.no_grad():
-        for region in regions(tensors):
-            buffer = torch.empty(region.numel, device=region.device, dtype=region.dtype)
-            buffers.append(buffer)
-            for i, view in zip(region.indices, strided_views(buffer, region, tensors)):
-                views[i] = view.copy_(tensors[i])
-    return views, buffers
+def check_trainable_count(built_for: int, now: int) -> None:
+    """Per-parameter state built for ``built_for`` parameters cannot serve ``now`` (frozen or unfrozen since)."""
+    if now != built_for:
+        raise ValueError(
+            f"the number of trainable (requires_grad=True) parameters changed from {built_for} to {now} since "
+            "construction; outer_optimizer, compression, overlap_steps and fragments keep per-parameter state "
+            "(a global copy, fragment bounds) and need that set fixed: construct LocalSGDOptimizer after "
+            "freezing or unfreezing parameters"
+        )
 
 
 class OuterState:
-    """The global parameters and the outer optimizer stepping them.
+    """The global parameters and the outer optimizer stepping them, on the flat layout.
 
-    A round: each parameter becomes, in place, its pseudo-gradient ``global - local``
-    (:meth:`to_deltas`); the engine averages those; :meth:`apply` hands the mean to the
-    outer optimizer as the global copy's ``.grad`` (aliased, not copied), steps it, and
-    writes the global copy back into the parameters. With ``SGD(lr=1.0)`` the result is
-    the plain average.
+    A round (:class:`~localsgd_optim.rounds.outer.OuterRound`) works on the parameters' flat
+    slices (``flats``: the engine's storage, or the copy engine's staging copy): each becomes,
+    in place, its pseudo-gradient ``global - local`` (:meth:`to_deltas`: one op per flat
+    buffer); the engine averages those; :meth:`apply` hands the mean to the outer optimizer as
+    the global copy's ``.grad`` (views, not copies), steps it, and writes the global copy back.
+    With ``SGD(lr=1.0)`` the result is the plain average. The global copy is laid out like the
+    engine's slices (:meth:`follow` re-lays it out if they differ), so every operation is one
+    op per buffer, and parameters that share memory are computed on once.
+
+    Args:
+        params: the parameters (a fragment's, for streaming rounds).
+        factory: builds the outer optimizer over the global copies.
+        flat_params: lay the copy out as flat storage will (strides kept), or as the copy engine's
+            staging copy (contiguous slots).
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], factory: OuterFactory) -> None:
-        self.globals, self.flat = flat_clone(params)
-        self.key = layout_key(params)
-        self._matched: tuple | None = None  # the engine layout key last found to match ours
+    def __init__(self, params: Sequence[torch.Tensor], factory: OuterFactory, flat_params: bool = True) -> None:
+        layout = Layout(params, [flat_params] * len(params))
+        self.flat = layout.allocate()
+        self.globals = layout.views(self.flat)
+        with torch.no_grad():
+            foreach_copy(self.globals, list(params))
+        self.globals = [g.detach() for g in self.globals]
+        self.key = layout.key(0, len(params))
         self.optimizer = factory(self.globals)
         if not isinstance(self.optimizer, Optimizer):
             raise TypeError(
@@ -83,53 +90,43 @@ class OuterState:
                 f"localsgd_optim.diloco(); it returned {type(self.optimizer).__name__}"
             )
 
-    def flats(self, engine: BucketEngine | None) -> list[torch.Tensor] | None:
-        """The parameters' flat storage, if it lines up with the global copy's element for element.
-
-        Then the per-round work is one op per region instead of one ``_foreach`` over tensors.
-        """
-        found = engine.flats(len(self.globals)) if engine is not None else None
-        if found is None:
-            return None
-        key, flats = found
-        if key is not self._matched:
-            if key != self.key:
-                return None
-            self._matched = key
-        return flats
-
     @torch.no_grad()
-    def reset(self, params: Sequence[torch.Tensor], engine: BucketEngine | None = None) -> None:
-        """Take the current parameters as the global copy (after warmup, or at binding)."""
-        flats = self.flats(engine)
-        if flats is not None:
-            foreach_copy(self.flat, flats)
-        else:
-            foreach_copy(self.globals, list(params))
-
-    @torch.no_grad()
-    def reset_params(self, params: Sequence[torch.Tensor], engine: BucketEngine | None = None) -> None:
-        """Undo a failed round: put the global copy (identical on every rank) back in the model."""
-        flats = self.flats(engine)
-        if flats is not None:
-            foreach_copy(flats, self.flat)
-        else:
-            foreach_copy(list(params), self.globals)
-
-    @torch.no_grad()
-    def to_deltas(self, params: Sequence[torch.Tensor], engine: BucketEngine | None = None) -> None:
-        """Each parameter becomes, in place, its pseudo-gradient ``global - p``."""
-        flats = self.flats(engine)
-        if flats is not None:
-            for g, p in zip(self.flat, flats):
-                torch.sub(g, p, out=p)
+    def follow(self, key: tuple, flats: Sequence[torch.Tensor], views: Sequence[torch.Tensor]) -> None:
+        """Lay the global copy out like ``flats`` (the engine's slices, ``views`` its tensors' views in
+        them), unless it already is. The global tensors keep their identity (the outer optimizer's
+        parameters): only their ``.data`` moves."""
+        if key == self.key:
             return
-        params = list(params)
-        torch._foreach_neg_(params)
-        torch._foreach_add_(params, self.globals)  # p <- global - p, no allocation
+        new = [torch.empty_like(f) for f in flats]
+        for g, view in zip(self.globals, rebase(views, flats, new)):
+            view.copy_(g)
+            g.data = view
+        self.flat, self.key = new, key
+
+    @torch.no_grad()
+    def take(self, params: Sequence[torch.Tensor]) -> None:
+        """Take the parameters, tensor by tensor, as the global copy (not bound yet, or a checkpoint
+        without outer state)."""
+        foreach_copy(self.globals, list(params))
+
+    @torch.no_grad()
+    def reset(self, flats: Sequence[torch.Tensor]) -> None:
+        """Take the parameters' flat slices as the global copy (after warmup, or at binding)."""
+        foreach_copy(self.flat, list(flats))
+
+    @torch.no_grad()
+    def reset_params(self, flats: Sequence[torch.Tensor]) -> None:
+        """Write the global copy (identical on every rank) into the parameters' flat slices."""
+        foreach_copy(list(flats), self.flat)
+
+    @torch.no_grad()
+    def to_deltas(self, flats: Sequence[torch.Tensor], out: Sequence[torch.Tensor] | None = None) -> None:
+        """``global - p`` per flat buffer, in place (or into ``out``, laid out alike)."""
+        for g, p, o in zip(self.flat, flats, flats if out is None else out):
+            torch.sub(g, p, out=o)
 
     def step(self, mean_deltas: Sequence[torch.Tensor]) -> None:
-        """One outer step with the mean pseudo-gradients as the global copy's ``.grad``."""
+        """One outer step with the mean pseudo-gradients (per tensor) as the global copy's ``.grad``."""
         for g, d in zip(self.globals, mean_deltas):
             g.grad = d.detach()
         try:
@@ -139,29 +136,30 @@ class OuterState:
                 g.grad = None
 
     @torch.no_grad()
-    def apply(self, mean_deltas: Sequence[torch.Tensor], engine: BucketEngine | None = None) -> None:
-        """Outer step, then the new global copy replaces the parameters (which held the means)."""
+    def apply(self, flats: Sequence[torch.Tensor], mean_deltas: Sequence[torch.Tensor]) -> None:
+        """Outer step, then the new global copy replaces the parameters' flat slices (which held the means)."""
         self.step(mean_deltas)
-        self.reset_params(mean_deltas, engine)
+        self.reset_params(flats)
 
     @torch.no_grad()
-    def mix_into(self, params: Sequence[torch.Tensor], weight: float, engine: BucketEngine | None = None) -> None:
+    def mix_into(self, flats: Sequence[torch.Tensor], weight: float) -> None:
         """``p <- p + weight * (global - p)``: keep ``1 - weight`` of the local progress."""
-        flats = self.flats(engine)
-        if flats is not None:
-            for p, g in zip(flats, self.flat):
-                p.lerp_(g, weight)
-        else:
-            torch._foreach_lerp_(list(params), self.globals, weight)
+        for p, g in zip(flats, self.flat):
+            p.lerp_(g, weight)
 
     def step_alone(self, params: Sequence[torch.Tensor]) -> None:
         """A round in a world of one: the mean pseudo-gradient is this worker's own."""
         params = list(params)
-        self.to_deltas(params)
-        self.apply(params)
+        with torch.no_grad():
+            deltas = torch._foreach_sub(self.globals, params)
+        self.step(deltas)
+        with torch.no_grad():
+            foreach_copy(params, self.globals)
 
     def check_compatible(self, params: Sequence[torch.Tensor], names: Sequence[str]) -> None:
-        """The global copy must still match the parameters (a model moved after construction does not)."""
+        """The global copy must still match the parameters (a model moved after construction does not,
+        nor a parameter frozen or unfrozen since: the global copy holds the trainable ones)."""
+        check_trainable_count(len(self.globals), len(params))
         for name, g, p in zip(names, self.globals, params):
             if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                 raise ValueError(

@@ -189,6 +189,11 @@ class Cursor:
         if self.overlap_steps and last is not None and last + self.overlap_steps > step:
             self._land_at = last + self.overlap_steps
 
+    @property
+    def landing(self) -> int | None:
+        """The step at which the overlapped round in flight lands, if one is."""
+        return self._land_at if self._land_at > self.step else None
+
     def advance(self) -> tuple[Event, ...]:
         """Count one step and return its events (an empty tuple on most steps: a few int compares)."""
         self.step = step = self.step + 1

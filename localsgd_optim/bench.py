@@ -7,9 +7,11 @@ Launch with torchrun on the cluster you care about:
 
 For each model it times, interleaved round by round (so drift hits every method
 alike): the flat limit (one all-reduce of one pre-allocated buffer holding the same
-bytes, no packing), a blocking all-reduce per parameter, an async all-reduce per
-parameter (torchft's LocalSGD), torch's ``average_parameters`` (PeriodicModelAverager),
-and ``LocalSGDOptimizer.sync()`` for each bucket cap. A round's time is the slowest
+bytes, no packing), the floors of an averaging round on that buffer (one all-reduce with
+``AVG``; a NaN check's read pass, a ``SUM`` and a divide; a ``SUM`` and a divide), a
+blocking all-reduce per parameter, an async all-reduce per parameter (torchft's
+LocalSGD), torch's ``average_parameters`` (PeriodicModelAverager), and
+``LocalSGDOptimizer.sync()`` for each bucket cap. A round's time is the slowest
 rank's. It also measures the extra peak memory of a cold round (peak RSS on CPU,
 ``max_memory_allocated`` on CUDA) and the cost of a non-averaging ``step()`` relative to
 the bare inner optimizer's.
@@ -32,7 +34,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._buckets import bucket_cap_bytes, plan_buckets
 from .optimizer import LocalSGDOptimizer
 
 __all__ = ["main", "build_model"]
@@ -121,6 +122,30 @@ class FlatLimit(Contender):
         dist.all_reduce(self.buf)
 
 
+class FlatAvg(FlatLimit):
+    """The floor of an average: one all-reduce of the flat buffer with ``AVG`` (NCCL; gloo takes it
+    for floating tensors too)."""
+
+    def round(self) -> None:
+        dist.all_reduce(self.buf, op=dist.ReduceOp.AVG)
+
+
+class FloorSumDivide(FlatLimit):
+    """The floor of an average where the backend sums: one flat ``SUM``, then one ``div_`` pass.
+    With ``check``, first one read pass (``sum``) over the buffer: what the NaN check costs."""
+
+    def __init__(self, name: str, params: list[torch.Tensor], world: int, check: bool) -> None:
+        super().__init__(name, params, world)
+        self.check = check
+
+    @torch.no_grad()
+    def round(self) -> None:
+        if self.check:
+            self.total = self.buf.sum()  # kept, so the read pass is not dead code
+        dist.all_reduce(self.buf, op=dist.ReduceOp.SUM)
+        self.buf.div_(self.world)
+
+
 class PerParamBlocking(Contender):
     @torch.no_grad()
     def round(self) -> None:
@@ -190,20 +215,24 @@ def _contenders(model: nn.Module, world: int, caps: list[float], only: set[str] 
                 baseline: str | None = None) -> list[Contender]:
     """Every contender gets its own copy of the model: ours moves its parameters into flat storage,
     and torch's ``average_parameters`` rebinds them to a new buffer every round. ``baseline``
-    names another importable copy of this package (an older version): its rounds run beside ours."""
-    keys = {"flat": 0, "blocking": 1, "async": 2, "torch": 3}
+    names another importable copy of this package (an older version): its rounds run beside ours.
+    ``only`` selects by key (see ``METHODS``); the flat limit, every ratio's reference, always runs."""
 
     def params() -> list[torch.Tensor]:
         return [p.detach().clone().requires_grad_() for p in model.parameters()]
 
-    out: list[Contender] = [
-        FlatLimit("flat limit (1 all-reduce, no packing)", params(), world),
-        PerParamBlocking("per-parameter blocking", params(), world),
-        PerParamAsync("per-parameter async (torchft)", params(), world),
-        TorchAverageParameters("torch average_parameters", params(), world),
-    ]
-    if only:
-        out = [c for i, c in enumerate(out) if i == 0 or any(keys.get(k) == i for k in only)]
+    # The floors only read the parameters' sizes and dtype and reduce a buffer of their own.
+    shapes = [p.detach() for p in model.parameters()]
+    makers: dict[str, Callable[[], Contender]] = {
+        "flat": lambda: FlatLimit("flat limit (1 all-reduce, no packing)", params(), world),
+        "flat_avg": lambda: FlatAvg("flat AVG", shapes, world),
+        "floor_check": lambda: FloorSumDivide("floor: check + SUM + divide", shapes, world, check=True),
+        "floor": lambda: FloorSumDivide("floor: SUM + divide", shapes, world, check=False),
+        "blocking": lambda: PerParamBlocking("per-parameter blocking", params(), world),
+        "async": lambda: PerParamAsync("per-parameter async (torchft)", params(), world),
+        "torch": lambda: TorchAverageParameters("torch average_parameters", params(), world),
+    }
+    out: list[Contender] = [make() for key, make in makers.items() if key == "flat" or not only or key in only]
     if not only or "ours" in only:
         out += [Ours(f"localsgd_optim sync (cap {c:g} MB)", params(), world, c) for c in caps]
         # the NaN guard's cost: the first cap again, without it; and the copy engine
@@ -298,18 +327,19 @@ def bench_breakdown(model: nn.Module, args: argparse.Namespace, device: torch.de
                             bucket_cap_mb=max(args.bucket_cap_mb), sync_on_init=False)
     opt.sync()  # allocate buffers
     engine = opt.engine
-    staged = engine.staged()
+    _, flats = engine.flats()  # the flat storage, per (device, dtype)
+    slices = engine.bucket_slices(flats, 0, len(engine.tensors))
 
-    def pack() -> None:
-        for pos in staged:
-            engine.pack(pos)
+    def stage() -> None:  # staged tensors (module buffers, shared memory) copied in and out
+        engine.stage_in()
+        engine.stage_out()
 
-    def unpack_divide() -> None:  # divide by 1: same cost, leaves the values alone (every bucket divides)
-        for pos in range(len(engine.buckets)):
-            engine.unpack(pos, 1)
+    def divide() -> None:  # divide by 1: same cost, leaves the values alone (once per flat buffer)
+        for flat in flats:
+            flat.div_(1)
 
     def comm_only() -> None:
-        works = [dist.all_reduce(engine.flat(pos), async_op=True) for pos in range(len(engine.buckets))]
+        works = [dist.all_reduce(s, async_op=True) for s in slices]
         for w in works:
             w.wait()
 
@@ -320,7 +350,7 @@ def bench_breakdown(model: nn.Module, args: argparse.Namespace, device: torch.de
         agree_on_round(None, torch.device("cpu") if dist.get_backend() != "nccl" else device,
                        RoundKind.SYNC, 0, 0, 0, lambda: None)
 
-    phases = {"pack": pack, "bucketed all-reduce only": comm_only, "unpack + divide": unpack_divide,
+    phases = {"stage in + out": stage, "bucketed all-reduce only": comm_only, "divide": divide,
               "NaN scan": nan_scan, "control collective": control, "whole round (sync)": opt.sync}
     out: dict[str, float] = {}
     for name, fn in phases.items():
@@ -377,6 +407,9 @@ def _parse_models(text: str) -> list[tuple[int, int]]:
     return out
 
 
+METHODS = ("flat", "flat_avg", "floor_check", "floor", "blocking", "async", "torch", "ours")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m localsgd_optim.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -385,7 +418,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per method")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--step-reps", type=int, default=30, help="timed steps for the step() overhead")
-    p.add_argument("--methods", nargs="*", help="subset of flat, blocking, async, torch, ours")
+    p.add_argument("--methods", nargs="*", choices=METHODS, metavar="METHOD",
+                   help="subset of %(choices)s (default: all; the flat limit always runs)")
     p.add_argument("--backend", default=None, help="default: nccl with CUDA, else gloo")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank (CPU)")
@@ -490,38 +524,18 @@ def count_kernels(fn: Callable[[], None], device: torch.device) -> int | None:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def _control_without_peers(device: torch.device) -> Callable[..., int]:
-    """The control collective reduced to what it costs one rank without the wire: its row goes to
-    the device and comes back (as with NCCL), the NaN verdict is this rank's, and every rank counts."""
-    from ._dist import NonFiniteParameterError
-
-    def control(group: Any, control_device: Any, kind: Any, num_steps: int, start_steps: int, digest: int,
-                explain_layout: Any, nonfinite: int = -1, names: Any = tuple, joined: bool = False,
-                local_error: BaseException | None = None) -> int:
-        row = [int(kind), num_steps, start_steps, digest, nonfinite, int(joined), int(local_error is not None)]
-        torch.tensor(row, dtype=torch.int64, device=device).cpu()
-        if local_error is not None:
-            raise local_error
-        if nonfinite >= 0:
-            raise NonFiniteParameterError(f"non-finite parameter {nonfinite}")
-        return dist.get_world_size(group)
-
-    return control
-
-
 def fake_world_main(args: argparse.Namespace, device: torch.device) -> dict:
     """Time one round of each method on one device, in a fake world whose collectives move nothing."""
     from torch.distributed.algorithms.model_averaging.utils import average_parameters
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from . import _binding
-
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)
         device = torch.device("cuda", torch.cuda.current_device())
     if not dist.is_initialized():
+        # Rounds run as they are: their control collective sees a fake group has no peers (every
+        # rank is this one, see agree_on_round) and the data collectives move nothing.
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_world)
-    _binding.agree_on_round = _control_without_peers(device)  # type: ignore[assignment]
     report: dict[str, Any] = {"fake_world": args.fake_world, "device": str(device), "torch": torch.__version__,
                               "cap_mb": args.bucket_cap_mb[0], "models": []}
     for layers, width in args.models:
@@ -531,17 +545,18 @@ def fake_world_main(args: argparse.Namespace, device: torch.device) -> dict:
         def params() -> list[torch.Tensor]:
             return [p.detach().clone().requires_grad_() for p in model.parameters()]
 
-        def ours(**options: Any) -> Callable[[], None]:
+        def ours(**options: Any) -> Ours:
             contender = Ours("", params(), args.fake_world, args.bucket_cap_mb[0], **options)
             contender.prepare()
-            return contender.round
+            return contender
 
         theirs = params()
+        default = ours()
         methods: dict[str, Callable[[], None]] = {
             "torch average_parameters": lambda: average_parameters(iter(theirs), dist.group.WORLD),
-            "localsgd_optim sync": ours(),
-            "localsgd_optim sync, check_finite=False": ours(check_finite=False),
-            "localsgd_optim sync, flat_params=False": ours(flat_params=False),
+            "localsgd_optim sync": default.round,
+            "localsgd_optim sync, check_finite=False": ours(check_finite=False).round,
+            "localsgd_optim sync, flat_params=False": ours(flat_params=False).round,
         }
         times: dict[str, list[float]] = {name: [] for name in methods}
         for r in range(args.warmup + args.rounds):
@@ -559,7 +574,7 @@ def fake_world_main(args: argparse.Namespace, device: torch.device) -> dict:
             rows.append({"method": name, "median_ms": 1e3 * statistics.median(times[name]), "ops": ops.count,
                          "cuda_kernels": count_kernels(fn, device)})
         n = sum(p.numel() for p in model.parameters())
-        buckets = len(plan_buckets(list(model.parameters()), bucket_cap_bytes(args.bucket_cap_mb[0])))
+        buckets = len(default.opt.engine.buckets)  # its rounds have run: the engine is bound
         entry = {"layers": layers, "width": width, "params": n, "tensors": len(list(model.parameters())),
                  "buckets": buckets, "rounds": rows}
         report["models"].append(entry)

@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 
 from ._amp import inner_step
 from ._binding import Binding, Members
+from ._buckets import BucketEngine, bucket_cap_bytes
 from ._config import Config
 from ._dist import LocalSGDError, RoundKind, group_size
 from ._outer import OuterFactory
@@ -48,6 +49,10 @@ class _LocalSGDJoinHook(JoinHook):
         Joinable.__init__(self.opt)
 
 
+def _setting(name: str, doc: str) -> property:
+    return property(lambda self: getattr(self._config, name), doc=doc)
+
+
 class LocalSGDOptimizer(Optimizer, Joinable):
     r"""Local SGD around any optimizer: local steps, parameters averaged every ``k`` steps.
 
@@ -73,7 +78,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         bucket_cap_mb: largest flat buffer per collective, in MiB (default: 25.0). Extra
             memory during a round is at most two buckets.
         sync_on_init: broadcast parameters from the group's first rank at construction, so
-            replicas start identical even without DDP (default: ``True``).
+            replicas start identical even without DDP; frozen ones (``requires_grad=False``,
+            never averaged) too, this once (default: ``True``).
         warmup_steps: post-local SGD: the first ``warmup_steps`` steps are synchronous
             (parameters averaged after each, or DDP's gradient all-reduce left on for a module
             registered with :meth:`no_sync`), Local SGD after (default: 0).
@@ -167,6 +173,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         average_optimizer_state: bool = False,
         fragments: int = 1,
     ) -> None:
+        if isinstance(optimizer, LocalSGDOptimizer):
+            raise TypeError("optimizer is already a LocalSGDOptimizer; wrap the inner optimizer once")
         config = Config.from_args(
             optimizer, k, process_group=process_group, bucket_cap_mb=bucket_cap_mb, sync_on_init=sync_on_init,
             warmup_steps=warmup_steps, local_k=local_k, local_group=local_group, buffers=buffers,
@@ -179,11 +187,6 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self.optimizer = optimizer
         self._share_inner()
         self._config = config
-        for name in ("process_group", "local_group", "local_k", "bucket_cap_mb", "check_finite", "compression",
-                     "overlap_steps", "overlap_mix", "flat_params",
-                     "average_optimizer_state", "fragments"):  # the public attributes of the settings
-            setattr(self, name, getattr(config, name))
-        self.buffers_module = config.buffers
         self._members = Members(self, config.buffers, config.average_optimizer_state)
         self._ddp_modules: list[nn.Module] = []  # registered by no_sync(): DDP syncs during warmup
         self._start_steps = 0  # the count this run started or resumed from: ranks must agree
@@ -203,6 +206,21 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
         self.defaults = self.optimizer.defaults
+
+    # The settings, read-only: each is the validated value in the Config (a changed one would not
+    # reach the rounds, which were built from it, nor the cross-rank check).
+    process_group = _setting("process_group", "The ranks averaged over (``None``: the default group).")
+    local_group = _setting("local_group", "This rank's group for hierarchical ``local_k`` rounds, or ``None``.")
+    local_k = _setting("local_k", "Steps between hierarchical rounds after warmup (0: none).")
+    bucket_cap_mb = _setting("bucket_cap_mb", "The largest bucket, in MiB.")
+    check_finite = _setting("check_finite", "Whether each round first checks every rank for NaN/Inf.")
+    compression = _setting("compression", "How outer rounds' pseudo-gradients travel: ``None``, ``'bf16'`` or ``'int8'``.")
+    overlap_steps = _setting("overlap_steps", "Local steps an overlapped round stays in flight (0: blocking).")
+    overlap_mix = _setting("overlap_mix", "The weight kept of the local parameters when an overlapped round lands.")
+    flat_params = _setting("flat_params", "Whether the parameters live in flat storage (``False``: the copy engine).")
+    average_optimizer_state = _setting("average_optimizer_state", "Whether rounds average the inner state too.")
+    fragments = _setting("fragments", "Streaming fragments the model is synced in.")
+    buffers_module = _setting("buffers", "The module whose floating buffers are averaged, or ``None``.")
 
     @property
     def k(self) -> PeriodSpec:
@@ -234,7 +252,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
 
         Binding is a collective: every rank checks that all wrap the same parameters and
         settings, then (``sync_on_init``) parameters are broadcast from the group's first
-        rank. A group initialized after construction is bound at the next ``step()``.
+        rank, the frozen ones (``requires_grad=False``, never averaged) included. A group
+        initialized after construction is bound at the next ``step()``.
         """
         if self._binding is not None or self._single:
             return self._binding
@@ -243,38 +262,63 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             self._single = dist.is_available() and dist.is_initialized()
             return None
         binding = self._binding = Binding(self.process_group, world_size, self._members, self._settings,
-                                          self.bucket_cap_mb, self.flat_params)
+                                          self.bucket_cap_mb, self.flat_params, self._breaks())
         try:
             binding.control(RoundKind.BIND, self.num_steps, self._start_steps, binding.engine.prepare, False)
         except BaseException:
             self._binding = None  # not bound: the next step() or sync() tries again
             raise
         if self._pending_broadcast:
-            binding.engine.broadcast(dist.get_global_rank(binding.group or dist.group.WORLD, 0), binding.group)
+            src = dist.get_global_rank(binding.group or dist.group.WORLD, 0)
+            binding.engine.broadcast(src, binding.group)
+            frozen = self._members.frozen()  # never averaged, but replicas start identical (as DDP's do)
+            if frozen:  # (every rank agrees: requires_grad is in the layout the bind checked)
+                BucketEngine(frozen, bucket_cap_bytes(self.bucket_cap_mb), flat_params=False).broadcast(
+                    src, binding.group)  # their own storage: only the averaged parameters move
             self._pending_broadcast = False
-            self._rounds.restart(self._members.params(), binding.engine)  # bound late: re-take the global copy
+            self._rounds.restart(self._members.params(), self._context(binding))  # bound late: re-take the global copy
         return binding
+
+    def _breaks(self) -> list[int]:
+        return self._rounds.breaks(len(self._members.params()))
+
+    def _context(self, binding: Binding, local: bool = False) -> RoundContext:
+        """What a round works on: every parameter, and the averaged buffers after them."""
+        params = self._members.params()
+        group = self.local_group if local else binding.group
+        size = dist.get_world_size(group) if local else binding.world_size
+        return RoundContext(params, self._members.names, binding.engine, group, size, self.num_steps,
+                            0, len(params), len(binding.engine.tensors), self._cursor.landing)
 
     def _run(self, round_: Round, joined: bool = False) -> None:
         """Drive one round: prepare locally, agree in the control collective, run the collectives."""
         binding = self._bind()
-        params = self._members.params()
         if binding is None:
-            round_.alone(params)
+            round_.alone(self._members.params())
             return
         step = self.num_steps
-        group = self.local_group if round_.local else binding.group
-        size = dist.get_world_size(group) if round_.local else binding.world_size
-        ctx = RoundContext(params, self._members.names, binding.engine, group, size, step)
+        ctx: RoundContext | None = None
+
+        def prepare() -> None:  # after the control's re-planning: the context sees the current engine
+            nonlocal ctx
+            ctx = self._context(binding, round_.local)
+            round_.prepare(ctx)
+            for rider in round_.riders:
+                rider.prepare(ctx)
+
         start = time.perf_counter()
         try:
             with binding.errors(round_.describe(step)):
-                contributors = binding.control(round_.kind, step, self._start_steps, lambda: round_.prepare(ctx),
-                                               self.check_finite, joined, group)
+                contributors = binding.control(round_.kind, step, self._start_steps, prepare, self.check_finite,
+                                               joined, self.local_group if round_.local else binding.group,
+                                               round_.riders)
+                assert ctx is not None
                 round_.run(ctx, contributors, joined)
+                for rider in round_.riders:
+                    rider.reduce(ctx, contributors, joined)
             self._stats["rounds"] += 1
         finally:
-            self._stats["bytes_sent"] += ctx.sent
+            self._stats["bytes_sent"] += ctx.sent if ctx is not None else 0
             self._stats["round_seconds"] += time.perf_counter() - start
 
     def _land(self) -> None:
@@ -285,7 +329,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             if self._binding is not None:
                 with self._binding.errors(f"the overlapped round applied at step {self.num_steps}"):
                     round_.wait()
-            round_.land(self._members.params(), self._members.names(), self.engine)
+            round_.land(self._context(self._binding) if self._binding is not None else None)
         finally:
             self._stats["round_seconds"] += time.perf_counter() - start
 
@@ -325,6 +369,9 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             Join.notify_join_context(self)  # under Join: tell the joined ranks we took a step
         try:
             loss = inner_step(self, self.optimizer, closure)
+            binding = self._binding
+            if binding is not None and binding.engine.moved_cheap():  # model.half(), model.to(): free
+                binding.engine.release()  # the old storage now, not at the next round
             self._after_step()
         except BaseException:
             # GradScaler deletes its grad_scale/found_inf only after a normal return: drop
@@ -342,7 +389,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                     self._run(self._rounds.warmup, joined)
             elif event == Event.WARMUP_END:
                 self._set_ddp_grad_sync(False)  # warmup over: local steps from here
-                self._rounds.restart(self._members.params(), self.engine)  # the outer loop starts from here
+                self._rounds.restart(self._members.params(), self._context(self._binding)
+                                     if self._binding is not None else None)  # the outer loop starts from here
             elif event == Event.GLOBAL_ROUND:
                 self._run(self._rounds.scheduled, joined)
             elif event == Event.LOCAL_ROUND:
@@ -421,7 +469,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self.optimizer.add_param_group(param_group)
         if self._binding is not None:
             self._binding = Binding(self._binding.group, self._binding.world_size, self._members,
-                                    self._settings, self.bucket_cap_mb, self.flat_params)
+                                    self._settings, self.bucket_cap_mb, self.flat_params, self._breaks())
 
     # -- checkpoints --------------------------------------------------------------------------
 

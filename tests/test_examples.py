@@ -46,7 +46,8 @@ def test_benchmark_smoke(tmp_path):
     for model in report["models"]:
         methods = [row["method"] for row in model["rounds"]]
         assert methods == [
-            "flat limit (1 all-reduce, no packing)", "per-parameter blocking", "per-parameter async (torchft)",
+            "flat limit (1 all-reduce, no packing)", "flat AVG", "floor: check + SUM + divide", "floor: SUM + divide",
+            "per-parameter blocking", "per-parameter async (torchft)",
             "torch average_parameters", "localsgd_optim sync (cap 0.01 MB)", "localsgd_optim sync (cap 25 MB)",
             "localsgd_optim sync (cap 0.01 MB, check_finite=False)",
             "localsgd_optim sync (cap 0.01 MB, flat_params=False)", "localsgd_optim bf16 deltas (cap 0.01 MB)",
@@ -60,7 +61,7 @@ def test_benchmark_smoke(tmp_path):
         assert model["rounds"][-6]["payload_mb"] == model["rounds"][0]["payload_mb"] / 2  # ours, bf16
         assert all(row["median_ms"] > 0 and row["ratio_to_flat"] > 0 for row in model["rounds"])
         assert model["rounds"][0]["ratio_to_flat"] == 1.0
-        assert set(model["breakdown"]) >= {"pack", "unpack + divide", "control collective", "whole round (sync)"}
+        assert set(model["breakdown"]) >= {"stage in + out", "divide", "control collective", "whole round (sync)"}
         assert model["step"]["ratio"] > 0
     assert "non-averaging step()" in text
 

@@ -18,9 +18,9 @@ from .fragments import FragmentedRound, split_fragments
 from .int8 import Int8Reducer
 from .outer import CastReducer, OuterRound
 from .overlap import OverlapRound
-from .state import WithOptimizerState
+from .state import OptimizerStateReducer
 
-__all__ = ["RoundTable", "build_rounds", "Round", "RoundContext", "Reducer"]
+__all__ = ["RoundTable", "build_rounds", "Round", "RoundContext", "Reducer", "OptimizerStateReducer"]
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,17 @@ class RoundTable:
     def outer_optimizer(self) -> torch.optim.Optimizer | None:
         return self.scheduled.outer_optimizer()
 
-    def restart(self, params: list[torch.Tensor], engine: Any = None) -> None:
-        self.scheduled.restart(params, engine)
+    def restart(self, params: list[torch.Tensor], ctx: RoundContext | None = None) -> None:
+        self.scheduled.restart(params, ctx)
+
+    def breaks(self, n_params: int) -> list[int]:
+        """Tensor indices no bucket may straddle: fragment boundaries, and where the module buffers
+        start when an overlapped round averages them apart (blocking) from its in-flight deltas."""
+        out = list(getattr(self.scheduled, "breaks", list)())
+        if isinstance(self.scheduled, OverlapRound) or (
+                isinstance(self.scheduled, FragmentedRound) and isinstance(self.scheduled.inners[-1], OverlapRound)):
+            out.append(n_params)
+        return out
 
     def state(self, entry: dict[str, Any]) -> None:
         self.scheduled.state(entry)
@@ -60,35 +69,35 @@ def build_rounds(config: Config, params: list[torch.Tensor],
     ``optimizer_state`` returns the inner optimizer's state tensors, averaged with the parameters
     at warmup, scheduled and local rounds when ``config.average_optimizer_state`` (not by ``sync()``).
     """
-    cap = bucket_cap_bytes(config.bucket_cap_mb)
     if config.fragments > 1:  # Streaming DiLoCo: one fragment per round, each its own scheduled round
         schedule = FragmentSchedule(config.schedule, config.fragments)
         cursor = Cursor(schedule, config.local_k, config.overlap_steps)
         bounds = split_fragments(params, config.fragments)
-        scheduled: Round = FragmentedRound(schedule, bounds, [_scheduled(config, params[lo:hi], cap)
-                                                              for lo, hi in bounds], cap, cursor)
+        scheduled: Round = FragmentedRound(schedule, bounds, [_scheduled(config, params[lo:hi])
+                                                              for lo, hi in bounds], cursor)
     else:
         cursor = Cursor(config.schedule, config.local_k, config.overlap_steps)
-        scheduled = _scheduled(config, params, cap)
+        scheduled = _scheduled(config, params)
     warmup: Round = AverageRound(RoundKind.SCHEDULED)
     local: Round | None = AverageRound(RoundKind.LOCAL, local=True) if config.local_k else None
     if config.average_optimizer_state and optimizer_state is not None:
-        warmup, scheduled = WithOptimizerState(warmup, optimizer_state, cap), WithOptimizerState(
-            scheduled, optimizer_state, cap)
-        local = WithOptimizerState(local, optimizer_state, cap) if local is not None else None
+        rider = OptimizerStateReducer(optimizer_state, bucket_cap_bytes(config.bucket_cap_mb))
+        for round_ in (warmup, scheduled, local):
+            if round_ is not None:
+                round_.riders = (rider,)
     table = RoundTable(warmup=warmup, sync=AverageRound(RoundKind.SYNC), scheduled=scheduled, local=local)
     return cursor, table
 
 
-def _scheduled(config: Config, params: list[torch.Tensor], cap: int) -> Round:
+def _scheduled(config: Config, params: list[torch.Tensor]) -> Round:
     """The scheduled round over ``params`` (the whole model, or one fragment of it)."""
     if config.outer_optimizer is None:
         return AverageRound(RoundKind.SCHEDULED)
-    outer = OuterState(params, config.outer_optimizer)
+    outer = OuterState(params, config.outer_optimizer, config.flat_params)
     if config.overlap_steps:
-        return OverlapRound(outer, params, cap, config.overlap_steps, config.overlap_mix)
+        return OverlapRound(outer, config.overlap_mix)
     if config.compression == "int8":
-        return OuterRound(outer, Int8Reducer(params, cap))
+        return OuterRound(outer, Int8Reducer(params))
     if config.wire_dtype is not None:
         return OuterRound(outer, CastReducer(config.wire_dtype))
     return OuterRound(outer, Reducer())

@@ -25,6 +25,11 @@ class RoundContext:
         group: the ranks of this round (the local group for hierarchical rounds).
         size: how many ranks ``group`` has.
         step: the step count at this round.
+        lo: the first of the round's parameters in the engine's tensor list.
+        hi: one past its last parameter.
+        end: one past its last tensor: ``hi``, or past the averaged module buffers if the round
+            takes them (the whole model, or the last fragment).
+        lands_at: the step at which the cursor lands an overlapped round launched now.
         sent: bytes this rank handed to the round's data collectives (strategies add to it).
     """
 
@@ -34,7 +39,17 @@ class RoundContext:
     group: dist.ProcessGroup | None
     size: int
     step: int
+    lo: int = 0
+    hi: int = 0
+    end: int = 0
+    lands_at: int | None = None
     sent: int = 0
+
+    def part(self, lo: int, hi: int, end: int) -> "RoundContext":
+        """The context of a fragment: parameters ``[lo, hi)``, tensors up to ``end``."""
+        names = self.names
+        return RoundContext(self.params[lo:hi], lambda: (lambda n: n[lo:hi] + n[hi:end] if end > hi else n[lo:hi])(names()),
+                            self.engine, self.group, self.size, self.step, lo, hi, end, self.lands_at)
 
 
 class Reducer:
@@ -45,11 +60,17 @@ class Reducer:
     ranks (ranks that joined send zeros). The default reduces every tensor of the engine.
     """
 
+    #: reduces a flat layout in place (the engine's staging copy is needed with the copy engine)
+    flat = False
+
     def prepare(self, ctx: RoundContext) -> None:
         ctx.engine.prepare()
 
-    def reduce(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
-        ctx.sent += ctx.engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined)
+    def reduce(self, ctx: RoundContext, contributors: int, joined: bool,
+               buffers: list[torch.Tensor] | None = None) -> None:
+        """Average tensors ``[ctx.lo, ctx.end)`` (or ``buffers``, laid out like their flat slices)."""
+        ctx.sent += ctx.engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined,
+                                               lo=ctx.lo, hi=ctx.end, buffers=buffers)
 
     # A reducer with state (int8's error feedback) saves it in the Local SGD entry.
     def state(self, entry: dict[str, Any]) -> None:
@@ -82,6 +103,8 @@ class Round:
     local: bool = False
     #: keeps per-parameter state (a global copy), so parameter groups cannot be added later
     per_parameter_state: bool = False
+    #: reducers that also run, over the same ranks, after the round's own (the optimizer state)
+    riders: tuple[Reducer, ...] = ()
 
     def describe(self, step: int) -> str:
         return f"{self.kind.description} at step {step}"
@@ -99,13 +122,14 @@ class Round:
     def wait(self) -> None:
         """Phase two of a delayed round, first half: complete its collectives (the default has none)."""
 
-    def land(self, params: list[torch.Tensor], names: list[str], engine: BucketEngine | None = None) -> None:
-        """Phase two of a delayed round, second half: apply what :meth:`wait` completed."""
+    def land(self, ctx: RoundContext | None) -> None:
+        """Phase two of a delayed round, second half: apply what :meth:`wait` completed (``ctx``:
+        ``None`` in a single process)."""
 
     def alone(self, params: list[torch.Tensor]) -> None:
         """The round in a world of one: nothing to average."""
 
-    def restart(self, params: list[torch.Tensor], engine: BucketEngine | None = None) -> None:
+    def restart(self, params: list[torch.Tensor], ctx: RoundContext | None = None) -> None:
         """The replicas were just made equal (binding, end of warmup): a global copy restarts here."""
 
     def state(self, entry: dict[str, Any]) -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from .._buckets import BucketEngine
+from .._outer import check_trainable_count
 from .._schedule import Cursor, FragmentSchedule
 from .base import Round, RoundContext
 
@@ -44,26 +44,24 @@ class FragmentedRound(Round):
 
     Fragment ``i`` is ``params[lo:hi]`` (the last also takes the averaged buffers) with a round
     of its own (``inners[i]``: plain, outer, compressed or overlapped, built on the fragment's
-    parameters, so an outer optimizer's state is per fragment) and a bucket engine of its own
-    over the fragment's tensors. Which fragment a round syncs is a function of the step
-    (:meth:`FragmentSchedule.fragment_at`). At most one overlapped fragment is in flight.
+    parameters, so an outer optimizer's state is per fragment). It runs on the one engine: the
+    engine's buckets never straddle a fragment boundary (its ``breaks``), so a fragment is a run
+    of whole buckets and a slice of each flat buffer, reduced where it lives. Which fragment a
+    round syncs is a function of the step (:meth:`FragmentSchedule.fragment_at`). At most one
+    overlapped fragment is in flight.
 
     Args:
         schedule: the streaming schedule.
         bounds: each fragment's ``[lo, hi)`` range of the parameters.
         inners: each fragment's round.
-        bucket_cap_bytes: the largest bucket of a fragment's engine.
         cursor: the optimizer's step counter (a single-process round has no context).
     """
 
     def __init__(self, schedule: FragmentSchedule, bounds: list[tuple[int, int]], inners: list[Round],
-                 bucket_cap_bytes: int, cursor: Cursor) -> None:
+                 cursor: Cursor) -> None:
         self.schedule, self.bounds, self.inners = schedule, bounds, inners
-        self.cap = bucket_cap_bytes
         self.cursor = cursor
         self.per_parameter_state = True  # the fragments' bounds are indices into the parameters
-        self.engines: list[BucketEngine | None] = [None] * len(inners)
-        self._sub: RoundContext | None = None
         self._in_flight: int | None = None  # the overlapped fragment not landed yet
 
     def describe(self, step: int) -> str:
@@ -72,56 +70,46 @@ class FragmentedRound(Round):
     def outer_optimizer(self) -> torch.optim.Optimizer | None:
         return self.inners[0].outer_optimizer()
 
-    def _context(self, ctx: RoundContext, i: int) -> RoundContext:
-        """Fragment ``i``'s view of ``ctx``: its parameters (and buffers), its engine."""
+    def breaks(self) -> list[int]:
+        return [lo for lo, _ in self.bounds[1:]]
+
+    def _part(self, ctx: RoundContext, i: int) -> RoundContext:
+        """Fragment ``i``'s view of ``ctx``: its parameters, and the buffers with the last."""
         lo, hi = self.bounds[i]
-        n = len(ctx.params)
-        last = i == len(self.bounds) - 1
-        tensors = ctx.params[lo:hi] + (list(ctx.engine.tensors[n:]) if last else [])
-        engine = self.engines[i]
-        if engine is None:  # its own copy engine: the fragment's tensors keep their storage
-            engine = self.engines[i] = BucketEngine(tensors, self.cap)
-        else:
-            engine.refresh(tensors)  # the model moved, or a buffer was rebound
-        names: Callable[[], list[str]] = lambda: (lambda all_: all_[lo:hi] + (all_[n:] if last else []))(ctx.names())
-        return RoundContext(ctx.params[lo:hi], names, engine, ctx.group, ctx.size, ctx.step)
+        return ctx.part(lo, hi, ctx.end if i == len(self.bounds) - 1 else hi)
 
     def prepare(self, ctx: RoundContext) -> None:
+        check_trainable_count(self.bounds[-1][1], len(ctx.params))  # the bounds index the parameters
         i = self.schedule.fragment_at(ctx.step)
-        self._sub = self._context(ctx, i)
-        self.inners[i].prepare(self._sub)
+        self.inners[i].prepare(self._part(ctx, i))
 
     def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
-        i, sub = self.schedule.fragment_at(ctx.step), self._sub
-        assert sub is not None, "prepare() runs before run()"
+        i = self.schedule.fragment_at(ctx.step)
+        sub = self._part(ctx, i)
         try:
             self.inners[i].run(sub, contributors, joined)
         finally:
             ctx.sent += sub.sent
-            self._sub = None
-        if getattr(self.inners[i], "apply_at", None) is not None:
+        if getattr(self.inners[i], "pending", False):
             self._in_flight = i
 
     def wait(self) -> None:
         if self._in_flight is not None:
             self.inners[self._in_flight].wait()
 
-    def land(self, params: list[torch.Tensor], names: list[str], engine: BucketEngine | None = None) -> None:
+    def land(self, ctx: RoundContext | None) -> None:
         i, self._in_flight = self._in_flight, None
         if i is not None:
-            lo, hi = self.bounds[i]
-            self.inners[i].land(params[lo:hi], names[lo:hi])
+            self.inners[i].land(self._part(ctx, i) if ctx is not None else None)
 
     def alone(self, params: list[torch.Tensor]) -> None:
         i = self.schedule.fragment_at(self.cursor.step)
         lo, hi = self.bounds[i]
         self.inners[i].alone(params[lo:hi])
-        if getattr(self.inners[i], "apply_at", None) is not None:
-            self._in_flight = i
 
-    def restart(self, params: list[torch.Tensor], engine: BucketEngine | None = None) -> None:
-        for (lo, hi), inner in zip(self.bounds, self.inners):
-            inner.restart(params[lo:hi])
+    def restart(self, params: list[torch.Tensor], ctx: RoundContext | None = None) -> None:
+        for i, ((lo, hi), inner) in enumerate(zip(self.bounds, self.inners)):
+            inner.restart(params[lo:hi], self._part(ctx, i) if ctx is not None else None)
 
     # -- checkpoints: one sub-entry per fragment, under "fragments" ------------------------------
 
@@ -153,5 +141,5 @@ class FragmentedRound(Round):
         self._in_flight = None
         for i, ((lo, hi), inner, saved) in enumerate(zip(self.bounds, self.inners, self._saved(entry))):
             inner.load_state(saved, params[lo:hi])
-            if getattr(inner, "apply_at", None) is not None:
+            if getattr(inner, "pending", False):
                 self._in_flight = i

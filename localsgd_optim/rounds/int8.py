@@ -7,7 +7,9 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .._buckets import bucket_views, foreach_copy, plan_buckets
+from .._buckets import foreach_copy
+from .._dist import all_gather_into
+from .._flat import rebase
 from .._state import check_tensor_list
 from .base import Reducer, RoundContext
 
@@ -29,34 +31,42 @@ class Int8Reducer(Reducer):
     all-reduce, a gain below 8 ranks. Every buffer is allocated by :meth:`prepare`, before
     the round's control gather, so nothing allocates once collectives have started.
 
+    Buckets are the engine's (the same plan as every other round), the residuals laid out
+    like the parameters' flat slices, so each bucket's residual is a slice too.
+
     Args:
         tensors: the tensors averaged in place (the pseudo-gradients), fixed order.
-        bucket_cap_bytes: largest bucket of codes, in bytes of the original tensors.
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor], bucket_cap_bytes: int) -> None:
-        self.buckets = plan_buckets(tensors, bucket_cap_bytes)
-        # One fp32 buffer per bucket; each tensor's residual is a contiguous view of it,
-        # whatever the parameter's layout (channels_last included).
-        self._residual_flats = [torch.zeros(b.numel, dtype=torch.float32, device=b.device) for b in self.buckets]
-        self.residuals: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
-        for bucket, flat in zip(self.buckets, self._residual_flats):
-            for i, view in zip(bucket.indices, bucket_views(flat, bucket, tensors)):
-                self.residuals[i] = view
-        # per bucket: the members that are not empty (an empty tensor has no max)
-        self._nonempty = [[j for j, i in enumerate(b.indices) if tensors[i].numel()] for b in self.buckets]
+    flat = True
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        # fp32, one per tensor, laid out (once the round sees the engine) like its flat slices
+        self.residuals: list[torch.Tensor] = [torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+                                              for t in tensors]
+        self._flats: list[torch.Tensor] = []
+        self._key: tuple | None = None
         self._buffers: dict[str, torch.Tensor] = {}
-        self._world = 0
+        self._shape: tuple[int, int, int] = (0, 0, 0)
 
     def prepare(self, ctx: RoundContext) -> None:
-        self._allocate(ctx.size)
+        ctx.engine.prepare(flat=True)
+        key, flats = ctx.engine.flats(ctx.lo, ctx.hi)
+        if key != self._key:  # lay the residuals out like the engine's slices (values kept)
+            new = [torch.zeros(f.numel(), dtype=torch.float32, device=f.device) for f in flats]
+            views = rebase(ctx.engine.views(ctx.lo, ctx.hi), flats, new)
+            with torch.no_grad():
+                foreach_copy(views, self.residuals)
+            self.residuals, self._flats, self._key = views, new, key
+        buckets = [ctx.engine.buckets[pos] for pos in ctx.engine.bucket_range(ctx.lo, ctx.hi)]
+        self._allocate(ctx.size, buckets)
 
-    def _allocate(self, world: int) -> None:
-        if self._world == world and self._buffers:
+    def _allocate(self, world: int, buckets: list) -> None:
+        numel = max((b.numel for b in buckets), default=0)
+        count = max((len(b.indices) for b in buckets), default=0)
+        if self._shape == (world, numel, count):
             return
-        device = self.buckets[0].device if self.buckets else torch.device("cpu")
-        numel = max((b.numel for b in self.buckets), default=0)
-        count = max((len(b.indices) for b in self.buckets), default=0)
+        device = buckets[0].device if buckets else torch.device("cpu")
         self._buffers = {
             "codes": torch.empty(numel, dtype=torch.int8, device=device),
             "scales": torch.empty(count, dtype=torch.float32, device=device),
@@ -65,63 +75,73 @@ class Int8Reducer(Reducer):
             "v": torch.empty(numel, dtype=torch.float32, device=device),
             "q": torch.empty(numel, dtype=torch.float32, device=device),
         }
-        self._world = world
+        self._shape = (world, numel, count)
 
     @torch.no_grad()
-    def reduce(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
-        """Quantize, all-gather and dequantize each bucket with a fixed number of ops per bucket.
+    def reduce(self, ctx: RoundContext, contributors: int, joined: bool,
+               buffers: list[torch.Tensor] | None = None) -> None:
+        """Quantize, all-gather and dequantize each bucket of ``buffers`` (the deltas' flat slices).
 
-        The per-tensor scales come to the host once per bucket and rank (a handful of floats),
-        so each scaling is one ``_foreach`` op with a scalar per tensor.
+        A fixed number of ops per bucket: each tensor is a contiguous run of its bucket (a max
+        and a scale do not care about the order of its elements). The per-tensor scales come to
+        the host once per bucket and rank (a handful of floats), so each scaling is one
+        ``_foreach`` op with a scalar per tensor.
         """
-        tensors, group = ctx.params, ctx.group
+        assert buffers is not None, "int8 reduces the flat layout"
+        engine, group = ctx.engine, ctx.group
         world = dist.get_world_size(group)
-        self._allocate(world)  # a no-op when the round already prepared
+        positions = engine.bucket_range(ctx.lo, ctx.hi)
+        slices = engine.bucket_slices(buffers, ctx.lo, ctx.hi)
+        residuals = engine.bucket_slices(self._flats, ctx.lo, ctx.hi)
+        for pos, target, residual in zip(positions, slices, residuals):
+            bucket = engine.buckets[pos]
+            ctx.sent += self._reduce_bucket(bucket, target, residual, group, world, contributors, joined)
+
+    def _reduce_bucket(self, bucket: Any, target: torch.Tensor, residual: torch.Tensor, group: Any, world: int,
+                       contributors: int, joined: bool) -> int:
         buf = self._buffers
-        for pos, bucket in enumerate(self.buckets):
-            n, m = bucket.numel, len(bucket.indices)
-            codes, scales = buf["codes"][:n], buf["scales"][:m]
-            v, q = buf["v"][:n], buf["q"][:n]
-            members = [tensors[i] for i in bucket.indices]
-            v_views, q_views = bucket_views(v, bucket, tensors), bucket_views(q, bucket, tensors)
-            if joined:
-                v.zero_()
-            else:
-                foreach_copy(v_views, members)
-                v.add_(self._residual_flats[pos])
-            # per-tensor scale max|v| / 127 (an empty tensor's is 0 before the clamp)
-            torch.abs(v, out=q)
-            nonempty = self._nonempty[pos]
-            if len(nonempty) == m:
-                scales.copy_(torch.stack(torch._foreach_max(q_views)))
-            else:
-                scales.zero_()
-                if nonempty:
-                    scales[nonempty] = torch.stack(torch._foreach_max([q_views[j] for j in nonempty]))
-            scales.clamp_min_(torch.finfo(torch.float32).tiny).div_(127)
-            mine = scales.tolist()
-            q.copy_(v)
-            torch._foreach_div_(q_views, mine)
-            q.round_().clamp_(-127, 127)
-            codes.copy_(q)
-            if not joined:
-                torch._foreach_mul_(q_views, mine)
-                torch.sub(v, q, out=self._residual_flats[pos])  # v - codes * scale
-            all_codes, all_scales = buf["all_codes"][:world * n], buf["all_scales"][:world * m]
-            works = [dist.all_gather_into_tensor(all_codes, codes, group=group, async_op=True),
-                     dist.all_gather_into_tensor(all_scales, scales, group=group, async_op=True)]
-            ctx.sent += codes.numel() * codes.element_size() + scales.numel() * scales.element_size()
-            for w in works:
-                w.wait()
-            all_codes = all_codes.view(world, n)
-            per_rank = all_scales.view(world, m).tolist()
-            total = v.zero_()  # v is spent: it accumulates the dequantized sum
-            for r in range(world):  # rank order: the same sum on every rank
-                q.copy_(all_codes[r])
-                torch._foreach_mul_(q_views, per_rank[r])
-                total.add_(q)
-            total.div_(contributors)
-            foreach_copy(members, v_views)
+        n, m = bucket.numel, len(bucket.indices)
+        codes, scales, v, q = buf["codes"][:n], buf["scales"][:m], buf["v"][:n], buf["q"][:n]
+        runs = [(off, (bucket.offsets[j + 1] if j + 1 < m else n) - off) for j, off in enumerate(bucket.offsets)]
+        q_views = [q[a:a + size] for a, size in runs]
+        if joined:
+            v.zero_()
+        else:
+            v.copy_(target)
+            v.add_(residual)
+        # per-tensor scale max|v| / 127 (an empty tensor's is 0 before the clamp)
+        torch.abs(v, out=q)
+        nonempty = [j for j, (_, size) in enumerate(runs) if size]
+        if len(nonempty) == m:
+            scales.copy_(torch.stack(torch._foreach_max(q_views)))
+        else:
+            scales.zero_()
+            if nonempty:
+                scales[nonempty] = torch.stack(torch._foreach_max([q_views[j] for j in nonempty]))
+        scales.clamp_min_(torch.finfo(torch.float32).tiny).div_(127)
+        mine = scales.tolist()
+        q.copy_(v)
+        torch._foreach_div_(q_views, mine)
+        q.round_().clamp_(-127, 127)
+        codes.copy_(q)
+        if not joined:
+            torch._foreach_mul_(q_views, mine)
+            torch.sub(v, q, out=residual)  # v - codes * scale
+        all_codes, all_scales = buf["all_codes"][:world * n], buf["all_scales"][:world * m]
+        works = [all_gather_into(all_codes, codes, group, async_op=True),
+                 all_gather_into(all_scales, scales, group, async_op=True)]
+        for w in works:
+            w.wait()
+        all_codes = all_codes.view(world, n)
+        per_rank = all_scales.view(world, m).tolist()
+        total = v.zero_()  # v is spent: it accumulates the dequantized sum
+        for r in range(world):  # rank order: the same sum on every rank
+            q.copy_(all_codes[r])
+            torch._foreach_mul_(q_views, per_rank[r])
+            total.add_(q)
+        total.div_(contributors)
+        target.copy_(total)
+        return codes.numel() * codes.element_size() + scales.numel() * scales.element_size()
 
     def state(self, entry: dict[str, Any]) -> None:
         entry["int8_residuals"] = list(self.residuals)
@@ -137,8 +157,8 @@ class Int8Reducer(Reducer):
     def load_state(self, entry: dict[str, Any] | None) -> None:
         residuals = entry.get("int8_residuals") if isinstance(entry, dict) else None
         if residuals is None:  # saved without int8: error feedback starts from zero
-            for flat in self._residual_flats:
-                flat.zero_()
+            for r in self.residuals:
+                r.zero_()
             return
         for mine, saved in zip(self.residuals, residuals):
             mine.copy_(saved)

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from .._buckets import BucketEngine
 from .._outer import OuterState
 from .base import Reducer, Round, RoundContext
 
@@ -27,9 +26,10 @@ class CastReducer(Reducer):
     def prepare(self, ctx: RoundContext) -> None:
         ctx.engine.prepare(self.dtype)
 
-    def reduce(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
+    def reduce(self, ctx: RoundContext, contributors: int, joined: bool,
+               buffers: list[torch.Tensor] | None = None) -> None:
         ctx.sent += ctx.engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined,
-                                               wire_dtype=self.dtype)
+                                               wire_dtype=self.dtype, lo=ctx.lo, hi=ctx.end, buffers=buffers)
 
 
 class GlobalCopyRound(Round):
@@ -49,12 +49,24 @@ class GlobalCopyRound(Round):
 
     def prepare(self, ctx: RoundContext) -> None:
         self.outer.check_compatible(ctx.params, ctx.names())
+        ctx.engine.prepare(flat=True)
+
+    def flats(self, ctx: RoundContext) -> list[torch.Tensor]:
+        """The round's parameters' flat slices, the global copy laid out alike."""
+        key, flats = ctx.engine.flats(ctx.lo, ctx.hi)
+        self.outer.follow(key, flats, ctx.engine.views(ctx.lo, ctx.hi))
+        return flats
 
     def alone(self, params: list[torch.Tensor]) -> None:
         self.outer.step_alone(params)
 
-    def restart(self, params: list[torch.Tensor], engine: BucketEngine | None = None) -> None:
-        self.outer.reset(params, engine)
+    def restart(self, params: list[torch.Tensor], ctx: RoundContext | None = None) -> None:
+        if ctx is None:  # not bound: the global copy takes the parameters one by one
+            self.outer.take(params)
+            return
+        flats = self.flats(ctx)
+        ctx.engine.stage_in(ctx.lo, ctx.hi)
+        self.outer.reset(flats)
 
     def state(self, entry: dict[str, Any]) -> None:
         entry["outer"] = self.outer.state_dict()
@@ -74,7 +86,7 @@ class GlobalCopyRound(Round):
                 UserWarning,
                 stacklevel=6,
             )
-            self.outer.reset(params)
+            self.outer.take(params)
         else:
             self.outer.load_state_dict(saved)
 
@@ -101,14 +113,19 @@ class OuterRound(GlobalCopyRound):
         self.reducer.prepare(ctx)
 
     def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
-        self.outer.to_deltas(ctx.params, ctx.engine)
+        flats, engine = self.flats(ctx), ctx.engine
+        _, with_buffers = engine.flats(ctx.lo, ctx.end)
+        engine.stage_in(ctx.lo, ctx.end)  # parameters sharing memory, module buffers: read once
+        self.outer.to_deltas(flats)
         try:
             if contributors:  # every rank has joined: all of them skip the data phase
-                self.reducer.reduce(ctx, contributors, joined)
-            self.outer.apply(ctx.params, ctx.engine)
+                self.reducer.reduce(ctx, contributors, joined, with_buffers)
+            self.outer.apply(flats, engine.views(ctx.lo, ctx.hi))
         except BaseException:
-            self.outer.reset_params(ctx.params, ctx.engine)  # never leave pseudo-gradients in the model
+            self.outer.reset_params(flats)  # never leave pseudo-gradients in the model
+            engine.stage_out(ctx.lo, ctx.hi)
             raise
+        engine.stage_out(ctx.lo, ctx.end)
 
     def state(self, entry: dict[str, Any]) -> None:
         super().state(entry)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from .._buckets import BucketEngine, foreach_copy, mean_op, plan_buckets
-from .._flat import bucket_slices, regions
-from .._outer import OuterState, flat_clone
+from .._buckets import InFlight, foreach_copy
+from .._flat import rebase
+from .._outer import OuterState
 from .._state import check_tensor_list
 from .base import RoundContext
 from .outer import GlobalCopyRound
@@ -18,79 +17,91 @@ __all__ = ["OverlapRound"]
 
 
 class OverlapRound(GlobalCopyRound):
-    """A two-phase outer round: launched at a scheduled step, landed ``overlap_steps`` later.
+    """A two-phase outer round: launched at a scheduled step, landed when the cursor says so.
 
-    :meth:`run` (the launch) snapshots ``global - local`` into persistent flat buffers laid
+    :meth:`run` (the launch) writes ``global - local`` into a persistent in-flight copy laid
     out like the global copy (+1x parameters: the parameters keep training meanwhile) and
-    starts one async all-reduce per bucket, each a slice of them. :meth:`wait` completes them and divides, leaving the mean
-    pseudo-gradient in :attr:`views`; :meth:`land` steps the outer optimizer with it and
-    mixes: ``p <- mix * p + (1 - mix) * global``. In a world of one the round is blocking.
+    starts the engine's asynchronous mean over its buckets. The averaged module buffers (values,
+    not deltas, and small) are averaged right away, blocking. :meth:`wait` completes the mean;
+    :meth:`land` steps the outer optimizer with it and mixes:
+    ``p <- mix * p + (1 - mix) * global``. In a world of one the round is blocking.
 
     Args:
         outer: the global copy and the outer optimizer.
-        params: the parameters (only their shapes, dtypes and devices are read).
-        bucket_cap_bytes: the largest bucket.
-        overlap_steps: local steps between the launch and the landing.
         mix: the weight kept of the local parameters when the round lands.
     """
 
-    def __init__(self, outer: OuterState, params: Sequence[torch.Tensor], bucket_cap_bytes: int,
-                 overlap_steps: int, mix: float) -> None:
+    def __init__(self, outer: OuterState, mix: float) -> None:
         super().__init__(outer)
-        self.overlap_steps = overlap_steps
         self.mix = mix
-        self.views, self.flat = flat_clone(params)  # laid out as the global copy (values unused)
-        # One all-reduce per bucket: a region's buckets tile its buffer in order.
-        self.buckets = plan_buckets(params, bucket_cap_bytes)
-        self._slices = bucket_slices(self.flat, regions(params), self.buckets)
-        self._works: list[Any] = []
-        self._divisor: int | None = None
-        self.apply_at: int | None = None  # the step at which the pending result is applied
+        self.deltas: list[torch.Tensor] = []  # the in-flight copy, laid out like the global copy
+        self.views: list[torch.Tensor] = []  # its per-parameter views: the mean pseudo-gradients
+        self._key: tuple | None = None
+        self._flight: InFlight | None = None
+        self.lands_at: int | None = None  # the cursor's landing step of the pending round (for checkpoints)
+
+    @property
+    def pending(self) -> bool:
+        """Whether a launched round has not landed yet."""
+        return self.lands_at is not None
 
     def describe(self, step: int) -> str:
         return f"the overlapped round launched at step {step}"
 
+    def prepare(self, ctx: RoundContext) -> None:
+        super().prepare(ctx)
+        self._in_flight_copy(ctx)
+
+    def _in_flight_copy(self, ctx: RoundContext) -> list[torch.Tensor]:
+        flats = self.flats(ctx)
+        if self._key != self.outer.key:
+            self.deltas = [torch.empty_like(f) for f in flats]
+            self.views = rebase(ctx.engine.views(ctx.lo, ctx.hi), flats, self.deltas)
+            self._key = self.outer.key
+        return flats
+
     @torch.no_grad()
     def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
-        flats = self.outer.flats(ctx.engine)
+        flats, engine = self._in_flight_copy(ctx), ctx.engine
         if joined:
-            for buf in self.flat:
-                buf.zero_()
-        elif flats is not None:
-            for g, p, out in zip(self.outer.flat, flats, self.flat):
-                torch.sub(g, p, out=out)  # global - local, as a blocking round
+            for d in self.deltas:
+                d.zero_()
         else:
-            foreach_copy(self.views, self.outer.globals)
-            torch._foreach_sub_(self.views, ctx.params)
-        op, self._divisor = mean_op(ctx.group, contributors)
-        self._works = [dist.all_reduce(buf, op, ctx.group, async_op=True) for buf in self._slices]
-        ctx.sent += sum(buf.numel() * buf.element_size() for buf in self._slices)
-        self.apply_at = ctx.step + self.overlap_steps
+            engine.stage_in(ctx.lo, ctx.hi)
+            self.outer.to_deltas(flats, out=self.deltas)  # global - local, as a blocking round
+        self._flight = engine.start_mean(ctx.group, ctx.size, contributors, self.deltas, ctx.lo, ctx.hi)
+        ctx.sent += self._flight.sent
+        self.lands_at = ctx.lands_at
+        if ctx.end > ctx.hi:  # module buffers: averaged now, blocking
+            ctx.sent += engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined,
+                                               lo=ctx.hi, hi=ctx.end)
 
-    @torch.no_grad()
     def wait(self) -> None:
-        """Wait for the in-flight reduction (if any) and turn sums into means, once."""
-        works, self._works = self._works, []
-        for w in works:
-            w.wait()
-        if works and self._divisor not in (None, 1):
-            torch._foreach_div_(self.flat, self._divisor)
+        """Complete the in-flight mean (if any)."""
+        flight, self._flight = self._flight, None
+        if flight is not None:
+            flight.wait()
 
     @torch.no_grad()
-    def land(self, params: list[torch.Tensor], names: list[str], engine: BucketEngine | None = None) -> None:
+    def land(self, ctx: RoundContext | None) -> None:
         """Apply the round that was in flight (after :meth:`wait`); nothing if none is."""
-        if self.apply_at is None:
+        if not self.pending:
             return
-        self.outer.check_compatible(params, names)  # cast since the launch: raise before stepping
+        if ctx is None:  # (a single process runs blocking rounds: nothing is ever in flight there)
+            return
+        self.outer.check_compatible(ctx.params, ctx.names())  # cast since the launch: raise before stepping
+        flats = self.flats(ctx)
         self.outer.step(self.views)
-        self.outer.mix_into(params, 1.0 - self.mix, engine)  # keep part of the local progress
-        self.apply_at = None
+        ctx.engine.stage_in(ctx.lo, ctx.hi)
+        self.outer.mix_into(flats, 1.0 - self.mix)  # keep part of the local progress
+        ctx.engine.stage_out(ctx.lo, ctx.hi)
+        self.lands_at = None
 
     def state(self, entry: dict[str, Any]) -> None:
         super().state(entry)
-        if self.apply_at is not None:
+        if self.pending:
             self.wait()  # local: the collectives are already matched on every rank
-            entry["in_flight"] = {"apply_at": self.apply_at, "mean_delta": list(self.views)}
+            entry["in_flight"] = {"apply_at": self.lands_at, "mean_delta": list(self.views)}
 
     def check_state(self, entry: dict[str, Any] | None) -> None:
         super().check_state(entry)
@@ -104,15 +115,19 @@ class OverlapRound(GlobalCopyRound):
                 f"'mean_delta', got {in_flight!r:.200}; pass a state dict saved by a LocalSGDOptimizer "
                 "with overlap_steps"
             )
-        check_tensor_list(in_flight.get("mean_delta"), self.views, "'in_flight']['mean_delta'",
-                          f"one tensor per parameter ({len(self.views)}, same shapes); pass a state dict "
+        check_tensor_list(in_flight.get("mean_delta"), self.outer.globals, "'in_flight']['mean_delta'",
+                          f"one tensor per parameter ({len(self.outer.globals)}, same shapes); pass a state dict "
                           "saved by a LocalSGDOptimizer with the same model and overlap_steps")
 
     def load_state(self, entry: dict[str, Any] | None, params: list[torch.Tensor]) -> None:
         super().load_state(entry, params)  # (no decorator here: the warning's stacklevel counts frames)
         in_flight = (entry.get("in_flight") if isinstance(entry, dict) else None) or {}
-        self._works = []
-        self.apply_at = in_flight.get("apply_at")
-        if self.apply_at is not None:
+        self._flight = None
+        self.lands_at = in_flight.get("apply_at")
+        if self.lands_at is not None:
+            if not self.views:  # not bound yet: laid out like the global copy
+                self.deltas = [torch.empty_like(f) for f in self.outer.flat]
+                self.views = rebase(self.outer.globals, self.outer.flat, self.deltas)
+                self._key = self.outer.key
             with torch.no_grad():
                 foreach_copy(self.views, [t.to(v.device, v.dtype) for t, v in zip(in_flight["mean_delta"], self.views)])
