@@ -38,7 +38,8 @@ def mean_op(group: dist.ProcessGroup | None, contributors: int) -> tuple[dist.Re
 
 
 def foreach_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    torch._foreach_copy_(dst, src)
+    if dst:  # (torch's foreach ops refuse an empty list: a model with nothing to average)
+        torch._foreach_copy_(dst, src)
 
 
 # A collective takes the flat tensor to reduce and returns its async work handle.

@@ -198,10 +198,10 @@ class Layout:
 
 def rebase(views: Sequence[torch.Tensor], old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The views ``views`` of buffers ``old``, re-made on buffers ``new`` of the same sizes."""
-    where = {b.untyped_storage().data_ptr(): (b, n) for b, n in zip(old, new)}
+    where = {(b.device, b.dtype): (b, n) for b, n in zip(old, new)}  # one buffer per (device, dtype)
     out = []
     for v in views:
-        b, n = where[v.untyped_storage().data_ptr()]
+        b, n = where[(v.device, v.dtype)]
         out.append(n.as_strided(v.shape, v.stride(), n.storage_offset() + v.storage_offset() - b.storage_offset()))
     return out
 

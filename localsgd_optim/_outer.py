@@ -151,7 +151,7 @@ class OuterState:
         """A round in a world of one: the mean pseudo-gradient is this worker's own."""
         params = list(params)
         with torch.no_grad():
-            deltas = torch._foreach_sub(self.globals, params)
+            deltas = torch._foreach_sub(self.globals, params) if params else []
         self.step(deltas)
         with torch.no_grad():
             foreach_copy(params, self.globals)

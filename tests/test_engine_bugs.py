@@ -204,3 +204,36 @@ def test_nan_scan_covers_averaged_optimizer_state(ranks2):
     (message0, finite0), (message1, finite1) = ranks2(_nan_in_optimizer_state)
     assert message0 == message1 and "exp_avg_sq" in message0 and "rank 1" in message0, message0
     assert finite0 and not finite1  # nothing was averaged
+
+
+# -- found by the property tests (tests/test_properties.py) while this refactor was under way ----------
+
+def _overlap_empty_of_two_dtypes() -> list[torch.Tensor]:
+    params = [nn.Parameter(torch.zeros(0)), nn.Parameter(torch.zeros(0, dtype=torch.float64)),
+              nn.Parameter(torch.full((3,), 1.0 + dist.get_rank()))]
+    opt = LocalSGDOptimizer(torch.optim.SGD(params, lr=0.0), k=2, overlap_steps=1, overlap_mix=0.0)
+    with torch.no_grad():
+        params[2].fill_(1.0 + dist.get_rank())  # after the broadcast: 1.0 and 2.0
+    for _ in range(3):  # launched at 2, landed at 3
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def test_overlap_lands_with_empty_parameters_of_two_dtypes(ranks2):
+    # Empty flat buffers all have data_ptr 0: re-laying views out by storage pointer mixed the
+    # float32 and float64 ones up, and landing raised "assign a gradient with dtype 'double'".
+    for empty32, empty64, p in ranks2(_overlap_empty_of_two_dtypes):
+        assert empty32.dtype == torch.float32 and empty64.dtype == torch.float64
+        assert torch.equal(p, torch.full((3,), 1.5))
+
+
+def _outer_with_nothing_trainable() -> str:
+    frozen = nn.Parameter(torch.ones(2), requires_grad=False)
+    with pytest.raises(ValueError) as info:
+        LocalSGDOptimizer(torch.optim.SGD([frozen], lr=0.1), k=2, outer_optimizer=diloco())
+    return str(info.value)
+
+
+def test_outer_rounds_refuse_a_model_with_nothing_trainable(ranks2):
+    for message in ranks2(_outer_with_nothing_trainable):
+        assert "at least one trainable floating-point parameter" in message, message

@@ -23,7 +23,8 @@ class Payload(TorchDispatchMode):
         if name == "allreduce_":
             self.bytes += sum(t.numel() * t.element_size() for t in args[0])
         elif name == "_allgather_base_":  # all_gather_into_tensor: args = (output, input, ...)
-            self.bytes += args[1].numel() * args[1].element_size()
+            if args[1].dtype != torch.int64:  # the control gather (7 int64s a rank) is not payload
+                self.bytes += args[1].numel() * args[1].element_size()
         return func(*args, **(kwargs or {}))
 
 

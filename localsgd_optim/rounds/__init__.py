@@ -93,6 +93,12 @@ def _scheduled(config: Config, params: list[torch.Tensor]) -> Round:
     """The scheduled round over ``params`` (the whole model, or one fragment of it)."""
     if config.outer_optimizer is None:
         return AverageRound(RoundKind.SCHEDULED)
+    if not params:
+        raise ValueError(
+            f"outer_optimizer, compression={config.compression!r} and overlap_steps={config.overlap_steps} need at "
+            "least one trainable floating-point parameter (requires_grad=True) to keep a global copy of; every "
+            "parameter is frozen or not floating-point: unfreeze one, or drop those options"
+        )
     outer = OuterState(params, config.outer_optimizer, config.flat_params)
     if config.overlap_steps:
         return OverlapRound(outer, config.overlap_mix)
