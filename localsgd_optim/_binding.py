@@ -178,11 +178,14 @@ class Binding:
         bucket_cap_mb: the largest bucket.
         flat_params: move the parameters into flat storage (see :class:`~localsgd_optim._flat.FlatStorage`).
         breaks: tensor indices no bucket straddles (fragment boundaries).
+        check_finite: scan every rank for NaN/Inf before each round.
+        cursor: the schedule's :class:`~localsgd_optim._schedule.Cursor`: each round's control
+            collective says its ``step`` and ``origin``.
     """
 
     def __init__(self, group: dist.ProcessGroup | None, world_size: int, members: Members,
                  settings: Callable[[], dict[str, Any]], bucket_cap_mb: float, flat_params: bool = True,
-                 breaks: Sequence[int] = ()) -> None:
+                 breaks: Sequence[int] = (), check_finite: bool = True, cursor: Any = None) -> None:
         members.check_averageable()  # local and before any collective: every rank raises alike
         tensors = members.tensors()
         self.group = group
@@ -190,6 +193,8 @@ class Binding:
         self.members = members
         self.settings = settings
         self.flat_params = flat_params
+        self.check_finite = check_finite
+        self.cursor = cursor  # the step count, and the count this run started or resumed from
         self.engine = BucketEngine(tensors, bucket_cap_bytes(bucket_cap_mb), flat_params, len(members.params()),
                                    breaks)
         self._nccl = dist.get_backend(group) == "nccl"
@@ -215,8 +220,17 @@ class Binding:
         if message is not None:
             raise LayoutMismatchError(message)
 
-    def control(self, kind: RoundKind, num_steps: int, start_steps: int, prepare: Callable[[], None],
-                check_finite: bool, joined: bool = False, group: Any = None,
+    def refresh(self) -> int:
+        """Follow the members: re-plan the engine if they moved, were rebound, (un)frozen or gained
+        state; return how many parameters it averages (they lead its tensor list)."""
+        params = self.members.params()
+        # The trainable set can change (unfreezing): the parameters, and only they, may move.
+        self.engine.movable = len(params)
+        if self.engine.refresh(params + [b for _, b in self.members.buffers()]) or self.members.dynamic:
+            self.digest = self._digest()
+        return len(params)
+
+    def control(self, kind: RoundKind, prepare: Callable[[], None], joined: bool = False, group: Any = None,
                 riders: Sequence[Any] = ()) -> int:
         """Prepare locally, then run the round's control collective; return how many ranks send data.
 
@@ -226,34 +240,30 @@ class Binding:
         """
         nonfinite, local_error = -1, None
         try:
-            params = self.members.params()
-            # The trainable set can change (unfreezing): the parameters, and only they, may move.
-            self.engine.movable = len(params)
-            # moved, rebound, (un)frozen, new state
-            if self.engine.refresh(params + [b for _, b in self.members.buffers()]) or self.members.dynamic:
-                self.digest = self._digest()
+            self.refresh()
             prepare()
-            if check_finite and kind != RoundKind.BIND and not joined:
+            if self.check_finite and kind != RoundKind.BIND and not joined:
                 nonfinite = self.engine.first_nonfinite()
                 for rider in riders:  # the optimizer state: named after the engine's tensors
                     if nonfinite < 0 and (found := rider.first_nonfinite()) >= 0:
                         nonfinite = len(self.engine.tensors) + found
         except Exception as e:  # noqa: BLE001 - re-raised on this rank right after the gather
             local_error = e
-        return agree_on_round(self.group if group is None else group, self.control_device, kind, num_steps,
-                              start_steps, self.digest, self._explain_layout, nonfinite, self.members.names,
+        return agree_on_round(self.group if group is None else group, self.control_device, kind, self.cursor.step,
+                              self.cursor.origin, self.digest, self._explain_layout, nonfinite, self.members.names,
                               joined, local_error)
 
     @contextlib.contextmanager
-    def errors(self, what: str) -> Iterator[None]:
-        """Re-raise a communication failure as AveragingRoundError saying which round; pass the rest."""
+    def errors(self, what: Callable[[], str]) -> Iterator[None]:
+        """Re-raise a communication failure as AveragingRoundError saying which round (``what()``, formatted
+        only then); pass the rest."""
         try:
             yield
         except (LocalSGDError, torch.OutOfMemoryError, NotImplementedError):
             raise
         except RuntimeError as e:  # gloo/NCCL errors: a dead peer, a broken link, a timeout
             raise AveragingRoundError(
-                f"LocalSGDOptimizer: {what} failed on rank {dist.get_rank(self.group)} of {self.world_size}: "
+                f"LocalSGDOptimizer: {what()} failed on rank {dist.get_rank(self.group)} of {self.world_size}: "
                 f"{type(e).__name__}: {e}. If a rank died, restart the job from the last checkpoint "
                 "(see docs/failure-modes.md)."
             ) from e

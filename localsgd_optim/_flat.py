@@ -191,9 +191,9 @@ class Layout:
 
     def key(self, lo: int, hi: int) -> tuple:
         """What another layout must share to line up with tensors ``[lo, hi)`` element for element."""
-        base = {r: a for r, a, _ in self.extent(lo, hi)}
-        return tuple((self.where[i][0], self.where[i][1] - base[self.where[i][0]], self.shapes[i])
-                     for i in range(lo, hi))
+        # regions numbered by their place among the range's slices (as :meth:`slices` lists them)
+        base = {r: (k, a) for k, (r, a, _) in enumerate(self.extent(lo, hi))}
+        return tuple((base[r][0], off - base[r][1], self.shapes[i]) for i, (r, off) in enumerate(self.where[lo:hi], lo))
 
 
 def rebase(views: Sequence[torch.Tensor], old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -170,7 +170,7 @@ class Cursor:
         overlap_steps: rounds land this many steps after they were launched (0: blocking).
     """
 
-    __slots__ = ("schedule", "local_k", "overlap_steps", "step", "_next_round", "_land_at")
+    __slots__ = ("schedule", "local_k", "overlap_steps", "step", "origin", "_next_round", "_land_at")
 
     def __init__(self, schedule: Schedule | FragmentSchedule, local_k: int = 0, overlap_steps: int = 0) -> None:
         self.schedule = schedule
@@ -179,8 +179,12 @@ class Cursor:
         self.seek(0)
 
     def seek(self, step: int) -> None:
-        """Continue from ``step`` (steps already taken), replaying the schedule up to it."""
-        self.step = step
+        """Continue from ``step`` (steps already taken), replaying the schedule up to it.
+
+        ``origin`` remembers it: the count this run started or resumed from, which every rank
+        must share (their rounds are out of phase otherwise).
+        """
+        self.step = self.origin = step
         last, nxt = None, self.schedule.next_round(0)
         while nxt <= step:
             last, nxt = nxt, self.schedule.next_round(nxt)

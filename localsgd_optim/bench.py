@@ -526,7 +526,6 @@ def count_kernels(fn: Callable[[], None], device: torch.device) -> int | None:
 
 def fake_world_main(args: argparse.Namespace, device: torch.device) -> dict:
     """Time one round of each method on one device, in a fake world whose collectives move nothing."""
-    from torch.distributed.algorithms.model_averaging.utils import average_parameters
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if device.type == "cuda":
@@ -541,55 +540,73 @@ def fake_world_main(args: argparse.Namespace, device: torch.device) -> dict:
     for layers, width in args.models:
         torch.manual_seed(0)
         model = build_model(layers, width).to(device)
-
-        def params() -> list[torch.Tensor]:
-            return [p.detach().clone().requires_grad_() for p in model.parameters()]
-
-        def ours(**options: Any) -> Ours:
-            contender = Ours("", params(), args.fake_world, args.bucket_cap_mb[0], **options)
-            contender.prepare()
-            return contender
-
-        theirs = params()
-        default = ours()
-        methods: dict[str, Callable[[], None]] = {
-            "torch average_parameters": lambda: average_parameters(iter(theirs), dist.group.WORLD),
-            "localsgd_optim sync": default.round,
-            "localsgd_optim sync, check_finite=False": ours(check_finite=False).round,
-            "localsgd_optim sync, flat_params=False": ours(flat_params=False).round,
-        }
-        times: dict[str, list[float]] = {name: [] for name in methods}
-        for r in range(args.warmup + args.rounds):
-            for name, fn in methods.items():
-                _sync_device(device)
-                t0 = time.perf_counter()
-                fn()
-                _sync_device(device)
-                if r >= args.warmup:
-                    times[name].append(time.perf_counter() - t0)
+        methods, default = _fake_world_methods(model, args)
+        times = _time_interleaved(methods, args, device)
         rows = []
         for name, fn in methods.items():
             with CountOps() as ops:
                 fn()
             rows.append({"method": name, "median_ms": 1e3 * statistics.median(times[name]), "ops": ops.count,
                          "cuda_kernels": count_kernels(fn, device)})
-        n = sum(p.numel() for p in model.parameters())
-        buckets = len(default.opt.engine.buckets)  # its rounds have run: the engine is bound
-        entry = {"layers": layers, "width": width, "params": n, "tensors": len(list(model.parameters())),
-                 "buckets": buckets, "rounds": rows}
+        for row in rows:  # the target: at most 0.25x torch's
+            row["ratio_to_torch"] = row["median_ms"] / rows[0]["median_ms"]
+        entry = {"layers": layers, "width": width, "params": sum(p.numel() for p in model.parameters()),
+                 "tensors": len(list(model.parameters())), "buckets": len(default.opt.engine.buckets), "rounds": rows}
         report["models"].append(entry)
-        print(f"\n== TransformerEncoder {layers}x{width}: {n / 1e6:.1f}M params in {entry['tensors']} tensors, "
-              f"{buckets} buckets of {args.bucket_cap_mb[0]:g} MB; fake world of {args.fake_world} on {device}: "
-              "no wire, everything else ==")
-        print(f"{'method':<42} {'median ms':>10} {'ops':>6} {'CUDA kernels':>13}")
-        for row in rows:
-            kernels = "n/a" if row["cuda_kernels"] is None else str(row["cuda_kernels"])
-            print(f"{row['method']:<42} {row['median_ms']:>10.3f} {row['ops']:>6} {kernels:>13}")
-        sys.stdout.flush()
+        _print_fake_world(entry, args, device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     return report
+
+
+def _fake_world_methods(model: nn.Module, args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]], "Ours"]:
+    """torch's ``average_parameters`` first, then our rounds, each on its own copy of the parameters."""
+    from torch.distributed.algorithms.model_averaging.utils import average_parameters
+
+    def params() -> list[torch.Tensor]:
+        return [p.detach().clone().requires_grad_() for p in model.parameters()]
+
+    def ours(**options: Any) -> Ours:
+        contender = Ours("", params(), args.fake_world, args.bucket_cap_mb[0], **options)
+        contender.prepare()
+        return contender
+
+    theirs = params()
+    default = ours()
+    return {
+        "torch average_parameters": lambda: average_parameters(iter(theirs), dist.group.WORLD),
+        "localsgd_optim sync": default.round,
+        "localsgd_optim sync, check_finite=False": ours(check_finite=False).round,
+        "localsgd_optim sync, flat_params=False": ours(flat_params=False).round,
+    }, default
+
+
+def _time_interleaved(methods: dict[str, Callable[[], None]], args: argparse.Namespace,
+                      device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each method, interleaved round by round so drift hits every method alike."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for r in range(args.warmup + args.rounds):
+        for name, fn in methods.items():
+            _sync_device(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync_device(device)
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _print_fake_world(entry: dict, args: argparse.Namespace, device: torch.device) -> None:
+    print(f"\n== TransformerEncoder {entry['layers']}x{entry['width']}: {entry['params'] / 1e6:.1f}M params in "
+          f"{entry['tensors']} tensors, {entry['buckets']} buckets of {args.bucket_cap_mb[0]:g} MB; fake world of "
+          f"{args.fake_world} on {device}: no wire, everything else ==")
+    print(f"{'method':<42} {'median ms':>10} {'x torch':>8} {'ops':>6} {'CUDA kernels':>13}")
+    for row in entry["rounds"]:
+        kernels = "n/a" if row["cuda_kernels"] is None else str(row["cuda_kernels"])
+        print(f"{row['method']:<42} {row['median_ms']:>10.3f} {row['ratio_to_torch']:>8.3f} {row['ops']:>6} "
+              f"{kernels:>13}")
+    sys.stdout.flush()
 
 
 def _print_model(entry: dict, report: dict) -> None:

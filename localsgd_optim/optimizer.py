@@ -108,11 +108,12 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             applied (default: ``None``, meaning 0.5; 0 discards the local progress of those
             steps). Only with ``overlap_steps``: given without it, a ``ValueError``.
         buffers: a module whose floating-point buffers (e.g. BatchNorm running statistics)
-            are averaged with the parameters, in the same buckets (default: ``None``).
-        check_finite: before each round, check every rank's parameters for NaN/Inf (one
-            ``sum()`` per parameter, its result riding in the round's control collective) and
-            raise on every rank, naming the rank and parameter, instead of averaging the NaN
-            into every replica (default: ``True``).
+            are averaged with the parameters, in the same buckets; overlapped rounds average them
+            at the launch, blocking (default: ``None``).
+        check_finite: before each round, check every rank's parameters, averaged buffers and
+            averaged optimizer state for NaN/Inf (one ``sum()`` per flat buffer, its verdict riding
+            in the round's control collective) and raise on every rank, naming the rank and tensor,
+            instead of averaging the NaN into every replica (default: ``True``).
         flat_params: when the optimizer binds to the process group, move every parameter once
             into persistent flat storage (one contiguous buffer per (device, dtype); ``p.data``
             becomes a view of it with the same strides), so a round reduces each bucket where it
@@ -189,7 +190,6 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._config = config
         self._members = Members(self, config.buffers, config.average_optimizer_state)
         self._ddp_modules: list[nn.Module] = []  # registered by no_sync(): DDP syncs during warmup
-        self._start_steps = 0  # the count this run started or resumed from: ranks must agree
         self._binding: Binding | None = None
         self._single = False  # bound to a world of one: never communicate
         self._pending_broadcast = config.sync_on_init
@@ -261,10 +261,9 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         if world_size == 1:
             self._single = dist.is_available() and dist.is_initialized()
             return None
-        binding = self._binding = Binding(self.process_group, world_size, self._members, self._settings,
-                                          self.bucket_cap_mb, self.flat_params, self._breaks())
+        binding = self._binding = self._new_binding(self.process_group, world_size)
         try:
-            binding.control(RoundKind.BIND, self.num_steps, self._start_steps, binding.engine.prepare, False)
+            binding.control(RoundKind.BIND, binding.engine.prepare)
         except BaseException:
             self._binding = None  # not bound: the next step() or sync() tries again
             raise
@@ -276,19 +275,22 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 BucketEngine(frozen, bucket_cap_bytes(self.bucket_cap_mb), flat_params=False).broadcast(
                     src, binding.group)  # their own storage: only the averaged parameters move
             self._pending_broadcast = False
-            self._rounds.restart(self._members.params(), self._context(binding))  # bound late: re-take the global copy
+            self._rounds.restart(self._members.params(), self._context(binding, refresh=True))  # bound late: re-take the global copy
         return binding
 
-    def _breaks(self) -> list[int]:
-        return self._rounds.breaks(len(self._members.params()))
+    def _new_binding(self, group: dist.ProcessGroup | None, world_size: int) -> Binding:
+        return Binding(group, world_size, self._members, self._settings, self.bucket_cap_mb, self.flat_params,
+                       self._rounds.breaks(len(self._members.params())), self.check_finite, self._cursor)
 
-    def _context(self, binding: Binding, local: bool = False) -> RoundContext:
-        """What a round works on: every parameter, and the averaged buffers after them."""
-        params = self._members.params()
+    def _context(self, binding: Binding, local: bool = False, refresh: bool = False) -> RoundContext:
+        """What a round works on: every parameter, and the averaged buffers after them (the engine's
+        tensors, refreshed by the control collective; ``refresh`` for a landing or a restart)."""
+        n = binding.refresh() if refresh else binding.engine.movable
+        engine = binding.engine
         group = self.local_group if local else binding.group
         size = dist.get_world_size(group) if local else binding.world_size
-        return RoundContext(params, self._members.names, binding.engine, group, size, self.num_steps,
-                            0, len(params), len(binding.engine.tensors), self._cursor.landing)
+        return RoundContext(engine.tensors[:n], self._members.names, engine, group, size, self.num_steps,
+                            0, n, len(engine.tensors), self._cursor.landing)
 
     def _run(self, round_: Round, joined: bool = False) -> None:
         """Drive one round: prepare locally, agree in the control collective, run the collectives."""
@@ -308,10 +310,9 @@ class LocalSGDOptimizer(Optimizer, Joinable):
 
         start = time.perf_counter()
         try:
-            with binding.errors(round_.describe(step)):
-                contributors = binding.control(round_.kind, step, self._start_steps, prepare, self.check_finite,
-                                               joined, self.local_group if round_.local else binding.group,
-                                               round_.riders)
+            with binding.errors(lambda: round_.describe(step)):
+                contributors = binding.control(round_.kind, prepare, joined,
+                                               self.local_group if round_.local else binding.group, round_.riders)
                 assert ctx is not None
                 round_.run(ctx, contributors, joined)
                 for rider in round_.riders:
@@ -327,9 +328,9 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         start = time.perf_counter()
         try:
             if self._binding is not None:
-                with self._binding.errors(f"the overlapped round applied at step {self.num_steps}"):
+                with self._binding.errors(lambda: f"the overlapped round applied at step {self.num_steps}"):
                     round_.wait()
-            round_.land(self._context(self._binding) if self._binding is not None else None)
+            round_.land(self._context(self._binding, refresh=True) if self._binding is not None else None)
         finally:
             self._stats["round_seconds"] += time.perf_counter() - start
 
@@ -389,7 +390,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                     self._run(self._rounds.warmup, joined)
             elif event == Event.WARMUP_END:
                 self._set_ddp_grad_sync(False)  # warmup over: local steps from here
-                self._rounds.restart(self._members.params(), self._context(self._binding)
+                self._rounds.restart(self._members.params(), self._context(self._binding, refresh=True)
                                      if self._binding is not None else None)  # the outer loop starts from here
             elif event == Event.GLOBAL_ROUND:
                 self._run(self._rounds.scheduled, joined)
@@ -468,8 +469,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             )
         self.optimizer.add_param_group(param_group)
         if self._binding is not None:
-            self._binding = Binding(self._binding.group, self._binding.world_size, self._members,
-                                    self._settings, self.bucket_cap_mb, self.flat_params, self._breaks())
+            self._binding = self._new_binding(self._binding.group, self._binding.world_size)
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -530,7 +530,6 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         load_inner()
         self._share_inner()  # load_state_dict rebinds the inner param_groups and state
         self._rounds.load_state(entry, self._members.params())
-        self._start_steps = num_steps
         self._cursor.seek(num_steps)  # the next round is derived, not stored
         self._set_ddp_grad_sync(num_steps < self.warmup_steps)
 

@@ -414,3 +414,28 @@ def test_model_compiled_before_binding_keeps_training(ranks2):
     for compiled, eager, recompiles in ranks2(_compiled_then_bound):
         assert recompiles <= 1, recompiles  # at most one recompile for the parameters' new storage
         assert_same(compiled, eager, exact=False)
+
+
+def _count_fragment_round_ops():
+    torch.manual_seed(0)
+    model = build_model(48, 128)
+    params = list(model.parameters())
+    opt = LocalSGDOptimizer(torch.optim.SGD(params, lr=0.0), k=4, fragments=2)
+    counts = []
+    for _ in range(8):  # fragment 0 at steps 2 and 6, fragment 1 at 4 and 8: count the second of each
+        with CountOps() as counter:
+            opt.step()
+        counts.append(dict(counter.ops))
+    return len(opt.engine.buckets), counts[5], counts[7]
+
+
+def test_a_fragment_round_reduces_its_buckets_in_place(ranks2):
+    # Before issue 23 each fragment had a copy engine of its own: every round packed and unpacked
+    # the fragment's parameters, which already sat contiguously in the flat storage.
+    for buckets, first, second in ranks2(_count_fragment_round_ops):
+        for ops in (first, second):
+            assert not any("copy" in name for name in ops), ops
+            assert 1 <= ops.get("allreduce_", 0) < buckets, ops  # a fragment's buckets only
+            work = sum(n for name, n in ops.items() if not name.startswith("_record_function"))  # (step()'s profiler marks)
+            assert work <= ops["allreduce_"] + 6, ops
+        assert first["allreduce_"] + second["allreduce_"] == buckets  # the two fragments tile the plan

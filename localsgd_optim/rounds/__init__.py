@@ -103,7 +103,7 @@ def _scheduled(config: Config, params: list[torch.Tensor]) -> Round:
     if config.overlap_steps:
         return OverlapRound(outer, config.overlap_mix)
     if config.compression == "int8":
-        return OuterRound(outer, Int8Reducer(params))
+        return OuterRound(outer, Int8Reducer(params, config.flat_params))
     if config.wire_dtype is not None:
         return OuterRound(outer, CastReducer(config.wire_dtype))
     return OuterRound(outer, Reducer())

@@ -60,9 +60,6 @@ class Reducer:
     ranks (ranks that joined send zeros). The default reduces every tensor of the engine.
     """
 
-    #: reduces a flat layout in place (the engine's staging copy is needed with the copy engine)
-    flat = False
-
     def prepare(self, ctx: RoundContext) -> None:
         ctx.engine.prepare()
 

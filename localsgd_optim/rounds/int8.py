@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from .._buckets import foreach_copy
 from .._dist import all_gather_into
-from .._flat import rebase
+from .._flat import Layout, rebase
 from .._state import check_tensor_list
 from .base import Reducer, RoundContext
 
@@ -38,14 +38,12 @@ class Int8Reducer(Reducer):
         tensors: the tensors averaged in place (the pseudo-gradients), fixed order.
     """
 
-    flat = True
-
-    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
-        # fp32, one per tensor, laid out (once the round sees the engine) like its flat slices
-        self.residuals: list[torch.Tensor] = [torch.zeros(t.shape, dtype=torch.float32, device=t.device)
-                                              for t in tensors]
-        self._flats: list[torch.Tensor] = []
-        self._key: tuple | None = None
+    def __init__(self, tensors: Sequence[torch.Tensor], flat_params: bool = True) -> None:
+        # fp32, laid out as the engine will lay the tensors out (re-laid out if it does otherwise)
+        layout = Layout(tensors, [flat_params] * len(tensors))
+        self._flats = [torch.zeros(r.numel, dtype=torch.float32, device=r.device) for r in layout.regions]
+        self.residuals: list[torch.Tensor] = layout.views(self._flats)
+        self._key: tuple | None = layout.key(0, len(tensors))
         self._buffers: dict[str, torch.Tensor] = {}
         self._shape: tuple[int, int, int] = (0, 0, 0)
 
@@ -162,3 +160,4 @@ class Int8Reducer(Reducer):
             return
         for mine, saved in zip(self.residuals, residuals):
             mine.copy_(saved)
+
