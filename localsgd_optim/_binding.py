@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import operator
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -26,6 +28,9 @@ __all__ = ["Members", "Binding"]
 
 def _averaged(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
+
+
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 def _trained(p: torch.Tensor) -> bool:
@@ -54,6 +59,9 @@ class Members:
 
     def __init__(self, owner: Any, buffers_module: nn.Module | None, optimizer_state: bool = False) -> None:
         self._owner = owner
+        self._params: list[torch.Tensor] = []  # the last answer of params(), and what it was read from:
+        self._all: list[torch.Tensor] = []
+        self._flags: list[bool] = []
         self.buffers_module = buffers_module
         self.averages_optimizer_state = optimizer_state
 
@@ -86,8 +94,19 @@ class Members:
 
     def params(self) -> list[torch.Tensor]:
         """The parameters averaged: every floating-point (or complex) one with ``requires_grad``,
-        in ``param_groups`` order."""
-        return [p for group in self._owner.param_groups for p in group["params"] if _trained(p)]
+        in ``param_groups`` order.
+
+        Read at every round, so it is the hot path of a round's Python: the parameters' ids and
+        ``requires_grad`` flags are gathered with C-level maps and compared with the last call's;
+        only a change (a group added, a load, a parameter frozen) rebuilds the list. A tensor that
+        requires grad is floating-point or complex (torch allows no other), so the flag decides.
+        """
+        everything = list(itertools.chain.from_iterable([group["params"] for group in self._owner.param_groups]))
+        flags = list(map(_REQUIRES_GRAD, everything))
+        if flags != self._flags or len(everything) != len(self._all) or not all(map(operator.is_, everything, self._all)):
+            self._params = [p for p, trained in zip(everything, flags) if trained]
+            self._all, self._flags = everything, flags
+        return list(self._params)
 
     def frozen(self) -> list[torch.Tensor]:
         """The floating-point (or complex) parameters with ``requires_grad=False``: broadcast at

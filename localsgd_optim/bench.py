@@ -574,8 +574,15 @@ def _fake_world_methods(model: nn.Module, args: argparse.Namespace) -> tuple[dic
 
     theirs = params()
     default = ours()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def floor() -> None:  # the NaN check's read and the divide's read + write, nothing else
+        flat.sum()
+        flat.div_(1)
+
     return {
         "torch average_parameters": lambda: average_parameters(iter(theirs), dist.group.WORLD),
+        "floor: one sum + one div_ over the bytes": floor,
         "localsgd_optim sync": default.round,
         "localsgd_optim sync, check_finite=False": ours(check_finite=False).round,
         "localsgd_optim sync, flat_params=False": ours(flat_params=False).round,
