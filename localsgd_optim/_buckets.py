@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import operator
 from collections import deque
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -329,86 +329,61 @@ class BucketEngine:
     def _reduce_slices(self, slices: list[torch.Tensor], collective: Collective, finish: Finisher | None,
                        wire_dtype: torch.dtype | None) -> int:
         """One collective per slice, in place, or through a packing buffer of ``wire_dtype``."""
-        pending: deque[tuple[torch.Tensor, torch.Tensor, _Slots | None, int, dist.Work]] = deque()
-        sent = 0
 
-        def complete_oldest() -> None:
-            target, flat, slots, index, work = pending.popleft()
-            work.wait()
+        def complete(target: torch.Tensor, flat: torch.Tensor, slots: _Slots | None, index: int) -> None:
             if finish is not None:
                 finish(flat)
             if slots is not None:
                 target.copy_(flat)  # widen back in place
                 slots.free.append(index)
 
-        try:
+        with _Pipeline(complete) as pipe:
             for target in slices:
-                slots = index = None
-                flat = target
+                slots, index, flat = None, 0, target
                 if wire_dtype is not None:
                     slots = self._slots_for(Span(target.device, target.dtype, (), (), target.numel()), wire_dtype)
-                    while not slots.free:
-                        complete_oldest()
-                    index = slots.free.pop(0)
+                    index = pipe.acquire(slots)
                     flat = slots.buffers[index][:target.numel()]
                     flat.copy_(target)
-                pending.append((target, flat, slots, index or 0, collective(flat)))
-                sent += flat.numel() * flat.element_size()
-            while pending:
-                complete_oldest()
-            return sent
-        finally:
-            _drain(pending)
+                pipe.launch((target, flat, slots, index), flat, collective)
+            return pipe.complete_all()
 
     def _run_packed(self, collective: Collective, finish: Finisher | None, divide_by: int | None,
                     send_zeros: bool, wire_dtype: torch.dtype | None, lo: int, hi: int) -> int:
         """The copy engine's round: each bucket packed into a double buffer (or reduced in its lone tensor)."""
-        pending: deque[tuple[int, list[torch.Tensor], torch.Tensor, _Slots | None, int, dist.Work]] = deque()
-        sent = 0
 
-        def complete_oldest() -> None:
-            pos, members, flat, slots, index, work = pending.popleft()
-            work.wait()
+        def complete(pos: int, members: list[torch.Tensor], flat: torch.Tensor, slots: _Slots | None,
+                     index: int) -> None:
             if finish is not None:
                 finish(flat)
             if slots is None:
                 if divide_by is not None:
                     flat.div_(divide_by)
                 return
-            views = slots.views(index, pos, members)
             if flat.dtype == members[0].dtype and divide_by is not None:
                 flat.div_(divide_by)
-            foreach_copy(members, views)
+            foreach_copy(members, slots.views(index, pos, members))
             if flat.dtype != members[0].dtype and divide_by is not None:  # widened first: divide at full precision
                 torch._foreach_div_(members, divide_by)
             slots.free.append(index)
 
-        try:
+        with _Pipeline(complete) as pipe:
             for pos in self.bucket_range(lo, hi):
                 bucket, direct = self.buckets[pos], self._direct[pos]
                 members = [self.tensors[i] for i in bucket.indices]
                 slots, index = None, 0
                 if direct is not None and wire_dtype is None:
                     flat = direct
-                    if send_zeros:
-                        flat.zero_()
                 else:
                     slots = self._slots_for(bucket, wire_dtype)
-                    while not slots.free:
-                        complete_oldest()
-                    index = slots.free.pop(0)
+                    index = pipe.acquire(slots)
                     flat = slots.buffers[index][:bucket.numel]
-                    if send_zeros:
-                        flat.zero_()
-                    else:
-                        foreach_copy(slots.views(index, pos, members), members)
-                pending.append((pos, members, flat, slots, index, collective(flat)))
-                sent += flat.numel() * flat.element_size()
-            while pending:
-                complete_oldest()
-            return sent
-        finally:
-            _drain(pending)
+                if send_zeros:
+                    flat.zero_()
+                elif slots is not None:
+                    foreach_copy(slots.views(index, pos, members), members)
+                pipe.launch((pos, members, flat, slots, index), flat, collective)
+            return pipe.complete_all()
 
     def all_reduce_mean(self, group: dist.ProcessGroup | None, world_size: int,
                         contributors: int | None = None, send_zeros: bool = False,
@@ -464,13 +439,46 @@ def _views(flat: torch.Tensor, members: list[torch.Tensor]) -> list[torch.Tensor
     return out
 
 
-def _drain(pending: deque) -> None:
-    """On an error, let in-flight collectives finish before their buffers are reused."""
-    for *_, work in pending:
-        try:
-            work.wait()
-        except Exception:  # noqa: BLE001 - the first error is the one to report
-            pass
+class _Pipeline:
+    """Collectives in flight, completed oldest first (``complete(*item)`` after each one's wait).
+
+    On an error, the collectives still in flight are waited for before their buffers are reused.
+    """
+
+    def __init__(self, complete: Callable[..., None]) -> None:
+        self._complete = complete
+        self._pending: deque[tuple[tuple, Any]] = deque()
+        self.sent = 0
+
+    def launch(self, item: tuple, flat: torch.Tensor, collective: Collective) -> None:
+        self._pending.append((item, collective(flat)))
+        self.sent += flat.numel() * flat.element_size()
+
+    def acquire(self, slots: _Slots) -> int:
+        """A free packing buffer of ``slots``, completing the oldest collective until one is."""
+        while not slots.free:
+            self._complete_oldest()
+        return slots.free.pop(0)
+
+    def _complete_oldest(self) -> None:
+        item, work = self._pending.popleft()
+        work.wait()
+        self._complete(*item)
+
+    def complete_all(self) -> int:
+        while self._pending:
+            self._complete_oldest()
+        return self.sent
+
+    def __enter__(self) -> "_Pipeline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for _, work in self._pending:
+            try:
+                work.wait()
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
 
 
 @torch.no_grad()
