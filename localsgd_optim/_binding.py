@@ -70,18 +70,27 @@ class Members:
         """Whether the layout can change between rounds without the tensors moving (state appears)."""
         return self.averages_optimizer_state
 
-    def optimizer_state(self) -> list[tuple[str, torch.Tensor]]:
-        """The inner optimizer's floating per-parameter state shaped like its parameter (Adam's
-        moments, SGD's momentum buffer), in parameter then key order; never ``step``."""
+    def _state_items(self) -> list[tuple[int, str, torch.Tensor]]:
+        """(parameter index, key, tensor) of the averaged state: no names formatted (the hot path)."""
         if not self.averages_optimizer_state:
             return []
         state, out = self._owner.state, []
-        for name, p in zip(self.param_names(), self.params()):
+        for i, p in enumerate(self.params()):
             for key, value in sorted(state.get(p, {}).items()):
                 if (key != "step" and isinstance(value, torch.Tensor) and value.shape == p.shape
                         and (value.is_floating_point() or value.is_complex())):
-                    out.append((f"optimizer state {key!r} of {name}", value))
+                    out.append((i, key, value))
         return out
+
+    def optimizer_state_tensors(self) -> list[torch.Tensor]:
+        """The inner optimizer's floating per-parameter state shaped like its parameter (Adam's
+        moments, SGD's momentum buffer), in parameter then key order; never ``step``."""
+        return [t for _, _, t in self._state_items()]
+
+    def optimizer_state(self) -> list[tuple[str, torch.Tensor]]:
+        """:meth:`optimizer_state_tensors` with their names (for errors)."""
+        names = self.param_names()
+        return [(f"optimizer state {key!r} of {names[i]}", t) for i, key, t in self._state_items()]
 
     def _named_params(self) -> list[tuple[str, torch.Tensor]]:
         out = []
@@ -159,7 +168,7 @@ class Members:
         params = [describe_tensor(t) + (tuple(t.stride()),) + ((t.requires_grad,) if requires_grad else ())
                   for _, t in self._named_params()]
         return params + [describe_tensor(b) for _, b in self.buffers()] + \
-            [describe_tensor(s) for _, s in self.optimizer_state()]
+            [describe_tensor(s) + (tuple(s.stride()),) for s in self.optimizer_state_tensors()]
 
     def requires_grad_disagreement(self, group: dist.ProcessGroup | None) -> str | None:
         """A collective: the first parameter whose ``requires_grad`` differs between ranks, said
@@ -217,6 +226,7 @@ class Binding:
         self.engine = BucketEngine(tensors, bucket_cap_bytes(bucket_cap_mb), flat_params, len(members.params()),
                                    breaks)
         self._nccl = dist.get_backend(group) == "nccl"
+        self._state_ids: list[int] = []  # the averaged optimizer state the digest describes
         self.digest = self._digest()
 
     @property
@@ -245,8 +255,10 @@ class Binding:
         params = self.members.params()
         # The trainable set can change (unfreezing): the parameters, and only they, may move.
         self.engine.movable = len(params)
-        if self.engine.refresh(params + [b for _, b in self.members.buffers()]) or self.members.dynamic:
-            self.digest = self._digest()
+        replanned = self.engine.refresh(params + [b for _, b in self.members.buffers()])
+        state = list(map(id, self.members.optimizer_state_tensors())) if self.members.dynamic else []
+        if replanned or state != self._state_ids:  # moved, rebound, (un)frozen, new state
+            self.digest, self._state_ids = self._digest(), state
         return len(params)
 
     def control(self, kind: RoundKind, prepare: Callable[[], None], joined: bool = False, group: Any = None,

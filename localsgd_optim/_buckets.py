@@ -17,10 +17,7 @@ import torch.distributed as dist
 
 from ._flat import FlatStorage, Span, overlapping, plan_buckets
 
-__all__ = ["Bucket", "plan_buckets", "mean_op", "BucketEngine", "InFlight", "first_nonfinite", "bucket_cap_bytes", "WIDE"]
-
-#: A bucket is a :class:`~localsgd_optim._flat.Span`: a slice of a region's buffer.
-Bucket = Span
+__all__ = ["mean_op", "BucketEngine", "InFlight", "first_nonfinite", "bucket_cap_bytes", "WIDE"]
 
 #: Narrow dtypes a reduction accumulates in (an fp16 sum overflows at 65504 on healthy values).
 WIDE = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
@@ -44,12 +41,11 @@ def foreach_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
 
 # A collective takes the flat tensor to reduce and returns its async work handle.
 Collective = Callable[[torch.Tensor], "dist.Work"]
-# A finisher runs on the flat tensor after its collective completed (e.g. a scale).
-Finisher = Callable[[torch.Tensor], None]
 
 
 class _Slots:
-    """Two reusable buffers of one (device, dtype) group: bucket ``i + 1`` is packed while ``i`` is on the wire."""
+    """Two reusable buffers for the buckets of one (device, dtype), in that dtype or a wire dtype:
+    bucket ``i + 1`` is packed while ``i`` is on the wire."""
 
     def __init__(self, numel: int, device: torch.device, dtype: torch.dtype, count: int) -> None:
         self.buffers = [torch.empty(numel, device=device, dtype=dtype) for _ in range(count)]
@@ -101,6 +97,8 @@ class BucketEngine:
         buckets = plan_buckets(tensors, self.cap_bytes, self.breaks)
         storage = FlatStorage(tensors, [i < self.movable for i in range(len(tensors))]) \
             if self.flat_params else None
+        if self.__dict__.get("storage") is not None:
+            self.storage.evict(storage.residents() if storage is not None else [])
         self.tensors, self.buckets, self.storage = tensors, buckets, storage
         self._staging: FlatStorage | None = None  # the copy engine's flat layout, built on demand
         shared = overlapping(tensors) if storage is None else set()
@@ -251,15 +249,15 @@ class BucketEngine:
                     self._slots_for(self.buckets[pos], wire_dtype)
 
     def _slots_for(self, bucket: Span, wire_dtype: torch.dtype | None = None) -> _Slots:
-        key = (bucket.device, wire_dtype or bucket.dtype)
+        key = (bucket.device, bucket.dtype, wire_dtype)
         slots = self._slots.get(key)
         if slots is None:
-            # Sized for the largest bucket of this group that goes through a buffer (with a
-            # wire dtype, every bucket does: the in-place path cannot change dtype).
+            # Sized for the largest bucket of this (device, dtype) that goes through a buffer (with
+            # a wire dtype, every bucket does: the in-place path cannot change dtype).
             sizes = [b.numel for b, direct in zip(self.buckets, self._direct)
-                     if b.device == bucket.device and (b.dtype if wire_dtype is None else wire_dtype) == key[1]
-                     and (direct is None or wire_dtype is not None)] or [bucket.numel]
-            slots = self._slots[key] = _Slots(max(sizes), bucket.device, key[1], min(2, len(sizes)))
+                     if (b.device, b.dtype) == key[:2] and (direct is None or wire_dtype is not None)] or [bucket.numel]
+            slots = self._slots[key] = _Slots(max(sizes), bucket.device, wire_dtype or bucket.dtype,
+                                              min(2, len(sizes)))
         return slots
 
     # -- the NaN scan ----------------------------------------------------------------------------
@@ -290,10 +288,10 @@ class BucketEngine:
     # -- a round -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def run(self, collective: Collective, finish: Finisher | None = None, divide_by: int | None = None,
+    def run(self, collective: Collective, divide_by: int | None = None,
             send_zeros: bool = False, wire_dtype: torch.dtype | None = None, lo: int = 0, hi: int | None = None,
             buffers: Sequence[torch.Tensor] | None = None) -> int:
-        """Apply ``collective`` (then ``finish``) to every bucket of tensors ``[lo, hi)``, in place.
+        """Apply ``collective`` to every bucket of tensors ``[lo, hi)``, in place.
 
         Returns the bytes handed to collectives (the payload this rank sent).
 
@@ -308,7 +306,7 @@ class BucketEngine:
         """
         hi = len(self.tensors) if hi is None else hi
         if buffers is None and self.storage is None:
-            return self._run_packed(collective, finish, divide_by, send_zeros, wire_dtype, lo, hi)
+            return self._run_packed(collective, divide_by, send_zeros, wire_dtype, lo, hi)
         own = buffers is None
         if own:
             buffers = self.flats(lo, hi)[1]
@@ -318,7 +316,7 @@ class BucketEngine:
         if send_zeros:
             for b in buffers:
                 b.zero_()  # reduced in place: the result overwrites it anyway
-        sent = self._reduce_slices(self.bucket_slices(buffers, lo, hi), collective, finish, wire_dtype)
+        sent = self._reduce_slices(self.bucket_slices(buffers, lo, hi), collective, wire_dtype)
         if divide_by is not None:
             for b in buffers:
                 b.div_(divide_by)
@@ -326,13 +324,10 @@ class BucketEngine:
             self.stage_out(lo, hi)
         return sent
 
-    def _reduce_slices(self, slices: list[torch.Tensor], collective: Collective, finish: Finisher | None,
-                       wire_dtype: torch.dtype | None) -> int:
+    def _reduce_slices(self, slices: list[torch.Tensor], collective: Collective, wire_dtype: torch.dtype | None) -> int:
         """One collective per slice, in place, or through a packing buffer of ``wire_dtype``."""
 
         def complete(target: torch.Tensor, flat: torch.Tensor, slots: _Slots | None, index: int) -> None:
-            if finish is not None:
-                finish(flat)
             if slots is not None:
                 target.copy_(flat)  # widen back in place
                 slots.free.append(index)
@@ -348,14 +343,12 @@ class BucketEngine:
                 pipe.launch((target, flat, slots, index), flat, collective)
             return pipe.complete_all()
 
-    def _run_packed(self, collective: Collective, finish: Finisher | None, divide_by: int | None,
+    def _run_packed(self, collective: Collective, divide_by: int | None,
                     send_zeros: bool, wire_dtype: torch.dtype | None, lo: int, hi: int) -> int:
         """The copy engine's round: each bucket packed into a double buffer (or reduced in its lone tensor)."""
 
         def complete(pos: int, members: list[torch.Tensor], flat: torch.Tensor, slots: _Slots | None,
                      index: int) -> None:
-            if finish is not None:
-                finish(flat)
             if slots is None:
                 if divide_by is not None:
                     flat.div_(divide_by)
@@ -394,7 +387,9 @@ class BucketEngine:
         The one SUM-then-divide of the package. With ``contributors < world_size`` (ranks that
         joined send zeros), the sum is divided by the number of contributors instead.
         """
-        op, divisor = mean_op(group, world_size if contributors is None else contributors)
+        contributors = world_size if contributors is None else contributors
+        # a wire dtype sums narrow and divides after widening, at full precision (not NCCL's AVG in bf16)
+        op, divisor = mean_op(group, contributors) if wire_dtype is None else (dist.ReduceOp.SUM, contributors)
         return self.run(lambda flat: dist.all_reduce(flat, op, group, async_op=True), divide_by=divisor,
                         send_zeros=send_zeros, wire_dtype=wire_dtype, lo=lo, hi=hi, buffers=buffers)
 
@@ -403,7 +398,7 @@ class BucketEngine:
         """Phase one of a two-phase mean of ``buffers`` (laid out like :meth:`flats` ``(lo, hi)``):
         one asynchronous all-reduce per bucket; :meth:`InFlight.wait` completes and divides."""
         op, divisor = mean_op(group, contributors)
-        slices = self.bucket_slices(buffers, lo, hi)
+        slices = self.bucket_slices(buffers, lo, hi) if contributors else []  # every rank joined: nothing
         works = [dist.all_reduce(s, op, group, async_op=True) for s in slices]
         return InFlight(works, list(buffers), divisor, sum(s.numel() * s.element_size() for s in slices))
 

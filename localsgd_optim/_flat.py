@@ -41,10 +41,6 @@ class Span:
     region: int = 0
     start: int = 0
 
-    def of(self, buffers: Sequence[torch.Tensor]) -> torch.Tensor:
-        """This span's slice of ``buffers`` (one per region)."""
-        return buffers[self.region][self.start:self.start + self.numel]
-
 
 def regions(tensors: Sequence[torch.Tensor]) -> list[Span]:
     """Group ``tensors`` by (device, dtype) in order of first appearance; offsets follow list order."""
@@ -84,7 +80,7 @@ def plan_buckets(tensors: Sequence[torch.Tensor], cap_bytes: int, breaks: Sequen
         filled = 0
         for i, off in zip(region.indices, region.offsets):
             n = tensors[i].numel()
-            if run and (filled + n > cap_elems or i in cuts or any(run[-1][0] < c <= i for c in cuts)):
+            if run and (filled + n > cap_elems or any(run[-1][0] < c <= i for c in cuts)):
                 buckets.append(_bucket(region, run, filled))
                 run, filled = [], 0
             run.append((i, off))
@@ -145,7 +141,7 @@ class Layout:
 
     def __init__(self, tensors: Sequence[torch.Tensor], movable: Sequence[bool]) -> None:
         self.regions = regions(tensors)
-        shared = overlapping(tensors)
+        self.shared = shared = overlapping(tensors)
         self.resident = [m and i not in shared and dense(t) for i, (t, m) in enumerate(zip(tensors, movable))]
         self.shapes = [(t.shape, t.stride() if res and t.numel() else None) for t, res in zip(tensors, self.resident)]
         #: per tensor, (region index, element offset in the region's buffer)
@@ -236,6 +232,19 @@ class FlatStorage:
         self._staged: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._tensors = list(tensors)
 
+    def residents(self) -> list[torch.Tensor]:
+        return list(self._residents)
+
+    @torch.no_grad()
+    def evict(self, keep: Sequence[torch.Tensor]) -> None:
+        """Give every resident not in ``keep`` that still lives here storage of its own (a parameter
+        frozen, or staged now), so these buffers are freed once the new storage replaces them."""
+        kept = set(map(id, keep))
+        mine = {b.untyped_storage().data_ptr() for b in self.buffers}
+        for t in self._residents:
+            if id(t) not in kept and t.untyped_storage().data_ptr() in mine:
+                t.data = t.data.clone(memory_format=torch.preserve_format)
+
     def restage(self, tensors: Sequence[torch.Tensor]) -> None:
         """Staged tensors were rebound (a module buffer reassigned): stage the new objects."""
         self._tensors = list(tensors)
@@ -258,10 +267,22 @@ class FlatStorage:
 
     @torch.no_grad()
     def stage_out(self, lo: int = 0, hi: int | None = None) -> None:
-        """Copy the slots of the staged tensors of ``[lo, hi)`` back out (one ``_foreach_copy_``)."""
-        members, slots = self._pairs(lo, len(self._tensors) if hi is None else hi)
-        if members:
+        """Copy the slots of the staged tensors of ``[lo, hi)`` back out (one ``_foreach_copy_``).
+
+        Tensors that share memory are written one by one, in list order, after the others: their
+        slots may differ in the last bit (reduced in different buckets), and a multi-tensor kernel
+        writing overlapping memory concurrently would let a different one win on each rank.
+        """
+        hi = len(self._tensors) if hi is None else hi
+        members, slots = self._pairs(lo, hi)
+        if not members:
+            return
+        if not self.layout.shared:
             torch._foreach_copy_(members, slots)
+            return
+        for i in range(lo, hi):
+            if not self.resident[i]:
+                self._tensors[i].copy_(self.views[i])
 
     def staged_tensors(self) -> list[torch.Tensor]:
         return self._pairs(0, len(self._tensors))[0]

@@ -198,7 +198,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         # Built before binding, so the bind check compares them across ranks; a global copy is
         # re-taken right after the binding broadcast, so it starts identical everywhere.
         self._cursor, self._rounds = build_rounds(
-            config, self._members.params(), lambda: [t for _, t in self._members.optimizer_state()])
+            config, self._members.params(), self._members.optimizer_state_tensors)
         self._bind()
 
     def _share_inner(self) -> None:

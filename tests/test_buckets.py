@@ -7,7 +7,8 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from localsgd_optim._buckets import BucketEngine, plan_buckets
+from localsgd_optim._buckets import BucketEngine
+from localsgd_optim._flat import plan_buckets
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -68,14 +69,15 @@ def test_engine_round_trip_touches_every_element_once(spec, cap_bytes):
     ptrs = [t.data_ptr() for t in tensors]
     engine = BucketEngine(tensors, cap_bytes)
 
-    # A real gloo all-reduce over one rank is the identity; the finisher triples each bucket.
+    # A real gloo all-reduce over one rank is the identity; the collective first triples each bucket.
     # An element packed twice would come back x9, one dropped would come back x1.
     def collective(flat):
+        flat.mul_(3)
         return pg.allreduce([flat])
 
     expected = before
     for _ in range(2):  # buffers are reused across rounds
-        engine.run(collective, lambda flat: flat.mul_(3))
+        engine.run(collective)
         expected = [e * 3 for e in expected]  # same dtype, same rounding as the engine's mul_
         for t, e in zip(tensors, expected):
             assert torch.equal(t, e)

@@ -237,3 +237,81 @@ def _outer_with_nothing_trainable() -> str:
 def test_outer_rounds_refuse_a_model_with_nothing_trainable(ranks2):
     for message in ranks2(_outer_with_nothing_trainable):
         assert "at least one trainable floating-point parameter" in message, message
+
+
+# -- found in review of this change ---------------------------------------------------------------
+
+def _copy_engine_bf16_model_bf16_wire() -> list[float]:
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(1000).bfloat16())
+    b1, b2 = nn.Parameter(torch.randn(10).bfloat16()), nn.Parameter(torch.randn(10).bfloat16())
+    opt = LocalSGDOptimizer(torch.optim.SGD([w, b1, b2], lr=0.1), k=1, compression="bf16", flat_params=False,
+                            bucket_cap_mb=0.001)
+    with torch.no_grad():
+        for p in (w, b1, b2):
+            p.add_(dist.get_rank())
+    opt.step()
+    return [w[:3].float().tolist(), b1[:3].float().tolist()]
+
+
+def test_copy_engine_bf16_model_with_a_bf16_wire(ranks2):
+    # The packing buffers of a plain round (sized for packed buckets) were reused by the wire
+    # round, whose buckets all go through them: "size of tensor a (20) must match ... (1000)".
+    (w0, b0), (w1, b1) = ranks2(_copy_engine_bf16_model_bf16_wire)
+    assert w0 == w1 and b0 == b1
+
+
+def _load_while_in_flight() -> tuple:
+    import copy
+
+    torch.manual_seed(0)
+
+    def build():
+        model = nn.Linear(4096, 2048)  # 32 MiB: its round is still on the wire when the load comes
+        return model, LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), k=4, overlap_steps=2,
+                                        bucket_cap_mb=1.0)
+
+    g = torch.Generator().manual_seed(dist.get_rank())
+    batches = [torch.randn(4, 4096, generator=g) for _ in range(12)]
+    model, opt = build()
+    for step, x in enumerate(batches[:8], start=1):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        if step == 5:  # launched at 4, lands at 6: in flight
+            saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+            saved = copy.deepcopy(opt.state_dict())
+            loaded = copy.deepcopy(saved)
+    opt.load_state_dict(loaded)  # right after step 8's launch: that round is on the wire
+    model.load_state_dict(saved_model)
+    fresh_model, fresh = build()
+    fresh_model.load_state_dict(saved_model)
+    fresh.load_state_dict(saved)
+    for x in batches[5:9]:
+        for m, o in ((model, opt), (fresh_model, fresh)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+    return [p.detach().clone() for p in model.parameters()], [p.detach().clone() for p in fresh_model.parameters()]
+
+
+def test_loading_a_checkpoint_while_a_round_is_in_flight(ranks2):
+    # The round on the wire went on writing its undivided sum into the loaded mean.
+    for got, want in ranks2(_load_while_in_flight):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def _freeze_frees_its_share_of_the_storage() -> tuple:
+    a, b = nn.Parameter(torch.randn(1 << 20)), nn.Parameter(torch.randn(1 << 20))  # 4 MiB each
+    opt = LocalSGDOptimizer(torch.optim.SGD([a, b], lr=0.0), k=1)
+    opt.step()
+    together = a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    a.requires_grad_(False)
+    opt.step()  # the round re-plans without a: b moves to new storage, a gets storage of its own
+    return together, a.untyped_storage().nbytes(), b.untyped_storage().nbytes()
+
+
+def test_freezing_a_parameter_frees_the_old_flat_storage(ranks2):
+    # a's view kept the whole old 8 MiB buffer alive next to b's new 4 MiB one.
+    for together, a_bytes, b_bytes in ranks2(_freeze_frees_its_share_of_the_storage):
+        assert together and a_bytes == b_bytes == 4 << 20

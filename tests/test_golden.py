@@ -156,9 +156,31 @@ def _replay(name: str, old_checkpoint: bytes) -> dict[str, Any]:
     return got
 
 
+def _canary() -> list[torch.Tensor]:
+    """The fixture's model trained alone, no library, no process group: what this CPU's kernels compute.
+
+    Matmul rounding differs between CPUs; a fixture recorded on another one fails every case.
+    """
+    model = _model(seed=0, batchnorm=True)
+    opt = _adamw(model.parameters())
+    for x, y in _batches(0):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return _snapshot(model)
+
+
 @pytest.fixture(scope="module")
 def golden() -> dict[str, Any]:
-    return torch.load(FIXTURE, weights_only=True)
+    recorded = torch.load(FIXTURE, weights_only=True)
+    canary = recorded.get("canary")
+    if canary is not None and not all(torch.equal(a, b) for a, b in zip(_canary(), canary)):
+        pytest.fail(
+            "tests/fixtures/golden_v1.pt was recorded on a CPU whose float kernels round differently from this "
+            "one's (a plain training run without localsgd_optim already differs). Re-record it on this machine "
+            "from the code before your change: check that commit out and run `python tests/test_golden.py`."
+        )
+    return recorded
 
 
 @pytest.mark.parametrize("name, world", CASES, ids=[f"{n}-{w}ranks" for n, w in CASES])
@@ -194,6 +216,7 @@ def _record_all() -> None:
                     print(f"recorded {name} on {world} ranks", flush=True)
         finally:
             pool.close()
+    out["canary"] = _canary()
     FIXTURE.parent.mkdir(exist_ok=True)
     torch.save(out, FIXTURE)
     print(f"wrote {FIXTURE} ({os.path.getsize(FIXTURE)} bytes)")

@@ -77,6 +77,11 @@ STRATEGIES: dict[str, dict[str, Any]] = {
     "overlap": dict(steps=3, sync=True, oracle="overlap", complex=False, buffers=True),
     "fragments": dict(steps=2, sync=False, oracle="mean", complex=True, buffers=True, min_trainable=2),
     "state": dict(steps=1, sync=False, oracle="mean", complex=True, buffers=True, momentum=0.9),
+    # the copy engine under the rounds that compute on the flat layout (its staging copy)
+    "copy_outer": dict(steps=1, sync=True, oracle="outer", complex=False, buffers=True),
+    "copy_bf16": dict(steps=1, sync=True, oracle="bf16", complex=False, buffers=False),
+    "copy_int8": dict(steps=1, sync=True, oracle="int8", complex=False, buffers=False),
+    "copy_overlap": dict(steps=3, sync=True, oracle="overlap", complex=False, buffers=True),
 }
 
 # What a refusal's message must name (one of): the strategy's own arguments, or the library's names for a
@@ -92,6 +97,10 @@ MENTIONS = {
     "overlap": ["overlap_steps", "overlap_mix"],
     "fragments": ["fragments"],
     "state": ["average_optimizer_state"],
+    "copy_outer": ["outer_optimizer", "sync_on_init", "flat_params"],
+    "copy_bf16": ["compression", "flat_params"],
+    "copy_int8": ["compression", "flat_params"],
+    "copy_overlap": ["overlap_steps", "overlap_mix", "flat_params"],
 }
 
 
@@ -107,6 +116,10 @@ def _kwargs(name: str) -> dict[str, Any]:
         "overlap": dict(k=2, overlap_steps=1),
         "fragments": dict(k=2, fragments=2, sync_on_init=False),
         "state": dict(k=1, sync_on_init=False, average_optimizer_state=True),
+        "copy_outer": dict(k=1, flat_params=False, outer_optimizer=diloco(lr=1.0, momentum=0.0)),
+        "copy_bf16": dict(k=1, flat_params=False, compression="bf16"),
+        "copy_int8": dict(k=1, flat_params=False, compression="int8"),
+        "copy_overlap": dict(k=2, flat_params=False, overlap_steps=1),
     }[name]
 
 
@@ -344,7 +357,7 @@ def _approx(name, g, x0, x1) -> tuple[torch.Tensor, float]:
     """The compressed strategies' expectation (float64, exact mean) and its tolerance."""
     g64, d0, d1 = g.double(), (g.double() - x0.double()), (g.double() - x1.double())
     expected = g64 - (d0 + d1) / 2
-    if name == "bf16":
+    if STRATEGIES[name]["oracle"] == "bf16":
         wire = 2.0 ** -7 * (_amax(d0) + _amax(d1))
     else:
         wire = (_amax(d0) + _amax(d1)) / 127 / 2

@@ -43,13 +43,9 @@ class RoundTable:
         self.scheduled.restart(params, ctx)
 
     def breaks(self, n_params: int) -> list[int]:
-        """Tensor indices no bucket may straddle: fragment boundaries, and where the module buffers
-        start when an overlapped round averages them apart (blocking) from its in-flight deltas."""
-        out = list(getattr(self.scheduled, "breaks", list)())
-        if isinstance(self.scheduled, OverlapRound) or (
-                isinstance(self.scheduled, FragmentedRound) and isinstance(self.scheduled.inners[-1], OverlapRound)):
-            out.append(n_params)
-        return out
+        """Tensor indices no bucket may straddle: the scheduled round's (fragment boundaries, the
+        buffers an overlapped round averages apart)."""
+        return self.scheduled.breaks(n_params)
 
     def state(self, entry: dict[str, Any]) -> None:
         self.scheduled.state(entry)

@@ -106,6 +106,10 @@ class Round:
     def describe(self, step: int) -> str:
         return f"{self.kind.description} at step {step}"
 
+    def breaks(self, n_params: int) -> list[int]:
+        """Tensor indices no bucket of the engine may straddle (``n_params``: where the buffers start)."""
+        return []
+
     def outer_optimizer(self) -> torch.optim.Optimizer | None:
         """The outer optimizer, if any: its type and defaults go into the cross-rank settings check."""
         return None

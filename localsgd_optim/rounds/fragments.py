@@ -70,8 +70,8 @@ class FragmentedRound(Round):
     def outer_optimizer(self) -> torch.optim.Optimizer | None:
         return self.inners[0].outer_optimizer()
 
-    def breaks(self) -> list[int]:
-        return [lo for lo, _ in self.bounds[1:]]
+    def breaks(self, n_params: int) -> list[int]:
+        return [lo for lo, _ in self.bounds[1:]] + self.inners[-1].breaks(n_params)
 
     def _part(self, ctx: RoundContext, i: int) -> RoundContext:
         """Fragment ``i``'s view of ``ctx``: its parameters, and the buffers with the last."""
@@ -138,6 +138,7 @@ class FragmentedRound(Round):
             inner.check_state(saved)
 
     def load_state(self, entry: dict[str, Any] | None, params: list[torch.Tensor]) -> None:
+        self.wait()  # a fragment still on the wire would go on writing into the loaded mean
         self._in_flight = None
         for i, ((lo, hi), inner, saved) in enumerate(zip(self.bounds, self.inners, self._saved(entry))):
             inner.load_state(saved, params[lo:hi])

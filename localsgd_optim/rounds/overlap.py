@@ -48,6 +48,9 @@ class OverlapRound(GlobalCopyRound):
     def describe(self, step: int) -> str:
         return f"the overlapped round launched at step {step}"
 
+    def breaks(self, n_params: int) -> list[int]:
+        return [n_params]  # the module buffers are averaged apart, blocking: buckets of their own
+
     def prepare(self, ctx: RoundContext) -> None:
         super().prepare(ctx)
         self._in_flight_copy(ctx)
@@ -63,6 +66,9 @@ class OverlapRound(GlobalCopyRound):
     @torch.no_grad()
     def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
         flats, engine = self._in_flight_copy(ctx), ctx.engine
+        if ctx.end > ctx.hi and contributors:  # module buffers: averaged now, blocking, before the
+            ctx.sent += engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined,  # deltas
+                                               lo=ctx.hi, hi=ctx.end)  # go on the wire (not queued behind them)
         if joined:
             for d in self.deltas:
                 d.zero_()
@@ -72,9 +78,6 @@ class OverlapRound(GlobalCopyRound):
         self._flight = engine.start_mean(ctx.group, ctx.size, contributors, self.deltas, ctx.lo, ctx.hi)
         ctx.sent += self._flight.sent
         self.lands_at = ctx.lands_at
-        if ctx.end > ctx.hi:  # module buffers: averaged now, blocking
-            ctx.sent += engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined,
-                                               lo=ctx.hi, hi=ctx.end)
 
     def wait(self) -> None:
         """Complete the in-flight mean (if any)."""
@@ -122,7 +125,7 @@ class OverlapRound(GlobalCopyRound):
     def load_state(self, entry: dict[str, Any] | None, params: list[torch.Tensor]) -> None:
         super().load_state(entry, params)  # (no decorator here: the warning's stacklevel counts frames)
         in_flight = (entry.get("in_flight") if isinstance(entry, dict) else None) or {}
-        self._flight = None
+        self.wait()  # a round still on the wire would go on writing into the loaded mean
         self.lands_at = in_flight.get("apply_at")
         if self.lands_at is not None:
             if not self.views:  # not bound yet: laid out like the global copy
