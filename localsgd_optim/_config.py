@@ -186,16 +186,32 @@ def _check_fragments(fragments: Any, schedule: Schedule, local_k: Any, average_o
 
 
 def _reject_sharded(optimizer: Optimizer) -> None:
-    """FSDP / DTensor parameters hold shards: averaging them as whole tensors would be wrong."""
+    """FSDP / DTensor parameters hold shards: averaging them as whole tensors would be wrong.
+
+    Recognised by type and by FSDP's documented mark, never by a class name: on torch 2.13 an
+    FSDP1 ``FlatParameter``'s ``type(p).__name__`` is ``"Parameter"``, and with
+    ``use_orig_params=True`` the optimizer holds plain Parameters that are views of this rank's
+    shard, marked ``_fsdp_flattened``.
+    """
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without DTensor
         DTensor = ()  # type: ignore[assignment,misc]
+    try:
+        from torch.distributed.fsdp._flat_param import FlatParameter
+    except ImportError:  # pragma: no cover - torch without FSDP1
+        FlatParameter = ()  # type: ignore[assignment,misc]
     for g, group in enumerate(optimizer.param_groups):
         for i, p in enumerate(group["params"]):
-            if isinstance(p, DTensor) or type(p).__name__ == "FlatParameter":
+            if isinstance(p, FlatParameter) or getattr(p, "_fsdp_flattened", False):
                 raise TypeError(
-                    f"parameter (param group {g}, index {i}) is a {type(p).__name__}: FSDP, DTensor and "
-                    "tensor-parallel parameters are sharded, which LocalSGDOptimizer does not support; "
+                    f"parameter (param group {g}, index {i}) belongs to an FSDP (FullyShardedDataParallel) "
+                    "module: each rank holds a different shard of it, and averaging across ranks would mix "
+                    "shards. LocalSGDOptimizer does not support FSDP1 modules; use it with DDP or plain modules"
+                )
+            if isinstance(p, DTensor):
+                raise TypeError(
+                    f"parameter (param group {g}, index {i}) is a {type(p).__name__}: FSDP2, DTensor and "
+                    "tensor-parallel parameters are sharded, which LocalSGDOptimizer does not support yet; "
                     "use it with DDP or plain modules"
                 )
