@@ -48,8 +48,13 @@ class RoundContext:
     def part(self, lo: int, hi: int, end: int) -> "RoundContext":
         """The context of a fragment: parameters ``[lo, hi)``, tensors up to ``end``."""
         names = self.names
-        return RoundContext(self.params[lo:hi], lambda: (lambda n: n[lo:hi] + n[hi:end] if end > hi else n[lo:hi])(names()),
-                            self.engine, self.group, self.size, self.step, lo, hi, end, self.lands_at)
+
+        def part_names() -> list[str]:  # its parameters', then its buffers' (names line up with the engine)
+            every = names()
+            return every[lo:hi] + every[hi:end]
+
+        return RoundContext(self.params[lo:hi], part_names, self.engine, self.group, self.size, self.step,
+                            lo, hi, end, self.lands_at)
 
 
 class Reducer:
