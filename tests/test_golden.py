@@ -161,13 +161,18 @@ def _canary() -> list[torch.Tensor]:
 
     Matmul rounding differs between CPUs; a fixture recorded on another one fails every case.
     """
-    model = _model(seed=0, batchnorm=True)
-    opt = _adamw(model.parameters())
-    for x, y in _batches(0):
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
-    return _snapshot(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers run (a matmul's rounding also depends on its threads)
+    try:
+        model = _model(seed=0, batchnorm=True)
+        opt = _adamw(model.parameters())
+        for x, y in _batches(0):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        return _snapshot(model)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ def _dtensor_parameters_rejected():
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     weight = torch.nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)]))
-    with pytest.raises(TypeError, match="is a DTensor: FSDP, DTensor and tensor-parallel parameters are sharded"):
+    with pytest.raises(TypeError, match="is a DTensor: FSDP2, DTensor and tensor-parallel parameters are sharded"):
         LocalSGDOptimizer(torch.optim.SGD([weight], lr=0.1), k=4)
     dist.barrier()
     return True

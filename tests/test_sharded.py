@@ -36,17 +36,4 @@ def test_fsdp1_parameters_are_refused_on_every_rank(ranks2, use_orig_params):
         assert "use it with DDP or plain modules" in message
 
 
-def _dtensor() -> str:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    weight = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
-    with pytest.raises(TypeError) as info:
-        LocalSGDOptimizer(torch.optim.SGD([weight], lr=0.1), k=1)
-    return str(info.value)
-
-
-def test_dtensor_parameters_are_refused_on_every_rank(ranks2):
-    for message in ranks2(_dtensor):
-        assert "DTensor" in message and "(param group 0, index 0)" in message, message
+# DTensor parameters: tests/test_integrations.py::test_sharded_dtensor_parameters_are_rejected_clearly
