@@ -224,9 +224,9 @@ class Binding:
         self.check_finite = check_finite
         self.cursor = cursor  # the step count, and the count this run started or resumed from
         self.engine = BucketEngine(tensors, bucket_cap_bytes(bucket_cap_mb), flat_params, len(members.params()),
-                                   breaks)
+                                   breaks, evict=True)
         self._nccl = dist.get_backend(group) == "nccl"
-        self._state_ids: list[int] = []  # the averaged optimizer state the digest describes
+        self._state_ids: list[tuple[int, int]] = []  # the averaged optimizer state the digest describes
         self.digest = self._digest()
 
     @property
@@ -256,7 +256,8 @@ class Binding:
         # The trainable set can change (unfreezing): the parameters, and only they, may move.
         self.engine.movable = len(params)
         replanned = self.engine.refresh(params + [b for _, b in self.members.buffers()])
-        state = list(map(id, self.members.optimizer_state_tensors())) if self.members.dynamic else []
+        # identity and storage: a state tensor rebound through .data (cast, moved) keeps its id
+        state = [(id(t), t.data_ptr()) for t in self.members.optimizer_state_tensors()] if self.members.dynamic else []
         if replanned or state != self._state_ids:  # moved, rebound, (un)frozen, new state
             self.digest, self._state_ids = self._digest(), state
         return len(params)

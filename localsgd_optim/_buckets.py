@@ -81,11 +81,15 @@ class BucketEngine:
         flat_params: move the first ``movable`` tensors into flat storage.
         movable: how many leading tensors may be moved (default: all).
         breaks: tensor indices no bucket straddles (fragment boundaries).
+        evict: when a re-plan leaves a tensor out of the storage (a parameter frozen, or sharing
+            memory now), give it storage of its own, so the old buffer is freed: for tensors that
+            stay in use after they leave (parameters; not a replaced optimizer state).
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], bucket_cap_bytes: int, flat_params: bool = False,
-                 movable: int | None = None, breaks: Sequence[int] = ()) -> None:
+                 movable: int | None = None, breaks: Sequence[int] = (), evict: bool = False) -> None:
         self.cap_bytes = bucket_cap_bytes
+        self.evict = evict
         self.flat_params = flat_params
         self.movable = len(tensors) if movable is None else movable
         self.breaks = tuple(breaks)
@@ -97,8 +101,9 @@ class BucketEngine:
         buckets = plan_buckets(tensors, self.cap_bytes, self.breaks)
         storage = FlatStorage(tensors, [i < self.movable for i in range(len(tensors))]) \
             if self.flat_params else None
-        if self.__dict__.get("storage") is not None:
-            self.storage.evict(storage.residents() if storage is not None else [])
+        if self.evict and self.__dict__.get("storage") is not None:  # (tensors that leave stay in use)
+            self.storage.evict(storage.residents() if storage is not None else [],
+                               storage.layout.shared_tensors() if storage is not None else [])
         self.tensors, self.buckets, self.storage = tensors, buckets, storage
         self._staging: FlatStorage | None = None  # the copy engine's flat layout, built on demand
         shared = overlapping(tensors) if storage is None else set()

@@ -141,6 +141,7 @@ class Layout:
 
     def __init__(self, tensors: Sequence[torch.Tensor], movable: Sequence[bool]) -> None:
         self.regions = regions(tensors)
+        self._tensors = list(tensors)
         self.shared = shared = overlapping(tensors)
         self.resident = [m and i not in shared and dense(t) for i, (t, m) in enumerate(zip(tensors, movable))]
         self.shapes = [(t.shape, t.stride() if res and t.numel() else None) for t, res in zip(tensors, self.resident)]
@@ -149,6 +150,10 @@ class Layout:
         for region in self.regions:
             for i, off in zip(region.indices, region.offsets):
                 self.where[i] = (region.region, off)
+
+    def shared_tensors(self) -> list[torch.Tensor]:
+        """The tensors that share memory with another in the list."""
+        return [self._tensors[i] for i in sorted(self.shared)]
 
     def allocate(self) -> list[torch.Tensor]:
         """Fresh (uninitialized) buffers, one per region."""
@@ -236,10 +241,14 @@ class FlatStorage:
         return list(self._residents)
 
     @torch.no_grad()
-    def evict(self, keep: Sequence[torch.Tensor]) -> None:
+    def evict(self, keep: Sequence[torch.Tensor], shared: Sequence[torch.Tensor] = ()) -> None:
         """Give every resident not in ``keep`` that still lives here storage of its own (a parameter
-        frozen, or staged now), so these buffers are freed once the new storage replaces them."""
-        kept = set(map(id, keep))
+        frozen, or staged now), so these buffers are freed once the new storage replaces them.
+
+        Tensors in ``shared`` (sharing memory with another now) are left where they are: cloned
+        one by one they would stop sharing it.
+        """
+        kept = set(map(id, keep)) | set(map(id, shared))
         mine = {b.untyped_storage().data_ptr() for b in self.buffers}
         for t in self._residents:
             if id(t) not in kept and t.untyped_storage().data_ptr() in mine:
@@ -277,12 +286,15 @@ class FlatStorage:
         members, slots = self._pairs(lo, hi)
         if not members:
             return
-        if not self.layout.shared:
+        shared = self.layout.shared
+        if not shared:
             torch._foreach_copy_(members, slots)
             return
-        for i in range(lo, hi):
-            if not self.resident[i]:
-                self._tensors[i].copy_(self.views[i])
+        alone = [i for i in range(lo, hi) if not self.resident[i] and i not in shared]
+        if alone:
+            torch._foreach_copy_([self._tensors[i] for i in alone], [self.views[i] for i in alone])
+        for i in sorted(j for j in shared if lo <= j < hi):
+            self._tensors[i].copy_(self.views[i])
 
     def staged_tensors(self) -> list[torch.Tensor]:
         return self._pairs(0, len(self._tensors))[0]

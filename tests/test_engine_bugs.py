@@ -315,3 +315,49 @@ def test_freezing_a_parameter_frees_the_old_flat_storage(ranks2):
     # a's view kept the whole old 8 MiB buffer alive next to b's new 4 MiB one.
     for together, a_bytes, b_bytes in ranks2(_freeze_frees_its_share_of_the_storage):
         assert together and a_bytes == b_bytes == 4 << 20
+
+
+def _state_cast_through_data_on_one_rank() -> str:
+    from localsgd_optim import LayoutMismatchError
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=2,
+                            average_optimizer_state=True)
+    message = "no error"
+    for step in range(4):
+        opt.zero_grad()
+        model(torch.ones(3, 4)).sum().backward()
+        if step == 2 and dist.get_rank() == 1:  # the state exists: rebind it through .data (same object)
+            buf = opt.state[model.weight]["momentum_buffer"]
+            buf.data = buf.data.double()
+        try:
+            opt.step()
+        except LayoutMismatchError as e:
+            message = str(e)
+            break
+    return message
+
+
+def test_optimizer_state_rebound_through_data_is_caught_on_every_rank(ranks2):
+    # The layout digest was recomputed only when the state tensors' ids changed: a .data rebind
+    # kept the id, the digests went stale, and the ranks' collectives no longer matched (a hang).
+    for message in ranks2(_state_cast_through_data_on_one_rank):
+        assert "momentum_buffer" in message, message
+
+
+def _alias_formed_after_binding() -> tuple:
+    a, b, c = (nn.Parameter(torch.randn(8)) for _ in range(3))
+    opt = LocalSGDOptimizer(torch.optim.SGD([a, b, c], lr=0.0), k=1)
+    opt.step()
+    b.data = a.data  # b now shares a's memory
+    opt.step()  # the round re-plans: a and b staged, still one memory
+    with torch.no_grad():
+        a.add_(1)
+    return a.data_ptr() == b.data_ptr(), torch.equal(a, b)
+
+
+def test_parameters_made_to_share_memory_after_binding_keep_sharing_it(ranks2):
+    # The re-plan gave every parameter leaving the storage a copy of its own: b stopped following a.
+    for same_memory, equal in ranks2(_alias_formed_after_binding):
+        assert same_memory and equal
