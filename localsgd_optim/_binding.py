@@ -57,8 +57,11 @@ class Members:
             engine: see :meth:`optimizer_state`); it joins the cross-rank layout check.
     """
 
-    def __init__(self, owner: Any, buffers_module: nn.Module | None, optimizer_state: bool = False) -> None:
+    def __init__(self, owner: Any, buffers_module: nn.Module | None, optimizer_state: bool = False,
+                 sharding: Any = None) -> None:
         self._owner = owner
+        #: the sharded parameters' :class:`~localsgd_optim._sharded.Sharding`, or ``None`` (none is sharded)
+        self.sharding = sharding
         self._params: list[torch.Tensor] = []  # the last answer of params(), and what it was read from:
         self._all: list[torch.Tensor] = []
         self._flags: list[bool] = []
@@ -75,11 +78,13 @@ class Members:
         if not self.averages_optimizer_state:
             return []
         state, out = self._owner.state, []
-        for i, p in enumerate(self.params()):
+        self.params()  # (refreshes the trained parameters)
+        local = self.sharding.local if self.sharding is not None else None
+        for i, p in enumerate(self._params):
             for key, value in sorted(state.get(p, {}).items()):
                 if (key != "step" and isinstance(value, torch.Tensor) and value.shape == p.shape
                         and (value.is_floating_point() or value.is_complex())):
-                    out.append((i, key, value))
+                    out.append((i, key, value if local is None else local(value)))
         return out
 
     def optimizer_state_tensors(self) -> list[torch.Tensor]:
@@ -115,13 +120,21 @@ class Members:
         if flags != self._flags or len(everything) != len(self._all) or not all(map(operator.is_, everything, self._all)):
             self._params = [p for p, trained in zip(everything, flags) if trained]
             self._all, self._flags = everything, flags
+        if self.sharding is not None:  # each sharded parameter's local shard, read afresh
+            return self.sharding.locals(self._params)
         return list(self._params)
 
     def frozen(self) -> list[torch.Tensor]:
         """The floating-point (or complex) parameters with ``requires_grad=False``: broadcast at
-        binding, never averaged."""
-        return [p for group in self._owner.param_groups for p in group["params"]
-                if not p.requires_grad and _averaged(p)]
+        binding, never averaged (a sharded one's local shard)."""
+        frozen = [p for group in self._owner.param_groups for p in group["params"]
+                  if not p.requires_grad and _averaged(p)]
+        return frozen if self.sharding is None else [self.sharding.local(p) for p in frozen]
+
+    def before_round(self) -> None:
+        """Before any averaged value is written: every FSDP2 module resharded (see :mod:`._sharded`)."""
+        if self.sharding is not None:
+            self.sharding.before_round()
 
     def device(self) -> torch.device | None:
         """The device of the first tensor averaged now (``None`` if there is none); O(1) when the
@@ -165,7 +178,8 @@ class Members:
         ``requires_grad`` flag last: it decides whether the parameter is averaged. The argument
         ``requires_grad=False`` leaves the flag out (a difference in it is explained apart, by
         :meth:`requires_grad_disagreement`)."""
-        params = [describe_tensor(t) + (tuple(t.stride()),) + ((t.requires_grad,) if requires_grad else ())
+        describe = self.sharding.describe if self.sharding is not None else (lambda t: ())
+        params = [describe_tensor(t) + (tuple(t.stride()),) + describe(t) + ((t.requires_grad,) if requires_grad else ())
                   for _, t in self._named_params()]
         return params + [describe_tensor(b) for _, b in self.buffers()] + \
             [describe_tensor(s) + (tuple(s.stride()),) for s in self.optimizer_state_tensors()]
@@ -224,7 +238,7 @@ class Binding:
         self.check_finite = check_finite
         self.cursor = cursor  # the step count, and the count this run started or resumed from
         self.engine = BucketEngine(tensors, bucket_cap_bytes(bucket_cap_mb), flat_params, len(members.params()),
-                                   breaks, evict=True)
+                                   breaks, evict=True, sharding=members.sharding)
         self._nccl = dist.get_backend(group) == "nccl"
         self._state_ids: list[tuple[int, int]] = []  # the averaged optimizer state the digest describes
         self.digest = self._digest()
@@ -272,6 +286,7 @@ class Binding:
         """
         nonfinite, local_error = -1, None
         try:
+            self.members.before_round()  # FSDP2 resharded: what a round writes, the next forward reads
             self.refresh()
             prepare()
             if self.check_finite and kind != RoundKind.BIND and not joined:

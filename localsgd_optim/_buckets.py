@@ -84,11 +84,15 @@ class BucketEngine:
         evict: when a re-plan leaves a tensor out of the storage (a parameter frozen, or sharing
             memory now), give it storage of its own, so the old buffer is freed: for tensors that
             stay in use after they leave (parameters; not a replaced optimizer state).
+        sharding: the :class:`~localsgd_optim._sharded.Sharding` of sharded parameters, whose local
+            shards are moved by re-pointing FSDP's references too, or stay staged (the copy path).
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], bucket_cap_bytes: int, flat_params: bool = False,
-                 movable: int | None = None, breaks: Sequence[int] = (), evict: bool = False) -> None:
+                 movable: int | None = None, breaks: Sequence[int] = (), evict: bool = False,
+                 sharding: Any = None) -> None:
         self.cap_bytes = bucket_cap_bytes
+        self.sharding = sharding
         self.evict = evict
         self.flat_params = flat_params
         self.movable = len(tensors) if movable is None else movable
@@ -99,8 +103,12 @@ class BucketEngine:
         # Everything is built first and assigned last: if the storage cannot be allocated (out
         # of memory), nothing has moved and the engine still describes the old plan.
         buckets = plan_buckets(tensors, self.cap_bytes, self.breaks)
-        storage = FlatStorage(tensors, [i < self.movable for i in range(len(tensors))]) \
-            if self.flat_params else None
+        movable = [i < self.movable for i in range(len(tensors))]
+        move = None
+        if self.sharding is not None and self.flat_params:
+            move, staged = self.sharding.placement()
+            movable = [m and id(t) not in staged for m, t in zip(movable, tensors)]
+        storage = FlatStorage(tensors, movable, move) if self.flat_params else None
         if self.evict and self.__dict__.get("storage") is not None:  # (tensors that leave stay in use)
             self.storage.evict(storage.residents() if storage is not None else [],
                                storage.layout.shared_tensors() if storage is not None else [])

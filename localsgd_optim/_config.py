@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 from ._outer import OuterFactory
 from ._schedule import PeriodSpec, Schedule, _is_int
+from ._sharded import resolve_group
 
 __all__ = ["Config", "plain_average_outer"]
 
@@ -61,7 +62,7 @@ class Config:
         if (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real)
                 or not math.isfinite(bucket_cap_mb) or bucket_cap_mb <= 0):
             raise ValueError(f"bucket_cap_mb must be a finite number > 0 (MiB), got {bucket_cap_mb!r}")
-        _reject_sharded(optimizer)
+        process_group = resolve_group(process_group)
         if buffers is not None and not isinstance(buffers, nn.Module):
             raise TypeError(
                 f"buffers must be the nn.Module whose buffers to average (e.g. buffers=model), "
@@ -183,35 +184,3 @@ def _check_fragments(fragments: Any, schedule: Schedule, local_k: Any, average_o
             f"overlap_steps={overlap_steps} with fragments={fragments} and k={k}: a fragment's round must land "
             f"before the next fragment's starts, {gap} step(s) later (k // fragments); pass overlap_steps < {gap}"
         )
-
-
-def _reject_sharded(optimizer: Optimizer) -> None:
-    """FSDP / DTensor parameters hold shards: averaging them as whole tensors would be wrong.
-
-    Recognised by type and by FSDP's documented mark, never by a class name: on torch 2.13 an
-    FSDP1 ``FlatParameter``'s ``type(p).__name__`` is ``"Parameter"``, and with
-    ``use_orig_params=True`` the optimizer holds plain Parameters that are views of this rank's
-    shard, marked ``_fsdp_flattened``.
-    """
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        DTensor = ()  # type: ignore[assignment,misc]
-    try:
-        from torch.distributed.fsdp._flat_param import FlatParameter
-    except ImportError:  # pragma: no cover - torch without FSDP1
-        FlatParameter = ()  # type: ignore[assignment,misc]
-    for g, group in enumerate(optimizer.param_groups):
-        for i, p in enumerate(group["params"]):
-            if isinstance(p, FlatParameter) or getattr(p, "_fsdp_flattened", False):
-                raise TypeError(
-                    f"parameter (param group {g}, index {i}) belongs to an FSDP (FullyShardedDataParallel) "
-                    "module: each rank holds a different shard of it, and averaging across ranks would mix "
-                    "shards. LocalSGDOptimizer does not support FSDP1 modules; use it with DDP or plain modules"
-                )
-            if isinstance(p, DTensor):
-                raise TypeError(
-                    f"parameter (param group {g}, index {i}) is a {type(p).__name__}: FSDP2, DTensor and "
-                    "tensor-parallel parameters are sharded, which LocalSGDOptimizer does not support yet; "
-                    "use it with DDP or plain modules"
-                )

@@ -12,7 +12,7 @@ strides (channels_last stays channels_last); one that is not, or that is not res
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -197,6 +197,10 @@ class Layout:
         return tuple((base[r][0], off - base[r][1], self.shapes[i]) for i, (r, off) in enumerate(self.where[lo:hi], lo))
 
 
+def _set_data(t: torch.Tensor, view: torch.Tensor) -> None:
+    t.data = view
+
+
 def rebase(views: Sequence[torch.Tensor], old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The views ``views`` of buffers ``old``, re-made on buffers ``new`` of the same sizes."""
     where = {(b.device, b.dtype): (b, n) for b, n in zip(old, new)}  # one buffer per (device, dtype)
@@ -219,9 +223,13 @@ class FlatStorage:
         tensors: the tensors, in a rank-independent order.
         movable: per tensor, whether it may be moved (``False`` everywhere: a staging copy that
             moves nothing, for the copy engine's outer rounds).
+        move: ``move(tensor, view)`` re-points a tensor at its view (default: ``tensor.data = view``;
+            a sharded parameter's shard re-points FSDP's references too: see :mod:`._sharded`).
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor], movable: Sequence[bool]) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor], movable: Sequence[bool],
+                 move: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        self.move = move or _set_data
         self.layout = layout = Layout(tensors, movable)
         self.resident = layout.resident
         # every buffer first: running out of memory here leaves every tensor where it was
@@ -231,7 +239,7 @@ class FlatStorage:
             for t, view, res in zip(tensors, self.views, self.resident):
                 if res:
                     view.copy_(t)
-                    t.data = view  # the one move: same Parameter object, new storage
+                    self.move(t, view)  # the one move: same Parameter object, new storage
         self._residents = [t for t, res in zip(tensors, self.resident) if res]
         self._ptrs = list(map(torch.Tensor.data_ptr, self._residents))
         self._staged: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -252,7 +260,7 @@ class FlatStorage:
         mine = {b.untyped_storage().data_ptr() for b in self.buffers}
         for t in self._residents:
             if id(t) not in kept and t.untyped_storage().data_ptr() in mine:
-                t.data = t.data.clone(memory_format=torch.preserve_format)
+                self.move(t, t.data.clone(memory_format=torch.preserve_format))
 
     def restage(self, tensors: Sequence[torch.Tensor]) -> None:
         """Staged tensors were rebound (a module buffer reassigned): stage the new objects."""

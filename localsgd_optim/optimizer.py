@@ -25,6 +25,7 @@ from ._config import Config
 from ._dist import LocalSGDError, RoundKind, group_size
 from ._outer import OuterFactory
 from ._schedule import Event, PeriodSpec
+from ._sharded import find_sharding
 from ._state import STATE_KEY, STATE_VERSION, parse_entry
 from .ddp import scheduled_no_sync
 from .rounds import Round, RoundContext, build_rounds
@@ -188,7 +189,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self.optimizer = optimizer
         self._share_inner()
         self._config = config
-        self._members = Members(self, config.buffers, config.average_optimizer_state)
+        self._members = Members(self, config.buffers, config.average_optimizer_state,
+                                find_sharding(self._all_params(), config.process_group))
         self._ddp_modules: list[nn.Module] = []  # registered by no_sync(): DDP syncs during warmup
         self._binding: Binding | None = None
         self._single = False  # bound to a world of one: never communicate
@@ -200,6 +202,9 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._cursor, self._rounds = build_rounds(
             config, self._members.params(), self._members.optimizer_state_tensors)
         self._bind()
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
 
     def _share_inner(self) -> None:
         # Same objects, not copies: an LR set on the wrapper is the LR the inner step uses.
@@ -330,6 +335,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             if self._binding is not None:
                 with self._binding.errors(lambda: f"the overlapped round applied at step {self.num_steps}"):
                     round_.wait()
+                self._members.before_round()
             round_.land(self._context(self._binding, refresh=True) if self._binding is not None else None)
         finally:
             self._stats["round_seconds"] += time.perf_counter() - start
@@ -468,6 +474,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 "parameter); add every parameter group before constructing LocalSGDOptimizer"
             )
         self.optimizer.add_param_group(param_group)
+        self._members.sharding = find_sharding(self._all_params(), self.process_group)
         if self._binding is not None:
             self._binding = self._new_binding(self._binding.group, self._binding.world_size)
 

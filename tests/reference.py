@@ -11,6 +11,10 @@ import torch.distributed as dist
 from helpers import make_batches, make_model, mse, params_of
 
 
+def _src(group) -> int:
+    return 0 if group is None else dist.get_global_rank(group, 0)
+
+
 @torch.no_grad()
 def average_one_by_one(params, group=None) -> None:
     world = dist.get_world_size(group)
@@ -20,9 +24,9 @@ def average_one_by_one(params, group=None) -> None:
 
 
 @torch.no_grad()
-def broadcast_one_by_one(params, src=0, group=None) -> None:
+def broadcast_one_by_one(params, src=None, group=None) -> None:
     for p in params:
-        dist.broadcast(p, src, group=group)
+        dist.broadcast(p, _src(group) if src is None else src, group=group)
 
 
 def train_local_sgd_reference(model, inner, k, batches, loss_fn, sync_on_init=True):
@@ -38,24 +42,30 @@ def train_local_sgd_reference(model, inner, k, batches, loss_fn, sync_on_init=Tr
             average_one_by_one(params)
 
 
-def reference_rounds(model, inner, batches, rounds, tensors=None):
-    """Plain loop: step on every batch; average the given tensors one by one after the listed steps."""
+def reference_rounds(model, inner, batches, rounds, tensors=None, group=None, state=False):
+    """Plain loop: step on every batch; average the given tensors one by one after the listed steps
+    (over ``group``; with ``state``, also the inner optimizer's per-parameter state ``state(inner)``)."""
     tensors = tensors if tensors is not None else list(model.parameters())
-    broadcast_one_by_one(tensors)
+    broadcast_one_by_one(tensors, group=group)
     for step, (x, y) in enumerate(batches, start=1):
         inner.zero_grad()
         mse(model(x), y).backward()
         inner.step()
         if step in rounds:
-            average_one_by_one(tensors)
+            average_one_by_one(tensors, group)
+            if state:
+                average_one_by_one(state(inner), group)
 
 
-def reference_diloco(model, inner, batches, k, outer_factory, warmup=0, wire=None):
+def reference_diloco(model, inner, batches, k, outer_factory, warmup=0, wire=None, params=None, group=None):
     """Plain loop: global copy; every k steps average (global - local) parameter by parameter,
-    step the outer optimizer with it as .grad, write the global copy into the model."""
-    params = list(model.parameters())
-    broadcast_one_by_one(params)
-    world = dist.get_world_size()
+    step the outer optimizer with it as .grad, write the global copy into the model.
+
+    ``params``: the tensors averaged (default: the model's parameters; a sharded model's local
+    shards), over ``group``."""
+    params = list(model.parameters()) if params is None else params
+    broadcast_one_by_one(params, group=group)
+    world = dist.get_world_size(group)
     global_copy = [p.detach().clone() for p in params]
     outer = outer_factory(global_copy)
     for step, (x, y) in enumerate(batches, start=1):
@@ -65,7 +75,7 @@ def reference_diloco(model, inner, batches, k, outer_factory, warmup=0, wire=Non
         with torch.no_grad():
             if step <= warmup:
                 for p in params:
-                    dist.all_reduce(p)
+                    dist.all_reduce(p, group=group)
                     p.div_(world)
                 if step == warmup:
                     for g, p in zip(global_copy, params):
@@ -73,7 +83,7 @@ def reference_diloco(model, inner, batches, k, outer_factory, warmup=0, wire=Non
             elif (step - warmup) % k == 0:
                 for g, p in zip(global_copy, params):
                     delta = (g - p) if wire is None else (g - p).to(wire)  # compressed on the wire
-                    dist.all_reduce(delta)
+                    dist.all_reduce(delta, group=group)
                     g.grad = delta.to(g.dtype) / world  # widened, then divided at full precision
                 outer.step()
                 for g, p in zip(global_copy, params):
@@ -81,12 +91,12 @@ def reference_diloco(model, inner, batches, k, outer_factory, warmup=0, wire=Non
                     p.copy_(g)
 
 
-def reference_int8_diloco(model, inner, batches, k, outer_factory):
+def reference_int8_diloco(model, inner, batches, k, outer_factory, params=None, group=None):
     """Plain loop: per parameter, v = (global - local) + residual, per-tensor scale max|v|/127,
     int8 codes all-gathered one parameter at a time, summed in rank order, residual kept."""
-    params = list(model.parameters())
-    broadcast_one_by_one(params)
-    world = dist.get_world_size()
+    params = list(model.parameters()) if params is None else params
+    broadcast_one_by_one(params, group=group)
+    world = dist.get_world_size(group)
     global_copy = [p.detach().clone() for p in params]
     residuals = [torch.zeros_like(p) for p in params]
     outer = outer_factory(global_copy)
@@ -104,8 +114,8 @@ def reference_int8_diloco(model, inner, batches, k, outer_factory):
                 e.copy_(v - q * scale)
                 codes = [torch.empty_like(q, dtype=torch.int8) for _ in range(world)]
                 scales = [torch.empty(1) for _ in range(world)]
-                dist.all_gather(codes, q.to(torch.int8))
-                dist.all_gather(scales, scale.reshape(1))
+                dist.all_gather(codes, q.to(torch.int8), group=group)
+                dist.all_gather(scales, scale.reshape(1), group=group)
                 total = torch.zeros_like(v)
                 for c, s in zip(codes, scales):
                     total.add_(c.float() * s)
@@ -116,13 +126,13 @@ def reference_int8_diloco(model, inner, batches, k, outer_factory):
                 p.copy_(g)
 
 
-def reference_overlapped(model, inner, batches, k, tau, mix, outer_factory):
+def reference_overlapped(model, inner, batches, k, tau, mix, outer_factory, params=None, group=None):
     """Plain loop: at step r (r % k == 0) snapshot global - local per parameter and all-reduce
     it (blocking: the result is only used later); at r + tau: outer step with the mean, then
     p <- mix * p + (1 - mix) * global."""
-    params = list(model.parameters())
-    broadcast_one_by_one(params)
-    world = dist.get_world_size()
+    params = list(model.parameters()) if params is None else params
+    broadcast_one_by_one(params, group=group)
+    world = dist.get_world_size(group)
     global_copy = [p.detach().clone() for p in params]
     outer = outer_factory(global_copy)
     pending = None
@@ -135,7 +145,7 @@ def reference_overlapped(model, inner, batches, k, tau, mix, outer_factory):
                 pending = []
                 for g, p in zip(global_copy, params):
                     d = g - p
-                    dist.all_reduce(d)
+                    dist.all_reduce(d, group=group)
                     pending.append(d / world)
             if pending is not None and step % k == tau:
                 for g, d in zip(global_copy, pending):
@@ -148,7 +158,7 @@ def reference_overlapped(model, inner, batches, k, tau, mix, outer_factory):
 
 
 def reference_streaming(model, inner, batches, k, fragments, outer_factory=None, tau=0, mix=0.5, counts=None,
-                        wire=None):
+                        wire=None, params=None, group=None):
     """Plain loop, fragment by fragment: ``fragments`` lists each fragment's parameter indices.
 
     Fragment i syncs after the steps s with s % k == (k * (i + 1) // P) % k. Without an outer
@@ -159,9 +169,9 @@ def reference_streaming(model, inner, batches, k, fragments, outer_factory=None,
     inputs under Join), a rank out of batches keeps counting and sends zeros, and each mean
     divides by the ranks still training.
     """
-    params = list(model.parameters())
-    broadcast_one_by_one(params)
-    world, n = dist.get_world_size(), len(fragments)
+    params = list(model.parameters()) if params is None else params
+    broadcast_one_by_one(params, group=group)
+    world, n = dist.get_world_size(group), len(fragments)
     phase_of = {(k * (i + 1) // n) % k: i for i in range(n)}
     global_copy = [p.detach().clone() for p in params]
     outers = [outer_factory([global_copy[j] for j in idx]) for idx in fragments] if outer_factory else None
@@ -191,14 +201,14 @@ def reference_streaming(model, inner, batches, k, fragments, outer_factory=None,
             if outers is None:
                 for j in fragments[i]:
                     t = params[j] if training else torch.zeros_like(params[j])
-                    dist.all_reduce(t)
+                    dist.all_reduce(t, group=group)
                     params[j].copy_(t / active)
                 continue
             means = []
             for j in fragments[i]:
                 d = (global_copy[j] - params[j]) if training else torch.zeros_like(params[j])
                 d = d if wire is None else d.to(wire)
-                dist.all_reduce(d)
+                dist.all_reduce(d, group=group)
                 means.append(d.to(params[j].dtype) / active)
             if tau:
                 pending = (i, step + tau, means)

@@ -1,0 +1,319 @@
+"""Sharded parameters: which plain tensor a round averages for each DTensor or FSDP1 parameter.
+
+A replica sharded with FSDP2 (``fully_shard``), tensor parallelism (DTensor) or FSDP1 holds a
+*local shard* of each parameter on every rank. Local SGD averages each shard over the ranks
+that hold the same shard in other replicas (``mesh.get_group("replicate")``), in place.
+
+**Every touch of FSDP's and DTensor's private attributes lives in this module.** What it reads:
+
+- ``DTensor._local_tensor``: the local shard itself (a plain tensor);
+- FSDP2: the registry of composable states (``torch.distributed._composable_state``), each
+  :class:`FSDPState`'s ``_fsdp_param_groups`` and their ``FSDPParam``\\ s: ``sharded_param`` (the
+  DTensor the optimizer holds), ``_sharded_param_data`` (the padded 1-D shard FSDP all-gathers
+  from; ``_local_tensor`` is a narrowed view of it), ``padded_sharded_param_size``,
+  ``fsdp_placement``, ``mesh_info`` (native HSDP is refused) and ``offload_to_cpu``;
+- FSDP1: ``FlatParameter._local_shard`` (what FSDP1 points the flat parameter back at when it
+  reshards) and ``_shard_param_infos`` (which slice of which parameter this shard holds).
+
+With ``flat_params=True`` the engine moves a shard into its flat storage by re-pointing every
+one of these references at the new memory (:meth:`Sharding.move`), so FSDP all-gathers from
+the storage a round reduces: zero-copy, one collective per bucket. When an attribute is
+missing or has changed shape (another torch), or the shard cannot live in flat storage (FSDP2
+CPU offload), that parameter falls back to the copy path: its public local view
+(``DTensor.to_local()``) is *staged*, copied into a slot and back each round. Still exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["Sharding", "find_sharding", "resolve_group", "FALLBACK_REASON"]
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover - torch without DTensor
+    DTensor = Replicate = Shard = ()  # type: ignore[assignment,misc]
+try:
+    from torch.distributed.fsdp._flat_param import FlatParameter
+except ImportError:  # pragma: no cover - torch without FSDP1
+    FlatParameter = ()  # type: ignore[assignment,misc]
+
+#: Set by tests to force the copy path (what happens when FSDP's private attributes change).
+FALLBACK_REASON: str | None = None
+
+
+def _set_data(t: torch.Tensor, view: torch.Tensor) -> None:
+    t.data = view
+
+
+def resolve_group(process_group: Any) -> Any:
+    """``process_group`` as a process group: a 1-D ``DeviceMesh`` (``mesh["replicate"]``) gives its group."""
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # pragma: no cover
+        return process_group
+    if isinstance(process_group, DeviceMesh):
+        if process_group.ndim != 1:
+            raise ValueError(
+                f"process_group must be a process group or a 1-D DeviceMesh, got a {process_group.ndim}-D mesh "
+                f"{process_group.mesh_dim_names}; pass the replicate dimension, e.g. mesh['replicate'] or "
+                "mesh.get_group('replicate')"
+            )
+        return process_group.get_group()
+    return process_group
+
+
+def _fsdp2_params() -> tuple[dict[int, Any], list[nn.Module]]:
+    """Every live FSDP2 ``FSDPParam`` by ``id`` of its sharded parameter, and the FSDP2 modules."""
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    except ImportError:  # pragma: no cover - another torch
+        return {}, []
+    found: dict[int, Any] = {}
+    modules = []
+    for module, ref in list(_module_state_mapping.items()):
+        state = ref() if callable(ref) else ref
+        if not isinstance(state, FSDPState):
+            continue
+        modules.append(module)
+        for group in getattr(state, "_fsdp_param_groups", ()) or ():
+            for fsdp_param in getattr(group, "fsdp_params", ()):
+                param = getattr(fsdp_param, "sharded_param", None)
+                if param is not None:
+                    found[id(param)] = fsdp_param
+    return found, modules
+
+
+def _is_hsdp(fsdp_param: Any) -> bool:
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_common import HSDPMeshInfo
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(getattr(fsdp_param, "mesh_info", None), HSDPMeshInfo)
+
+
+def _ranks(group: Any) -> tuple[int, ...]:
+    return tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+
+
+class _Shard:
+    """One sharded parameter: how to find the plain tensor averaged, and how to move it.
+
+    ``kind``: ``"fsdp2"`` (the padded 1-D shard FSDP all-gathers from), ``"dtensor"`` (a
+    tensor-parallel DTensor's local tensor), ``"fsdp1"`` (a ``FlatParameter``: already flat) or
+    ``"copy"`` (the fallback: a public view, staged every round).
+    """
+
+    __slots__ = ("param", "kind", "owner", "why")
+
+    def __init__(self, param: torch.Tensor, kind: str, owner: Any = None, why: str | None = None) -> None:
+        self.param, self.kind, self.owner, self.why = param, kind, owner, why
+
+    def tensor(self) -> torch.Tensor:
+        if self.kind == "fsdp2":
+            return self.owner._sharded_param_data
+        if self.kind == "dtensor":
+            return self.param._local_tensor
+        if self.kind == "fsdp1":
+            return self.param
+        if not isinstance(self.param, DTensor):
+            return self.param
+        with torch.no_grad():
+            view = self.param.to_local()  # a new view object per call: keep one while it is the same
+        kept = self.owner
+        if kept is None or kept.data_ptr() != view.data_ptr() or kept.shape != view.shape:
+            self.owner = kept = view
+        return kept
+
+    @property
+    def movable(self) -> bool:
+        return self.kind != "copy"
+
+    def move(self, view: torch.Tensor) -> None:
+        """Re-point every reference FSDP or DTensor reads at ``view`` (same values, new memory)."""
+        if self.kind == "fsdp2":
+            fsdp_param = self.owner
+            old_local = self.param._local_tensor
+            fsdp_param._sharded_param_data.data = view
+            dim = fsdp_param.fsdp_placement.dim
+            padded = view.view(fsdp_param.padded_sharded_param_size)
+            old_local.data = padded.narrow(dim, 0, old_local.size(dim) if old_local.numel() else 0)
+        elif self.kind == "dtensor":
+            self.param._local_tensor.data = view
+        elif self.kind == "fsdp1":
+            sharded = self.param.data_ptr() == self.param._local_shard.data_ptr()
+            self.param.data = view
+            if sharded:
+                self.param._local_shard = self.param.data
+        else:  # (never moved: staged)
+            raise AssertionError("a staged shard is never moved")
+
+
+class Sharding:
+    """The sharded parameters of an optimizer, and how rounds reach their local shards.
+
+    Built from the parameters alone (the FSDP2 modules are found through their parameters), and
+    checked locally: native HSDP, a parameter sharded across the ranks averaged, and FSDP1's
+    ``use_orig_params=True`` views raise here, on every rank alike.
+
+    Args:
+        params: every parameter of the optimizer, in ``param_groups`` order.
+        group: the ranks averaged over (``None``: the default group).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], group: Any) -> None:
+        self._group_ranks = _ranks(group) if dist.is_available() and dist.is_initialized() else None
+        fsdp2, modules = _fsdp2_params()
+        self.shards: dict[int, _Shard] = {}
+        owned: set[int] = set()
+        for p in params:
+            if id(p) in self.shards:
+                continue
+            shard = self._classify(p, fsdp2)
+            if shard is not None:
+                self.shards[id(p)] = shard
+                if shard.kind == "fsdp2":
+                    owned.add(id(shard.owner))
+        # the FSDP2 modules holding our parameters: resharded before any averaged value is written
+        self.modules = [m for m in modules if any(
+            id(fp) in owned for g in m._get_fsdp_state()._fsdp_param_groups for fp in g.fsdp_params)] \
+            if owned else []
+        self._fsdp1 = [s for s in self.shards.values() if s.kind == "fsdp1"]
+
+    def _classify(self, p: torch.Tensor, fsdp2: dict[int, Any]) -> _Shard | None:
+        if isinstance(p, FlatParameter):
+            if FALLBACK_REASON is not None or not hasattr(p, "_local_shard"):
+                return _Shard(p, "copy", why=FALLBACK_REASON or "FlatParameter._local_shard is missing")
+            return _Shard(p, "fsdp1")
+        if getattr(p, "_fsdp_flattened", False) and not isinstance(p, DTensor):
+            raise TypeError(
+                "parameter belongs to an FSDP1 module wrapped with use_orig_params=True: the optimizer holds views "
+                "of this rank's flat shard, whose layout LocalSGDOptimizer cannot check across ranks. Wrap with "
+                "use_orig_params=False (the optimizer then holds FSDP1's FlatParameters, averaged in place), or "
+                "shard with FSDP2 (fully_shard)"
+            )
+        if not isinstance(p, DTensor):
+            return None
+        fsdp_param = fsdp2.get(id(p))
+        if fsdp_param is not None and _is_hsdp(fsdp_param):
+            raise ValueError(
+                "parameter is sharded by native HSDP (fully_shard over a 2-D mesh), which all-reduces gradients "
+                "across replicas at every step: there is nothing left for Local SGD to average, and torch has no "
+                "switch to turn that all-reduce off. Shard over the shard dimension only and average over the "
+                "replicate one: fully_shard(model, mesh=mesh['shard']); "
+                "LocalSGDOptimizer(opt, process_group=mesh['replicate'])"
+            )
+        self._check_not_sharded_over_group(p)
+        why = FALLBACK_REASON
+        if fsdp_param is not None:
+            if why is None and getattr(fsdp_param, "offload_to_cpu", False):
+                why = "FSDP2 CPU offload keeps the shard in pinned host memory"
+            if why is None and not all(hasattr(fsdp_param, a) for a in (
+                    "_sharded_param_data", "padded_sharded_param_size", "fsdp_placement")):
+                why = "FSDPParam has none of _sharded_param_data, padded_sharded_param_size, fsdp_placement"
+            if why is None and (fsdp_param._sharded_param_data.numel() != fsdp_param.padded_sharded_param_size.numel()
+                                or fsdp_param._sharded_param_data.untyped_storage().data_ptr()
+                                != p._local_tensor.untyped_storage().data_ptr()):
+                why = "the local tensor is not a view of FSDPParam._sharded_param_data"
+            return _Shard(p, "copy", why=why) if why else _Shard(p, "fsdp2", fsdp_param)
+        if why is None and not hasattr(p, "_local_tensor"):
+            why = "DTensor._local_tensor is missing"
+        return _Shard(p, "copy", why=why) if why else _Shard(p, "dtensor")
+
+    def _check_not_sharded_over_group(self, p: torch.Tensor) -> None:
+        """Raise if one of ``p``'s mesh dimensions that shards it *is* the group averaged over."""
+        if self._group_ranks is None:
+            return
+        mesh = p.device_mesh
+        for dim, placement in enumerate(p.placements):
+            if isinstance(placement, Replicate):
+                continue
+            if _ranks(mesh.get_group(dim)) == self._group_ranks:
+                name = mesh.mesh_dim_names[dim] if mesh.mesh_dim_names else dim
+                raise ValueError(
+                    f"parameter is {placement} over mesh dimension {name!r}, whose ranks {list(self._group_ranks)} "
+                    "are the process_group averaged over: each holds a different shard, and averaging them would "
+                    "mix shards. Pass the replicate dimension's group: process_group=mesh['replicate'] (the ranks "
+                    "holding the same shard in different replicas)"
+                )
+
+    # -- what rounds see ------------------------------------------------------------------------
+
+    def __bool__(self) -> bool:
+        return bool(self.shards)
+
+    def locals(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The plain tensor averaged for each of ``params`` (read afresh: FSDP may have replaced it)."""
+        shards = self.shards
+        return [shards[id(p)].tensor() if id(p) in shards else p for p in params]
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        """A DTensor's local tensor (optimizer state, a frozen parameter); anything else as it is."""
+        shard = self.shards.get(id(t))
+        if shard is not None:
+            return shard.tensor()
+        return t._local_tensor if isinstance(t, DTensor) else t
+
+    def fallbacks(self) -> list[str]:
+        """Why parameters use the copy path (empty when every shard is zero-copy)."""
+        return sorted({s.why for s in self.shards.values() if s.kind == "copy" and s.why})
+
+    def placement(self) -> tuple[Callable[[torch.Tensor, torch.Tensor], None], set[int]]:
+        """For the engine's next plan: ``move(tensor, view)``, which re-points a shard's every
+        reference (anything else: ``.data``), and the ids of the tensors that must stay staged."""
+        by_tensor = {id(s.tensor()): s for s in self.shards.values() if s.movable}
+        staged = {id(s.tensor()) for s in self.shards.values() if not s.movable}
+
+        def move(t: torch.Tensor, view: torch.Tensor) -> None:
+            shard = by_tensor.get(id(t))
+            if shard is None:
+                t.data = view
+            else:
+                shard.move(view)
+        return move, staged
+
+    def describe(self, p: torch.Tensor) -> tuple:
+        """What ranks averaged together must agree on for ``p`` beyond its dtype and global shape: the
+        placements, the local shape, and which shard it is (mesh coordinate on every dimension that is
+        not the group averaged over; FSDP1: the slices of the original parameters it holds)."""
+        shard = self.shards.get(id(p))
+        if shard is None:
+            return ()
+        if isinstance(p, DTensor):
+            mesh = p.device_mesh
+            coordinate = mesh.get_coordinate() or ()
+            where = tuple(c for dim, c in enumerate(coordinate)
+                          if self._group_ranks is None or _ranks(mesh.get_group(dim)) != self._group_ranks)
+            return ("dtensor", tuple(map(str, p.placements)), tuple(p._local_tensor.shape), where)
+        infos = getattr(p, "_shard_param_infos", None)
+        return ("fsdp1", tuple(p._local_shard.shape) if hasattr(p, "_local_shard") else (),
+                repr(infos) if infos is not None else None)
+
+    # -- before any averaged value is written -----------------------------------------------------
+
+    def before_round(self) -> None:
+        """Reshard every FSDP2 module (an eval forward can leave the root unsharded: a write into the
+        shard would then be invisible to the next forward); FSDP1 flat parameters must be sharded."""
+        for module in self.modules:
+            module.reshard()
+        for shard in self._fsdp1:
+            p = shard.param
+            if p.data_ptr() != p._local_shard.data_ptr():
+                raise RuntimeError(
+                    "an FSDP1 FlatParameter is unsharded at an averaging round (after a forward that did not "
+                    "reshard: SHARD_GRAD_OP, or a forward without backward): averaging needs each rank's shard. "
+                    "Run the round after backward and the optimizer step, or use FSDP2 (fully_shard)"
+                )
+
+
+def find_sharding(params: Sequence[torch.Tensor], group: Any) -> Sharding | None:
+    """The :class:`Sharding` of ``params``, or ``None`` when none is sharded (the plain fast path)."""
+    if not any(isinstance(p, (DTensor, FlatParameter)) or getattr(p, "_fsdp_flattened", False) for p in params):
+        return None
+    return Sharding(list(itertools.chain(params)), group)
