@@ -89,7 +89,15 @@ def _fmt(entry: tuple | None, strides: bool = False) -> str:
     if entry is None:
         return "missing"
     device, dtype, shape = entry[:3]
-    return f"{dtype}{list(shape)} on {device}" + (f" with strides {entry[3]}" if strides and len(entry) > 3 else "")
+    text = f"{dtype}{list(shape)} on {device}"
+    sharded = next((i for i, x in enumerate(entry) if x in ("dtensor", "fsdp1")), None)
+    if strides and sharded is not None and len(entry) >= sharded + 3:  # which shard: see _sharded.describe
+        if entry[sharded] == "dtensor" and len(entry) >= sharded + 4:
+            _, placements, local, where = entry[sharded:sharded + 4]
+            return f"{text}, {', '.join(placements)}, local shard {list(local)} at mesh coordinate {list(where)}"
+        _, local, infos = entry[sharded:sharded + 3]
+        return f"{text}, FSDP1 flat shard {list(local)} holding elements {infos} of its parameters"
+    return text + (f" with strides {entry[3]}" if strides and len(entry) > 3 else "")
 
 
 def check_ranks_agree(

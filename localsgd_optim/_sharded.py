@@ -13,7 +13,7 @@ that hold the same shard in other replicas (``mesh.get_group("replicate")``), in
   from; ``_local_tensor`` is a narrowed view of it), ``padded_sharded_param_size``,
   ``fsdp_placement``, ``mesh_info`` (native HSDP is refused) and ``offload_to_cpu``;
 - FSDP1: ``FlatParameter._local_shard`` (what FSDP1 points the flat parameter back at when it
-  reshards) and ``_shard_param_infos`` (which slice of which parameter this shard holds).
+  reshards), ``_sharded_size`` and ``_shard_param_infos`` (which slice of which parameter this shard holds).
 
 With ``flat_params=True`` the engine moves a shard into its flat storage by re-pointing every
 one of these references at the new memory (:meth:`Sharding.move`), so FSDP all-gathers from
@@ -25,12 +25,13 @@ CPU offload), that parameter falls back to the copy path: its public local view
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ._dist import LocalSGDError
 
 __all__ = ["Sharding", "find_sharding", "resolve_group", "FALLBACK_REASON"]
 
@@ -135,21 +136,28 @@ class _Shard:
     def movable(self) -> bool:
         return self.kind != "copy"
 
-    def move(self, view: torch.Tensor) -> None:
-        """Re-point every reference FSDP or DTensor reads at ``view`` (same values, new memory)."""
-        if self.kind == "fsdp2":
+    def move(self, t: torch.Tensor, view: torch.Tensor) -> None:
+        """Re-point every reference FSDP or DTensor reads at ``view`` (same values, new memory).
+
+        ``t`` is the tensor the engine holds; if it is no longer the shard's current one (FSDP
+        replaced it: ``model.to()``), only ``t`` itself moves (the old storage being freed).
+        """
+        if t is not self.tensor():
+            t.data = view
+        elif self.kind == "fsdp2":
             fsdp_param = self.owner
-            old_local = self.param._local_tensor
+            old_local = fsdp_param.sharded_param._local_tensor
             fsdp_param._sharded_param_data.data = view
             dim = fsdp_param.fsdp_placement.dim
             padded = view.view(fsdp_param.padded_sharded_param_size)
             old_local.data = padded.narrow(dim, 0, old_local.size(dim) if old_local.numel() else 0)
         elif self.kind == "dtensor":
             self.param._local_tensor.data = view
-        elif self.kind == "fsdp1":
-            sharded = self.param.data_ptr() == self.param._local_shard.data_ptr()
+        elif self.kind == "fsdp1":  # (FSDP1 sets _local_shard = .data at its lazy init, the first forward)
+            local = getattr(self.param, "_local_shard", None)
+            sharded = local is None or self.param.data_ptr() == local.data_ptr()
             self.param.data = view
-            if sharded:
+            if local is not None and sharded:
                 self.param._local_shard = self.param.data
         else:  # (never moved: staged)
             raise AssertionError("a staged shard is never moved")
@@ -163,19 +171,22 @@ class Sharding:
     ``use_orig_params=True`` views raise here, on every rank alike.
 
     Args:
-        params: every parameter of the optimizer, in ``param_groups`` order.
+        named: every parameter of the optimizer with its name for errors, in ``param_groups`` order.
         group: the ranks averaged over (``None``: the default group).
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], group: Any) -> None:
+    def __init__(self, named: Sequence[tuple[str, torch.Tensor]], group: Any) -> None:
         self._group_ranks = _ranks(group) if dist.is_available() and dist.is_initialized() else None
         fsdp2, modules = _fsdp2_params()
         self.shards: dict[int, _Shard] = {}
         owned: set[int] = set()
-        for p in params:
+        for name, p in named:
             if id(p) in self.shards:
                 continue
-            shard = self._classify(p, fsdp2)
+            try:
+                shard = self._classify(p, fsdp2)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{name}: {e}") from None
             if shard is not None:
                 self.shards[id(p)] = shard
                 if shard.kind == "fsdp2":
@@ -185,15 +196,16 @@ class Sharding:
             id(fp) in owned for g in m._get_fsdp_state()._fsdp_param_groups for fp in g.fsdp_params)] \
             if owned else []
         self._fsdp1 = [s for s in self.shards.values() if s.kind == "fsdp1"]
+        self._fsdp2 = [s for s in self.shards.values() if s.kind == "fsdp2"]
 
     def _classify(self, p: torch.Tensor, fsdp2: dict[int, Any]) -> _Shard | None:
         if isinstance(p, FlatParameter):
-            if FALLBACK_REASON is not None or not hasattr(p, "_local_shard"):
-                return _Shard(p, "copy", why=FALLBACK_REASON or "FlatParameter._local_shard is missing")
+            if FALLBACK_REASON is not None or not hasattr(p, "_shard_param_infos"):
+                return _Shard(p, "copy", why=FALLBACK_REASON or "FlatParameter._shard_param_infos is missing")
             return _Shard(p, "fsdp1")
         if getattr(p, "_fsdp_flattened", False) and not isinstance(p, DTensor):
             raise TypeError(
-                "parameter belongs to an FSDP1 module wrapped with use_orig_params=True: the optimizer holds views "
+                "it belongs to an FSDP1 module wrapped with use_orig_params=True: the optimizer holds views "
                 "of this rank's flat shard, whose layout LocalSGDOptimizer cannot check across ranks. Wrap with "
                 "use_orig_params=False (the optimizer then holds FSDP1's FlatParameters, averaged in place), or "
                 "shard with FSDP2 (fully_shard)"
@@ -203,7 +215,7 @@ class Sharding:
         fsdp_param = fsdp2.get(id(p))
         if fsdp_param is not None and _is_hsdp(fsdp_param):
             raise ValueError(
-                "parameter is sharded by native HSDP (fully_shard over a 2-D mesh), which all-reduces gradients "
+                "it is sharded by native HSDP (fully_shard over a 2-D mesh), which all-reduces gradients "
                 "across replicas at every step: there is nothing left for Local SGD to average, and torch has no "
                 "switch to turn that all-reduce off. Shard over the shard dimension only and average over the "
                 "replicate one: fully_shard(model, mesh=mesh['shard']); "
@@ -237,7 +249,7 @@ class Sharding:
             if _ranks(mesh.get_group(dim)) == self._group_ranks:
                 name = mesh.mesh_dim_names[dim] if mesh.mesh_dim_names else dim
                 raise ValueError(
-                    f"parameter is {placement} over mesh dimension {name!r}, whose ranks {list(self._group_ranks)} "
+                    f"it is {placement!r} over mesh dimension {name!r}, whose ranks {list(self._group_ranks)} "
                     "are the process_group averaged over: each holds a different shard, and averaging them would "
                     "mix shards. Pass the replicate dimension's group: process_group=mesh['replicate'] (the ranks "
                     "holding the same shard in different replicas)"
@@ -275,7 +287,7 @@ class Sharding:
             if shard is None:
                 t.data = view
             else:
-                shard.move(view)
+                shard.move(t, view)
         return move, staged
 
     def describe(self, p: torch.Tensor) -> tuple:
@@ -290,10 +302,12 @@ class Sharding:
             coordinate = mesh.get_coordinate() or ()
             where = tuple(c for dim, c in enumerate(coordinate)
                           if self._group_ranks is None or _ranks(mesh.get_group(dim)) != self._group_ranks)
-            return ("dtensor", tuple(map(str, p.placements)), tuple(p._local_tensor.shape), where)
-        infos = getattr(p, "_shard_param_infos", None)
-        return ("fsdp1", tuple(p._local_shard.shape) if hasattr(p, "_local_shard") else (),
-                repr(infos) if infos is not None else None)
+            return ("dtensor", tuple(map(repr, p.placements)), tuple(p._local_tensor.shape), where)
+        infos = getattr(p, "_shard_param_infos", None)  # per original parameter: its slice in this shard
+        held = None if infos is None else tuple(
+            (getattr(i, "intra_param_start_idx", None), getattr(i, "intra_param_end_idx", None))
+            if getattr(i, "in_shard", True) else None for i in infos)
+        return ("fsdp1", tuple(getattr(p, "_sharded_size", p.shape)), held)
 
     # -- before any averaged value is written -----------------------------------------------------
 
@@ -302,18 +316,33 @@ class Sharding:
         shard would then be invisible to the next forward); FSDP1 flat parameters must be sharded."""
         for module in self.modules:
             module.reshard()
+        for shard in self._fsdp2:
+            if shard.owner.sharded_param is not shard.param:
+                name = getattr(shard.owner, "_param_fqn", None) or "of the model"
+                raise ValueError(
+                    f"an FSDP2 parameter ({name}) was replaced in its module (load_state_dict(assign=True), or a new nn.Parameter set): "
+                    "the optimizer still holds the old one, which the model no longer uses. Load without assign=True, "
+                    "or build the optimizer and LocalSGDOptimizer after loading"
+                )
         for shard in self._fsdp1:
             p = shard.param
-            if p.data_ptr() != p._local_shard.data_ptr():
-                raise RuntimeError(
+            local = getattr(p, "_local_shard", None)
+            if local is not None and p.data_ptr() != local.data_ptr():
+                raise LocalSGDError(
                     "an FSDP1 FlatParameter is unsharded at an averaging round (after a forward that did not "
                     "reshard: SHARD_GRAD_OP, or a forward without backward): averaging needs each rank's shard. "
                     "Run the round after backward and the optimizer step, or use FSDP2 (fully_shard)"
                 )
 
 
-def find_sharding(params: Sequence[torch.Tensor], group: Any) -> Sharding | None:
-    """The :class:`Sharding` of ``params``, or ``None`` when none is sharded (the plain fast path)."""
-    if not any(isinstance(p, (DTensor, FlatParameter)) or getattr(p, "_fsdp_flattened", False) for p in params):
+def find_sharding(param_groups: Sequence[dict[str, Any]], group: Any) -> Sharding | None:
+    """The :class:`Sharding` of an optimizer's parameters, or ``None`` when none is sharded (the plain path)."""
+    named = []
+    for g, param_group in enumerate(param_groups):
+        given = param_group.get("param_names")
+        for i, p in enumerate(param_group["params"]):
+            where = f"param group {g}, index {i}"
+            named.append((f"parameter {given[i]!r} ({where})" if given else f"parameter ({where})", p))
+    if not any(isinstance(p, (DTensor, FlatParameter)) or getattr(p, "_fsdp_flattened", False) for _, p in named):
         return None
-    return Sharding(list(itertools.chain(params)), group)
+    return Sharding(named, group)

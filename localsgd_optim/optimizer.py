@@ -190,7 +190,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._share_inner()
         self._config = config
         self._members = Members(self, config.buffers, config.average_optimizer_state,
-                                find_sharding(self._all_params(), config.process_group))
+                                find_sharding(self.param_groups, config.process_group))
         self._ddp_modules: list[nn.Module] = []  # registered by no_sync(): DDP syncs during warmup
         self._binding: Binding | None = None
         self._single = False  # bound to a world of one: never communicate
@@ -202,9 +202,6 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._cursor, self._rounds = build_rounds(
             config, self._members.params(), self._members.optimizer_state_tensors)
         self._bind()
-
-    def _all_params(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
 
     def _share_inner(self) -> None:
         # Same objects, not copies: an LR set on the wrapper is the LR the inner step uses.
@@ -474,7 +471,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 "parameter); add every parameter group before constructing LocalSGDOptimizer"
             )
         self.optimizer.add_param_group(param_group)
-        self._members.sharding = find_sharding(self._all_params(), self.process_group)
+        self._members.sharding = find_sharding(self.param_groups, self.process_group)
         if self._binding is not None:
             self._binding = self._new_binding(self._binding.group, self._binding.world_size)
 

@@ -53,7 +53,7 @@ def _fsdp2(mesh, seed: int = 0, **kwargs) -> nn.Module:
 
 def _locals(model) -> list[torch.Tensor]:
     with torch.no_grad():  # views of the local shards, written in place by the reference
-        return [p.to_local() for p in model.parameters()]
+        return [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
 
 
 def _shards(model) -> list[torch.Tensor]:
@@ -144,3 +144,185 @@ def test_fsdp2_copy_engine_is_exact(ranks4):
         for a, e in zip(ours, expected, strict=True):
             torch.testing.assert_close(a, e, rtol=0, atol=0)
         assert staged is None
+
+
+# -- misuse raises on every rank, before any data moves -----------------------------------------
+
+def _misuse(case: str):
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = _mesh()
+    if case == "hsdp":
+        model = _module()
+        fully_shard(model, mesh=mesh)  # native HSDP: 2-D mesh, gradients all-reduced across replicas
+        group = mesh["replicate"]
+    elif case == "fsdp1-world":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        model = FSDP(_module(), device_id=torch.device("cpu"))  # FULL_SHARD over all 4 ranks
+        group = None
+    else:
+        model = _fsdp2(mesh)
+        group = {"shard-group": mesh["shard"], "world": None}[case]
+    before = _shards(model) if case != "fsdp1-world" else _plain_copies(model)
+    try:
+        LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=1, process_group=group)
+        error = None
+    except Exception as e:  # noqa: BLE001 - the test inspects it
+        error = e
+    dist.barrier()
+    after = _shards(model) if case != "fsdp1-world" else _plain_copies(model)
+    untouched = all(torch.equal(a, b) for a, b in zip(before, after))
+    return type(error).__name__, str(error), untouched
+
+
+@pytest.mark.parametrize("case,error,words", [
+    ("shard-group", "ValueError", ["Shard(dim=0) over mesh dimension 'shard'", "process_group=mesh['replicate']"]),
+    ("world", "LayoutMismatchError", ["at mesh coordinate [0] on rank 0", "at mesh coordinate [1] on rank 1"]),
+    ("hsdp", "ValueError", ["native HSDP", "fully_shard(model, mesh=mesh['shard'])"]),
+    ("fsdp1-world", "LayoutMismatchError", ["FSDP1 flat shard", "on rank 1"]),
+], ids=["wrong-group", "world-group", "native-hsdp", "fsdp1-different-shards"])
+def test_misuse_raises_on_every_rank(ranks4, case, error, words):
+    for name, message, untouched in ranks4(_misuse, case):
+        assert name == error, message
+        for word in words:
+            assert word in message, message
+        assert untouched, "no shard changed"
+
+
+# -- FSDP1 and tensor parallelism ------------------------------------------------------------------
+
+def _plain_copies(model) -> list[torch.Tensor]:
+    return [torch.empty(p.shape, dtype=p.dtype).copy_(p.detach()) for p in model.parameters()]  # (not FlatParameters)
+
+
+def _fsdp1_parity():
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    mesh = _mesh()
+    batches = make_batches(8)
+
+    def build():
+        return FSDP(_module(), device_id=torch.device("cpu"), process_group=mesh.get_group("shard"))
+
+    model = build()
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, process_group=mesh["replicate"],
+                            bucket_cap_mb=0.001)
+    train_wrapped(model, opt, batches)
+    ours = _plain_copies(model)
+    from torch.distributed.fsdp._flat_param import FlatParameter
+
+    flat = [isinstance(p, FlatParameter) for p in model.parameters()], len(opt.engine.storage.staged_tensors())
+    ref = build()
+    reference_rounds(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), batches, {4, 8},
+                     tensors=list(ref.parameters()), group=mesh.get_group("replicate"))
+    expected = _plain_copies(ref)
+    # zero-copy: FSDP1 reshards back to the flat storage's memory
+    storage = opt.engine.storage.buffers[0]
+    lives_there = all(p._local_shard.untyped_storage().data_ptr() == storage.untyped_storage().data_ptr()
+                      for p in model.parameters())
+    return ours, expected, flat, lives_there
+
+
+def test_fsdp1_flat_parameters_average_in_place(ranks4):
+    results = ranks4(_fsdp1_parity)
+    for ours, expected, (kinds, staged), lives_there in results:
+        assert kinds == [True] and staged == 0 and lives_there
+        for a, e in zip(ours, expected, strict=True):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+    torch.testing.assert_close(results[0][0], results[2][0], rtol=0, atol=0)  # replicas agree after step 8
+
+
+def _tp_parity(strategy: str):
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = _mesh()
+    replica = mesh["replicate"].get_local_rank()
+    batches = make_batches(8, rank=replica)  # tensor parallelism: both ranks of a replica see its batch
+
+    def build():
+        return parallelize_module(_module(), mesh["shard"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+
+    model = build()
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, process_group=mesh["replicate"],
+                            bucket_cap_mb=0.001, **OPTIONS[strategy])
+    train_wrapped(model, opt, batches)
+    ours = _shards(model)
+    ref = build()
+    _reference(strategy, ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), batches, mesh.get_group("replicate"))
+    return ours, _shards(ref), len(opt.engine.storage.staged_tensors())
+
+
+@pytest.mark.parametrize("strategy", ["plain", "diloco"])
+def test_tensor_parallel_replicas_average_like_the_reference(ranks4, strategy):
+    for ours, expected, staged in ranks4(_tp_parity, strategy):
+        assert staged == 0
+        for a, e in zip(ours, expected, strict=True):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+# -- FSDP2 lifecycle: an eval forward, a move, a replaced parameter -----------------------------------
+
+def _eval_then_round():
+    mesh = _mesh()
+    model = _fsdp2(mesh)
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=100, process_group=mesh["replicate"])
+    train_wrapped(model, opt, make_batches(3))
+    x = make_batches(1, rank=0)[0][0]
+    with torch.no_grad():
+        model(x)  # the root group stays unsharded after a forward without backward
+        opt.sync()  # writes the mean into the shards
+        seen = model(x)  # must see the mean
+        for m in (model[0], model[2], model):
+            m.reshard()
+        truth = model(x)
+    return seen, truth
+
+
+def test_eval_forward_then_round_is_seen_by_the_next_forward(ranks4):
+    for seen, truth in ranks4(_eval_then_round):
+        torch.testing.assert_close(seen, truth, rtol=0, atol=0)
+
+
+def _moved_after_binding():
+    # FSDP2 itself cannot change dtype once its lazy init (the first forward) has run: cast right after binding
+    mesh = _mesh()
+    group = mesh.get_group("replicate")
+    batches = [(x.double(), y.double()) for x, y in make_batches(8)]
+    model = _fsdp2(mesh)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), k=4, process_group=group)
+    bound_to = opt.engine.storage.buffers[0].dtype
+    model.to(torch.float64)
+    train_wrapped(model, opt, batches)
+    ref = _fsdp2(mesh).to(torch.float64)
+    reference_rounds(ref, torch.optim.SGD(ref.parameters(), lr=0.05), batches, {4, 8}, tensors=_locals(ref), group=group)
+    storage = opt.engine.storage.buffers[0]
+    lives_there = all(p._local_tensor.untyped_storage().data_ptr() == storage.untyped_storage().data_ptr()
+                      for p in model.parameters())
+    return _shards(model), _shards(ref), (bound_to, storage.dtype), lives_there
+
+
+def test_model_to_after_binding_moves_the_shards_back_into_flat_storage(ranks4):
+    for ours, expected, dtypes, lives_there in ranks4(_moved_after_binding):
+        assert dtypes == (torch.float32, torch.float64) and lives_there
+        for a, e in zip(ours, expected, strict=True):
+            assert a.dtype == torch.float64
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def _assign_load():
+    mesh = _mesh()
+    model = _fsdp2(mesh)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), k=2, process_group=mesh["replicate"])
+    train_wrapped(model, opt, make_batches(1))
+    model.load_state_dict(model.state_dict(), assign=True)
+    try:
+        train_wrapped(model, opt, make_batches(1))
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__, str(e)
+    return None, None
+
+
+def test_replaced_fsdp2_parameters_are_refused(ranks4):
+    for name, message in ranks4(_assign_load):
+        assert name == "ValueError" and "(0.weight) was replaced" in message and "assign=True" in message, message
