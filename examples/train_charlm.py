@@ -26,6 +26,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -103,6 +104,27 @@ def wrap_ddp(module: nn.Module) -> nn.Module:
     return ddp(module, **{key: False})
 
 
+def shard_replicas(net: nn.Module, shards: int, world: int) -> Any:
+    """FSDP2 inside each replica: ``world // shards`` replicas of ``shards`` ranks; returns the mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world // shards, shards), mesh_dim_names=("replicate", "shard"))
+    for layer in net.blocks.layers:
+        fully_shard(layer, mesh=mesh["shard"])
+    fully_shard(net, mesh=mesh["shard"])
+    return mesh
+
+
+def reshard(model: nn.Module) -> None:
+    """FSDP2: register the sharded parameters again (an eval forward leaves the root unsharded)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 @torch.no_grad()
 def evaluate_average(model: nn.Module, opt: torch.optim.Optimizer, val: torch.Tensor,
                      args: argparse.Namespace) -> float:
@@ -112,6 +134,7 @@ def evaluate_average(model: nn.Module, opt: torch.optim.Optimizer, val: torch.Te
     local = [p.detach().clone() for p in model.parameters()]
     opt.sync()
     loss = evaluate(model, val, args)
+    reshard(model)  # (sharded) the restore below must reach the shards the next forward gathers
     for p, saved in zip(model.parameters(), local):
         p.copy_(saved)
     return loss
@@ -138,20 +161,25 @@ def communication_summary(opt: torch.optim.Optimizer, eval_cost: dict, steps: in
 
 
 def save_checkpoint(path: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer,
-                    sched: torch.optim.lr_scheduler.LRScheduler, g: torch.Generator, world: int) -> None:
+                    sched: torch.optim.lr_scheduler.LRScheduler, g: torch.Generator, world: int,
+                    sharded: bool = False) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "model": model.state_dict(), "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "data_rng": g.get_state(), "world_size": world}, tmp)
+    # sharded: this rank's local shards, keyed by parameter name (checkpoint.rank_state)
+    train = {"train": checkpoint.rank_state(model, opt)} if sharded else \
+        {"model": model.state_dict(), "opt": opt.state_dict()}
+    torch.save({"step": step, **train, "sched": sched.state_dict(), "data_rng": g.get_state(),
+                "world_size": world}, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a torn checkpoint
 
 
-def load_checkpoint(ckpt_dir: Path, rank: int, world: int) -> tuple[dict | None, int]:
+def load_checkpoint(ckpt_dir: Path, rank: int, world: int, shards: int = 1) -> tuple[dict | None, int]:
     """This rank's own checkpoint; or, when a different number of ranks saved them (a host gone
-    for good, or added), every saved rank's state consolidated into one that loads at any size."""
+    for good, or added), the saved ranks holding this rank's shard consolidated: loads at any
+    number of replicas."""
     first = ckpt_dir / "rank0.pt"
     if not first.exists():
         return None, world
-    return checkpoint.load_per_rank(lambda r: ckpt_dir / f"rank{r}.pt", rank, world)
+    return checkpoint.load_per_rank(lambda r: ckpt_dir / f"rank{r}.pt", rank, world, shards)
 
 
 def fail_once(marker: Path, step: int) -> None:
@@ -220,12 +248,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "marker first (needs --ckpt-dir)")
     p.add_argument("--stop-at-step", type=int, default=0, metavar="N",
                    help="end the run after step N, as if interrupted (the LR schedule stays --steps long)")
+    p.add_argument("--shard", type=int, default=1, metavar="S",
+                   help="shard each replica over S ranks with FSDP2 (world = replicas x S); Local SGD averages "
+                        "each shard across the replicas")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=str, default=None, help="write the loss curve here (rank 0)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     args = p.parse_args(argv)
     if args.steps < 1 or args.k < 1:
         p.error(f"--steps and --k must be >= 1, got --steps {args.steps} --k {args.k}")
+    if args.shard < 1 or (args.shard > 1 and args.method not in ("localsgd", "diloco")):
+        p.error(f"--shard {args.shard}: must be >= 1, and > 1 only with --method localsgd or diloco")
     if args.fail_at_step and not args.ckpt_dir:
         p.error(f"--fail-at-step {args.fail_at_step} needs --ckpt-dir (its marker file lives there)")
     return args
@@ -243,7 +276,15 @@ def main(argv: list[str] | None = None) -> dict:
     train, val = load_corpus(args)
     torch.manual_seed(args.seed)  # same initial model on every rank
     net = CharTransformer(256, args.d_model, args.layers, args.heads, args.context)
-    model = wrap_ddp(net) if distributed and args.method != "none" else net
+    n_params = sum(p.numel() for p in net.parameters())
+    mesh = None
+    if args.shard > 1:
+        if world % args.shard:
+            raise SystemExit(f"--shard {args.shard} needs a world size divisible by it, got {world} rank(s)")
+        mesh = shard_replicas(net, args.shard, world)
+        model = net
+    else:
+        model = wrap_ddp(net) if distributed and args.method != "none" else net
     inner = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     if args.method in ("ddp", "none"):
         opt = inner
@@ -252,6 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.extrapolate is not None:  # plain averaging, then a step past the average (no momentum)
             outer = lambda params: torch.optim.SGD(params, lr=args.extrapolate)  # noqa: E731
         opt = LocalSGDOptimizer(inner, k=args.k, warmup_steps=args.warmup_steps, outer_optimizer=outer,
+                                process_group=mesh["replicate"] if mesh is not None else None,
                                 compression=args.compression, overlap_steps=args.overlap_steps,
                                 average_optimizer_state=args.average_optimizer_state, fragments=args.fragments)
     # LR schedulers step the wrapper like any optimizer (param_groups are shared with the inner one)
@@ -262,10 +304,13 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = Path(args.ckpt_dir) / f"rank{rank}.pt" if args.ckpt_dir else None
     if ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-        state, saved_world = load_checkpoint(Path(args.ckpt_dir), rank, world)
+        state, saved_world = load_checkpoint(Path(args.ckpt_dir), rank, world, args.shard)
         if state is not None:
-            net.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
+            if mesh is not None:
+                checkpoint.load_rank_state(net, opt, state["train"])
+            else:
+                net.load_state_dict(state["model"])
+                opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
             start = state["step"]
             if saved_world == world:
@@ -278,9 +323,9 @@ def main(argv: list[str] | None = None) -> dict:
         if distributed:
             dist.barrier()  # every rank has read the checkpoints before any rank overwrites its own
 
-    n_params = sum(p.numel() for p in net.parameters())
     if rank == 0:
-        print(f"{args.method}: {n_params / 1e6:.2f}M parameters, {world} rank(s), "
+        shape = f" as {world // args.shard} replicas x {args.shard} FSDP2 shards" if mesh is not None else ""
+        print(f"{args.method}: {n_params / 1e6:.2f}M parameters, {world} rank(s){shape}, "
               f"{len(train) / 1e6:.1f}M train / {len(val) / 1e6:.2f}M val bytes", flush=True)
     history = []
     eval_cost = {"rounds": 0, "bytes_sent": 0, "round_seconds": 0.0}
@@ -296,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
             sched.step()
             opt.zero_grad()
             if ckpt is not None and args.ckpt_every and step % args.ckpt_every == 0:
-                save_checkpoint(ckpt, step, net, opt, sched, g, world)
+                save_checkpoint(ckpt, step, net, opt, sched, g, world, sharded=mesh is not None)
             if step == args.fail_at_step and rank == world - 1:
                 fail_once(ckpt.parent / "failed-once", step)
             if step == args.stop_at_step:

@@ -35,12 +35,12 @@ own checkpoint into one state that loads on any number of ranks.
 from __future__ import annotations
 
 import io
-import os
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -51,18 +51,53 @@ from torch.distributed.checkpoint.state_dict import (
 from ._state import STATE_KEY
 from .optimizer import LocalSGDOptimizer
 
-__all__ = ["get_state_dict", "set_state_dict", "consolidate", "load_per_rank"]
+__all__ = ["get_state_dict", "set_state_dict", "rank_state", "load_rank_state", "consolidate", "load_per_rank"]
+
+
+def rank_state(model: nn.Module, optimizer: LocalSGDOptimizer) -> dict[str, Any]:
+    """This rank's own state, in plain tensors and Python values: ``torch.save`` it, or :func:`consolidate` it.
+
+    ``{"model": ..., "optimizer": ..., "local_sgd": ...}``: the weights and the inner optimizer's
+    state keyed by parameter name (DCP's ``get_model_state_dict`` / ``get_optimizer_state_dict``),
+    with a sharded model's DTensors (FSDP2, tensor parallel) as this rank's local shards; and the
+    Local SGD entry (step count, outer state, residuals: local shards too). Load it back with
+    :func:`load_rank_state`, on a model sharded the same way.
+    """
+    _rank_and_world(optimizer)
+    return {
+        "model": _local_shards(get_model_state_dict(model)),
+        "optimizer": _local_shards(get_optimizer_state_dict(model, optimizer.optimizer)),
+        STATE_KEY: optimizer.state_dict()[STATE_KEY],
+    }
+
+
+def load_rank_state(model: nn.Module, optimizer: LocalSGDOptimizer, state: dict[str, Any]) -> None:
+    """Load what :func:`rank_state` made (or a :func:`consolidate` of several ranks' ones).
+
+    The Local SGD entry is validated first; nothing changes if it does not fit. Local shards are
+    wrapped back as the model's DTensors are now (same placements and mesh).
+    """
+    _rank_and_world(optimizer)
+
+    def load_model_and_inner() -> None:  # after the entry is validated: nothing changes on a bad one
+        set_model_state_dict(model, _as_live(state["model"], get_model_state_dict(model)))
+        set_optimizer_state_dict(model, optimizer.optimizer, _as_live(
+            state["optimizer"], get_optimizer_state_dict(model, optimizer.optimizer)))
+
+    optimizer.load_local_sgd_entry(state.get(STATE_KEY), load_model_and_inner)
 
 
 def get_state_dict(model: nn.Module, optimizer: LocalSGDOptimizer) -> dict[str, Any]:
-    """This rank's weights, inner optimizer state and Local SGD state, keyed by its rank."""
+    """This rank's weights, inner optimizer state and Local SGD state, keyed by its rank, for DCP.
+
+    A sharded model's DTensors (FSDP2, tensor parallel) are saved as this rank's local shards:
+    under its own key, a DTensor would be one rank's part of a global tensor the other ranks
+    never write, which DCP refuses. :func:`set_state_dict` wraps them back.
+    """
     rank, world = _rank_and_world(optimizer)
-    mine = {
-        "model": get_model_state_dict(model),
-        "optimizer": get_optimizer_state_dict(model, optimizer.optimizer),
-        # One blob: DCP loads only the keys a template has; outer state appears after a round.
-        STATE_KEY: _to_bytes(optimizer.state_dict()[STATE_KEY]),
-    }
+    mine = rank_state(model, optimizer)
+    # One blob: DCP loads only the keys a template has; outer state appears after a round.
+    mine[STATE_KEY] = _to_bytes(mine[STATE_KEY])
     return {"world_size": world, f"rank{rank}": mine}
 
 
@@ -75,14 +110,9 @@ def set_state_dict(model: nn.Module, optimizer: LocalSGDOptimizer, state: dict[s
             f"the checkpoint was saved by {saved_world} ranks, this run has {world}; a Local SGD "
             "checkpoint holds one state per rank: resume at the same world size"
         )
-    mine = state[f"rank{rank}"]
-    entry = torch.load(io.BytesIO(mine[STATE_KEY]), weights_only=True)
-
-    def load_model_and_inner() -> None:  # after the entry is validated: nothing changes on a bad one
-        set_model_state_dict(model, mine["model"])
-        set_optimizer_state_dict(model, optimizer.optimizer, mine["optimizer"])
-
-    optimizer.load_local_sgd_entry(entry, load_model_and_inner)
+    mine = dict(state[f"rank{rank}"])
+    mine[STATE_KEY] = torch.load(io.BytesIO(mine[STATE_KEY]), weights_only=True)
+    load_rank_state(model, optimizer, mine)
 
 
 def consolidate(per_rank_states: Sequence[Any]) -> Any:
@@ -124,12 +154,15 @@ def consolidate(per_rank_states: Sequence[Any]) -> Any:
     return _merge(list(per_rank_states), ())
 
 
-def load_per_rank(path_of: Any, rank: int, world: int) -> tuple[Any, int]:
+def load_per_rank(path_of: Any, rank: int, world: int, shards: int = 1) -> tuple[Any, int]:
     """This rank's own saved state, or, when another number of ranks saved them, their consolidation.
 
     ``path_of(r)`` is rank ``r``'s file; each holds a ``"world_size"`` entry (the number of ranks
-    that saved). Each file is read at most once: the usual resume reads only this rank's own.
-    Returns ``(state, saved_world_size)``.
+    that saved). Each file is read at most once: the usual resume reads rank 0's and this rank's own.
+    With sharded replicas of ``shards`` ranks each, laid out as ``init_device_mesh((replicas,
+    shards))`` numbers them (global rank ``replica * shards + shard``), only the saved ranks
+    that held this rank's shard are consolidated: the number of replicas may change, the
+    sharding may not. Returns ``(state, saved_world_size)``.
     """
     loaded: dict[int, Any] = {}
 
@@ -139,10 +172,20 @@ def load_per_rank(path_of: Any, rank: int, world: int) -> tuple[Any, int]:
         return loaded[r]
 
     # any file names the saved world size; this rank's own exists unless the world grew
-    saved_world = load(rank if os.path.exists(path_of(rank)) else 0).get("world_size", world)
+    if not (isinstance(shards, int) and shards >= 1 and world % shards == 0):
+        raise ValueError(f"shards must be an integer >= 1 dividing the world size {world}, got {shards!r}")
+    # Rank 0's file names the saved world: every run writes it. This rank's own may be stale (left
+    # by an earlier, larger world), so it is read only when the world size is unchanged.
+    saved_world = load(0).get("world_size", world)
     if saved_world == world:
         return load(rank), world
-    return consolidate([load(r) for r in range(saved_world)]), saved_world
+    if saved_world % shards:
+        raise ValueError(
+            f"the checkpoint was saved by {saved_world} ranks, which is not a whole number of replicas of "
+            f"{shards} shards: resume with the sharding it was saved with (shards must divide {saved_world})"
+        )
+    mine = rank % shards
+    return consolidate([load(r) for r in range(mine, saved_world, shards)]), saved_world
 
 
 def _merge(values: list[Any], path: tuple[Any, ...]) -> Any:
@@ -195,6 +238,29 @@ def _short(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {list(value.shape)}" if value.numel() > 1 else repr(value.item())
     return f"{value!r:.80}"
+
+
+def _local_shards(tree: Any) -> Any:
+    """``tree`` with every DTensor replaced by its local shard (a view: DCP loads into it in place)."""
+    if isinstance(tree, DTensor):
+        return tree.to_local()
+    if isinstance(tree, dict):
+        return {k: _local_shards(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_local_shards(v) for v in tree)
+    return tree
+
+
+def _as_live(loaded: Any, live: Any) -> Any:
+    """``loaded`` (from :func:`_local_shards`) with each local shard wrapped back as the DTensor ``live`` has there."""
+    if isinstance(live, DTensor) and isinstance(loaded, torch.Tensor) and not isinstance(loaded, DTensor):
+        return DTensor.from_local(loaded, live.device_mesh, live.placements, run_check=False, shape=live.shape,
+                                  stride=live.stride())
+    if isinstance(loaded, dict) and isinstance(live, dict):
+        return {k: _as_live(v, live[k]) if k in live else v for k, v in loaded.items()}
+    if isinstance(loaded, (list, tuple)) and isinstance(live, (list, tuple)) and len(loaded) == len(live):
+        return type(loaded)(_as_live(a, b) for a, b in zip(loaded, live))
+    return loaded
 
 
 def _to_bytes(obj: Any) -> bytes:

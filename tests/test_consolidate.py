@@ -172,9 +172,29 @@ def test_load_per_rank_reads_own_file_or_consolidates_each_file_once(tmp_path, m
 
     own, saved = checkpoint.load_per_rank(path_of, 1, 2)
     assert saved == 2 and torch.equal(own["w"], torch.full((3,), 2.0))
-    assert reads == ["rank1.pt"]  # the usual resume reads this rank's own file, once
+    assert reads == ["rank0.pt", "rank1.pt"]  # rank 0's names the saved world; then this rank's own
     for rank, world in ((1, 3), (2, 3), (0, 1)):  # more ranks (rank 2 has no file), fewer ranks
         reads.clear()
         merged, saved = checkpoint.load_per_rank(path_of, rank, world)
         assert saved == 2 and torch.equal(merged["w"], torch.full((3,), 1.5)) and merged["step"] == 5
         assert sorted(reads) == ["rank0.pt", "rank1.pt"]  # each saved file once
+
+
+def test_load_per_rank_ignores_a_stale_file_and_consolidates_only_the_same_shard(tmp_path):
+    """A shrunk run leaves the larger world's higher-rank files behind; sharded replicas average
+    only the ranks that held the same shard (global rank = replica * shards + shard)."""
+    path_of = lambda r: tmp_path / f"rank{r}.pt"  # noqa: E731
+    for r in range(4):  # an old world of 4 at step 3, then a world of 2 at step 5 overwrote ranks 0 and 1
+        torch.save({"world_size": 4, "w": torch.full((2,), 100.0), "step": 3}, path_of(r))
+    for r in range(2):
+        torch.save({"world_size": 2, "w": torch.full((2,), float(r + 1)), "step": 5}, path_of(r))
+    merged, saved = checkpoint.load_per_rank(path_of, 2, 3)  # grown to 3: rank 2's own file is stale
+    assert saved == 2 and merged["step"] == 5 and torch.equal(merged["w"], torch.full((2,), 1.5))
+    for r in range(6):  # 3 replicas x 2 shards saved: shard r % 2 of each replica
+        torch.save({"world_size": 6, "w": torch.full((2,), float(r)), "step": 7}, path_of(r))
+    for rank in range(4):  # resumed as 2 replicas x 2 shards
+        merged, saved = checkpoint.load_per_rank(path_of, rank, 4, shards=2)
+        expected = (0 + 2 + 4) / 3 if rank % 2 == 0 else (1 + 3 + 5) / 3
+        assert saved == 6 and torch.equal(merged["w"], torch.full((2,), expected))
+    with pytest.raises(ValueError, match="whole number of replicas"):
+        checkpoint.load_per_rank(path_of, 0, 4, shards=4)

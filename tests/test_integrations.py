@@ -40,18 +40,24 @@ def test_compiled_model_trains_without_recompiles(ranks2):
         assert_same(compiled, eager, exact=False)
 
 
-def _dtensor_parameters_rejected():
+def _dtensor_sharded_over_the_group_rejected():
     import pytest
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     weight = torch.nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)]))
-    with pytest.raises(TypeError, match="is a DTensor: FSDP2, DTensor and tensor-parallel parameters are sharded"):
+    # sharded over the very ranks averaged: refused (the ranks hold different rows)
+    with pytest.raises(ValueError, match=r"index 0\): it is Shard\(dim=0\) over mesh dimension 0"):
         LocalSGDOptimizer(torch.optim.SGD([weight], lr=0.1), k=4)
+    # replicated over them: averaged like a plain tensor
+    local = torch.full((4,), float(dist.get_rank()))  # (from_local: each rank's own value, not broadcast)
+    bias = torch.nn.Parameter(DTensor.from_local(local, mesh, [Replicate()], run_check=False))
+    opt = LocalSGDOptimizer(torch.optim.SGD([bias], lr=0.0), k=1, sync_on_init=False)
+    opt.step()
     dist.barrier()
-    return True
+    return bias.to_local().tolist()
 
 
-def test_sharded_dtensor_parameters_are_rejected_clearly(ranks2):
-    assert ranks2(_dtensor_parameters_rejected) == [True, True]
+def test_dtensor_sharded_over_the_averaged_ranks_is_refused(ranks2):
+    assert ranks2(_dtensor_sharded_over_the_group_rejected) == [[0.5] * 4] * 2

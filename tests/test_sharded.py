@@ -326,3 +326,88 @@ def _assign_load():
 def test_replaced_fsdp2_parameters_are_refused(ranks4):
     for name, message in ranks4(_assign_load):
         assert name == "ValueError" and "(0.weight) was replaced" in message and "assign=True" in message, message
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+
+def _dcp_resume(path: str, strategy: str):
+    import torch.distributed.checkpoint as dcp
+
+    from localsgd_optim import checkpoint
+
+    mesh = _mesh()
+    batches = make_batches(14)
+
+    def build():
+        model = _fsdp2(mesh)
+        opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, process_group=mesh["replicate"],
+                                bucket_cap_mb=0.001, **OPTIONS[strategy])
+        return model, opt
+
+    model, opt = build()
+    train_wrapped(model, opt, batches)
+    uninterrupted = _shards(model)
+
+    model, opt = build()
+    train_wrapped(model, opt, batches[:10])  # step 10: mid-period, the replicas differ
+    at_save = _shards(model)
+    dcp.save({"train": checkpoint.get_state_dict(model, opt)}, checkpoint_id=path)
+
+    model, opt = build()
+    state = {"train": checkpoint.get_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=path)
+    checkpoint.set_state_dict(model, opt, state["train"])
+    loaded = _shards(model), opt.num_steps
+    train_wrapped(model, opt, batches[10:])
+    return uninterrupted, _shards(model), at_save, loaded
+
+
+@pytest.mark.parametrize("strategy", ["diloco", "int8"])
+def test_fsdp2_dcp_resume_mid_period_is_bit_exact(ranks4, tmp_path, strategy):
+    results = ranks4(_dcp_resume, str(tmp_path / "ckpt"), strategy)
+    for uninterrupted, resumed, at_save, (loaded, num_steps) in results:
+        assert num_steps == 10
+        for a, b in zip(loaded, at_save, strict=True):  # each rank got its own shard back
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for a, b in zip(resumed, uninterrupted, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(results[0][2][0], results[2][2][0]), "step 10 should be mid-period"
+
+
+def _save_mid_period(path: str):
+    from localsgd_optim import checkpoint
+
+    mesh = _mesh()
+    model = _fsdp2(mesh)
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, process_group=mesh["replicate"],
+                            outer_optimizer=diloco())
+    train_wrapped(model, opt, make_batches(6))  # step 6: two steps past the round at 4
+    torch.save({"world_size": dist.get_world_size(), **checkpoint.rank_state(model, opt)},
+               f"{path}/rank{dist.get_rank()}.pt")
+    return _shards(model)
+
+
+def _resume_as_one_replica(path: str):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from localsgd_optim import checkpoint
+
+    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard"))
+    model = _fsdp2(mesh, seed=1)  # other weights: everything must come from the checkpoint
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, process_group=mesh["replicate"],
+                            outer_optimizer=diloco())
+    state, saved = checkpoint.load_per_rank(lambda r: f"{path}/rank{r}.pt", dist.get_rank(), 2, shards=2)
+    checkpoint.load_rank_state(model, opt, state)
+    loaded = _shards(model)
+    train_wrapped(model, opt, make_batches(2))  # through the round at step 8
+    return loaded, opt.num_steps, saved
+
+
+def test_consolidate_across_a_change_in_the_number_of_replicas(ranks4, ranks2, tmp_path):
+    saved = ranks4(_save_mid_period, str(tmp_path))
+    for shard, (loaded, num_steps, saved_world) in enumerate(ranks2(_resume_as_one_replica, str(tmp_path))):
+        assert num_steps == 8 and saved_world == 4
+        a, b = saved[shard], saved[shard + 2]  # the replicas' copies of this shard (ranks s and s + 2)
+        assert not all(torch.equal(x, y) for x, y in zip(a, b)), "saved mid-period: the replicas differ"
+        for got, x, y in zip(loaded, a, b, strict=True):
+            torch.testing.assert_close(got, (x + y) / 2, rtol=0, atol=0)
