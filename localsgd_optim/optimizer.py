@@ -75,7 +75,11 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         k: optimizer steps between averaging rounds (default: 8); or a period schedule: a
             list of ``(until_step, period)`` pairs such as ``[(1000, 32), (None, 8)]``, or a
             callable ``step -> period`` (see :class:`localsgd_optim.Schedule`).
-        process_group: the ranks to average over (default: ``None``, the default group).
+        process_group: the ranks to average over (default: ``None``, the default group). For
+            sharded replicas (FSDP2, tensor parallel, FSDP1) the ranks that hold the same shard
+            in different replicas: ``mesh.get_group("replicate")``, or the 1-D mesh
+            ``mesh["replicate"]`` itself; each parameter's local shard is averaged over them
+            (see ``docs/integrations.md``).
         bucket_cap_mb: largest flat buffer per collective, in MiB (default: 25.0). Extra
             memory during a round is at most two buckets.
         sync_on_init: broadcast parameters from the group's first rank at construction, so
@@ -159,7 +163,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         optimizer: Optimizer,
         k: PeriodSpec = 8,
         *,
-        process_group: dist.ProcessGroup | None = None,
+        process_group: dist.ProcessGroup | Any | None = None,
         bucket_cap_mb: float = 25.0,
         sync_on_init: bool = True,
         warmup_steps: int = 0,

@@ -146,6 +146,35 @@ def test_fsdp2_copy_engine_is_exact(ranks4):
         assert staged is None
 
 
+# -- the cost of a round: O(buckets) collectives and no copy, however many FSDP groups and tensors ----
+
+def _count_sharded_round_ops():
+    from torch.distributed.fsdp import fully_shard
+
+    from localsgd_optim.bench import build_model
+    from test_flat import CountOps
+
+    mesh = _mesh()
+    torch.manual_seed(0)
+    model = build_model(8, 64)  # 8 encoder layers: 96 parameter tensors
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh["shard"])
+    fully_shard(model, mesh=mesh["shard"])
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), k=1 << 30, process_group=mesh["replicate"])
+    opt.sync()  # allocate what a round keeps
+    with CountOps() as counter:
+        opt.sync()
+    return len(opt.engine.buckets), len(list(model.parameters())), dict(counter.ops)
+
+
+def test_sharded_round_dispatches_o_buckets_ops_and_no_copy(ranks4):
+    for buckets, tensors, ops in ranks4(_count_sharded_round_ops):
+        assert tensors == 96 and buckets == 1, (buckets, tensors)  # 9 FSDP groups, one flat buffer
+        assert ops.get("allreduce_", 0) == buckets, ops
+        assert not any("copy" in name for name in ops), ops
+        assert sum(ops.values()) <= buckets + 6, ops
+
+
 # -- misuse raises on every rank, before any data moves -----------------------------------------
 
 def _misuse(case: str):
@@ -411,3 +440,36 @@ def test_consolidate_across_a_change_in_the_number_of_replicas(ranks4, ranks2, t
         assert not all(torch.equal(x, y) for x, y in zip(a, b)), "saved mid-period: the replicas differ"
         for got, x, y in zip(loaded, a, b, strict=True):
             torch.testing.assert_close(got, (x + y) / 2, rtol=0, atol=0)
+
+
+# -- docs/integrations.md: the "Sharded models" snippets run ---------------------------------------
+
+def _run_doc_snippets():
+    import re
+
+    from helpers import ROOT
+
+    text = (ROOT / "docs" / "integrations.md").read_text()
+    out = {}
+    for name, code in re.findall(r"<!-- sharded: ([\w-]+) -->\n```python\n(.*?)```", text, re.S):
+        replica = dist.get_rank() // 2  # (tensor parallelism needs one batch per replica)
+        ns = {"torch": torch, "nn": nn, "dist": dist, "model": _module(), "loss_fn": mse,
+              "loader": make_batches(8, rank=replica)}
+        exec(compile(code, f"integrations.md:{name}", "exec"), ns)  # noqa: S102 - our own documentation
+        with torch.no_grad():
+            local = [t.to_local() if hasattr(t, "to_local") else t for t in ns["model"].parameters()]
+            local = [torch.empty(t.shape, dtype=t.dtype).copy_(t) for t in local]
+        group = ns["mesh"].get_group("replicate")
+        theirs = [torch.empty_like(t) for t in local]
+        for mine, other in zip(local, theirs):  # the other replica's copy of this shard
+            everyone = [torch.empty_like(mine) for _ in range(2)]
+            dist.all_gather(everyone, mine, group=group)
+            other.copy_(everyone[1 - dist.get_rank(group)])
+        out[name] = all(torch.equal(a, b) for a, b in zip(local, theirs)), type(ns["opt"]).__name__
+    return out
+
+
+def test_integrations_doc_sharded_snippets_run_and_end_in_sync(ranks4):
+    for out in ranks4(_run_doc_snippets):
+        assert sorted(out) == ["fsdp1", "fsdp2", "tensor-parallel"]
+        assert all(agree and kind == "LocalSGDOptimizer" for agree, kind in out.values()), out
