@@ -94,12 +94,17 @@ def _reference(strategy, model, inner, batches, group):
         reference_streaming(model, inner, batches, 4, fragments, diloco(), params=params, group=group)
 
 
-def _fsdp2_parity(strategy: str, flat_params: bool = True, fallback: str | None = None):
+def _fsdp2_parity(strategy: str, flat_params: bool = True, fallback: str | None = None, offload: bool = False):
     mesh = _mesh()
     batches = make_batches(8)
     _sharded.FALLBACK_REASON = fallback
+    kwargs = {}
+    if offload:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
     try:
-        model = _fsdp2(mesh)
+        model = _fsdp2(mesh, **kwargs)
         inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
         opt = LocalSGDOptimizer(inner, k=4, process_group=mesh["replicate"], bucket_cap_mb=0.001,
                                 flat_params=flat_params, **OPTIONS[strategy])
@@ -108,7 +113,7 @@ def _fsdp2_parity(strategy: str, flat_params: bool = True, fallback: str | None 
         staged = len(opt.engine.storage.staged_tensors()) if opt.engine.storage is not None else None
     finally:
         _sharded.FALLBACK_REASON = None
-    ref = _fsdp2(mesh)
+    ref = _fsdp2(mesh, **kwargs)
     ref_inner = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     _reference(strategy, ref, ref_inner, batches, mesh.get_group("replicate"))
     expected = _shards(ref)
@@ -137,6 +142,13 @@ def test_fsdp2_fallback_copy_path_is_exact(ranks4):
         for a, e in zip(ours, expected, strict=True):
             torch.testing.assert_close(a, e, rtol=0, atol=0)
         assert staged == 6, "every shard staged"
+
+
+def test_fsdp2_cpu_offload_takes_the_copy_path_and_is_exact(ranks4):
+    for ours, expected, _, _, staged in ranks4(_fsdp2_parity, "diloco", True, None, True):
+        for a, e in zip(ours, expected, strict=True):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+        assert staged == 6, "pinned host shards: every one staged"
 
 
 def test_fsdp2_copy_engine_is_exact(ranks4):
@@ -192,7 +204,7 @@ def _misuse(case: str):
         group = None
     else:
         model = _fsdp2(mesh)
-        group = {"shard-group": mesh["shard"], "world": None}[case]
+        group = {"shard-group": mesh["shard"], "world": None, "2d-mesh": mesh}[case]
     before = _shards(model) if case != "fsdp1-world" else _plain_copies(model)
     try:
         LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=1, process_group=group)
@@ -206,11 +218,12 @@ def _misuse(case: str):
 
 
 @pytest.mark.parametrize("case,error,words", [
+    ("2d-mesh", "ValueError", ["a 2-D mesh", "mesh['replicate']"]),
     ("shard-group", "ValueError", ["Shard(dim=0) over mesh dimension 'shard'", "process_group=mesh['replicate']"]),
     ("world", "LayoutMismatchError", ["at mesh coordinate [0] on rank 0", "at mesh coordinate [1] on rank 1"]),
     ("hsdp", "ValueError", ["native HSDP", "fully_shard(model, mesh=mesh['shard'])"]),
     ("fsdp1-world", "LayoutMismatchError", ["FSDP1 flat shard", "on rank 1"]),
-], ids=["wrong-group", "world-group", "native-hsdp", "fsdp1-different-shards"])
+], ids=["2d-mesh", "wrong-group", "world-group", "native-hsdp", "fsdp1-different-shards"])
 def test_misuse_raises_on_every_rank(ranks4, case, error, words):
     for name, message, untouched in ranks4(_misuse, case):
         assert name == error, message
