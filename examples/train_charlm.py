@@ -116,6 +116,18 @@ def shard_replicas(net: nn.Module, shards: int, world: int) -> Any:
     return mesh
 
 
+def tensor_parallel_replicas(net: nn.Module, tp: int, world: int) -> Any:
+    """Tensor parallelism inside each replica: every block's feed-forward split over ``tp`` ranks
+    (``linear1`` by columns, ``linear2`` by rows); attention, norms and embeddings replicated."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("replicate", "tp"))
+    for layer in net.blocks.layers:
+        parallelize_module(layer, mesh["tp"], {"linear1": ColwiseParallel(), "linear2": RowwiseParallel()})
+    return mesh
+
+
 def reshard(model: nn.Module) -> None:
     """FSDP2: register the sharded parameters again (an eval forward leaves the root unsharded)."""
     from torch.distributed.fsdp import FSDPModule
@@ -251,14 +263,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard", type=int, default=1, metavar="S",
                    help="shard each replica over S ranks with FSDP2 (world = replicas x S); Local SGD averages "
                         "each shard across the replicas")
+    p.add_argument("--tp", type=int, default=1, metavar="S",
+                   help="tensor-parallel replicas: each block's feed-forward split over S ranks (the S ranks of a "
+                        "replica read the same batches); Local SGD averages each shard across the replicas")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=str, default=None, help="write the loss curve here (rank 0)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
     args = p.parse_args(argv)
     if args.steps < 1 or args.k < 1:
         p.error(f"--steps and --k must be >= 1, got --steps {args.steps} --k {args.k}")
-    if args.shard < 1 or (args.shard > 1 and args.method not in ("localsgd", "diloco")):
-        p.error(f"--shard {args.shard}: must be >= 1, and > 1 only with --method localsgd or diloco")
+    for flag, value in (("--shard", args.shard), ("--tp", args.tp)):
+        if value < 1 or (value > 1 and args.method not in ("localsgd", "diloco")):
+            p.error(f"{flag} {value}: must be >= 1, and > 1 only with --method localsgd or diloco")
+    if args.shard > 1 and args.tp > 1:
+        p.error("--shard and --tp: pick one way to split a replica")
     if args.fail_at_step and not args.ckpt_dir:
         p.error(f"--fail-at-step {args.fail_at_step} needs --ckpt-dir (its marker file lives there)")
     return args
@@ -278,10 +296,11 @@ def main(argv: list[str] | None = None) -> dict:
     net = CharTransformer(256, args.d_model, args.layers, args.heads, args.context)
     n_params = sum(p.numel() for p in net.parameters())
     mesh = None
-    if args.shard > 1:
-        if world % args.shard:
-            raise SystemExit(f"--shard {args.shard} needs a world size divisible by it, got {world} rank(s)")
-        mesh = shard_replicas(net, args.shard, world)
+    split = max(args.shard, args.tp)  # ranks per replica
+    if split > 1:
+        if world % split:
+            raise SystemExit(f"--shard/--tp {split} needs a world size divisible by it, got {world} rank(s)")
+        mesh = shard_replicas(net, split, world) if args.shard > 1 else tensor_parallel_replicas(net, split, world)
         model = net
     else:
         model = wrap_ddp(net) if distributed and args.method != "none" else net
@@ -298,13 +317,15 @@ def main(argv: list[str] | None = None) -> dict:
                                 average_optimizer_state=args.average_optimizer_state, fragments=args.fragments)
     # LR schedulers step the wrapper like any optimizer (param_groups are shared with the inner one)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args))
-    g = torch.Generator().manual_seed(args.seed * 1000 + rank)  # each rank its own data stream
+    # each rank its own data stream; tensor parallelism: each replica its own, read by all its ranks
+    stream = rank // args.tp if args.tp > 1 else rank
+    g = torch.Generator().manual_seed(args.seed * 1000 + stream)
 
     start = 0
     ckpt = Path(args.ckpt_dir) / f"rank{rank}.pt" if args.ckpt_dir else None
     if ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-        state, saved_world = load_checkpoint(Path(args.ckpt_dir), rank, world, args.shard)
+        state, saved_world = load_checkpoint(Path(args.ckpt_dir), rank, world, split)
         if state is not None:
             if mesh is not None:
                 checkpoint.load_rank_state(net, opt, state["train"])
@@ -316,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
             if saved_world == world:
                 g.set_state(state["data_rng"])
             else:  # a new world: each rank a fresh data stream of its own
-                g.manual_seed(args.seed * 1000 + rank + 7919 * start)
+                g.manual_seed(args.seed * 1000 + stream + 7919 * start)
             if rank == 0:
                 how = "" if saved_world == world else f" (saved by {saved_world} ranks: their average)"
                 print(f"resumed from {ckpt.parent} at step {start}{how}", flush=True)
@@ -324,7 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
             dist.barrier()  # every rank has read the checkpoints before any rank overwrites its own
 
     if rank == 0:
-        shape = f" as {world // args.shard} replicas x {args.shard} FSDP2 shards" if mesh is not None else ""
+        how = "FSDP2 shards" if args.shard > 1 else "tensor-parallel ranks"
+        shape = f" as {world // split} replicas x {split} {how}" if mesh is not None else ""
         print(f"{args.method}: {n_params / 1e6:.2f}M parameters, {world} rank(s){shape}, "
               f"{len(train) / 1e6:.1f}M train / {len(val) / 1e6:.2f}M val bytes", flush=True)
     history = []
@@ -357,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
                 history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss, "time_s": train_s})
                 if rank == 0:
                     bar = "#" * int(30 * step / args.steps)
-                    rate = (step - start) * world * args.batch_size / max(train_s, 1e-9)
+                    rate = (step - start) * (world // args.tp) * args.batch_size / max(train_s, 1e-9)
                     print(f"[{bar:<30}] step {step:5d}/{args.steps}  train {train_loss:.3f}  "
                           f"val {val_loss:.3f}  ({rate:.0f} seq/s)", flush=True)
                 t0 = time.perf_counter()
@@ -368,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"communication": comm, "method": args.method, "k": args.k, "world_size": world, "params": n_params,
               "batch_size": args.batch_size, "context": args.context, "steps": steps_run,
               "train_time_s": train_s,
-              "samples_per_s": steps_run * world * args.batch_size / train_s if train_s else math.nan,
+              "samples_per_s": steps_run * (world // args.tp) * args.batch_size / train_s if train_s else math.nan,
               "final_val_loss": history[-1]["val_loss"] if history else math.nan, "history": history}
     if rank == 0 and args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1))

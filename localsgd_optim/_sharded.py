@@ -111,7 +111,7 @@ class _Shard:
     ``"copy"`` (the fallback: a public view, staged every round).
     """
 
-    __slots__ = ("param", "kind", "owner", "why")
+    __slots__ = ("param", "kind", "owner", "why")  # owner: the FSDPParam (fsdp2), the kept view (copy)
 
     def __init__(self, param: torch.Tensor, kind: str, owner: Any = None, why: str | None = None) -> None:
         self.param, self.kind, self.owner, self.why = param, kind, owner, why
@@ -177,6 +177,7 @@ class Sharding:
 
     def __init__(self, named: Sequence[tuple[str, torch.Tensor]], group: Any) -> None:
         self._group_ranks = _ranks(group) if dist.is_available() and dist.is_initialized() else None
+        self._dims: dict[tuple[int, int], bool] = {}  # (id(mesh), dim) -> is the group averaged over
         fsdp2, modules = _fsdp2_params()
         self.shards: dict[int, _Shard] = {}
         owned: set[int] = set()
@@ -238,15 +239,21 @@ class Sharding:
             why = "DTensor._local_tensor is missing"
         return _Shard(p, "copy", why=why) if why else _Shard(p, "dtensor")
 
+    def _averaged_dim(self, mesh: Any, dim: int) -> bool:
+        """Whether mesh dimension ``dim`` is the group averaged over (its ranks are ours)."""
+        key = (id(mesh), dim)
+        found = self._dims.get(key)
+        if found is None:
+            found = self._dims[key] = self._group_ranks is not None and _ranks(mesh.get_group(dim)) == self._group_ranks
+        return found
+
     def _check_not_sharded_over_group(self, p: torch.Tensor) -> None:
         """Raise if one of ``p``'s mesh dimensions that shards it *is* the group averaged over."""
-        if self._group_ranks is None:
-            return
         mesh = p.device_mesh
         for dim, placement in enumerate(p.placements):
             if isinstance(placement, Replicate):
                 continue
-            if _ranks(mesh.get_group(dim)) == self._group_ranks:
+            if self._averaged_dim(mesh, dim):
                 name = mesh.mesh_dim_names[dim] if mesh.mesh_dim_names else dim
                 raise ValueError(
                     f"it is {placement!r} over mesh dimension {name!r}, whose ranks {list(self._group_ranks)} "
@@ -300,8 +307,7 @@ class Sharding:
         if isinstance(p, DTensor):
             mesh = p.device_mesh
             coordinate = mesh.get_coordinate() or ()
-            where = tuple(c for dim, c in enumerate(coordinate)
-                          if self._group_ranks is None or _ranks(mesh.get_group(dim)) != self._group_ranks)
+            where = tuple(c for dim, c in enumerate(coordinate) if not self._averaged_dim(mesh, dim))
             return ("dtensor", tuple(map(repr, p.placements)), tuple(p._local_tensor.shape), where)
         infos = getattr(p, "_shard_param_infos", None)  # per original parameter: its slice in this shard
         held = None if infos is None else tuple(

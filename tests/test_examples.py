@@ -59,6 +59,15 @@ def test_charlm_sharded_replicas_resume_exactly_and_across_a_replica_change(tmp_
     assert c["history"][-1]["step"] == 16 and abs(c["final_val_loss"] - a["final_val_loss"]) < 0.1
 
 
+def test_charlm_tensor_parallel_replicas_train(tmp_path):
+    out = torchrun("examples/train_charlm.py", "--tp", "2", "--steps", "8", "--k", "4", "--eval-every", "8",
+                   "--d-model", "32", "--layers", "1", "--max-bytes", "200000", "--eval-batches", "2",
+                   "--json-out", str(tmp_path / "a.json"), nproc=4)
+    assert "4 rank(s) as 2 replicas x 2 tensor-parallel ranks" in out
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert a["communication"]["rounds"] == 2 and a["final_val_loss"] < 5.5  # ln(256) = 5.55 at the start
+
+
 def test_benchmark_smoke(tmp_path):
     # Tiny sizes so the benchmark cannot rot; no timing is asserted, only that every
     # contender ran and the report is complete.
