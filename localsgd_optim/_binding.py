@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._buckets import BucketEngine, bucket_cap_bytes
+from ._sharded import named_params
 from ._dist import (
     AveragingRoundError,
     LayoutMismatchError,
@@ -98,13 +99,11 @@ class Members:
         return [(f"optimizer state {key!r} of {names[i]}", t) for i, key, t in self._state_items()]
 
     def _named_params(self) -> list[tuple[str, torch.Tensor]]:
-        out = []
-        for g, group in enumerate(self._owner.param_groups):
-            given = group.get("param_names")
-            for i, p in enumerate(group["params"]):
-                where = f"param group {g}, index {i}"
-                out.append((f"parameter {given[i]!r} ({where})" if given else f"parameter ({where})", p))
-        return out
+        return named_params(self._owner.param_groups)
+
+    def sharding_identity(self) -> list[tuple]:
+        """Which shard of each sharded parameter this rank holds (empty for an unsharded model)."""
+        return self.sharding.identity(self._named_params()) if self.sharding is not None else []
 
     def params(self) -> list[torch.Tensor]:
         """The parameters averaged: every floating-point (or complex) one with ``requires_grad``,

@@ -33,7 +33,7 @@ from torch import nn
 
 from ._dist import LocalSGDError
 
-__all__ = ["Sharding", "find_sharding", "resolve_group", "FALLBACK_REASON"]
+__all__ = ["Sharding", "find_sharding", "named_params", "resolve_group", "FALLBACK_REASON"]
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -91,12 +91,19 @@ def _fsdp2_params() -> tuple[dict[int, Any], list[nn.Module]]:
     return found, modules
 
 
-def _is_hsdp(fsdp_param: Any) -> bool:
+def _all_reduces_gradients(fsdp_param: Any) -> str | None:
+    """``"HSDP"`` or ``"replicate"`` when FSDP2 all-reduces this parameter's gradient across
+    replicas at every step (native HSDP, or ``fully_shard``/``replicate`` with replication only)."""
     try:
-        from torch.distributed.fsdp._fully_shard._fsdp_common import HSDPMeshInfo
+        from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo, HSDPMeshInfo
     except ImportError:  # pragma: no cover
-        return False
-    return isinstance(getattr(fsdp_param, "mesh_info", None), HSDPMeshInfo)
+        return None
+    info = getattr(fsdp_param, "mesh_info", None)
+    if isinstance(info, HSDPMeshInfo):
+        return "native HSDP (fully_shard over a 2-D mesh)"
+    if isinstance(info, DDPMeshInfo):
+        return "FSDP2 replication (a Replicate placement, as torch's replicate() makes)"
+    return None
 
 
 def _ranks(group: Any) -> tuple[int, ...]:
@@ -214,13 +221,20 @@ class Sharding:
         if not isinstance(p, DTensor):
             return None
         fsdp_param = fsdp2.get(id(p))
-        if fsdp_param is not None and _is_hsdp(fsdp_param):
+        how = _all_reduces_gradients(fsdp_param) if fsdp_param is not None else None
+        if how is not None:
             raise ValueError(
-                "it is sharded by native HSDP (fully_shard over a 2-D mesh), which all-reduces gradients "
-                "across replicas at every step: there is nothing left for Local SGD to average, and torch has no "
-                "switch to turn that all-reduce off. Shard over the shard dimension only and average over the "
-                "replicate one: fully_shard(model, mesh=mesh['shard']); "
-                "LocalSGDOptimizer(opt, process_group=mesh['replicate'])"
+                f"it is managed by {how}, which all-reduces gradients across replicas at every step: there is "
+                "nothing left for Local SGD to average, and torch has no switch to turn that all-reduce off. "
+                "Shard over the shard dimension only and average over the replicate one: "
+                "fully_shard(model, mesh=mesh['shard']); LocalSGDOptimizer(opt, process_group=mesh['replicate'])"
+            )
+        local = getattr(p, "_local_tensor", None)
+        if local is not None and type(local) not in (torch.Tensor, nn.Parameter):
+            raise TypeError(
+                f"its local shard is a {type(local).__name__}, a tensor subclass (such as torchao's float8 "
+                "all-gather weights): FSDP gathers from memory inside it that LocalSGDOptimizer cannot reach, "
+                "so averaging it is not supported; train without the subclass, or without Local SGD"
             )
         self._check_not_sharded_over_group(p)
         why = FALLBACK_REASON
@@ -266,6 +280,11 @@ class Sharding:
 
     def __bool__(self) -> bool:
         return bool(self.shards)
+
+    @property
+    def has_fsdp1(self) -> bool:
+        """Whether an FSDP1 ``FlatParameter`` is among the parameters (zero-copy or staged)."""
+        return any(isinstance(s.param, FlatParameter) for s in self.shards.values())
 
     def locals(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The plain tensor averaged for each of ``params`` (read afresh: FSDP may have replaced it)."""
@@ -315,6 +334,11 @@ class Sharding:
             if getattr(i, "in_shard", True) else None for i in infos)
         return ("fsdp1", tuple(getattr(p, "_sharded_size", p.shape)), held)
 
+    def identity(self, named: Sequence[tuple[str, torch.Tensor]]) -> list[tuple]:
+        """Which shard of each sharded parameter this rank holds, in plain values (for checkpoints):
+        ``(name, describe)`` for every sharded parameter."""
+        return [(name, self.describe(p)) for name, p in named if id(p) in self.shards]
+
     # -- before any averaged value is written -----------------------------------------------------
 
     def before_round(self) -> None:
@@ -341,14 +365,20 @@ class Sharding:
                 )
 
 
-def find_sharding(param_groups: Sequence[dict[str, Any]], group: Any) -> Sharding | None:
-    """The :class:`Sharding` of an optimizer's parameters, or ``None`` when none is sharded (the plain path)."""
+def named_params(param_groups: Sequence[dict[str, Any]]) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter with the name errors give it: ``parameter 'w' (param group 0, index 1)``."""
     named = []
     for g, param_group in enumerate(param_groups):
         given = param_group.get("param_names")
         for i, p in enumerate(param_group["params"]):
             where = f"param group {g}, index {i}"
             named.append((f"parameter {given[i]!r} ({where})" if given else f"parameter ({where})", p))
+    return named
+
+
+def find_sharding(param_groups: Sequence[dict[str, Any]], group: Any) -> Sharding | None:
+    """The :class:`Sharding` of an optimizer's parameters, or ``None`` when none is sharded (the plain path)."""
+    named = named_params(param_groups)
     if not any(isinstance(p, (DTensor, FlatParameter)) or getattr(p, "_fsdp_flattened", False) for _, p in named):
         return None
     return Sharding(named, group)

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
+
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -64,10 +65,12 @@ def rank_state(model: nn.Module, optimizer: LocalSGDOptimizer) -> dict[str, Any]
     :func:`load_rank_state`, on a model sharded the same way.
     """
     _rank_and_world(optimizer)
+    _refuse_fsdp1(optimizer)
     return {
         "model": _local_shards(get_model_state_dict(model)),
         "optimizer": _local_shards(get_optimizer_state_dict(model, optimizer.optimizer)),
         STATE_KEY: optimizer.state_dict()[STATE_KEY],
+        SHARDING_KEY: optimizer._members.sharding_identity(),
     }
 
 
@@ -75,9 +78,14 @@ def load_rank_state(model: nn.Module, optimizer: LocalSGDOptimizer, state: dict[
     """Load what :func:`rank_state` made (or a :func:`consolidate` of several ranks' ones).
 
     The Local SGD entry is validated first; nothing changes if it does not fit. Local shards are
-    wrapped back as the model's DTensors are now (same placements and mesh).
+    wrapped back as the model's DTensors are now (same placements and mesh). A collective when
+    distributed: every rank checks that the state holds the shards it holds (as
+    :func:`rank_state` recorded them), and if one does not, every rank raises a ``ValueError``
+    before anything is loaded.
     """
     _rank_and_world(optimizer)
+    _refuse_fsdp1(optimizer)
+    _check_same_shards(optimizer, state.get(SHARDING_KEY))
 
     def load_model_and_inner() -> None:  # after the entry is validated: nothing changes on a bad one
         set_model_state_dict(model, _as_live(state["model"], get_model_state_dict(model)))
@@ -96,6 +104,7 @@ def get_state_dict(model: nn.Module, optimizer: LocalSGDOptimizer) -> dict[str, 
     """
     rank, world = _rank_and_world(optimizer)
     mine = rank_state(model, optimizer)
+    mine[SHARDING_KEY] = _to_bytes(mine[SHARDING_KEY])
     # One blob: DCP loads only the keys a template has; outer state appears after a round.
     mine[STATE_KEY] = _to_bytes(mine[STATE_KEY])
     return {"world_size": world, f"rank{rank}": mine}
@@ -112,6 +121,8 @@ def set_state_dict(model: nn.Module, optimizer: LocalSGDOptimizer, state: dict[s
         )
     mine = dict(state[f"rank{rank}"])
     mine[STATE_KEY] = torch.load(io.BytesIO(mine[STATE_KEY]), weights_only=True)
+    if isinstance(mine.get(SHARDING_KEY), bytes):
+        mine[SHARDING_KEY] = torch.load(io.BytesIO(mine[SHARDING_KEY]), weights_only=True)
     load_rank_state(model, optimizer, mine)
 
 
@@ -151,7 +162,28 @@ def consolidate(per_rank_states: Sequence[Any]) -> Any:
         )
     if not per_rank_states:
         raise ValueError("per_rank_states is empty: pass one saved state per rank of the run that saved them")
+    _check_same_sharding(list(per_rank_states), ())  # first: shards of different places must never mix
     return _merge(list(per_rank_states), ())
+
+
+def _check_same_sharding(values: list[Any], path: tuple[Any, ...]) -> None:
+    """Raise if the states' :func:`rank_state` shard records (wherever they are nested) differ."""
+    if not all(isinstance(v, dict) for v in values):
+        return
+    for key in values[0]:
+        if not all(key in v for v in values):
+            continue
+        if key == SHARDING_KEY:
+            differ = next((r for r, v in enumerate(values) if not _same(v[key], values[0][key])), None)
+            if differ is not None:
+                where = ".".join(map(str, path + (key,)))
+                raise ValueError(
+                    f"consolidate: the states passed as ranks 0 and {differ} hold different shards of the model "
+                    f"({where}); average only the ranks that held the same shard: "
+                    "checkpoint.load_per_rank(path_of, rank, world, shards=S), or pass consolidate one shard's replicas"
+                )
+        else:
+            _check_same_sharding([v[key] for v in values], path + (key,))
 
 
 def load_per_rank(path_of: Any, rank: int, world: int, shards: int = 1) -> tuple[Any, int]:
@@ -206,6 +238,7 @@ def _merge(values: list[Any], path: tuple[Any, ...]) -> Any:
         return type(first)(*merged) if hasattr(first, "_fields") else type(first)(merged)  # namedtuple
     if all(_same(v, first) for v in values[1:]):
         return first
+
     shared = STATE_KEY in path and "int8_residuals" not in path  # per-rank only: error feedback
     if not shared and all(isinstance(v, torch.Tensor) for v in values) and (
         first.is_floating_point() or first.is_complex()
@@ -238,6 +271,42 @@ def _short(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {list(value.shape)}" if value.numel() > 1 else repr(value.item())
     return f"{value!r:.80}"
+
+
+#: Key of :func:`rank_state`'s record of which shard each sharded parameter is (empty: unsharded).
+SHARDING_KEY = "local_sgd_sharding"
+
+
+def _refuse_fsdp1(optimizer: LocalSGDOptimizer) -> None:
+    sharding = optimizer._members.sharding
+    if sharding is not None and sharding.has_fsdp1:
+        raise TypeError(
+            "localsgd_optim.checkpoint does not support FSDP1 models yet (torch 2.13's FSDP1 state dicts over a "
+            "subgroup fail on some ranks only); save each rank's opt.state_dict() and its FlatParameters with "
+            "torch.save, or shard with FSDP2 (fully_shard)"
+        )
+
+
+def _check_same_shards(optimizer: LocalSGDOptimizer, saved: Any) -> None:
+    """Raise on every rank unless every rank's ``saved`` shard record is the shards it holds now."""
+    mine = optimizer._members.sharding_identity()
+    problem = None
+    if saved is not None and list(map(tuple, saved)) != mine:
+        first = next((i for i, (a, b) in enumerate(zip(saved, mine)) if tuple(a) != b), min(len(saved), len(mine)))
+        problem = (f"{mine[first][0] if first < len(mine) else 'a parameter'}: the state holds shard "
+                   f"{tuple(saved[first])[1] if first < len(saved) else 'none'}, this rank holds "
+                   f"{mine[first][1] if first < len(mine) else 'none'}")
+    bad = [problem is not None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flags = torch.tensor([int(bad[0])], device=optimizer.join_device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad = [bool(flags.item())]
+    if bad[0]:
+        raise ValueError(
+            "load_rank_state: " + (problem or "another rank was given a state of shards it does not hold") +
+            ". Each rank must load a state of the shards it holds: consolidate only the saved ranks that held "
+            "the same shard (checkpoint.load_per_rank(path_of, rank, world, shards=S)), and keep the sharding"
+        )
 
 
 def _local_shards(tree: Any) -> Any:

@@ -486,3 +486,73 @@ def test_integrations_doc_sharded_snippets_run_and_end_in_sync(ranks4):
     for out in ranks4(_run_doc_snippets):
         assert sorted(out) == ["fsdp1", "fsdp2", "tensor-parallel"]
         assert all(agree and kind == "LocalSGDOptimizer" for agree, kind in out.values()), out
+
+
+def _resume_with_the_wrong_shards(path: str, how: str):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from localsgd_optim import checkpoint
+
+    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard"))
+    model = _fsdp2(mesh, seed=1)
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, process_group=mesh["replicate"],
+                            outer_optimizer=diloco())
+    before = _shards(model)
+    path_of = lambda r: f"{path}/rank{r}.pt"  # noqa: E731
+    try:
+        if how == "shards-forgotten":  # all 4 saved ranks averaged together: two different shards mixed
+            checkpoint.load_per_rank(path_of, dist.get_rank(), 2)
+        else:  # each rank given the other shard's file
+            state = torch.load(path_of(1 - dist.get_rank()), weights_only=True)
+            checkpoint.load_rank_state(model, opt, state)
+        error = None
+    except ValueError as e:
+        error = str(e)
+    return error, all(torch.equal(a, b) for a, b in zip(before, _shards(model)))
+
+
+@pytest.mark.parametrize("how", ["shards-forgotten", "other-shard"])
+def test_resuming_with_another_shard_raises_on_every_rank(ranks4, ranks2, tmp_path, how):
+    ranks4(_save_mid_period, str(tmp_path))
+    for error, untouched in ranks2(_resume_with_the_wrong_shards, str(tmp_path), how):
+        assert error is not None and untouched
+        assert ("hold different shards" if how == "shards-forgotten" else "this rank holds") in error, error
+        assert "shards=S" in error
+
+
+def _fsdp1_checkpoint_refused():
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from localsgd_optim import checkpoint
+
+    mesh = _mesh()
+    model = FSDP(_module(), device_id=torch.device("cpu"), process_group=mesh.get_group("shard"))
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=4, process_group=mesh["replicate"])
+    with pytest.raises(TypeError, match="does not support FSDP1 models yet"):
+        checkpoint.rank_state(model, opt)
+    with pytest.raises(TypeError, match="does not support FSDP1 models yet"):
+        checkpoint.get_state_dict(model, opt)
+    dist.barrier()
+    return True
+
+
+def test_fsdp1_checkpoint_helpers_refuse_on_every_rank(ranks4):
+    assert ranks4(_fsdp1_checkpoint_refused) == [True] * 4
+
+
+def _replicate_only_refused():
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    mesh = _mesh()
+    model = _module()
+    replicate(model, mesh=mesh["replicate"])  # FSDP2's DDP: gradients all-reduced at every step
+    try:
+        LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=4, process_group=mesh["replicate"])
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_fsdp2_replication_is_refused_like_hsdp(ranks4):
+    for message in ranks4(_replicate_only_refused):
+        assert message is not None and "FSDP2 replication" in message and "mesh['shard']" in message, message
