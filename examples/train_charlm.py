@@ -16,6 +16,7 @@ and ends with exactly the parameters of an uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import inspect
 import json
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from localsgd_optim import LocalSGDOptimizer, checkpoint, diloco
+from localsgd_optim.elastic import ElasticCheckpoint
 
 
 def stdlib_text(max_bytes: int) -> bytes:
@@ -81,6 +83,29 @@ def batch(data: torch.Tensor, size: int, context: int, g: torch.Generator) -> tu
     x = torch.stack([data[s:s + context] for s in starts])
     y = torch.stack([data[s + 1:s + 1 + context] for s in starts])
     return x, y
+
+
+class GlobalWindows:
+    """Training windows numbered globally: sample ``i`` is the window at ``(a * i + b) mod M``, a
+    permutation of all ``M`` windows (``a`` coprime with ``M``). With ``W`` ranks reading, rank
+    ``r`` takes samples ``position + r * B ... + B`` at each step and the position advances by
+    ``W * B``: after a resize the new ranks carry on from the same position, so no sample is
+    skipped or read twice (``--elastic``)."""
+
+    def __init__(self, data: torch.Tensor, context: int, seed: int) -> None:
+        self.data, self.context = data, context
+        self.m = len(data) - context - 1
+        self.a = next(x for x in range(int(self.m * 0.6180339887) | 1, 2 * self.m) if math.gcd(x, self.m) == 1)
+        self.b = (seed * 7919 + 17) % self.m
+
+    def ids(self, first: int, size: int) -> list[int]:
+        return list(range(first, first + size))
+
+    def batch(self, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = [(self.a * i + self.b) % self.m for i in range(first, first + size)]
+        x = torch.stack([self.data[s:s + self.context] for s in starts])
+        y = torch.stack([self.data[s + 1:s + 1 + self.context] for s in starts])
+        return x, y
 
 
 @torch.no_grad()
@@ -172,6 +197,22 @@ def communication_summary(opt: torch.optim.Optimizer, eval_cost: dict, steps: in
                     "(evaluation syncs excluded)"}
 
 
+def checkpoint_summary(stalls: list[float], comm: dict | None, train_s: float, steps: int,
+                       every: int) -> dict | None:
+    """How long training waited for --elastic's checkpoints, against a round and a period."""
+    if not stalls or not train_s or not steps:
+        return None
+    stall = sorted(stalls)[len(stalls) // 2]
+    rounds = comm["rounds"] if comm else 0
+    round_s = comm["round_share"] * train_s / rounds if comm and rounds and comm["round_share"] == comm["round_share"] \
+        else float("nan")
+    period_s = train_s * every / steps if steps else float("nan")
+    return {"saves": len(stalls), "stall_ms": 1e3 * stall, "round_ms": 1e3 * round_s, "period_ms": 1e3 * period_s,
+            "line": f"checkpoints: {len(stalls)} asynchronous saves, training waited {1e3 * stall:.1f} ms each "
+                    f"(median): {stall / period_s:.1%} of the {every} steps between saves "
+                    f"({1e3 * period_s:.0f} ms), {stall / round_s:.0%} of an averaging round ({1e3 * round_s:.1f} ms)"}
+
+
 def save_checkpoint(path: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer,
                     sched: torch.optim.lr_scheduler.LRScheduler, g: torch.Generator, world: int,
                     sharded: bool = False) -> None:
@@ -192,6 +233,14 @@ def load_checkpoint(ckpt_dir: Path, rank: int, world: int, shards: int = 1) -> t
     if not first.exists():
         return None, world
     return checkpoint.load_per_rank(lambda r: ckpt_dir / f"rank{r}.pt", rank, world, shards)
+
+
+def log_samples(directory: str, attempt: int, rank: int, step: int, ids: list[int]) -> None:
+    """One line per step: the attempt (rank 0's start time, shared by the ranks of one attempt), the
+    step and the sample numbers this rank trained on."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    with open(Path(directory) / f"rank{rank}-{attempt}.txt", "a") as f:
+        f.write(f"{attempt} {step} {' '.join(map(str, ids))}\n")
 
 
 def fail_once(marker: Path, step: int) -> None:
@@ -254,6 +303,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--ckpt-dir", type=str, default=None, help="per-rank checkpoints; resumes if present")
     p.add_argument("--ckpt-every", type=int, default=0)
+    p.add_argument("--elastic", action="store_true",
+                   help="hosts may come and go (torchrun --nnodes MIN:MAX): asynchronous, atomic checkpoints in "
+                        "--ckpt-dir after every round (or every --ckpt-every steps), resumed at any world size, and "
+                        "a global sample position that a resize carries on from")
+    p.add_argument("--sample-log", type=str, default=None, metavar="DIR",
+                   help="--elastic: each rank appends the sample numbers it trains on to DIR (for counting)")
+    p.add_argument("--fail-in-save-at-step", type=int, default=0, metavar="N",
+                   help="--elastic fault injection: the last rank dies by SIGKILL while writing step N's checkpoint "
+                        "(after its temporary file, before the rename), once (marker <ckpt-dir>/failed-once)")
+    p.add_argument("--step-delay", type=float, default=0.0, metavar="S",
+                   help="sleep S seconds after every step (fault-injection tests: a slower model)")
+    p.add_argument("--pg-timeout", type=float, default=None, metavar="S",
+                   help="the process group's timeout in seconds: how long a round waits for a hung rank")
     p.add_argument("--fail-at-step", type=int, default=0, metavar="N",
                    help="for testing the restart recipe: the last rank kills itself with SIGKILL at step N, "
                         "once, if a marker file <ckpt-dir>/failed-once does not exist yet; it creates the "
@@ -277,6 +339,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"{flag} {value}: must be >= 1, and > 1 only with --method localsgd or diloco")
     if args.shard > 1 and args.tp > 1:
         p.error("--shard and --tp: pick one way to split a replica")
+    if args.elastic and not args.ckpt_dir:
+        p.error("--elastic needs --ckpt-dir (where the checkpoints a restart resumes from live)")
+    if args.elastic and args.method not in ("localsgd", "diloco"):
+        p.error("--elastic works with --method localsgd or diloco")
     if args.fail_at_step and not args.ckpt_dir:
         p.error(f"--fail-at-step {args.fail_at_step} needs --ckpt-dir (its marker file lives there)")
     return args
@@ -287,7 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
-        dist.init_process_group("gloo")
+        timeout = {"timeout": datetime.timedelta(seconds=args.pg_timeout)} if args.pg_timeout else {}
+        dist.init_process_group("gloo", **timeout)
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
 
@@ -322,7 +389,19 @@ def main(argv: list[str] | None = None) -> dict:
     g = torch.Generator().manual_seed(args.seed * 1000 + stream)
 
     start = 0
-    ckpt = Path(args.ckpt_dir) / f"rank{rank}.pt" if args.ckpt_dir else None
+    ckpt = Path(args.ckpt_dir) / f"rank{rank}.pt" if args.ckpt_dir and not args.elastic else None
+    elastic = windows = None
+    readers, reader = world // args.tp, rank // args.tp  # data-parallel readers (TP ranks share a batch)
+    position = 0  # --elastic: global samples consumed so far
+    if args.elastic:
+        elastic = ElasticCheckpoint(args.ckpt_dir, shards=split)
+        windows = GlobalWindows(train, args.context, args.seed)
+        resumed = elastic.resume(net, opt)
+        if resumed is not None:
+            start, position = resumed.step, resumed.extra["position"]
+            sched.load_state_dict(resumed.extra["sched"])
+            if rank == 0:
+                print(resumed.message, flush=True)
     if ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         state, saved_world = load_checkpoint(Path(args.ckpt_dir), rank, world, split)
@@ -353,19 +432,38 @@ def main(argv: list[str] | None = None) -> dict:
     eval_cost = {"rounds": 0, "bytes_sent": 0, "round_seconds": 0.0}
     # opt.no_sync keeps DDP's gradient all-reduce on for --warmup-steps, then turns it off
     sync_ctx = opt.no_sync(model) if isinstance(opt, LocalSGDOptimizer) else _nullcontext()
+    attempt = 0
+    if args.sample_log:  # one token per attempt, the same on every rank: rank 0's start time
+        token = [time.time_ns()]
+        if distributed:
+            dist.broadcast_object_list(token, src=0)
+        attempt = token[0]
     train_s, t0 = 0.0, time.perf_counter()  # the clock excludes validation
     with sync_ctx:
         for step in range(start + 1, args.steps + 1):
-            x, y = batch(train, args.batch_size, args.context, g)
+            if windows is not None:
+                first = position + reader * args.batch_size
+                x, y = windows.batch(first, args.batch_size)
+                if args.sample_log:
+                    log_samples(args.sample_log, attempt, rank, step, windows.ids(first, args.batch_size))
+                position += readers * args.batch_size
+            else:
+                x, y = batch(train, args.batch_size, args.context, g)
             loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
             loss.backward()
             opt.step()
             sched.step()
             opt.zero_grad()
+            if args.step_delay:
+                time.sleep(args.step_delay)
             if ckpt is not None and args.ckpt_every and step % args.ckpt_every == 0:
                 save_checkpoint(ckpt, step, net, opt, sched, g, world, sharded=mesh is not None)
+            if elastic is not None and step == args.fail_in_save_at_step and rank == world - 1:
+                elastic._before_replace = lambda: fail_once(Path(args.ckpt_dir) / "failed-once", step)
+            if elastic is not None and step % (args.ckpt_every or args.k) == 0:  # right after a round
+                elastic.save(step, net, opt, extra={"position": position, "sched": sched.state_dict()})
             if step == args.fail_at_step and rank == world - 1:
-                fail_once(ckpt.parent / "failed-once", step)
+                fail_once(Path(args.ckpt_dir) / "failed-once", step)
             if step == args.stop_at_step:
                 break
             if step % args.eval_every == 0 or step == args.steps:
@@ -387,11 +485,25 @@ def main(argv: list[str] | None = None) -> dict:
     comm = communication_summary(opt, eval_cost, steps_run, n_params, train_s, world)
     if rank == 0 and comm is not None:
         print(comm.pop("line"), flush=True)
+    saving = None
+    replicas_identical = None
+    if elastic is not None and distributed and steps_run > 0 and mesh is None:  # do the replicas agree at the end?
+        digest = torch.stack([p.detach().double().sum() for p in net.parameters()]).cpu()
+        everyone = [torch.empty_like(digest) for _ in range(world)]
+        dist.all_gather(everyone, digest)
+        replicas_identical = all(torch.equal(everyone[0], d) for d in everyone)
+    if elastic is not None:
+        elastic.close()  # the last write finishes before the process ends
+        saving = checkpoint_summary(elastic.stalls, comm, train_s, steps_run, args.ckpt_every or args.k)
+        if rank == 0 and saving is not None:
+            print(saving.pop("line"), flush=True)
     result = {"communication": comm, "method": args.method, "k": args.k, "world_size": world, "params": n_params,
               "batch_size": args.batch_size, "context": args.context, "steps": steps_run,
               "train_time_s": train_s,
               "samples_per_s": steps_run * (world // args.tp) * args.batch_size / train_s if train_s else math.nan,
-              "final_val_loss": history[-1]["val_loss"] if history else math.nan, "history": history}
+              "final_val_loss": history[-1]["val_loss"] if history else math.nan, "history": history,
+              "checkpoints": saving, "position": position if args.elastic else None,
+              "replicas_identical": replicas_identical}
     if rank == 0 and args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1))
     return result
