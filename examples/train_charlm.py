@@ -180,7 +180,7 @@ def evaluate_average(model: nn.Module, opt: torch.optim.Optimizer, val: torch.Te
 def communication_summary(opt: torch.optim.Optimizer, eval_cost: dict, steps: int, n_params: int,
                           train_s: float, world: int) -> dict | None:
     """Rounds, MB this rank sent against what DDP's gradient all-reduce would have sent, time in rounds."""
-    if world == 1:
+    if world == 1 or steps == 0:
         return None
     ddp_mb = steps * n_params * 4 / 2**20  # DDP hands every gradient (fp32) to an all-reduce every step
     if not isinstance(opt, LocalSGDOptimizer):
