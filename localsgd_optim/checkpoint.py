@@ -35,7 +35,7 @@ own checkpoint into one state that loads on any number of ranks.
 from __future__ import annotations
 
 import io
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -309,15 +309,20 @@ def _check_same_shards(optimizer: LocalSGDOptimizer, saved: Any) -> None:
         )
 
 
+def map_tensors(tree: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``tree`` (nested dicts, lists and tuples) with ``fn`` applied to every tensor in it."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: map_tensors(v, fn) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(map_tensors(v, fn) for v in tree)
+    return tree
+
+
 def _local_shards(tree: Any) -> Any:
     """``tree`` with every DTensor replaced by its local shard (a view: DCP loads into it in place)."""
-    if isinstance(tree, DTensor):
-        return tree.to_local()
-    if isinstance(tree, dict):
-        return {k: _local_shards(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_local_shards(v) for v in tree)
-    return tree
+    return map_tensors(tree, lambda t: t.to_local() if isinstance(t, DTensor) else t)
 
 
 def _as_live(loaded: Any, live: Any) -> Any:

@@ -171,7 +171,8 @@ class ElasticCheckpoint:
         train = {"model": model.state_dict(), "opt": optimizer.state_dict()} if optimizer._members.sharding is None \
             else checkpoint.rank_state(model, optimizer)
         state = {"step": int(step), "world_size": world, "train": train, "extra": extra}
-        snapshot = _copy(state)  # the weights keep changing under training; the copy does not
+        # the weights keep changing under training; the copy does not
+        snapshot = checkpoint.map_tensors(state, lambda t: t.detach().to("cpu", copy=True))
         self.stalls.append(time.perf_counter() - start)
         target = self.directory / f"step-{int(step):08d}.world-{world}"
         if blocking:
@@ -221,13 +222,3 @@ class ElasticCheckpoint:
         """Finish the last write (call it before the process exits)."""
         self.wait()
 
-
-def _copy(tree: Any) -> Any:
-    """Every tensor of ``tree`` copied to fresh CPU memory (detached), the rest as it is."""
-    if isinstance(tree, torch.Tensor):
-        return tree.detach().to("cpu", copy=True)
-    if isinstance(tree, dict):
-        return {k: _copy(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_copy(v) for v in tree) if not hasattr(tree, "_fields") else type(tree)(*map(_copy, tree))
-    return tree

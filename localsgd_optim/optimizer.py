@@ -193,8 +193,13 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self.optimizer = optimizer
         self._share_inner()
         self._config = config
-        self._members = Members(self, config.buffers, config.average_optimizer_state,
-                                find_sharding(self.param_groups, config.process_group))
+        sharding = find_sharding(self.param_groups, config.process_group)
+        if sharding is not None and config.flat_params and sharding.fallbacks():
+            warnings.warn(
+                "LocalSGDOptimizer: some sharded parameters take the copy path (each round copies their "
+                f"local shard in and out) instead of zero-copy flat storage: {'; '.join(sharding.fallbacks())}",
+                UserWarning, stacklevel=2)
+        self._members = Members(self, config.buffers, config.average_optimizer_state, sharding)
         self._ddp_modules: list[nn.Module] = []  # registered by no_sync(): DDP syncs during warmup
         self._binding: Binding | None = None
         self._single = False  # bound to a world of one: never communicate

@@ -11,6 +11,8 @@ per-tensor scale is per local shard (the reference quantizes shard by shard too)
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -106,8 +108,11 @@ def _fsdp2_parity(strategy: str, flat_params: bool = True, fallback: str | None 
     try:
         model = _fsdp2(mesh, **kwargs)
         inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        opt = LocalSGDOptimizer(inner, k=4, process_group=mesh["replicate"], bucket_cap_mb=0.001,
-                                flat_params=flat_params, **OPTIONS[strategy])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = LocalSGDOptimizer(inner, k=4, process_group=mesh["replicate"], bucket_cap_mb=0.001,
+                                    flat_params=flat_params, **OPTIONS[strategy])
+        told = [str(w.message) for w in caught if "copy path" in str(w.message)]
         train_wrapped(model, opt, batches)
         ours = _shards(model)
         staged = len(opt.engine.storage.staged_tensors()) if opt.engine.storage is not None else None
@@ -120,13 +125,14 @@ def _fsdp2_parity(strategy: str, flat_params: bool = True, fallback: str | None 
     full = [p.full_tensor() for p in model.parameters()]  # (a collective over the shard group)
     pad = [fp._sharded_param_data[fp.sharded_param._local_tensor.numel():].clone()
            for m in (model[0], model[2], model) for g in m._get_fsdp_state()._fsdp_param_groups for fp in g.fsdp_params]
-    return ours, expected, full, pad, staged
+    return ours, expected, full, pad, staged, told
 
 
 @pytest.mark.parametrize("strategy", list(OPTIONS))
 def test_fsdp2_replicas_average_like_the_reference(ranks4, strategy):
     results = ranks4(_fsdp2_parity, strategy)
-    for ours, expected, _, pad, staged in results:
+    for ours, expected, _, pad, staged, told in results:
+        assert told == [], "zero-copy: no warning"
         for i, (a, e) in enumerate(zip(ours, expected, strict=True)):
             torch.testing.assert_close(a, e, rtol=0, atol=0, msg=f"{strategy}: parameter {i}")
         assert all(bool((p == 0).all()) for p in pad), "the padding row stayed zero"
@@ -138,21 +144,24 @@ def test_fsdp2_replicas_average_like_the_reference(ranks4, strategy):
 
 def test_fsdp2_fallback_copy_path_is_exact(ranks4):
     """With FSDP's private attributes unusable, each shard is staged: same numbers, not zero-copy."""
-    for ours, expected, _, _, staged in ranks4(_fsdp2_parity, "diloco", True, "forced by the test"):
+    for ours, expected, _, _, staged, told in ranks4(_fsdp2_parity, "diloco", True, "forced by the test"):
+        assert len(told) == 1 and "forced by the test" in told[0], told
         for a, e in zip(ours, expected, strict=True):
             torch.testing.assert_close(a, e, rtol=0, atol=0)
         assert staged == 6, "every shard staged"
 
 
 def test_fsdp2_cpu_offload_takes_the_copy_path_and_is_exact(ranks4):
-    for ours, expected, _, _, staged in ranks4(_fsdp2_parity, "diloco", True, None, True):
+    for ours, expected, _, _, staged, told in ranks4(_fsdp2_parity, "diloco", True, None, True):
+        assert len(told) == 1 and "CPU offload" in told[0], told
         for a, e in zip(ours, expected, strict=True):
             torch.testing.assert_close(a, e, rtol=0, atol=0)
         assert staged == 6, "pinned host shards: every one staged"
 
 
 def test_fsdp2_copy_engine_is_exact(ranks4):
-    for ours, expected, _, _, staged in ranks4(_fsdp2_parity, "plain", False):
+    for ours, expected, _, _, staged, told in ranks4(_fsdp2_parity, "plain", False):
+        assert told == [], "flat_params=False chose the copy engine: nothing to warn about"
         for a, e in zip(ours, expected, strict=True):
             torch.testing.assert_close(a, e, rtol=0, atol=0)
         assert staged is None
