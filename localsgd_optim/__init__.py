@@ -9,6 +9,7 @@ from ._dist import (
     NonFiniteParameterError,
     ScheduleMismatchError,
 )
+from .compression import Compression, quantize, topk
 from .ddp import no_sync
 from ._outer import diloco, slowmo
 from ._schedule import Schedule
@@ -19,6 +20,9 @@ __all__ = [
     "Schedule",
     "diloco",
     "slowmo",
+    "topk",
+    "quantize",
+    "Compression",
     "no_sync",
     "LocalSGDError",
     "LayoutMismatchError",

@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from ._outer import OuterFactory
 from ._schedule import PeriodSpec, Schedule, _is_int
 from ._sharded import resolve_group
+from .compression import NAMED, Compression
 
 __all__ = ["Config", "plain_average_outer"]
 
@@ -112,13 +113,21 @@ class Config:
 
     @property
     def wire_dtype(self) -> torch.dtype | None:
-        return WIRE_DTYPES[self.compression]
+        return WIRE_DTYPES.get(self.compression) if isinstance(self.compression, str) else None
+
+    @property
+    def chunked(self) -> Compression | None:
+        """The top-k / low-bit compression, if that is what ``compression`` names."""
+        if isinstance(self.compression, Compression):
+            return self.compression
+        return NAMED.get(self.compression) if isinstance(self.compression, str) else None
 
     def settings(self, outer: Optimizer | None) -> dict[str, Any]:
         """What every rank must agree on (``outer``: the built outer optimizer, if any)."""
         return {"k": self.schedule.description, "warmup_steps": self.schedule.warmup_steps,
                 "local_k": self.local_k, "bucket_cap_mb": self.bucket_cap_mb,
-                "compression": self.compression,
+                "compression": self.compression if not isinstance(self.compression, Compression)
+                else str(self.compression),
                 "outer_optimizer": None if outer is None else
                 f"{type(outer).__name__}{sorted(outer.defaults.items())}",
                 "overlap": [self.overlap_steps, self.overlap_mix], "flat_params": self.flat_params,
@@ -135,8 +144,12 @@ def _check_optimizer(optimizer: Any) -> None:
 
 
 def _check_compression(optimizer: Optimizer, compression: Any, buffers: Any) -> None:
-    if compression not in WIRE_DTYPES:
-        raise ValueError(f"compression must be None, 'bf16' or 'int8', got {compression!r}")
+    if not isinstance(compression, Compression) and (not isinstance(compression, (str, type(None)))
+                                                     or (compression not in WIRE_DTYPES and compression not in NAMED)):
+        raise ValueError(
+            "compression must be None, 'bf16', 'int8', 'int4', 'int2', or localsgd_optim.topk(...) / "
+            f"localsgd_optim.quantize(...), got {compression!r}"
+        )
     if compression is not None and any(p.is_complex() for g in optimizer.param_groups for p in g["params"]):
         raise ValueError(f"compression={compression!r} does not support complex parameters yet")
     if compression is not None and buffers is not None:

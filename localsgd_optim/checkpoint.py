@@ -239,7 +239,8 @@ def _merge(values: list[Any], path: tuple[Any, ...]) -> Any:
     if all(_same(v, first) for v in values[1:]):
         return first
 
-    shared = STATE_KEY in path and "int8_residuals" not in path  # per-rank only: error feedback
+    # per-rank only: error feedback (averaged on a resize, like the parameters)
+    shared = STATE_KEY in path and "int8_residuals" not in path and "ef_residuals" not in path
     if not shared and all(isinstance(v, torch.Tensor) for v in values) and (
         first.is_floating_point() or first.is_complex()
     ) and all(v.dtype == first.dtype and v.shape == first.shape for v in values):

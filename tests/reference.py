@@ -269,3 +269,61 @@ def reference_events(period_at, warmup, local_k, overlap_steps, steps):
         elif local_k and (s - warmup) % local_k == 0:
             out.append((s, "LOCAL_ROUND"))
     return out
+
+
+@torch.no_grad()
+def chunked_compress_one_tensor(v, spec):
+    """What one rank sends of one tensor: chunk by chunk, top-k by magnitude (``spec.fraction``),
+    then ``spec.bits``-bit uniform codes with a step of STEP_IN_RMS[bits] x the kept values' rms.
+    Returns the decoded values, dense, zero where nothing is sent."""
+    from localsgd_optim.compression import STEP_IN_RMS
+
+    flat = v.reshape(-1)
+    sent = torch.zeros_like(flat)
+    for start in range(0, flat.numel(), spec.chunk):
+        chunk = flat[start:start + spec.chunk]
+        kept = spec.per_chunk(chunk.numel())
+        idx = torch.topk(chunk.abs(), kept, sorted=True).indices if spec.fraction < 1 else torch.arange(chunk.numel())
+        vals = chunk[idx]
+        if spec.bits is not None:
+            half = 2 ** (spec.bits - 1)
+            rms = torch.sqrt(vals.double().square().sum() / kept).float()
+            step = rms * STEP_IN_RMS[spec.bits]
+            codes = torch.floor(vals / step.clamp_min(torch.finfo(torch.float32).tiny)) + half
+            vals = (codes.clamp(0, 2 * half - 1) - (half - 0.5)) * step
+        sent[start + idx] = vals
+    return sent.view_as(v)
+
+
+def reference_chunked_diloco(model, inner, batches, k, outer_factory, spec, params=None, group=None):
+    """Plain loop: per parameter, v = (global - local) + feedback x residual, compressed by
+    ``chunked_compress_one_tensor``, the residual keeps v - sent; each rank's decoded tensor is
+    all-gathered one parameter at a time and summed in rank order."""
+    params = list(model.parameters()) if params is None else params
+    broadcast_one_by_one(params, group=group)
+    world = dist.get_world_size(group)
+    global_copy = [p.detach().clone() for p in params]
+    residuals = [torch.zeros_like(p) for p in params]
+    outer = outer_factory(global_copy)
+    for step, (x, y) in enumerate(batches, start=1):
+        inner.zero_grad()
+        mse(model(x), y).backward()
+        inner.step()
+        if step % k:
+            continue
+        with torch.no_grad():
+            for g, p, e in zip(global_copy, params, residuals):
+                v = (g - p).add_(e, alpha=spec.feedback)
+                sent = chunked_compress_one_tensor(v, spec)
+                e.copy_(v - sent)
+                everyone = [torch.empty_like(sent) for _ in range(world)]
+                dist.all_gather(everyone, sent, group=group)
+                total = torch.zeros_like(v)
+                for s in everyone:
+                    total.add_(s)
+                g.grad = total / world
+            outer.step()
+            for g, p in zip(global_copy, params):
+                g.grad = None
+                p.copy_(g)
+    return residuals

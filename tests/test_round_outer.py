@@ -146,8 +146,8 @@ def test_bf16_compressed_deltas_match_reference(ranks, explicit_outer):
 
 
 def test_compression_bad_value():
-    with pytest.raises(ValueError, match="compression must be None, 'bf16' or 'int8', got 'int4'"):
-        LocalSGDOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), k=4, compression="int4")
+    with pytest.raises(ValueError, match=r"compression must be None, 'bf16', 'int8', 'int4', 'int2', or .*got 'fp8'"):
+        LocalSGDOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), k=4, compression="fp8")
 
     with pytest.raises(ValueError, match="compression='bf16' with buffers= is not supported"):
         LocalSGDOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1), k=4, compression="bf16",

@@ -14,6 +14,7 @@ from .._outer import OuterState
 from .._schedule import Cursor, FragmentSchedule
 from .average import AverageRound
 from .base import Reducer, Round, RoundContext
+from .chunked import ChunkedReducer
 from .fragments import FragmentedRound, split_fragments
 from .int8 import Int8Reducer
 from .outer import CastReducer, OuterRound
@@ -98,6 +99,8 @@ def _scheduled(config: Config, params: list[torch.Tensor]) -> Round:
     outer = OuterState(params, config.outer_optimizer, config.flat_params)
     if config.overlap_steps:
         return OverlapRound(outer, config.overlap_mix)
+    if config.chunked is not None:
+        return OuterRound(outer, ChunkedReducer(params, config.chunked, config.flat_params))
     if config.compression == "int8":
         return OuterRound(outer, Int8Reducer(params, config.flat_params))
     if config.wire_dtype is not None:
