@@ -9,6 +9,7 @@ from ._dist import (
     NonFiniteParameterError,
     ScheduleMismatchError,
 )
+from .combined import Combined
 from .compression import Compression, quantize, topk
 from .ddp import no_sync
 from ._outer import diloco, slowmo
@@ -23,6 +24,7 @@ __all__ = [
     "topk",
     "quantize",
     "Compression",
+    "Combined",
     "no_sync",
     "LocalSGDError",
     "LayoutMismatchError",

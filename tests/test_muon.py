@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 import torch
 import torch.distributed as dist
 
@@ -76,3 +78,61 @@ def test_muon_inner_optimizer_averages_and_resumes_exactly(ranks2):
         for a, b in zip(resumed, uninterrupted, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert everyone[0] != everyone[1], "steps 9 and 10 are local: the replicas differ"
+
+
+def _combined_equals_two_wrappers():
+    from localsgd_optim import Combined, topk
+
+    batches = make_batches(10)
+    model, opts = _build()
+    _train(model, opts, batches)
+    two_wrappers = params_of(model)
+
+    def build():
+        model = make_model(seed=0)
+        return model, LocalSGDOptimizer(Combined(*_inner(model)), k=4)
+
+    model, opt = build()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)  # a scheduler drives both parts
+    _train(model, [opt], batches)
+    sched.step()
+    one_wrapper = params_of(model)
+    # resumed mid-period with compression: the Combined state dict round-trips through torch.save
+    model, opt = build()
+    opt = LocalSGDOptimizer(Combined(*_inner(model)), k=4, compression=topk(0.05, bits=2, chunk=64))
+    _train(model, [opt], batches[:6])
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    _train(model, [opt], batches[6:])
+    uninterrupted = params_of(model)
+    model = make_model(seed=0)
+    opt = LocalSGDOptimizer(Combined(*_inner(model)), k=4, compression=topk(0.05, bits=2, chunk=64))
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    _train(model, [opt], batches[6:])
+    return two_wrappers, one_wrapper, uninterrupted, params_of(model), len(saved["opt"]["combined"])
+
+
+def test_combined_muon_adamw_is_one_optimizer(ranks2):
+    for two, one, uninterrupted, resumed, parts in ranks2(_combined_equals_two_wrappers):
+        assert parts == 2
+        for a, b in zip(one, two, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)  # one round over both = two rounds
+        for a, b in zip(resumed, uninterrupted, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_combined_refuses_shared_parameters_and_foreign_state():
+    from localsgd_optim import Combined
+
+    model = make_model()
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match=r"Combined: a parameter of shape \(64, 16\) is in optimizers 0 and 1"):
+        Combined(torch.optim.SGD(params[:2], lr=0.1), torch.optim.SGD(params[:1], lr=0.1))
+    with pytest.raises(TypeError, match="argument 1 must be a torch.optim.Optimizer"):
+        Combined(torch.optim.SGD(params, lr=0.1), "adamw")
+    opt = Combined(*_inner(model))
+    with pytest.raises(ValueError, match=r"expected \{'combined': \[one state dict per optimizer \(2\)\]\}"):
+        opt.load_state_dict(torch.optim.SGD(params, lr=0.1).state_dict())
