@@ -38,6 +38,17 @@ METHODS = {
     "diloco_k8": ("DiLoCo k=8", ["--method", "diloco", "--k", "8"], None),
     "diloco_k64_int8": ("DiLoCo k=64, int8 deltas + EF", ["--method", "diloco", "--k", "64", "--compression", "int8"], None),
     "diloco_k64_overlap8": ("DiLoCo k=64, overlapped 8 steps", ["--method", "diloco", "--k", "64", "--overlap-steps", "8"], None),
+    # the bandwidth frontier (issue 26): Local SGD with compressed deltas + error feedback, and Muon
+    "localsgd_k8_int8": ("Local SGD k=8, int8 + EF", ["--method", "localsgd", "--k", "8", "--compression", "int8"], None),
+    "localsgd_k8_topk10": ("Local SGD k=8, top-10% + EF", ["--method", "localsgd", "--k", "8", "--compression", "topk:0.1"], None),
+    "localsgd_k8_topk3": ("Local SGD k=8, top-3% + EF", ["--method", "localsgd", "--k", "8", "--compression", "topk:0.03"], None),
+    "localsgd_k8_topk1": ("Local SGD k=8, top-1% + EF", ["--method", "localsgd", "--k", "8", "--compression", "topk:0.01"], None),
+    "localsgd_k8_int4": ("Local SGD k=8, 4-bit + EF", ["--method", "localsgd", "--k", "8", "--compression", "int4"], None),
+    "localsgd_k8_int2": ("Local SGD k=8, 2-bit + EF", ["--method", "localsgd", "--k", "8", "--compression", "int2"], None),
+    "localsgd_k8_topk1_2bit": ("Local SGD k=8, top-1% at 2 bits + EF", ["--method", "localsgd", "--k", "8", "--compression", "topk:0.01:2"], None),
+    "localsgd_k8_muon": ("Local SGD k=8, Muon inner", ["--method", "localsgd", "--k", "8", "--inner", "muon"], None),
+    "localsgd_k4_topk3_2bit": ("Local SGD k=4, top-3% at 2 bits + EF", ["--method", "localsgd", "--k", "4", "--compression", "topk:0.03:2"], None),
+    "localsgd_k2_topk3_2bit": ("Local SGD k=2, top-3% at 2 bits + EF", ["--method", "localsgd", "--k", "2", "--compression", "topk:0.03:2"], None),
 }
 
 
@@ -72,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="diagnostic: DDP and each method (--only; default localsgd_k8,diloco_k64) at its tuned "
                         "settings, seed 0, as runs of N steps each (needs a tuned.json); writes "
                         "<out>/gap_vs_steps.{json,md,png}, reusing <out>/tune/ runs for N = --steps")
+    p.add_argument("--frontier", action="store_true",
+                   help="bytes against quality: every frontier method at its best lr (tuned ones reused), then "
+                        "--frontier-seeds seeds; writes <out>/frontier.{json,md,png}; with --report, from the runs on disk")
+    p.add_argument("--frontier-lrs", type=str, default="0.012",
+                   help="--frontier: the lrs a new method is run at (default: Local SGD k=8's tuned best)")
+    p.add_argument("--frontier-seeds", type=int, default=2, help="--frontier: seeds at each new method's best lr")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train_charlm.py flags for every run")
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(METHODS)
@@ -82,8 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         names.insert(0, "ddp")  # every ratio is to DDP
     args.names = names
     args.extra = [a for a in args.extra if a != "--"]
-    if args.report and not args.tune:
-        p.error("--report rewrites the tuning report: it needs --tune")
+    if args.report and not (args.tune or args.frontier):
+        p.error("--report rewrites the tuning or frontier report: it needs --tune or --frontier")
     if args.gap_vs_k is not None and (args.tune or args.report):
         p.error("--gap-vs-k is a mode of its own: run it without --tune/--report (it reuses the tune runs)")
     if args.gap_vs_steps is not None and (args.tune or args.report or args.gap_vs_k is not None):
@@ -119,6 +136,11 @@ def main(argv: list[str] | None = None) -> None:
         from tune_study import gap_vs_steps
 
         gap_vs_steps(args, METHODS, args.gap_vs_steps, args.horizon_names)
+        return
+    if args.frontier:
+        from frontier_study import frontier
+
+        frontier(args, METHODS)
         return
     if args.tune:
         from tune_study import tune

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from localsgd_optim import LocalSGDOptimizer, checkpoint, diloco
+from localsgd_optim import Combined, LocalSGDOptimizer, checkpoint, diloco, quantize, topk
 from localsgd_optim.elastic import ElasticCheckpoint
 
 
@@ -177,6 +177,46 @@ def evaluate_average(model: nn.Module, opt: torch.optim.Optimizer, val: torch.Te
     return loss
 
 
+def compression_arg(text: str) -> str:
+    """Check a ``--compression`` value early: a name, or ``topk:FRACTION[:BITS]``."""
+    if text in ("bf16", "int8", "int4", "int2"):
+        return text
+    parts = text.split(":")
+    try:
+        if parts[0] != "topk" or not 2 <= len(parts) <= 3:
+            raise ValueError
+        topk(float(parts[1]), bits=int(parts[2]) if len(parts) == 3 else None)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected bf16, int8, int4, int2 or topk:FRACTION[:BITS] (e.g. topk:0.01:2)"
+            + (f" ({e})" if str(e) else "")) from None
+    return text
+
+
+def compression_of(args: argparse.Namespace) -> Any:
+    """``--compression`` and ``--chunk`` as the wrapper's ``compression`` argument."""
+    text = args.compression
+    if text in ("int4", "int2"):
+        return quantize(int(text[3:]), chunk=args.chunk)
+    if text is not None and text.startswith("topk:"):
+        parts = text.split(":")
+        return topk(float(parts[1]), bits=int(parts[2]) if len(parts) == 3 else None, chunk=args.chunk)
+    return text
+
+
+def inner_optimizer(net: nn.Module, model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW, or Muon for the transformer blocks' matrices and AdamW for the rest (embeddings, head,
+    norms, biases), combined into one optimizer; Muon's lr scaled to match AdamW's update size."""
+    adamw = lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)  # noqa: E731
+    if args.inner == "adamw":
+        return adamw(model.parameters())
+    matrices = {id(p) for p in net.blocks.parameters() if p.ndim == 2}
+    return Combined(
+        torch.optim.Muon([p for p in model.parameters() if id(p) in matrices], lr=args.lr, weight_decay=0.01,
+                         adjust_lr_fn="match_rms_adamw"),
+        adamw([p for p in model.parameters() if id(p) not in matrices]))
+
+
 def communication_summary(opt: torch.optim.Optimizer, eval_cost: dict, steps: int, n_params: int,
                           train_s: float, world: int) -> dict | None:
     """Rounds, MB this rank sent against what DDP's gradient all-reduce would have sent, time in rounds."""
@@ -275,7 +315,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "physical speed limit for benchmarks, not a training method)")
     p.add_argument("--outer-lr", type=float, default=0.7, help="diloco: outer Nesterov SGD learning rate")
     p.add_argument("--outer-momentum", type=float, default=0.9, help="diloco: outer momentum")
-    p.add_argument("--compression", choices=["bf16", "int8"], default=None, help="compress the pseudo-gradients")
+    p.add_argument("--compression", type=compression_arg, default=None, metavar="C",
+                   help="compress the pseudo-gradients: bf16, int8, int4, int2, or topk:FRACTION[:BITS] "
+                        "(e.g. topk:0.01:2, SparseLoCo's setting), each with error feedback but bf16")
+    p.add_argument("--chunk", type=int, default=4096, help="elements per chunk of int4/int2/topk")
+    p.add_argument("--inner", choices=["adamw", "muon"], default="adamw",
+                   help="inner optimizer; muon: Muon for the blocks' matrices, AdamW for the rest, as one")
     p.add_argument("--overlap-steps", type=int, default=0,
                    help="Streaming DiLoCo: reduce in the background for N more local steps, then apply")
     p.add_argument("--k", type=int, default=8, help="steps between averaging rounds (localsgd)")
@@ -371,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = net
     else:
         model = wrap_ddp(net) if distributed and args.method != "none" else net
-    inner = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    inner = inner_optimizer(net, model, args)
     if args.method in ("ddp", "none"):
         opt = inner
     else:
@@ -380,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
             outer = lambda params: torch.optim.SGD(params, lr=args.extrapolate)  # noqa: E731
         opt = LocalSGDOptimizer(inner, k=args.k, warmup_steps=args.warmup_steps, outer_optimizer=outer,
                                 process_group=mesh["replicate"] if mesh is not None else None,
-                                compression=args.compression, overlap_steps=args.overlap_steps,
+                                compression=compression_of(args), overlap_steps=args.overlap_steps,
                                 average_optimizer_state=args.average_optimizer_state, fragments=args.fragments)
     # LR schedulers step the wrapper like any optimizer (param_groups are shared with the inner one)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args))
