@@ -211,6 +211,31 @@ class OursInt8(OursBF16):
     compression = "int8"
 
 
+class OursCompressed(OursBF16):
+    """A full round with a top-k / low-bit compressor and error feedback; its payload is measured
+    (``stats()['bytes_sent']`` per round), not assumed. The parameters move between rounds (a fixed
+    random walk per rank), so top-k picks from real deltas, not from zeros."""
+
+    def __init__(self, name: str, params: list[torch.Tensor], world: int, cap_mb: float, compression: Any) -> None:
+        super().__init__(name, params, world, cap_mb)
+        self.compression = compression
+        self.wire_factor = 0.0
+        self._drift: list[torch.Tensor] = []
+
+    def prepare(self) -> None:
+        super().prepare()
+        g = torch.Generator(device=self.params[0].device).manual_seed(dist.get_rank())
+        self._drift = [torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 1e-3 for p in self.params]
+
+    @torch.no_grad()
+    def round(self) -> None:
+        torch._foreach_add_(self.params, self._drift)  # local progress since the last round
+        before = self.opt.stats()["bytes_sent"]
+        self.opt.step()
+        nbytes = sum(p.numel() * p.element_size() for p in self.params)
+        self.wire_factor = (self.opt.stats()["bytes_sent"] - before) / nbytes
+
+
 def _contenders(model: nn.Module, world: int, caps: list[float], only: set[str] | None,
                 baseline: str | None = None) -> list[Contender]:
     """Every contender gets its own copy of the model: ours moves its parameters into flat storage,
@@ -242,6 +267,13 @@ def _contenders(model: nn.Module, world: int, caps: list[float], only: set[str] 
                         caps[0], flat_params=False))
         out.append(OursBF16(f"localsgd_optim bf16 deltas (cap {caps[0]:g} MB)", params(), world, caps[0]))
         out.append(OursInt8(f"localsgd_optim int8 deltas+EF (cap {caps[0]:g} MB)", params(), world, caps[0]))
+    if only and "compressors" in only:  # issue 26's compressors, each a full round with error feedback
+        from .compression import quantize, topk
+
+        for label, spec in [("int4", quantize(4)), ("int2", quantize(2)), ("top-10% fp32", topk(0.1)),
+                            ("top-1% fp32", topk(0.01)), ("top-3% 2-bit", topk(0.03, bits=2)),
+                            ("top-1% 2-bit", topk(0.01, bits=2))]:
+            out.append(OursCompressed(f"localsgd_optim {label} +EF", params(), world, caps[0], spec))
     if baseline:
         cls = importlib.import_module(baseline).LocalSGDOptimizer
         name = f"baseline {baseline}"
@@ -299,8 +331,9 @@ def bench_rounds(model: nn.Module, args: argparse.Namespace, device: torch.devic
     flat = rows[0]["median_ms"]
     for row, c in zip(rows, contenders):
         row["ratio_to_flat"] = row["median_ms"] / flat
-        row["payload_mb"] = getattr(c, "wire_factor", 1.0) * nbytes / 2**20  # bytes each rank reduces
-        row["wire_mb_per_rank"] = 2 * (world - 1) / world * nbytes / 2**20  # ring all-reduce
+        row["payload_mb"] = getattr(c, "wire_factor", 1.0) * nbytes / 2**20  # bytes each rank hands in
+        gathered = isinstance(c, (OursInt8, OursCompressed))  # a ring all-gather sends (W - 1) x the payload
+        row["wire_mb_per_rank"] = row["payload_mb"] * ((world - 1) if gathered else 2 * (world - 1) / world)
     return rows
 
 
@@ -407,7 +440,7 @@ def _parse_models(text: str) -> list[tuple[int, int]]:
     return out
 
 
-METHODS = ("flat", "flat_avg", "floor_check", "floor", "blocking", "async", "torch", "ours")
+METHODS = ("flat", "flat_avg", "floor_check", "floor", "blocking", "async", "torch", "ours", "compressors")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -620,11 +653,13 @@ def _print_model(entry: dict, report: dict) -> None:
     print(f"\n== TransformerEncoder {entry['layers']}x{entry['width']}: {entry['params'] / 1e6:.1f}M params "
           f"in {entry['tensors']} tensors, {entry['rounds'][0]['payload_mb']:.1f} MB payload (fp32), "
           f"{report['world_size']} ranks, {report['backend']} on {report['device']} ==")
-    print(f"{'method':<40} {'median ms':>10} {'x flat':>8} {'wire MB':>8} {'extra peak MB':>14}")
+    print(f"{'method':<40} {'median ms':>10} {'x flat':>8} {'payload MB':>10} {'sent MB':>8} {'extra peak MB':>14}")
     for row in entry["rounds"]:
         mem = "n/a" if row["extra_peak_mb"] is None else f"{row['extra_peak_mb']:.1f}"
         print(f"{row['method']:<40} {row['median_ms']:>10.2f} {row['ratio_to_flat']:>8.3f} "
-              f"{row['payload_mb']:>8.1f} {mem:>14}")
+              f"{row['payload_mb']:>10.3f} {row['wire_mb_per_rank']:>8.3f} {mem:>14}")
+    print("payload MB: what each rank hands to the round's collectives; sent MB: what it sends on the wire "
+          "(ring all-reduce 2(W-1)/W x, ring all-gather (W-1) x the payload)")
     if "breakdown" in entry:
         b = entry["breakdown"]
         print(f"phases of one round (cap {max(report.get('caps', [0]) or [0]):g} MB, {b['buckets']} buckets): "
