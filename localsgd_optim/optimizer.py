@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 
 from ._amp import inner_step
 from ._binding import Binding, Members
+from .compression import Compression
 from ._buckets import BucketEngine, bucket_cap_bytes
 from ._config import Config
 from ._dist import LocalSGDError, RoundKind, group_size
@@ -101,9 +102,14 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         compression: ``"bf16"`` sends the pseudo-gradients of outer rounds as bfloat16: half
             the bytes of fp32 on the wire. ``"int8"``: 1 byte per element with a per-tensor
             scale and error feedback (the quantization residual is carried to the next round;
-            +1x parameters of fp32 state), through all-gathers: a gain below 8 ranks. Without ``outer_optimizer`` a plain ``SGD(lr=1.0)``
-            outer step is used, i.e. averaging through compressed deltas, which needs a global
-            copy of the parameters (default: ``None``: send at full precision).
+            +1x parameters of fp32 state), through all-gathers: a gain below 8 ranks.
+            :func:`localsgd_optim.topk` / :func:`localsgd_optim.quantize` (or ``"int4"``,
+            ``"int2"``): per chunk of each tensor, the largest ``fraction`` and/or ``bits``-bit
+            codes with a per-chunk step, error feedback as int8, one all-gather per bucket
+            (e.g. ``topk(0.01, bits=2)``: 0.6% of an fp32 round's bytes). Without
+            ``outer_optimizer`` a plain ``SGD(lr=1.0)`` outer step is used, i.e. averaging
+            through compressed deltas, which needs a global copy of the parameters (default:
+            ``None``: send at full precision).
         overlap_steps: Streaming DiLoCo's overlap: a scheduled round's pseudo-gradients are
             reduced asynchronously while ``overlap_steps`` more local steps run, then applied:
             the outer step, then ``p <- overlap_mix * p + (1 - overlap_mix) * global``.
@@ -171,7 +177,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         local_group: dist.ProcessGroup | None = None,
         buffers: nn.Module | None = None,
         outer_optimizer: OuterFactory | None = None,
-        compression: str | None = None,
+        compression: str | Compression | None = None,
         overlap_steps: int = 0,
         overlap_mix: float | None = None,
         check_finite: bool = True,
@@ -225,7 +231,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
     local_k = _setting("local_k", "Steps between hierarchical rounds after warmup (0: none).")
     bucket_cap_mb = _setting("bucket_cap_mb", "The largest bucket, in MiB.")
     check_finite = _setting("check_finite", "Whether each round first checks every rank for NaN/Inf.")
-    compression = _setting("compression", "How outer rounds' pseudo-gradients travel: ``None``, ``'bf16'`` or ``'int8'``.")
+    compression = _setting("compression", "How outer rounds' pseudo-gradients travel: ``None``, ``'bf16'``, ``'int8'``, "
+                           "``'int4'``, ``'int2'`` or a :class:`~localsgd_optim.Compression`.")
     overlap_steps = _setting("overlap_steps", "Local steps an overlapped round stays in flight (0: blocking).")
     overlap_mix = _setting("overlap_mix", "The weight kept of the local parameters when an overlapped round lands.")
     flat_params = _setting("flat_params", "Whether the parameters live in flat storage (``False``: the copy engine).")

@@ -186,3 +186,38 @@ def test_round_kinds_it_cannot_serve_are_refused(kwargs, match):
         LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=4, compression=topk(0.01, bits=2), **kwargs)
     with pytest.raises(ValueError, match="buffers= is not supported"):
         LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=4, compression="int2", buffers=model)
+
+
+def _saved_with_residuals():
+    from test_consolidate import _saved
+
+    model = make_model(seed=0)
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, compression=topk(0.05, bits=2))
+    train_wrapped(model, opt, make_batches(6))  # a round at 4, mid-period at 6
+    return _saved(model, opt)
+
+
+def _resume_consolidated(state):
+    model = make_model(seed=0)
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, compression=topk(0.05, bits=2))
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    loaded = [r.clone() for r in opt.state_dict()["local_sgd"]["ef_residuals"]]
+    train_wrapped(model, opt, make_batches(2))  # step 8: a round
+    return loaded, params_of(model)
+
+
+def test_consolidate_averages_the_residuals_across_ranks(ranks2, ranks3):
+    from localsgd_optim import checkpoint
+
+    states = ranks2(_saved_with_residuals)
+    state = checkpoint.consolidate(states)
+    per_rank = [s["opt"]["local_sgd"]["ef_residuals"] for s in states]
+    assert not torch.equal(per_rank[0][0], per_rank[1][0])  # each rank carries its own
+    for i, merged in enumerate(state["opt"]["local_sgd"]["ef_residuals"]):
+        torch.testing.assert_close(merged, (per_rank[0][i] + per_rank[1][i]) / 2, rtol=0, atol=0)
+    results = ranks3(_resume_consolidated, state)  # 2 ranks saved, 3 resume
+    for loaded, _ in results:
+        assert_same(loaded, state["opt"]["local_sgd"]["ef_residuals"], exact=True)
+    for _, final in results[1:]:
+        assert_same(final, results[0][1], exact=True)

@@ -5,8 +5,9 @@ replicas 0 and 1, ranks 1 and 3 shard 1. The oracle is the same sharded model st
 plain inner optimizer, whose local shards (``p.to_local()``) are averaged one parameter at a
 time over ``mesh.get_group("replicate")`` by the loops of ``reference.py``. Averaging is
 elementwise, so a shard's mean is exactly the slice of the full tensors' mean: these runs
-equal "average the full tensors replica by replica" bit for bit, except int8, whose
-per-tensor scale is per local shard (the reference quantizes shard by shard too).
+equal "average the full tensors replica by replica" bit for bit, except int8 and top-k /
+low-bit compression, whose scales and chunks are per local shard (the references compress shard
+by shard too).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import torch.distributed as dist
 from torch import nn
 
 from helpers import make_batches, mse, train_wrapped
-from localsgd_optim import LayoutMismatchError, LocalSGDOptimizer, diloco
+from localsgd_optim import LayoutMismatchError, LocalSGDOptimizer, diloco, topk
 from localsgd_optim import _sharded
 from localsgd_optim.rounds.fragments import split_fragments
 from reference import (
     reference_diloco,
+    reference_chunked_diloco,
     reference_int8_diloco,
     reference_overlapped,
     reference_rounds,
@@ -72,6 +74,7 @@ OPTIONS = {
     "diloco": {"outer_optimizer": diloco()},
     "bf16": {"outer_optimizer": diloco(), "compression": "bf16"},
     "int8": {"outer_optimizer": diloco(), "compression": "int8"},
+    "topk2bit": {"outer_optimizer": diloco(), "compression": topk(0.05, bits=2, chunk=64)},
     "overlap": {"outer_optimizer": diloco(), "overlap_steps": 1},
     "fragments": {"outer_optimizer": diloco(), "fragments": 2},
     "state": {"average_optimizer_state": True},
@@ -89,6 +92,9 @@ def _reference(strategy, model, inner, batches, group):
                          params=params, group=group)
     elif strategy == "int8":
         reference_int8_diloco(model, inner, batches, 4, diloco(), params=params, group=group)
+    elif strategy == "topk2bit":
+        reference_chunked_diloco(model, inner, batches, 4, diloco(), OPTIONS[strategy]["compression"],
+                                 params=params, group=group)
     elif strategy == "overlap":
         reference_overlapped(model, inner, batches, 4, 1, 0.5, diloco(), params=params, group=group)
     else:
