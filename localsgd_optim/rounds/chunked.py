@@ -159,8 +159,8 @@ class ChunkedReducer(Reducer):
         f32 = dict(dtype=torch.float32, device=device)
         self._buffers = {
             "v": torch.empty(numel, **f32),
-            "padded": torch.empty(padded, **f32),
-            "total": torch.empty(padded, **f32),
+            "padded": torch.empty(padded if self.spec.sparse else 0, **f32),  # top-k's row layout
+            "total": torch.empty(padded if self.spec.sparse else numel, **f32),
             "mine": torch.zeros(payload, dtype=torch.uint8, device=device),
             "everyone": torch.empty(world * payload, dtype=torch.uint8, device=device),
         }
@@ -188,44 +188,40 @@ class ChunkedReducer(Reducer):
         parts = self._layout(plan)
         size = parts["total"][1]
         v = buf["v"][:plan.numel]
-        padded = buf["padded"][:plan.chunks * c]
         pad_of = plan.pad_of()
         if joined:  # a rank that joined sends zeros and keeps its residual
             v.zero_()
         else:
             v.copy_(target)
             v.add_(residual, alpha=spec.feedback)
-        padded.zero_()
-        padded.index_copy_(0, pad_of, v)
         mine = buf["mine"][:size]
-        if spec.sparse:
+        if spec.sparse:  # per chunk (a row of the padded layout), the largest magnitudes
+            padded = buf["padded"][:plan.chunks * c].zero_().index_copy_(0, pad_of, v)
             scores = buf["total"][:padded.numel()].fill_(-1.0)  # padding never outranks an element
             scores.index_copy_(0, pad_of, v.abs())
             top = torch.topk(scores.view(plan.chunks, c), plan.kmax, dim=1, sorted=True).indices
             where = top.view(-1)[plan.slots]  # chunk-relative positions of the values sent
             at = plan.base + where
-            values = padded[at]
             self._view(mine, parts, "positions").copy_(where)
-        else:
-            at, values = None, padded.view(plan.chunks, c)
-        sent = self._encode(values, plan, mine, parts)  # what the others will decode, at ``at``
+            rows, values = plan.rows, padded[at]
+        else:  # every element, in the bucket's layout
+            rows, values = torch.div(pad_of, c, rounding_mode="floor"), v
+        sent = self._encode(values, rows, plan, mine, parts)  # what the others will decode
         if not joined:  # residual = v - sent, in the bucket's layout
-            if at is None:
-                shipped = sent.view(-1)
-            else:
-                shipped = padded.zero_().index_copy_(0, at, sent)
-            torch.sub(v, shipped[pad_of], out=residual)
+            if spec.sparse:
+                sent = padded.zero_().index_copy_(0, at, sent)[pad_of]
+            torch.sub(v, sent, out=residual)
         everyone = buf["everyone"][:world * size]
         all_gather_into(everyone, mine, group)
-        total = buf["total"][:plan.chunks * c].zero_()
+        total = buf["total"][:plan.chunks * c if spec.sparse else plan.numel].zero_()
         for r in range(world):  # rank order: the same sum on every rank
             theirs = everyone[r * size:(r + 1) * size]
-            decoded = self._decode(theirs, plan, parts)
+            decoded = self._decode(theirs, rows, plan, parts)
             if spec.sparse:
                 total.index_add_(0, plan.base + self._view(theirs, parts, "positions").long(), decoded)
             else:
-                total.add_(decoded.view(-1))
-        target.copy_(total[pad_of].div_(contributors))
+                total.add_(decoded)
+        target.copy_((total[pad_of] if spec.sparse else total).div_(contributors))
         return size
 
     # -- payload ----------------------------------------------------------------------------------
@@ -236,52 +232,34 @@ class ChunkedReducer(Reducer):
                  "positions": torch.uint8 if self.spec.chunk <= 256 else torch.int16}[name]
         return payload[a:b].view(dtype)
 
-    def _steps_of(self, values: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        """Each chunk's step: ``STEP_IN_RMS[bits]`` times the root mean square of its values (fp64 sums)."""
-        squares = values.double().square()
-        if plan.rows is None:
-            sums = squares.sum(dim=1)
-        else:
-            sums = torch.zeros(plan.chunks, dtype=torch.float64, device=values.device).index_add_(
-                0, plan.rows, squares)
-        return sums.div_(plan.count).sqrt_().float().mul_(STEP_IN_RMS[self.spec.bits])
-
-    def _per_value(self, steps: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        return steps[:, None] if plan.rows is None else steps[plan.rows]
-
-    def _encode(self, values: torch.Tensor, plan: _Plan, payload: torch.Tensor, parts: dict) -> torch.Tensor:
-        """Write ``values`` into ``payload``; return what the receivers will decode from it."""
+    def _encode(self, values: torch.Tensor, rows: torch.Tensor, plan: _Plan, payload: torch.Tensor,
+                parts: dict) -> torch.Tensor:
+        """Write ``values`` (the chunk of each: ``rows``) into ``payload``; return what the receivers will
+        decode from it."""
         bits = self.spec.bits
         if bits is None:
-            self._view(payload, parts, "values").copy_(values.reshape(-1))
+            self._view(payload, parts, "values").copy_(values)
             return values
-        steps = self._steps_of(values, plan)
+        # each chunk's step: STEP_IN_RMS[bits] x the root mean square of its values (sums in float64)
+        sums = torch.zeros(plan.chunks, dtype=torch.float64, device=values.device)
+        sums.index_add_(0, rows, values.double().square())
+        steps = sums.div_(plan.count).sqrt_().float().mul_(STEP_IN_RMS[bits])
         self._view(payload, parts, "steps").copy_(steps)
-        step = self._per_value(steps, plan)
+        step = steps[rows]
         half = 2 ** (bits - 1)
         codes = torch.floor(values / step.clamp_min(torch.finfo(torch.float32).tiny)).add_(half).clamp_(0, 2 * half - 1)
         codes = codes.to(torch.uint8)
-        if plan.rows is None:  # dense: only the real elements travel
-            flat = codes.view(-1)[plan.pad_of()]
-        else:
-            flat = codes
-        _pack(flat, bits, self._view(payload, parts, "codes"))
-        return (codes.float() - (half - 0.5)) * step
+        _pack(codes, bits, self._view(payload, parts, "codes"))
+        return codes.float().sub_(half - 0.5).mul_(step)
 
-    def _decode(self, payload: torch.Tensor, plan: _Plan, parts: dict) -> torch.Tensor:
-        """The values one rank sent: ``(K,)`` for top-k, ``(chunks, chunk)`` (padding 0) when dense."""
+    def _decode(self, payload: torch.Tensor, rows: torch.Tensor, plan: _Plan, parts: dict) -> torch.Tensor:
+        """The values one rank sent, in the order :meth:`_encode` took them."""
         bits = self.spec.bits
         if bits is None:
             return self._view(payload, parts, "values")
         steps = self._view(payload, parts, "steps")
         codes = _unpack(self._view(payload, parts, "codes"), bits, plan.sent)
-        half = 2 ** (bits - 1)
-        values = codes.float().sub_(half - 0.5)
-        if plan.rows is not None:
-            return values.mul_(steps[plan.rows])
-        padded = torch.zeros(plan.chunks * self.spec.chunk, dtype=torch.float32, device=values.device)
-        padded.index_copy_(0, plan.pad_of(), values)
-        return padded.view(plan.chunks, -1).mul_(steps[:, None])
+        return codes.float().sub_(2 ** (bits - 1) - 0.5).mul_(steps[rows])
 
     # -- checkpoint -------------------------------------------------------------------------------
 
