@@ -127,3 +127,31 @@ def test_inductor_compile_across_rounds_without_recompiles(ranks2):
     for graphs, recompiles, _ in results:
         assert graphs == 1 and recompiles == 0
     assert_same(results[1][2], results[0][2], exact=True)
+
+
+def _chunked_on_cuda(spec):
+    from localsgd_optim import diloco
+    from reference import reference_chunked_diloco
+
+    batches = _cuda_batches(8)
+    ref = make_model(seed=dist.get_rank()).to(DEVICE)
+    reference_chunked_diloco(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), batches, 4, diloco(), spec)
+    model = make_model(seed=dist.get_rank()).to(DEVICE)
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, compression=spec,
+                            outer_optimizer=diloco(), bucket_cap_mb=0.01)
+    for x, y in batches:
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        opt.step()
+    return [p.detach().cpu() for p in model.parameters()], [p.detach().cpu() for p in ref.parameters()]
+
+
+@pytest.mark.parametrize("which", ["topk2bit", "int4"])
+def test_topk_and_low_bit_on_cuda_match_the_reference(ranks2, which):
+    from localsgd_optim import quantize, topk
+
+    spec = topk(0.05, bits=2, chunk=1000) if which == "topk2bit" else quantize(4, chunk=300)
+    results = ranks2(_chunked_on_cuda, spec)
+    for got, want in results:
+        assert_same(got, want, exact=True)
+    assert_same(results[1][0], results[0][0], exact=True)

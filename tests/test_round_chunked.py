@@ -221,3 +221,37 @@ def test_consolidate_averages_the_residuals_across_ranks(ranks2, ranks3):
         assert_same(loaded, state["opt"]["local_sgd"]["ef_residuals"], exact=True)
     for _, final in results[1:]:
         assert_same(final, results[0][1], exact=True)
+
+
+def _ranks_disagree():
+    model = make_model(seed=0)
+    spec = topk(0.01 * (dist.get_rank() + 1), bits=2)
+    try:
+        opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=2, compression=spec)
+        train_wrapped(model, opt, make_batches(2))
+    except Exception as e:  # noqa: BLE001 - the test inspects what every rank raised
+        return type(e).__name__, str(e)
+    return None
+
+
+def test_ranks_with_different_compressors_all_raise(ranks2):
+    for raised in ranks2(_ranks_disagree):
+        assert raised is not None
+        assert "topk(0.01, bits=2, chunk=4096)" in raised[1] and "topk(0.02, bits=2, chunk=4096)" in raised[1]
+
+
+def _low_precision_params(dtype):
+    torch.manual_seed(dist.get_rank())
+    model = make_model(seed=dist.get_rank(), dtype=dtype)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), k=2, compression=quantize(4, chunk=256))
+    train_wrapped(model, opt, make_batches(4, dtype=dtype))
+    return params_of(model), [r.dtype for r in opt.state_dict()["local_sgd"]["ef_residuals"]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bf16", "fp64"])
+def test_bf16_and_fp64_parameters_compress_and_agree(ranks2, dtype):
+    results = ranks2(_low_precision_params, dtype)
+    for params, residual_dtypes in results:
+        assert all(p.dtype == dtype and torch.isfinite(p).all() for p in params)
+        assert set(residual_dtypes) == {torch.float32}  # error feedback accumulates in fp32
+    assert_same(results[1][0], results[0][0], exact=True)
