@@ -96,13 +96,15 @@ def _write(args: argparse.Namespace, report: dict) -> None:
     methods = report["methods"]
     if "ddp" not in methods:
         return
-    ddp_loss = statistics.mean(methods["ddp"]["final_val_loss"])
+    ddp_losses = methods["ddp"]["final_val_loss"]
+    ddp_loss = statistics.mean(ddp_losses)
     report["ddp_loss"] = ddp_loss
     rows = []
     for name, e in sorted(methods.items(), key=lambda kv: kv[1]["mb_sent_per_rank"]):
         losses = e["final_val_loss"]
         mean = statistics.mean(losses)
-        e["vs_ddp_pct"] = 100 * (mean / ddp_loss - 1)
+        # against DDP's mean over the same seeds (seed i of each): seeds differ more than some methods do
+        e["vs_ddp_pct"] = 100 * (mean / statistics.mean(ddp_losses[:len(losses)]) - 1)
         meets = e["share_of_ddp_bytes"] <= GOAL_SHARE and e["vs_ddp_pct"] <= 100 * GOAL_EXCESS
         spread = f" ± {statistics.stdev(losses):.4f}" if len(losses) > 1 else ""
         rows.append([e["label"], f"{e['mb_sent_per_rank']:.1f}", f"{e['share_of_ddp_bytes']:.2%}", _fmt(e["best_lr"]),
@@ -110,8 +112,8 @@ def _write(args: argparse.Namespace, report: dict) -> None:
                      "yes" if meets else "-"])
     (out / "frontier.json").write_text(json.dumps(report, indent=1))
     title = (f"{report['world_size']} ranks, {report['steps']} steps; MB each rank handed to collectives "
-             f"(DDP: {report['ddp_mb']:.0f} MB); goal: <= {GOAL_SHARE:.0%} of DDP's bytes and <= "
-             f"+{GOAL_EXCESS:.0%} of tuned DDP's loss")
+             f"(DDP: {report['ddp_mb']:.0f} MB); vs tuned DDP's mean loss over the same seeds; goal: <= "
+             f"{GOAL_SHARE:.0%} of DDP's bytes and <= +{GOAL_EXCESS:.0%}")
     table = markdown_table(["method", "MB sent per rank", "share of DDP's bytes", "lr", "final val loss",
                             "vs tuned DDP", "meets the goal"], rows)
     (out / "frontier.md").write_text(f"{title}\n\n{table}")
