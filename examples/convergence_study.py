@@ -49,6 +49,9 @@ METHODS = {
     "localsgd_k8_muon": ("Local SGD k=8, Muon inner", ["--method", "localsgd", "--k", "8", "--inner", "muon"], None),
     "localsgd_k4_topk3_2bit": ("Local SGD k=4, top-3% at 2 bits + EF", ["--method", "localsgd", "--k", "4", "--compression", "topk:0.03:2"], None),
     "localsgd_k2_topk3_2bit": ("Local SGD k=2, top-3% at 2 bits + EF", ["--method", "localsgd", "--k", "2", "--compression", "topk:0.03:2"], None),
+    "localsgd_k2_topk1_2bit": ("Local SGD k=2, top-1% at 2 bits + EF", ["--method", "localsgd", "--k", "2", "--compression", "topk:0.01:2"], None),
+    "localsgd_k1_topk1_2bit": ("Local SGD k=1, top-1% at 2 bits + EF", ["--method", "localsgd", "--k", "1", "--compression", "topk:0.01:2"], None),
+    "localsgd_k4_topk5_2bit": ("Local SGD k=4, top-5% at 2 bits + EF", ["--method", "localsgd", "--k", "4", "--compression", "topk:0.05:2"], None),
 }
 
 
