@@ -23,14 +23,15 @@ SPECS = {
 plain_average = lambda params: torch.optim.SGD(params, lr=1.0)  # noqa: E731
 
 
-def _parity(spec, outer_name, cap):
+def _parity(spec, outer_name, cap, flat_params=True):
     outer = diloco() if outer_name == "diloco" else plain_average
     batches = make_batches(12)
     ref = make_model(seed=dist.get_rank())
     residuals = reference_chunked_diloco(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), batches, 4, outer, spec)
     model = make_model(seed=dist.get_rank())
     opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, compression=spec,
-                            outer_optimizer=outer if outer_name == "diloco" else None, bucket_cap_mb=cap)
+                            outer_optimizer=outer if outer_name == "diloco" else None, bucket_cap_mb=cap,
+                            flat_params=flat_params)
     train_wrapped(model, opt, batches)
     saved = opt.state_dict()["local_sgd"]["ef_residuals"]
     return params_of(ref), params_of(model), residuals, saved, opt.stats()["bytes_sent"]
@@ -47,6 +48,12 @@ def test_chunked_matches_tensor_by_tensor_reference_exactly(ranks, name):
         assert sum(r.abs().sum().item() for r in res) > 0  # error feedback is carrying something
     for _, got, _, _, _ in results[1:]:
         assert_same(got, results[0][1], exact=True)  # the replicas are identical after the last round
+
+
+def test_copy_engine_matches_the_reference_too(ranks2):
+    for ref, got, ref_res, res, _ in ranks2(_parity, topk(0.03, bits=2, chunk=1000), "diloco", 0.01, False):
+        assert_same(got, ref, exact=True)
+        assert_same(res, ref_res, exact=True)
 
 
 def _ef_invariant(spec):
