@@ -7,6 +7,8 @@ validation loss (of the averaged model) with DDP's:
     python examples/convergence_study.py                       # all methods, 4 ranks, ~30 min on 2 cores
     python examples/convergence_study.py --steps 300 --only ddp,localsgd_k8   # a quick look
 
+    python examples/convergence_study.py --frontier             # bytes against quality (issue 26), ~1.5 h
+
 Writes ``<out>/convergence.{json,md}``, the per-run logs and JSON, and two plots:
 validation loss against steps and against training wall time (loopback here, so wall
 time mostly shows compute; see ``slow_link_study.py`` for a slow network).
@@ -54,6 +56,10 @@ METHODS = {
     "localsgd_k4_topk5_2bit": ("Local SGD k=4, top-5% at 2 bits + EF", ["--method", "localsgd", "--k", "4", "--compression", "topk:0.05:2"], None),
 }
 
+#: methods only the frontier study runs by default
+FRONTIER_ONLY = {n for n in METHODS if n.startswith("localsgd_k") and any(
+    part in n for part in ("_int8", "_topk", "_int2", "_int4", "_muon"))}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,7 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frontier-seeds", type=int, default=2, help="--frontier: seeds at each new method's best lr")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train_charlm.py flags for every run")
     args = p.parse_args(argv)
-    names = args.only.split(",") if args.only else list(METHODS)
+    # the default (untuned) study keeps its original methods; the compressors run in --frontier
+    names = args.only.split(",") if args.only else [n for n in METHODS if not args.frontier and n not in FRONTIER_ONLY
+                                                    or args.frontier]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         p.error(f"--only: unknown method(s) {unknown}; choose from {list(METHODS)}")

@@ -141,7 +141,7 @@ def test_report_rewrites_the_results_so_far_and_runs_nothing(sweep, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--report"], "--report rewrites the tuning report: it needs --tune"),
+    (["--report"], "--report rewrites the tuning or frontier report: it needs --tune or --frontier"),
     (["--gap-vs-k", "1,8", "--tune"], "--gap-vs-k is a mode of its own"),
     (["--gap-vs-k", "1,8,"], "--gap-vs-k '1,8,': expected comma-separated positive integers"),
     (["--gap-vs-k", "0,8"], "--gap-vs-k '0,8': every value must be at least 1"),
