@@ -245,12 +245,11 @@ class ChunkedReducer(Reducer):
         sums.index_add_(0, rows, values.double().square())
         steps = sums.div_(plan.count).sqrt_().float().mul_(STEP_IN_RMS[bits])
         self._view(payload, parts, "steps").copy_(steps)
-        step = steps[rows]
         half = 2 ** (bits - 1)
-        codes = torch.floor(values / step.clamp_min(torch.finfo(torch.float32).tiny)).add_(half).clamp_(0, 2 * half - 1)
-        codes = codes.to(torch.uint8)
+        divisor = steps.clamp_min(torch.finfo(torch.float32).tiny)[rows]  # an all-zero chunk: codes of 0 / tiny
+        codes = torch.floor(values / divisor).add_(half).clamp_(0, 2 * half - 1).to(torch.uint8)
         _pack(codes, bits, self._view(payload, parts, "codes"))
-        return codes.float().sub_(half - 0.5).mul_(step)
+        return codes.float().sub_(half - 0.5).mul_(steps[rows])
 
     def _decode(self, payload: torch.Tensor, rows: torch.Tensor, plan: _Plan, parts: dict) -> torch.Tensor:
         """The values one rank sent, in the order :meth:`_encode` took them."""
