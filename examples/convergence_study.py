@@ -54,10 +54,13 @@ METHODS = {
     "localsgd_k2_topk1_2bit": ("Local SGD k=2, top-1% at 2 bits + EF", ["--method", "localsgd", "--k", "2", "--compression", "topk:0.01:2"], None),
     "localsgd_k1_topk1_2bit": ("Local SGD k=1, top-1% at 2 bits + EF", ["--method", "localsgd", "--k", "1", "--compression", "topk:0.01:2"], None),
     "localsgd_k4_topk5_2bit": ("Local SGD k=4, top-5% at 2 bits + EF", ["--method", "localsgd", "--k", "4", "--compression", "topk:0.05:2"], None),
+    "ddp_muon": ("DDP, Muon inner", ["--method", "ddp", "--inner", "muon"], None),
+    "localsgd_k4_topk5_2bit_muon": ("Local SGD k=4, top-5% at 2 bits + EF, Muon inner",
+                                    ["--method", "localsgd", "--k", "4", "--compression", "topk:0.05:2", "--inner", "muon"], None),
 }
 
 #: methods only the frontier study runs by default
-FRONTIER_ONLY = {n for n in METHODS if n.startswith("localsgd_k") and any(
+FRONTIER_ONLY = {n for n in METHODS if n == "ddp_muon" or n.startswith("localsgd_k") and any(
     part in n for part in ("_int8", "_topk", "_int2", "_int4", "_muon"))}
 
 

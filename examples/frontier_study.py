@@ -32,7 +32,7 @@ FRONTIER = ["ddp", "localsgd_k8", "localsgd_k8_avgstate", "diloco_k64",
             "localsgd_k8_topk3", "localsgd_k8_int2", "localsgd_k2_topk3_2bit", "localsgd_k4_topk3_2bit",
             "localsgd_k2_topk1_2bit", "localsgd_k1_topk1_2bit", "localsgd_k4_topk5_2bit",
             "localsgd_k8_topk1_2bit", "localsgd_k8_topk1", "localsgd_k8_topk10", "localsgd_k8_int4",
-            "localsgd_k8_int8", "localsgd_k8_muon"]
+            "localsgd_k8_int8", "localsgd_k8_muon", "ddp_muon", "localsgd_k4_topk5_2bit_muon"]
 GOAL_SHARE, GOAL_EXCESS = 0.01, 0.03  # at most 1% of DDP's bytes, within +3% of tuned DDP
 
 
