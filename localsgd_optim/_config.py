@@ -144,8 +144,8 @@ def _check_optimizer(optimizer: Any) -> None:
 
 
 def _check_compression(optimizer: Optimizer, compression: Any, buffers: Any) -> None:
-    if not isinstance(compression, Compression) and (not isinstance(compression, (str, type(None)))
-                                                     or (compression not in WIRE_DTYPES and compression not in NAMED)):
+    named = isinstance(compression, str) and (compression in WIRE_DTYPES or compression in NAMED)
+    if not (compression is None or named or isinstance(compression, Compression)):
         raise ValueError(
             "compression must be None, 'bf16', 'int8', 'int4', 'int2', or localsgd_optim.topk(...) / "
             f"localsgd_optim.quantize(...), got {compression!r}"

@@ -100,6 +100,9 @@ class Contender:
     ``setup`` allocates what the method keeps, and is measured with the first ``round``.
     """
 
+    #: its data collective is an all-gather: a ring sends (W - 1) x the payload, not 2 (W - 1) / W x
+    gathered = False
+
     def __init__(self, name: str, params: list[torch.Tensor], world: int) -> None:
         self.name, self.params, self.world = name, params, world
 
@@ -209,9 +212,10 @@ class OursInt8(OursBF16):
 
     wire_factor = 0.25
     compression = "int8"
+    gathered = True
 
 
-class OursCompressed(OursBF16):
+class OursCompressed(OursInt8):
     """A full round with a top-k / low-bit compressor and error feedback; its payload is measured
     (``stats()['bytes_sent']`` per round), not assumed. The parameters move between rounds (a fixed
     random walk per rank), so top-k picks from real deltas, not from zeros."""
@@ -332,8 +336,7 @@ def bench_rounds(model: nn.Module, args: argparse.Namespace, device: torch.devic
     for row, c in zip(rows, contenders):
         row["ratio_to_flat"] = row["median_ms"] / flat
         row["payload_mb"] = getattr(c, "wire_factor", 1.0) * nbytes / 2**20  # bytes each rank hands in
-        gathered = isinstance(c, (OursInt8, OursCompressed))  # a ring all-gather sends (W - 1) x the payload
-        row["wire_mb_per_rank"] = row["payload_mb"] * ((world - 1) if gathered else 2 * (world - 1) / world)
+        row["wire_mb_per_rank"] = row["payload_mb"] * ((world - 1) if c.gathered else 2 * (world - 1) / world)
     return rows
 
 

@@ -239,8 +239,8 @@ def _merge(values: list[Any], path: tuple[Any, ...]) -> Any:
     if all(_same(v, first) for v in values[1:]):
         return first
 
-    # per-rank only: error feedback (averaged on a resize, like the parameters)
-    shared = STATE_KEY in path and "int8_residuals" not in path and "ef_residuals" not in path
+    # per-rank only in the Local SGD entry: error feedback (averaged on a resize, like the parameters)
+    shared = STATE_KEY in path and not PER_RANK_KEYS.intersection(map(str, path))
     if not shared and all(isinstance(v, torch.Tensor) for v in values) and (
         first.is_floating_point() or first.is_complex()
     ) and all(v.dtype == first.dtype and v.shape == first.shape for v in values):
@@ -256,6 +256,10 @@ def _merge(values: list[Any], path: tuple[Any, ...]) -> Any:
             "the same run: pass the checkpoints every rank saved at one step"
         )
     return first  # differs per rank but cannot be averaged (an RNG state): rank 0's
+
+
+#: keys of the Local SGD entry that differ per rank by design: the error-feedback residuals
+PER_RANK_KEYS = frozenset({"int8_residuals", "ef_residuals"})
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -20,7 +20,6 @@ from torch.optim import Optimizer
 
 from ._amp import inner_step
 from ._binding import Binding, Members
-from .compression import Compression
 from ._buckets import BucketEngine, bucket_cap_bytes
 from ._config import Config
 from ._dist import LocalSGDError, RoundKind, group_size
@@ -28,6 +27,7 @@ from ._outer import OuterFactory
 from ._schedule import Event, PeriodSpec
 from ._sharded import find_sharding
 from ._state import STATE_KEY, STATE_VERSION, parse_entry
+from .compression import Compression
 from .ddp import scheduled_no_sync
 from .rounds import Round, RoundContext, build_rounds
 

@@ -91,9 +91,12 @@ def reference_diloco(model, inner, batches, k, outer_factory, warmup=0, wire=Non
                     p.copy_(g)
 
 
-def reference_int8_diloco(model, inner, batches, k, outer_factory, params=None, group=None):
-    """Plain loop: per parameter, v = (global - local) + residual, per-tensor scale max|v|/127,
-    int8 codes all-gathered one parameter at a time, summed in rank order, residual kept."""
+def reference_error_feedback(model, inner, batches, k, outer_factory, exchange, feedback=1.0, params=None,
+                             group=None):
+    """Plain loop of a compressed outer round with error feedback: per parameter, one at a time,
+    v = (global - local) + feedback x residual; ``exchange(v, world, group)`` returns what this rank
+    sent (decoded) and the sum over ranks, in rank order; the residual keeps v - sent; the mean
+    steps the global copy. Returns the residuals."""
     params = list(model.parameters()) if params is None else params
     broadcast_one_by_one(params, group=group)
     world = dist.get_world_size(group)
@@ -108,22 +111,35 @@ def reference_int8_diloco(model, inner, batches, k, outer_factory, params=None, 
             continue
         with torch.no_grad():
             for g, p, e in zip(global_copy, params, residuals):
-                v = (g - p) + e
-                scale = v.abs().max().clamp_min(torch.finfo(torch.float32).tiny) / 127
-                q = torch.round(v / scale).clamp(-127, 127)
-                e.copy_(v - q * scale)
-                codes = [torch.empty_like(q, dtype=torch.int8) for _ in range(world)]
-                scales = [torch.empty(1) for _ in range(world)]
-                dist.all_gather(codes, q.to(torch.int8), group=group)
-                dist.all_gather(scales, scale.reshape(1), group=group)
-                total = torch.zeros_like(v)
-                for c, s in zip(codes, scales):
-                    total.add_(c.float() * s)
+                v = (g - p) + e if feedback == 1 else (g - p).add_(e, alpha=feedback)
+                sent, total = exchange(v, world, group)
+                e.copy_(v - sent)
                 g.grad = total / world
             outer.step()
             for g, p in zip(global_copy, params):
                 g.grad = None
                 p.copy_(g)
+    return residuals
+
+
+def _int8_exchange(v, world, group):
+    """Per-tensor scale max|v|/127; int8 codes and scales all-gathered, dequantized, summed."""
+    scale = v.abs().max().clamp_min(torch.finfo(torch.float32).tiny) / 127
+    q = torch.round(v / scale).clamp(-127, 127)
+    codes = [torch.empty_like(q, dtype=torch.int8) for _ in range(world)]
+    scales = [torch.empty(1) for _ in range(world)]
+    dist.all_gather(codes, q.to(torch.int8), group=group)
+    dist.all_gather(scales, scale.reshape(1), group=group)
+    total = torch.zeros_like(v)
+    for c, s in zip(codes, scales):
+        total.add_(c.float() * s)
+    return q * scale, total
+
+
+def reference_int8_diloco(model, inner, batches, k, outer_factory, params=None, group=None):
+    """Error feedback through int8 codes with a per-tensor scale (see ``_int8_exchange``)."""
+    return reference_error_feedback(model, inner, batches, k, outer_factory, _int8_exchange, params=params,
+                                    group=group)
 
 
 def reference_overlapped(model, inner, batches, k, tau, mix, outer_factory, params=None, group=None):
@@ -296,34 +312,15 @@ def chunked_compress_one_tensor(v, spec):
 
 
 def reference_chunked_diloco(model, inner, batches, k, outer_factory, spec, params=None, group=None):
-    """Plain loop: per parameter, v = (global - local) + feedback x residual, compressed by
-    ``chunked_compress_one_tensor``, the residual keeps v - sent; each rank's decoded tensor is
+    """Error feedback through ``chunked_compress_one_tensor``: each rank's decoded tensor is
     all-gathered one parameter at a time and summed in rank order."""
-    params = list(model.parameters()) if params is None else params
-    broadcast_one_by_one(params, group=group)
-    world = dist.get_world_size(group)
-    global_copy = [p.detach().clone() for p in params]
-    residuals = [torch.zeros_like(p) for p in params]
-    outer = outer_factory(global_copy)
-    for step, (x, y) in enumerate(batches, start=1):
-        inner.zero_grad()
-        mse(model(x), y).backward()
-        inner.step()
-        if step % k:
-            continue
-        with torch.no_grad():
-            for g, p, e in zip(global_copy, params, residuals):
-                v = (g - p).add_(e, alpha=spec.feedback)
-                sent = chunked_compress_one_tensor(v, spec)
-                e.copy_(v - sent)
-                everyone = [torch.empty_like(sent) for _ in range(world)]
-                dist.all_gather(everyone, sent, group=group)
-                total = torch.zeros_like(v)
-                for s in everyone:
-                    total.add_(s)
-                g.grad = total / world
-            outer.step()
-            for g, p in zip(global_copy, params):
-                g.grad = None
-                p.copy_(g)
-    return residuals
+    def exchange(v, world, group):
+        sent = chunked_compress_one_tensor(v, spec)
+        everyone = [torch.empty_like(sent) for _ in range(world)]
+        dist.all_gather(everyone, sent, group=group)
+        total = torch.zeros_like(v)
+        for s in everyone:
+            total.add_(s)
+        return sent, total
+
+    return reference_error_feedback(model, inner, batches, k, outer_factory, exchange, spec.feedback, params, group)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .._buckets import BucketEngine
+from .._buckets import BucketEngine, foreach_copy
 from .._dist import RoundKind
+from .._flat import Layout, rebase
+from .._state import check_tensor_list
 
-__all__ = ["RoundContext", "Reducer", "Round"]
+__all__ = ["RoundContext", "Reducer", "ErrorFeedback", "Round"]
 
 
 @dataclass
@@ -83,6 +85,59 @@ class Reducer:
 
     def load_state(self, entry: dict[str, Any] | None) -> None:
         pass
+
+
+class ErrorFeedback(Reducer):
+    """A reducer that keeps a per-rank fp32 residual of what it did not send (int8, top-k, low-bit).
+
+    The residuals are laid out like the parameters' flat slices (re-laid out, values kept, if the
+    engine lays them out otherwise), so each bucket's residual is a slice of :attr:`flats`. They
+    are saved in the Local SGD entry under :attr:`key`; a checkpoint without them restarts the
+    feedback from zero.
+
+    Args:
+        tensors: the tensors averaged in place (the pseudo-gradients), fixed order.
+        flat_params: the engine's layout setting.
+        key: the entry's key for the residuals.
+        hint: how to fix a checkpoint whose residuals do not fit (the error's last words).
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], flat_params: bool, key: str, hint: str) -> None:
+        layout = Layout(tensors, [flat_params] * len(tensors))
+        self.flats = [torch.zeros(r.numel, dtype=torch.float32, device=r.device) for r in layout.regions]
+        self.residuals: list[torch.Tensor] = layout.views(self.flats)
+        self._layout_key: tuple | None = layout.key(0, len(tensors))
+        self.key, self._hint = key, hint
+
+    def prepare(self, ctx: RoundContext) -> None:
+        """Allocate the flat layout and lay the residuals out like the engine's slices."""
+        ctx.engine.prepare(flat=True)
+        key, flats = ctx.engine.flats(ctx.lo, ctx.hi)
+        if key != self._layout_key:
+            new = [torch.zeros(f.numel(), dtype=torch.float32, device=f.device) for f in flats]
+            views = rebase(ctx.engine.views(ctx.lo, ctx.hi), flats, new)
+            with torch.no_grad():
+                foreach_copy(views, self.residuals)
+            self.residuals, self.flats, self._layout_key = views, new, key
+
+    def state(self, entry: dict[str, Any]) -> None:
+        entry[self.key] = list(self.residuals)
+
+    def check_state(self, entry: dict[str, Any] | None) -> None:
+        residuals = entry.get(self.key) if isinstance(entry, dict) else None
+        if residuals is not None:
+            check_tensor_list(residuals, self.residuals, f"'{self.key}'",
+                              f"one tensor per parameter, same shapes; {self._hint}")
+
+    @torch.no_grad()
+    def load_state(self, entry: dict[str, Any] | None) -> None:
+        residuals = entry.get(self.key) if isinstance(entry, dict) else None
+        if residuals is None:  # saved without them: error feedback starts from zero
+            for r in self.residuals:
+                r.zero_()
+            return
+        for mine, saved in zip(self.residuals, residuals):
+            mine.copy_(saved)
 
 
 class Round:

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .._buckets import foreach_copy
 from .._dist import all_gather_into
-from .._flat import Layout, rebase
-from .._state import check_tensor_list
 from ..compression import STEP_IN_RMS, Compression
-from .base import Reducer, RoundContext
+from .base import ErrorFeedback, RoundContext
 
 __all__ = ["ChunkedReducer", "RESIDUALS_KEY"]
 
@@ -42,6 +39,7 @@ class _Plan:
     slots: torch.Tensor | None = None  # (K,) its slot in the (chunks, kmax) top-k output
     base: torch.Tensor | None = None  # (K,) rows * chunk: its chunk's first padded position
     sent: int = 0  # values sent per rank (K, or numel when dense)
+    parts: dict = field(default_factory=dict)  # byte ranges of one rank's payload (:meth:`ChunkedReducer._layout`)
 
     def pad_of(self) -> torch.Tensor:
         """Each bucket element's padded position (made per round: 8 bytes per element)."""
@@ -49,7 +47,7 @@ class _Plan:
             self.shifts, self.sizes, output_size=self.numel)
 
 
-class ChunkedReducer(Reducer):
+class ChunkedReducer(ErrorFeedback):
     """Average tensors across ranks sending each chunk's top-k and/or low-bit values, with error feedback.
 
     Per bucket of the deltas' flat layout, ``v = delta + feedback * residual`` is cut into
@@ -69,11 +67,9 @@ class ChunkedReducer(Reducer):
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], spec: Compression, flat_params: bool = True) -> None:
+        super().__init__(tensors, flat_params, RESIDUALS_KEY,
+                         f"pass a state dict saved by a LocalSGDOptimizer with compression={spec}")
         self.spec = spec
-        layout = Layout(tensors, [flat_params] * len(tensors))
-        self._flats = [torch.zeros(r.numel, dtype=torch.float32, device=r.device) for r in layout.regions]
-        self.residuals: list[torch.Tensor] = layout.views(self._flats)
-        self._key: tuple | None = layout.key(0, len(tensors))
         self._plans: dict[tuple, _Plan] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         self._shape: tuple = ()
@@ -112,6 +108,7 @@ class ChunkedReducer(Reducer):
             plan.sent = rows.numel()
         else:
             plan.sent = n
+        plan.parts = self._layout(plan)
         return plan
 
     def _layout(self, plan: _Plan) -> dict[str, tuple[int, int]]:
@@ -136,14 +133,7 @@ class ChunkedReducer(Reducer):
         return parts
 
     def prepare(self, ctx: RoundContext) -> None:
-        ctx.engine.prepare(flat=True)
-        key, flats = ctx.engine.flats(ctx.lo, ctx.hi)
-        if key != self._key:  # lay the residuals out like the engine's slices (values kept)
-            new = [torch.zeros(f.numel(), dtype=torch.float32, device=f.device) for f in flats]
-            views = rebase(ctx.engine.views(ctx.lo, ctx.hi), flats, new)
-            with torch.no_grad():
-                foreach_copy(views, self.residuals)
-            self.residuals, self._flats, self._key = views, new, key
+        super().prepare(ctx)
         buckets = [ctx.engine.buckets[pos] for pos in ctx.engine.bucket_range(ctx.lo, ctx.hi)]
         plans = [self._plan(b) for b in buckets]
         self._allocate(ctx.size, buckets, plans)
@@ -151,7 +141,7 @@ class ChunkedReducer(Reducer):
     def _allocate(self, world: int, buckets: list, plans: list[_Plan]) -> None:
         numel = max((p.numel for p in plans), default=0)
         padded = max((p.chunks * self.spec.chunk for p in plans), default=0)
-        payload = max((self._layout(p)["total"][1] for p in plans), default=0)
+        payload = max((p.parts["total"][1] for p in plans), default=0)
         shape = (world, numel, padded, payload)
         if self._shape == shape:
             return
@@ -177,7 +167,7 @@ class ChunkedReducer(Reducer):
         world = dist.get_world_size(group)
         positions = engine.bucket_range(ctx.lo, ctx.hi)
         slices = engine.bucket_slices(buffers, ctx.lo, ctx.hi)
-        residuals = engine.bucket_slices(self._flats, ctx.lo, ctx.hi)
+        residuals = engine.bucket_slices(self.flats, ctx.lo, ctx.hi)
         for pos, target, residual in zip(positions, slices, residuals):
             plan = self._plan(engine.buckets[pos])
             ctx.sent += self._reduce_bucket(plan, target, residual, group, world, contributors, joined)
@@ -185,7 +175,7 @@ class ChunkedReducer(Reducer):
     def _reduce_bucket(self, plan: _Plan, target: torch.Tensor, residual: torch.Tensor, group: Any, world: int,
                        contributors: int, joined: bool) -> int:
         spec, buf, c = self.spec, self._buffers, self.spec.chunk
-        parts = self._layout(plan)
+        parts = plan.parts
         size = parts["total"][1]
         v = buf["v"][:plan.numel]
         pad_of = plan.pad_of()
@@ -259,28 +249,6 @@ class ChunkedReducer(Reducer):
         steps = self._view(payload, parts, "steps")
         codes = _unpack(self._view(payload, parts, "codes"), bits, plan.sent)
         return codes.float().sub_(2 ** (bits - 1) - 0.5).mul_(steps[rows])
-
-    # -- checkpoint -------------------------------------------------------------------------------
-
-    def state(self, entry: dict[str, Any]) -> None:
-        entry[RESIDUALS_KEY] = list(self.residuals)
-
-    def check_state(self, entry: dict[str, Any] | None) -> None:
-        residuals = entry.get(RESIDUALS_KEY) if isinstance(entry, dict) else None
-        if residuals is not None:
-            check_tensor_list(residuals, self.residuals, f"'{RESIDUALS_KEY}'",
-                              "one tensor per parameter, same shapes; pass a state dict saved by a "
-                              f"LocalSGDOptimizer with compression={self.spec}")
-
-    @torch.no_grad()
-    def load_state(self, entry: dict[str, Any] | None) -> None:
-        residuals = entry.get(RESIDUALS_KEY) if isinstance(entry, dict) else None
-        if residuals is None:  # saved without it: error feedback starts from zero
-            for r in self.residuals:
-                r.zero_()
-            return
-        for mine, saved in zip(self.residuals, residuals):
-            mine.copy_(saved)
 
 
 def _pack(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:

@@ -7,16 +7,13 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .._buckets import foreach_copy
 from .._dist import all_gather_into
-from .._flat import Layout, rebase
-from .._state import check_tensor_list
-from .base import Reducer, RoundContext
+from .base import ErrorFeedback, RoundContext
 
 __all__ = ["Int8Reducer"]
 
 
-class Int8Reducer(Reducer):
+class Int8Reducer(ErrorFeedback):
     """Average tensors across ranks sending 1 byte per element, with error feedback.
 
     Each tensor ``v = x + residual`` is quantized with its own scale ``max|v| / 127`` (a
@@ -39,23 +36,13 @@ class Int8Reducer(Reducer):
     """
 
     def __init__(self, tensors: Sequence[torch.Tensor], flat_params: bool = True) -> None:
-        # fp32, laid out as the engine will lay the tensors out (re-laid out if it does otherwise)
-        layout = Layout(tensors, [flat_params] * len(tensors))
-        self._flats = [torch.zeros(r.numel, dtype=torch.float32, device=r.device) for r in layout.regions]
-        self.residuals: list[torch.Tensor] = layout.views(self._flats)
-        self._key: tuple | None = layout.key(0, len(tensors))
+        super().__init__(tensors, flat_params, "int8_residuals",
+                         "pass a state dict saved by a LocalSGDOptimizer with compression='int8'")
         self._buffers: dict[str, torch.Tensor] = {}
         self._shape: tuple[int, int, int] = (0, 0, 0)
 
     def prepare(self, ctx: RoundContext) -> None:
-        ctx.engine.prepare(flat=True)
-        key, flats = ctx.engine.flats(ctx.lo, ctx.hi)
-        if key != self._key:  # lay the residuals out like the engine's slices (values kept)
-            new = [torch.zeros(f.numel(), dtype=torch.float32, device=f.device) for f in flats]
-            views = rebase(ctx.engine.views(ctx.lo, ctx.hi), flats, new)
-            with torch.no_grad():
-                foreach_copy(views, self.residuals)
-            self.residuals, self._flats, self._key = views, new, key
+        super().prepare(ctx)
         buckets = [ctx.engine.buckets[pos] for pos in ctx.engine.bucket_range(ctx.lo, ctx.hi)]
         self._allocate(ctx.size, buckets)
 
@@ -90,7 +77,7 @@ class Int8Reducer(Reducer):
         world = dist.get_world_size(group)
         positions = engine.bucket_range(ctx.lo, ctx.hi)
         slices = engine.bucket_slices(buffers, ctx.lo, ctx.hi)
-        residuals = engine.bucket_slices(self._flats, ctx.lo, ctx.hi)
+        residuals = engine.bucket_slices(self.flats, ctx.lo, ctx.hi)
         for pos, target, residual in zip(positions, slices, residuals):
             bucket = engine.buckets[pos]
             ctx.sent += self._reduce_bucket(bucket, target, residual, group, world, contributors, joined)
@@ -140,24 +127,3 @@ class Int8Reducer(Reducer):
         total.div_(contributors)
         target.copy_(total)
         return codes.numel() * codes.element_size() + scales.numel() * scales.element_size()
-
-    def state(self, entry: dict[str, Any]) -> None:
-        entry["int8_residuals"] = list(self.residuals)
-
-    def check_state(self, entry: dict[str, Any] | None) -> None:
-        residuals = entry.get("int8_residuals") if isinstance(entry, dict) else None
-        if residuals is not None:
-            check_tensor_list(residuals, self.residuals, "'int8_residuals'",
-                              "one tensor per parameter, same shapes; pass a state dict saved by a "
-                              "LocalSGDOptimizer with compression='int8'")
-
-    @torch.no_grad()
-    def load_state(self, entry: dict[str, Any] | None) -> None:
-        residuals = entry.get("int8_residuals") if isinstance(entry, dict) else None
-        if residuals is None:  # saved without int8: error feedback starts from zero
-            for r in self.residuals:
-                r.zero_()
-            return
-        for mine, saved in zip(self.residuals, residuals):
-            mine.copy_(saved)
-
