@@ -71,11 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--streaming", action="store_true",
                    help=f"Streaming DiLoCo instead: compute only and k=8 in P=1, 2, 4 fragments "
                         f"({', '.join(STREAMING)}); writes <out>/streaming.{{json,md}}")
-    p.add_argument("--out", type=str, default="benchmarks/slow_link")
+    p.add_argument("--out", type=str, default=None,
+                   help="default: benchmarks/slow_link, or benchmarks/slow_link/streaming with --streaming")
     p.add_argument("--reuse", action="store_true", help="keep results already in --out instead of rerunning")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more train_charlm.py flags for every run")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = "benchmarks/slow_link/streaming" if args.streaming else "benchmarks/slow_link"
     args.rates = [int(r) for r in args.rates.split(",")]
     if args.streaming:
         METHODS.update(STREAMING)

@@ -56,8 +56,8 @@ def _count_round_ops(flat_params, check_finite):
 @pytest.mark.parametrize("flat_params", [True, False], ids=["flat", "copy-engine"])
 @pytest.mark.parametrize("check_finite", [True, False], ids=["nan-guard", "no-guard"])
 def test_round_dispatches_a_bounded_number_of_ops_per_bucket(ranks2, flat_params, check_finite):
-    # Before issue 13 one sync() of this model dispatched 1170 ops (576 sum, 576 div); before
-    # issue 23, 18 with flat storage (a sum and a div_ per bucket, a gather into per-rank outputs).
+    # The copy engine at df781d9 dispatched 1170 ops for one sync() of this model (576 sum, 576 div);
+    # the code at cb26ab6, 18 with flat storage (a sum and a div_ per bucket, a gather into per-rank outputs).
     for buckets, tensors, ops in ranks2(_count_round_ops, flat_params, check_finite):
         assert buckets == 2 and tensors == 576
         total = sum(ops.values())
@@ -430,7 +430,7 @@ def _count_fragment_round_ops():
 
 
 def test_a_fragment_round_reduces_its_buckets_in_place(ranks2):
-    # Before issue 23 each fragment had a copy engine of its own: every round packed and unpacked
+    # At cb26ab6 each fragment had a copy engine of its own: every round packed and unpacked
     # the fragment's parameters, which already sat contiguously in the flat storage.
     for buckets, first, second in ranks2(_count_fragment_round_ops):
         for ops in (first, second):

@@ -1,7 +1,7 @@
 """What a resize costs under torchrun's elastic agent: the time from a host's death (or a new host's
 start) to the resized job's first step, and the steps redone.
 
-    python benchmarks/issue25/restart_time.py [--repeats 3]
+    python benchmarks/elastic/restart_time.py [--repeats 3]
 
 Runs the scenarios of tests/test_elastic.py (one rank per agent, c10d rendezvous on localhost,
 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, the main job with --elastic) and reads each attempt's start

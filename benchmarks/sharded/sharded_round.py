@@ -1,6 +1,6 @@
 """A round on an FSDP2-sharded model: ours (zero-copy, and the staged fallback) against torchft-style.
 
-    torchrun --nproc-per-node 4 benchmarks/issue24/sharded_round.py --model 8x256 --rounds 20
+    torchrun --nproc-per-node 4 benchmarks/sharded/sharded_round.py --model 8x256 --rounds 20
 
 Ranks form a (replicate, shard) mesh; every ``TransformerEncoderLayer`` and the root are
 ``fully_shard``-ed over ``mesh["shard"]``; each method averages the local shards over

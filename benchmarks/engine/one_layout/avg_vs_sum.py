@@ -2,7 +2,7 @@
 
 Torch only (no localsgd_optim import), so it runs whatever state the package is in:
 
-    torchrun --nproc-per-node 2 benchmarks/issue23/avg_vs_sum.py --mb 144,36 --rounds 20
+    torchrun --nproc-per-node 2 benchmarks/engine/one_layout/avg_vs_sum.py --mb 144,36 --rounds 20
 
 A round's time is the slowest rank's; medians over the timed rounds.
 """
