@@ -75,7 +75,10 @@ class CharTransformer(nn.Module):
         t = idx.shape[1]
         h = self.embed(idx) + self.pos[:t]
         h = self.blocks(h, mask=self.mask[:t, :t], is_causal=True)
-        return self.head(self.norm(h))
+        # nn.Linear on a 3-D input returns a view of a 2-D matmul. FSDP2 warns when the
+        # root returns a view (an in-place op on it would skip its backward hook), so return
+        # a fresh tensor with the same values.
+        return self.head(self.norm(h)).clone()
 
 
 def batch(data: torch.Tensor, size: int, context: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -504,7 +507,8 @@ def main(argv: list[str] | None = None) -> dict:
             if ckpt is not None and args.ckpt_every and step % args.ckpt_every == 0:
                 save_checkpoint(ckpt, step, net, opt, sched, g, world, sharded=mesh is not None)
             if elastic is not None and step == args.fail_in_save_at_step and rank == world - 1:
-                elastic._before_replace = lambda: fail_once(Path(args.ckpt_dir) / "failed-once", step)
+                elastic._fault = lambda point: (fail_once(Path(args.ckpt_dir) / "failed-once", step)
+                                                if point == "after_tmp" else None)
             if elastic is not None and step % (args.ckpt_every or args.k) == 0:  # right after a round
                 elastic.save(step, net, opt, extra={"position": position, "sched": sched.state_dict()})
             if step == args.fail_at_step and rank == world - 1:

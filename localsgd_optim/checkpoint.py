@@ -141,7 +141,12 @@ def consolidate(per_rank_states: Sequence[Any]) -> Any:
       global copy and momentum, an in-flight overlapped round's mean) is kept as it is;
     - anything else that differs is rank 0's (per-rank RNG states, for example), except inside
       the ``"local_sgd"`` entry, where the ranks must agree: checkpoints saved at different steps
-      raise a ``ValueError`` naming the entry.
+      raise a ``ValueError`` naming the entry;
+    - an inner optimizer's per-parameter ``state`` may exist on some ranks only (a parameter that
+      got no gradient there yet: a per-rank task head, a rarely routed expert). Each parameter's
+      entry is merged over the ranks that have it (its moments: their mean over those ranks), and
+      a rank without one contributes nothing: zeros would shrink Adam's moments toward a state
+      no rank had. Elsewhere, states whose keys differ raise a ``ValueError``.
 
     Load the result on every rank of the new world with ``model.load_state_dict`` and
     ``opt.load_state_dict``: the weights are the average a ``sync()`` at save time would have
@@ -186,11 +191,14 @@ def _check_same_sharding(values: list[Any], path: tuple[Any, ...]) -> None:
             _check_same_sharding([v[key] for v in values], path + (key,))
 
 
-def load_per_rank(path_of: Any, rank: int, world: int, shards: int = 1) -> tuple[Any, int]:
+def load_per_rank(path_of: Any, rank: int, world: int, shards: int = 1,
+                  saved_world: int | None = None) -> tuple[Any, int]:
     """This rank's own saved state, or, when another number of ranks saved them, their consolidation.
 
     ``path_of(r)`` is rank ``r``'s file; each holds a ``"world_size"`` entry (the number of ranks
-    that saved). Each file is read at most once: the usual resume reads rank 0's and this rank's own.
+    that saved). Each file is read at most once. Pass ``saved_world`` when it is known (it is in an
+    :class:`~localsgd_optim.elastic.ElasticCheckpoint` step's name): a same-size resume then reads
+    only this rank's own file. Without it, rank 0's file is read first to learn it.
     With sharded replicas of ``shards`` ranks each, laid out as ``init_device_mesh((replicas,
     shards))`` numbers them (global rank ``replica * shards + shard``), only the saved ranks
     that held this rank's shard are consolidated: the number of replicas may change, the
@@ -208,7 +216,8 @@ def load_per_rank(path_of: Any, rank: int, world: int, shards: int = 1) -> tuple
         raise ValueError(f"shards must be an integer >= 1 dividing the world size {world}, got {shards!r}")
     # Rank 0's file names the saved world: every run writes it. This rank's own may be stale (left
     # by an earlier, larger world), so it is read only when the world size is unchanged.
-    saved_world = load(0).get("world_size", world)
+    if saved_world is None:
+        saved_world = load(0).get("world_size", world)
     if saved_world == world:
         return load(rank), world
     if saved_world % shards:
@@ -224,6 +233,11 @@ def _merge(values: list[Any], path: tuple[Any, ...]) -> Any:
     first = values[0]
     where = ".".join(map(str, path)) or "the state"
     if all(isinstance(v, dict) for v in values):
+        if _is_optimizer_state(path, values):
+            # per-parameter state that exists on some ranks only (a per-rank head, a rarely routed expert:
+            # no gradient, no state yet): each entry is merged over the ranks that have it
+            keys = list(dict.fromkeys(k for v in values for k in v))
+            return {key: _merge([v[key] for v in values if key in v], path + (key,)) for key in keys}
         for r, v in enumerate(values[1:], 1):
             if v.keys() != first.keys():
                 raise ValueError(
@@ -256,6 +270,12 @@ def _merge(values: list[Any], path: tuple[Any, ...]) -> Any:
             "the same run: pass the checkpoints every rank saved at one step"
         )
     return first  # differs per rank but cannot be averaged (an RNG state): rank 0's
+
+
+def _is_optimizer_state(path: tuple[Any, ...], values: list[dict]) -> bool:
+    """Whether ``values`` are a torch optimizer's per-parameter ``state`` (beside its ``param_groups``)."""
+    return bool(path) and path[-1] == "state" and STATE_KEY not in path and all(
+        isinstance(k, (int, str)) and isinstance(e, dict) for v in values for k, e in v.items())
 
 
 #: keys of the Local SGD entry that differ per rank by design: the error-feedback residuals

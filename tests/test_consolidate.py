@@ -198,3 +198,68 @@ def test_load_per_rank_ignores_a_stale_file_and_consolidates_only_the_same_shard
         assert saved == 6 and torch.equal(merged["w"], torch.full((2,), expected))
     with pytest.raises(ValueError, match="whole number of replicas"):
         checkpoint.load_per_rank(path_of, 0, 4, shards=4)
+
+
+# -- inner-optimizer state that exists on some ranks only ---------------------------------------------
+
+
+def _heads_model():
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"trunk": torch.nn.Linear(6, 8), "heads": torch.nn.ModuleList(
+        torch.nn.Linear(8, 2) for _ in range(3))})
+
+
+def _train_own_head_and_save(path: str):
+    """Each rank trains the trunk and its own task head only: AdamW has state for those alone."""
+    import torch.distributed as dist
+
+    from localsgd_optim.elastic import ElasticCheckpoint
+
+    rank = dist.get_rank()
+    model = _heads_model()
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=2)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        opt.zero_grad()
+        x, y = torch.randn(4, 6, generator=g), torch.randn(4, 2, generator=g)
+        torch.nn.functional.mse_loss(model["heads"][rank](model["trunk"](x)), y).backward()
+        opt.step()
+    ElasticCheckpoint(path).save(2, model, opt, blocking=True)
+    return opt.state_dict()["state"]
+
+
+def _resume_heads(path: str):
+    from localsgd_optim.elastic import ElasticCheckpoint
+
+    model = _heads_model()
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=2)
+    resumed = ElasticCheckpoint(path).resume(model, opt)
+    return resumed.message, opt.state_dict()["state"]
+
+
+def test_a_resize_averages_each_parameters_state_over_the_ranks_that_have_it(ranks3, ranks2, tmp_path):
+    """Per-rank task heads: rank r's AdamW has state for the trunk (params 0, 1) and head r only.
+    Before: consolidate raised "rank 1's train.opt.state has keys ... but rank 0's has ...".
+    Oracle: per parameter, the plain mean over the saving ranks that hold its state."""
+    saved = ranks3(_train_own_head_and_save, str(tmp_path))
+    assert [sorted(s) for s in saved] == [[0, 1, 2, 3], [0, 1, 4, 5], [0, 1, 6, 7]]
+    for message, state in ranks2(_resume_heads, str(tmp_path)):
+        assert message == "resumed at step 2: world 3 -> 2, consolidated"
+        assert sorted(state) == list(range(8))
+        for index, entry in state.items():
+            holders = [s[index] for s in saved if index in s]
+            assert len(holders) == (3 if index < 2 else 1)
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                want = holders[0][key].clone()
+                for h in holders[1:]:
+                    want += h[key]
+                torch.testing.assert_close(entry[key], want / len(holders), rtol=0, atol=0)
+
+
+def test_only_an_optimizers_per_parameter_state_may_differ_in_keys():
+    a = {"opt": {"state": {0: {"m": torch.ones(2)}}, "param_groups": [{"params": [0, 1]}]}, "x": {"a": 1}}
+    b = {"opt": {"state": {1: {"m": torch.zeros(2)}}, "param_groups": [{"params": [0, 1]}]}, "x": {"a": 1}}
+    merged = checkpoint.consolidate([a, b])
+    assert sorted(merged["opt"]["state"]) == [0, 1] and torch.equal(merged["opt"]["state"][0]["m"], torch.ones(2))
+    with pytest.raises(ValueError, match=r"rank 1's x has keys \['b'\] but rank 0's has \['a'\]"):
+        checkpoint.consolidate([a, dict(b, x={"b": 1})])
