@@ -123,16 +123,37 @@ class Config:
         return NAMED.get(self.compression) if isinstance(self.compression, str) else None
 
     def settings(self, outer: Optimizer | None) -> dict[str, Any]:
-        """What every rank must agree on (``outer``: the built outer optimizer, if any)."""
+        """What every rank must agree on (``outer``: the built outer optimizer, if any).
+
+        Compared exactly (the digest is of their ``repr``): floats are kept as floats or written
+        with ``repr``, which round-trips, never rounded (``:g``, a tensor's ``repr``); a chunked
+        compressor by its exact settings and what they derive (see :meth:`Compression.settings`).
+        """
+        chunked = self.chunked
         return {"k": self.schedule.description, "warmup_steps": self.schedule.warmup_steps,
                 "local_k": self.local_k, "bucket_cap_mb": self.bucket_cap_mb,
-                "compression": self.compression if not isinstance(self.compression, Compression)
-                else str(self.compression),
-                "outer_optimizer": None if outer is None else
-                f"{type(outer).__name__}{sorted(outer.defaults.items())}",
+                "compression": self.compression if chunked is None else chunked.settings(),
+                "outer_optimizer": None if outer is None else _describe_optimizer(outer),
                 "overlap": [self.overlap_steps, self.overlap_mix], "flat_params": self.flat_params,
                 "average_optimizer_state": self.average_optimizer_state,
                 **({"fragments": self.fragments} if self.fragments > 1 else {})}
+
+
+def _describe_optimizer(optimizer: Optimizer) -> str:
+    """``SGD(dampening=0, ..., lr=0.7, ...)``: the type and every default, exactly."""
+    defaults = ", ".join(f"{key}={_exact(value)}" for key, value in sorted(optimizer.defaults.items()))
+    return f"{type(optimizer).__name__}({defaults})"
+
+
+def _exact(value: Any) -> str:
+    """``repr(value)``, but a tensor (an ``lr=torch.tensor(0.7)``) with its exact values: its own ``repr``
+    rounds to four decimals, so ``tensor(0.7)`` and ``tensor(0.70001)`` would compare equal."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor({value.tolist()!r})"
+    if type(value) in (list, tuple):
+        inner = ", ".join(map(_exact, value))
+        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+    return repr(value)
 
 
 def _check_optimizer(optimizer: Any) -> None:

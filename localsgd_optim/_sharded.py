@@ -175,7 +175,9 @@ class Sharding:
 
     Built from the parameters alone (the FSDP2 modules are found through their parameters), and
     checked locally: native HSDP, a parameter sharded across the ranks averaged, and FSDP1's
-    ``use_orig_params=True`` views raise here, on every rank alike.
+    ``use_orig_params=True`` views raise here, on every rank alike. A plain parameter next to FSDP2
+    ones that FSDP2 does not manage (registered after ``fully_shard``) is found here too, and
+    refused at binding (:meth:`before_round`, in the bind's control collective): every rank raises.
 
     Args:
         named: every parameter of the optimizer with its name for errors, in ``param_groups`` order.
@@ -188,8 +190,10 @@ class Sharding:
         fsdp2, modules = _fsdp2_params()
         self.shards: dict[int, _Shard] = {}
         owned: set[int] = set()
+        plain: dict[int, tuple[str, torch.Tensor]] = {}  # floating parameters no one shards
+        spread = 1  # the most ranks an FSDP2 parameter is sharded over within a replica
         for name, p in named:
-            if id(p) in self.shards:
+            if id(p) in self.shards or id(p) in plain:
                 continue
             try:
                 shard = self._classify(p, fsdp2)
@@ -199,10 +203,16 @@ class Sharding:
                 self.shards[id(p)] = shard
                 if shard.kind == "fsdp2":
                     owned.add(id(shard.owner))
+                if id(p) in fsdp2:
+                    spread = max(spread, p.device_mesh.size())
+            elif not isinstance(p, DTensor) and (p.is_floating_point() or p.is_complex()):
+                plain[id(p)] = (name, p)
         # the FSDP2 modules holding our parameters: resharded before any averaged value is written
         self.modules = [m for m in modules if any(
             id(fp) in owned for g in m._get_fsdp_state()._fsdp_param_groups for fp in g.fsdp_params)] \
             if owned else []
+        #: why binding must fail (raised by the bind's control collective, so on every rank), or None
+        self.refusal = _unmanaged(list(plain.values()), spread, modules) if plain and spread > 1 else None
         self._fsdp1 = [s for s in self.shards.values() if s.kind == "fsdp1"]
         self._fsdp2 = [s for s in self.shards.values() if s.kind == "fsdp2"]
 
@@ -343,7 +353,14 @@ class Sharding:
 
     def before_round(self) -> None:
         """Reshard every FSDP2 module (an eval forward can leave the root unsharded: a write into the
-        shard would then be invisible to the next forward); FSDP1 flat parameters must be sharded."""
+        shard would then be invisible to the next forward); FSDP1 flat parameters must be sharded.
+
+        First, a parameter found unaverageable when the parameters were read (:attr:`refusal`)
+        raises: this runs inside every round's control collective, the bind's first, so that error
+        reaches every rank (a rank without it names the rank that has it) and nothing has moved.
+        """
+        if self.refusal is not None:
+            raise ValueError(self.refusal)
         for module in self.modules:
             module.reshard()
         for shard in self._fsdp2:
@@ -363,6 +380,37 @@ class Sharding:
                     "reshard: SHARD_GRAD_OP, or a forward without backward): averaging needs each rank's shard. "
                     "Run the round after backward and the optimizer step, or use FSDP2 (fully_shard)"
                 )
+
+
+def _unmanaged(plain: Sequence[tuple[str, torch.Tensor]], spread: int, modules: Sequence[nn.Module]) -> str:
+    """Why plain parameters cannot be averaged next to FSDP2 ones sharded over ``spread`` ranks.
+
+    FSDP2 keeps a replica's shards consistent: it all-gathers the parameters and reduce-scatters
+    the gradients over the shard ranks. A plain parameter it does not manage (registered after
+    ``fully_shard``, or from a module outside it) gets neither: each shard rank trains its own copy
+    on its own data, and a round, over the replicas only, never brings the copies together. Even
+    copies equal by construction stay so only by chance: refused, not averaged.
+    """
+    fqns: dict[int, str] = {}  # the longest name is the one from the root module: the full FQN
+    for module in modules:
+        for fqn, p in module.named_parameters():
+            if len(fqn) > len(fqns.get(id(p), "")):
+                fqns[id(p)] = fqn
+    described = []
+    for name, p in plain:
+        fqn = fqns.get(id(p))
+        if fqn is not None and name.startswith("parameter ("):  # (no param_names: name it by its FQN)
+            name = f"parameter {fqn!r} {name.removeprefix('parameter ')}"
+        described.append(f"{name}, {str(p.dtype).removeprefix('torch.')}{list(p.shape)}")
+    more = f" (and {len(described) - 3} more)" if len(described) > 3 else ""
+    return (
+        f"{'; '.join(described[:3])}{more}: a plain tensor in a model FSDP2 (fully_shard) shards over {spread} "
+        "ranks per replica, but FSDP2 does not manage it (was it registered after fully_shard?). Each of "
+        "those ranks holds and trains its own copy, and LocalSGDOptimizer averages over process_group, across "
+        "replicas only, so the copies would differ within a replica for good. Register it before "
+        "fully_shard (which then shards it), call fully_shard on its module too "
+        "(fully_shard(module, mesh=mesh['shard'])), or leave it out of the optimizer"
+    )
 
 
 def named_params(param_groups: Sequence[dict[str, Any]]) -> list[tuple[str, torch.Tensor]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Callable
 
 from ._schedule import _is_int
 
@@ -75,9 +76,26 @@ class Compression:
         return min(length, math.ceil(self.fraction * length - 1e-9)) if length else 0
 
     def __str__(self) -> str:
-        fb = "" if self.feedback == 1 else f", feedback={self.feedback:g}"
+        return self._describe(lambda x: f"{x:g}")
+
+    def settings(self) -> str:
+        """What ranks must agree on, exactly: the floats by ``repr`` (which round-trips), then what the
+        fraction derives, the values sent per chunk.
+
+        ``str()`` keeps six digits (``:g``): ``topk(0.1, chunk=10)`` and ``topk(0.1000001, chunk=10)`` print
+        alike, yet send 1 and 2 values per chunk, and ranks that sent different sizes would crash in the
+        all-gather. ``"int4"`` and ``quantize(4)`` give the same string: they are the same compressor.
+        """
+        text = self._describe(repr)
+        if not self.sparse:
+            return text
+        n = self.per_chunk(self.chunk)
+        return f"{text}: {n} value{'' if n == 1 else 's'} per chunk of {self.chunk}"
+
+    def _describe(self, number: Callable[[float], str]) -> str:
+        fb = "" if self.feedback == 1 else f", feedback={number(self.feedback)}"
         if self.sparse:
-            return f"topk({self.fraction:g}, bits={self.bits}, chunk={self.chunk}{fb})"
+            return f"topk({number(self.fraction)}, bits={self.bits}, chunk={self.chunk}{fb})"
         return f"quantize({self.bits}, chunk={self.chunk}{fb})"
 
 
