@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -171,12 +172,14 @@ def _round_waits_for_the_write(path: str):
     model = make_model()
     opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
     ckpt = ElasticCheckpoint(path)
-    ckpt._fault = lambda point: time.sleep(0.3) if point == "after_tmp" else None
+    release = threading.Event()  # the write of step 2 is held between its temporary file and the rename
+    ckpt._fault = lambda point: release.wait(30) if point == "after_tmp" else None
     batches = make_batches(4)
     train_wrapped(model, opt, batches[:2])
     ckpt.save(2, model, opt)
     train_wrapped(model, opt, batches[2:3])
-    during = [s.step for s in complete_steps(path)]  # step 3: no round yet, the write goes on
+    during = [s.step for s in complete_steps(path)]  # step 3: no round, no wait: the write is still held
+    threading.Timer(0.2, release.set).start()
     train_wrapped(model, opt, batches[3:])  # step 4's round: every rank's write of step 2 is done
     after = [s.step for s in complete_steps(path)]
     ckpt.close()
