@@ -233,18 +233,15 @@ def _merge(values: list[Any], path: tuple[Any, ...]) -> Any:
     first = values[0]
     where = ".".join(map(str, path)) or "the state"
     if all(isinstance(v, dict) for v in values):
-        if _is_optimizer_state(path, values):
-            # per-parameter state that exists on some ranks only (a per-rank head, a rarely routed expert:
-            # no gradient, no state yet): each entry is merged over the ranks that have it
-            keys = list(dict.fromkeys(k for v in values for k in v))
-            return {key: _merge([v[key] for v in values if key in v], path + (key,)) for key in keys}
         for r, v in enumerate(values[1:], 1):
             if v.keys() != first.keys():
                 raise ValueError(
                     f"consolidate: rank {r}'s {where} has keys {sorted(map(str, v))} but rank 0's has "
                     f"{sorted(map(str, first))}; pass states saved by the same run at the same step"
                 )
-        return {key: _merge([v[key] for v in values], path + (key,)) for key in first}
+        optimizer = "param_groups" in first and STATE_KEY not in path  # a torch optimizer's state dict
+        return {key: (_merge_per_parameter if optimizer and key == "state" else _merge)(
+            [v[key] for v in values], path + (key,)) for key in first}
     if all(isinstance(v, (list, tuple)) for v in values) and len({len(v) for v in values}) == 1:
         merged = [_merge([v[i] for v in values], path + (i,)) for i in range(len(first))]
         if isinstance(first, list) or type(first) is tuple:
@@ -272,10 +269,16 @@ def _merge(values: list[Any], path: tuple[Any, ...]) -> Any:
     return first  # differs per rank but cannot be averaged (an RNG state): rank 0's
 
 
-def _is_optimizer_state(path: tuple[Any, ...], values: list[dict]) -> bool:
-    """Whether ``values`` are a torch optimizer's per-parameter ``state`` (beside its ``param_groups``)."""
-    return bool(path) and path[-1] == "state" and STATE_KEY not in path and all(
-        isinstance(k, (int, str)) and isinstance(e, dict) for v in values for k, e in v.items())
+def _merge_per_parameter(values: list[Any], path: tuple[Any, ...]) -> Any:
+    """An optimizer's per-parameter ``state``: each parameter's entry merged over the ranks that have one.
+
+    A parameter that got no gradient on a rank yet (a per-rank task head, a rarely routed expert)
+    has no state there; that rank contributes nothing to it.
+    """
+    if not all(isinstance(v, dict) for v in values):
+        return _merge(values, path)
+    keys = list(dict.fromkeys(k for v in values for k in v))
+    return {key: _merge([v[key] for v in values if key in v], path + (key,)) for key in keys}
 
 
 #: keys of the Local SGD entry that differ per rank by design: the error-feedback residuals

@@ -33,6 +33,7 @@ which a job cannot grow (see ``docs/failure-modes.md``). ``examples/train_charlm
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -41,6 +42,7 @@ import shutil
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -132,9 +134,15 @@ def complete_steps(directory: str | os.PathLike) -> list[Step]:
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Make a directory's entries durable, where the platform can (not Windows; some network filesystems refuse)."""
+    if os.name == "nt":  # a directory cannot be opened there; NTFS journals its metadata
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
     finally:
         os.close(fd)
 
@@ -145,10 +153,11 @@ def _unloadable(extra: Any, path: str = "extra") -> str | None:
         buf = io.BytesIO()
         torch.save(extra, buf)
         buf.seek(0)
-        torch.load(buf, weights_only=True)
+        torch.load(buf, map_location="cpu", weights_only=True)
         return None
-    except Exception as e:  # noqa: BLE001 - narrowed to the entry below
-        problem = f"{path} ({type(extra).__name__}: {str(e).splitlines()[0][:200]})"
+    except BaseException as e:  # noqa: BLE001 - narrowed to the entry below; never raised (every rank must agree)
+        first = (str(e).splitlines() or [repr(e)])[0]
+        problem = f"{path} ({type(extra).__name__}: {first[:200]})"
     if isinstance(extra, dict):
         items = [(f"{path}[{k!r}]", v) for k, v in extra.items()]
     elif isinstance(extra, (list, tuple)):
@@ -197,7 +206,8 @@ class ElasticCheckpoint:
         self._writer: threading.Thread | None = None
         self._writing_step: int | None = None
         self._error: BaseException | None = None
-        self._hooked: dict[int, Any] = {}  # id(optimizer) -> its step pre-hook's handle
+        #: optimizer -> the handle of its step pre-hook (weak: an optimizer freed is forgotten, not its id reused)
+        self._hooked: weakref.WeakKeyDictionary[LocalSGDOptimizer, Any] = weakref.WeakKeyDictionary()
         #: fault injection for tests: called with "before_tmp", "after_tmp" (written and fsync'd, not
         #: renamed), "after_rename" (renamed, directory fsync'd) and "retention" (rank 0, between deletions)
         self._fault: Callable[[str], None] | None = None
@@ -211,14 +221,30 @@ class ElasticCheckpoint:
         return 0, 1
 
     @property
-    def attempt(self) -> str:
-        """This run's token, the same on every rank: rank 0's clock (ms, hex) and a random part."""
-        if self._attempt is None:
-            token = [f"{time.time_ns() // 1_000_000:x}-{secrets.token_hex(4)}"]
-            if self._rank_world()[1] > 1:
-                dist.broadcast_object_list(token, src=0)
-            self._attempt = token[0]
+    def attempt(self) -> str | None:
+        """This run's token, the same on every rank: rank 0's clock (ms, hex) and a random part.
+
+        Drawn by rank 0 at the first :meth:`save` or :meth:`resume` (``None`` before), and sent to
+        the others there.
+        """
         return self._attempt
+
+    def _world_device(self, optimizer: LocalSGDOptimizer) -> torch.device:
+        """Where a tensor of a collective on the default group lives: a GPU on NCCL, else the CPU."""
+        if dist.get_backend() == "nccl":
+            device = optimizer.join_device
+            return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _from_rank0(self, optimizer: LocalSGDOptimizer, values: list[Any]) -> list[Any]:
+        """``values`` as rank 0 has them (a broadcast on the default group, when there is one)."""
+        if self._rank_world()[1] > 1:
+            dist.broadcast_object_list(values, src=0, device=self._world_device(optimizer))
+        return values
+
+    @staticmethod
+    def _new_attempt() -> str:
+        return f"{time.time_ns() // 1_000_000:x}-{secrets.token_hex(4)}"
 
     # -- resume -------------------------------------------------------------------------------------
 
@@ -226,17 +252,21 @@ class ElasticCheckpoint:
                load_extra: Callable[[Any], None] | None = None) -> Resumed | None:
         """Load the newest complete checkpoint step, consolidated if the world size changed.
 
-        Every rank must call it (it may be a collective: see
-        :func:`~localsgd_optim.checkpoint.load_rank_state`). Returns ``None`` when there is no
-        complete step yet (a fresh start). A write of this rank's still in flight is finished first.
+        Every rank must call it: it is a collective. Each rank first finishes its own write in
+        flight (a failed one raises on every rank); then rank 0 chooses the step and every rank
+        loads that one, whatever its own view of a shared filesystem says. Returns ``None`` when
+        there is no complete step yet (a fresh start).
         """
-        self.wait()
+        self._agree(optimizer, None, self._finish(), None)
         rank, world = self._rank_world()
-        self.attempt  # noqa: B018 - drawn here, where every rank is anyway
-        steps = complete_steps(self.directory)
-        if not steps:
+        newest = None
+        if rank == 0:
+            steps = complete_steps(self.directory)
+            newest = steps[0] if steps else None
+        token, found = self._from_rank0(optimizer, [self._attempt or self._new_attempt(), newest])
+        self._attempt = token
+        if found is None:
             return None
-        found = steps[0]
         state, _ = checkpoint.load_per_rank(found.file, rank, world, self.shards, saved_world=found.world)
         train = state["train"]
         if "opt" in train:  # an unsharded model's plain state dicts (see save)
@@ -263,9 +293,11 @@ class ElasticCheckpoint:
         With ``blocking`` the write is done, and agreed on, before it returns.
         """
         start = time.perf_counter()
-        attempt = self.attempt
-        if id(optimizer) not in self._hooked:  # the next round waits for this write (see _before_step)
-            self._hooked[id(optimizer)] = optimizer.register_step_pre_hook(self._before_step)
+        if self._attempt is None:
+            self._attempt = self._from_rank0(optimizer, [self._new_attempt()])[0]
+        attempt = self._attempt
+        if optimizer not in self._hooked:  # the next round waits for this write (see _before_step)
+            self._hooked[optimizer] = optimizer.register_step_pre_hook(self._before_step)
         failed = self._finish()
         bad_extra = _unloadable(extra)
         self._agree(optimizer, step, failed, bad_extra)
@@ -310,14 +342,14 @@ class ElasticCheckpoint:
         error, self._error = self._error, None
         return error
 
-    def _agree(self, optimizer: LocalSGDOptimizer, step: int, failed: BaseException | None,
+    def _agree(self, optimizer: LocalSGDOptimizer, step: int | None, failed: BaseException | None,
                bad_extra: str | None) -> None:
         """Raise on every rank if any rank's last write failed or its ``extra`` cannot be loaded back."""
         rank, world = self._rank_world()
         flags = torch.zeros(2 * world, dtype=torch.int32)
         flags[2 * rank], flags[2 * rank + 1] = failed is not None, bad_extra is not None
         if world > 1:
-            flags = flags.to(optimizer.join_device)
+            flags = flags.to(self._world_device(optimizer))
             dist.all_reduce(flags)
             flags = flags.cpu()
         write_failed = [r for r in range(world) if flags[2 * r]]
@@ -389,7 +421,15 @@ class ElasticCheckpoint:
 
     def close(self) -> None:
         """Finish the last write (leaving a ``with`` block does it; so does a normal interpreter exit)."""
+        for handle in self._hooked.values():
+            handle.remove()
+        self._hooked.clear()
         self.wait()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ElasticCheckpoint:
+        # An optimizer's step pre-hook holds this object: a deepcopy of the optimizer shares it (its
+        # writer thread cannot be copied, and two objects must not write the same files).
+        return self
 
     def __enter__(self) -> ElasticCheckpoint:
         return self

@@ -263,3 +263,10 @@ def test_only_an_optimizers_per_parameter_state_may_differ_in_keys():
     assert sorted(merged["opt"]["state"]) == [0, 1] and torch.equal(merged["opt"]["state"][0]["m"], torch.ones(2))
     with pytest.raises(ValueError, match=r"rank 1's x has keys \['b'\] but rank 0's has \['a'\]"):
         checkpoint.consolidate([a, dict(b, x={"b": 1})])
+
+
+def test_a_users_dict_named_state_is_not_taken_for_an_optimizers():
+    a = {"extra": {"loader": {"state": {"shard-3": {"offset": 1}}}}}
+    b = {"extra": {"loader": {"state": {"shard-7": {"offset": 1}}}}}
+    with pytest.raises(ValueError, match=r"rank 1's extra.loader.state has keys \['shard-7'\]"):
+        checkpoint.consolidate([a, b])

@@ -7,7 +7,9 @@ over several attempts in a row and checks every resume against what each rank ha
 
 from __future__ import annotations
 
+import copy
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -67,7 +69,7 @@ def test_each_file_and_its_directory_are_fsynced_before_the_step_can_count(tmp_p
     calls: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: calls.append(
-        "dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file") or real_fsync(fd))
+        "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file") or real_fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: calls.append("rename") or real_replace(a, b))
     model = make_model()
     opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
@@ -201,3 +203,49 @@ def test_load_per_rank_reads_only_its_own_file_when_the_saved_world_is_known(tmp
     monkeypatch.setattr(torch, "load", lambda f, **kw: reads.append(Path(f).name) or real_load(f, **kw))
     state, saved = checkpoint.load_per_rank(lambda r: tmp_path / f"rank{r}.pt", 2, 3, saved_world=3)
     assert saved == 3 and reads == ["rank2.pt"] and torch.equal(state["w"], torch.full((2,), 2.0))
+
+
+def _resume_where_rank0_says(path: str):
+    from localsgd_optim import elastic
+
+    model = make_model()
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
+    ckpt = ElasticCheckpoint(path)
+    ckpt.save(2, model, opt, blocking=True)
+    ckpt.save(4, model, opt, blocking=True)
+    if dist.get_rank() == 1:  # this host's view of a shared filesystem lags: it lists step 2 only
+        elastic.complete_steps = lambda d: [s for s in complete_steps(d) if s.step == 2]
+    try:
+        return ElasticCheckpoint(path).resume(make_model(), LocalSGDOptimizer(
+            torch.optim.SGD(make_model().parameters(), lr=0.1), k=2)).step
+    finally:
+        elastic.complete_steps = complete_steps
+
+
+def test_every_rank_resumes_the_step_rank_0_chose(ranks2, tmp_path):
+    """Before, each rank listed the directory itself: a lagging listing (or a write of another rank
+    still in flight) made ranks resume different steps, or hang in a sharded load's collective."""
+    assert ranks2(_resume_where_rank0_says, str(tmp_path)) == [4, 4]
+
+
+def test_the_extra_check_never_raises_itself():
+    from localsgd_optim.elastic import _unloadable
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError()  # an exception without a message
+
+    assert _unloadable({"ok": 1, "x": Unpicklable()}).startswith("extra['x'] (Unpicklable: RuntimeError()")
+
+
+def test_an_optimizer_with_a_write_in_flight_can_be_deep_copied(tmp_path):
+    model = make_model()
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
+    ckpt = ElasticCheckpoint(tmp_path)
+    release = threading.Event()
+    ckpt._fault = lambda point: release.wait(30) if point == "after_tmp" else None
+    ckpt.save(2, model, opt)
+    twin = copy.deepcopy(opt)  # its step pre-hook holds the checkpoint, whose writer is running
+    release.set()
+    ckpt.close()
+    assert twin.num_steps == opt.num_steps and [s.step for s in complete_steps(tmp_path)] == [2]

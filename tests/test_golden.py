@@ -33,6 +33,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import textwrap
 from pathlib import Path
@@ -254,44 +255,60 @@ def record_at_commit(out: Path, cases: str = "all", commit: str = GOLDEN_COMMIT)
     why = reference_unavailable(commit)
     if why is not None:
         return why
-    git = shutil.which("git")
-    with tempfile.TemporaryDirectory(prefix="golden-") as tmp:
-        tree = Path(tmp) / "tree"
-        tree.mkdir()
-        archive = subprocess.run([git, "-C", str(REPO), "archive", commit], capture_output=True)
-        if archive.returncode != 0:
-            return f"git archive {commit[:12]} failed: {archive.stderr.decode()[-300:]}"
-        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), str(tree / "tests")]))
-        part = Path(tmp) / "fixture.pt"
-        run = subprocess.run([sys.executable, "-c", textwrap.dedent(_RECORDER), str(tree), str(part), cases],
-                             env=env, capture_output=True, text=True, timeout=1800)
-        if run.returncode != 0 or not part.exists():
-            return f"recording at {commit[:12]} failed: {(run.stderr or run.stdout)[-600:]}"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(part), out)
+    try:
+        with tempfile.TemporaryDirectory(prefix="golden-") as tmp:
+            tree = Path(tmp) / "tree"
+            archive = subprocess.run([shutil.which("git"), "-C", str(REPO), "archive", commit], capture_output=True)
+            if archive.returncode != 0:
+                return f"git archive {commit[:12]} failed: {archive.stderr.decode()[-300:]}"
+            with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+                tar.extractall(tree, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+            paths = [str(tree), str(tree / "tests"), os.environ.get("PYTHONPATH")]
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))
+            part = Path(tmp) / "fixture.pt"
+            run = subprocess.run([sys.executable, "-c", textwrap.dedent(_RECORDER), str(tree), str(part), cases],
+                                 env=env, capture_output=True, text=True, timeout=1800)
+            if run.returncode != 0 or not part.exists():
+                return f"recording at {commit[:12]} failed: {(run.stderr or run.stdout)[-600:]}"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staged = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # beside it: the rename is atomic
+            shutil.copyfile(part, staged)
+            os.replace(staged, out)
+    except (OSError, subprocess.SubprocessError, tarfile.TarError) as e:
+        return f"recording at {commit[:12]} failed: {type(e).__name__}: {e}"
     return None
+
+
+def _load_fixture(path: Path) -> dict[str, Any] | None:
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:  # noqa: BLE001 - a cache file cut short (a killed run): recorded again
+        if path.parent == _cache_dir():
+            path.unlink(missing_ok=True)
+        return None
 
 
 def load_golden(fixtures: list[Path] | None = None, canary: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """The fixture for this CPU: a committed one its kernels reproduce, or one recorded here; else skip."""
     canary = _canary() if canary is None else canary
     fixtures = sorted(FIXTURE.parent.glob("golden_v1*.pt")) if fixtures is None else fixtures
-    cached = _cache_dir() / f"golden_v1-{GOLDEN_COMMIT[:12]}-{canary_id(canary)}.pt"
+    version = torch.__version__.replace("+", "_")
+    cached = _cache_dir() / f"golden_v1-{GOLDEN_COMMIT[:12]}-torch{version}-{canary_id(canary)}.pt"
     for path in fixtures + [cached]:
-        if path.exists():
-            recorded = torch.load(path, weights_only=True)
-            if all(torch.equal(a, b) for a, b in zip(canary, recorded.get("canary") or [torch.empty(0)])):
-                return recorded
+        recorded = _load_fixture(path) if path.exists() else None
+        if recorded is not None and all(torch.equal(a, b) for a, b in zip(
+                canary, recorded.get("canary") or [torch.empty(0)])):
+            return recorded
     why = record_at_commit(cached)
-    if why is not None:
+    recorded = _load_fixture(cached) if why is None else None
+    if recorded is None:
         pytest.skip(
             f"the golden fixtures ({', '.join(p.name for p in fixtures)}) were recorded on CPUs whose float kernels "
             f"round differently from this one's (a plain training run without localsgd_optim already differs), and "
-            f"none could be recorded here from the reference commit {GOLDEN_COMMIT[:12]}: {why}. Nothing can be "
-            "compared bit for bit on this CPU; in a full clone the test records its own reference and runs"
+            f"none could be recorded here from the reference commit {GOLDEN_COMMIT[:12]}: {why or 'unreadable'}. "
+            "Nothing can be compared bit for bit on this CPU; in a full clone the test records its own reference"
         )
-    return torch.load(cached, weights_only=True)
+    return recorded
 
 
 @pytest.fixture(scope="module")
@@ -301,6 +318,8 @@ def golden() -> dict[str, Any]:
 
 @pytest.mark.parametrize("name, world", CASES, ids=[f"{n}-{w}ranks" for n, w in CASES])
 def test_golden_numerics_and_checkpoints(request, golden, name, world):
+    if f"{name}/{world}" not in golden:
+        pytest.skip(f"{name} on {world} ranks is newer than the fixture recorded for this CPU: record it again")
     run = request.getfixturevalue({2: "ranks2", 3: "ranks3", 4: "ranks4"}[world])
     recorded = golden[f"{name}/{world}"]
     results = run(_replay_rank, name, [r["checkpoint"] for r in recorded])
