@@ -189,11 +189,29 @@ def agree_on_round(
     return _verdict([flat[r * len(row):(r + 1) * len(row)] for r in range(world)], explain_layout, names, local_error)
 
 
+#: groups that have no tensor-form all-gather (torchft's reconfigurable groups: their wrapper has no
+#: ``_allgather_base``), keyed by id: they are long-lived, and an id only ever skips one failed attempt
+_LIST_GATHER: set[int] = set()
+
+
 def all_gather_into(out: torch.Tensor, mine: torch.Tensor, group: dist.ProcessGroup | None,
                      async_op: bool = False) -> Any:
-    """``all_gather_into_tensor`` under the name this torch prefers (2.13 deprecates the old one)."""
+    """``all_gather_into_tensor`` under the name this torch prefers (2.13 deprecates the old one).
+
+    A group without it (torchft's ``ProcessGroupGloo`` and ``ManagedProcessGroup`` raise "No
+    backend type associated with device type") gets the list form into views of ``out``: the same
+    bytes in the same places, one collective all the same.
+    """
+    if group is not None and id(group) in _LIST_GATHER:
+        return dist.all_gather(list(out.view(-1, *mine.shape).unbind(0)), mine, group=group, async_op=async_op)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return gather(out, mine, group=group, async_op=async_op)
+    try:
+        return gather(out, mine, group=group, async_op=async_op)
+    except RuntimeError as e:
+        if group is None or "No backend type associated" not in str(e):
+            raise
+        _LIST_GATHER.add(id(group))
+        return all_gather_into(out, mine, group, async_op)
 
 
 def _is_fake(group: dist.ProcessGroup | None) -> bool:
