@@ -210,6 +210,9 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._binding: Binding | None = None
         self._single = False  # bound to a world of one: never communicate
         self._pending_broadcast = config.sync_on_init
+        #: runs each global round and ``sync()`` (``guard(run)``): a membership engine's quorum and vote
+        #: around it (:class:`localsgd_optim.ft.Managed`); ``None``: the round alone
+        self._round_guard: Callable[[Callable[[], None]], None] | None = None
         self._stats = {"rounds": 0, "bytes_sent": 0, "round_seconds": 0.0}
         self._constructed = True
         # Built before binding, so the bind check compares them across ranks; a global copy is
@@ -412,7 +415,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 self._rounds.restart(self._members.params(), self._context(self._binding, refresh=True)
                                      if self._binding is not None else None)  # the outer loop starts from here
             elif event == Event.GLOBAL_ROUND:
-                self._run(self._rounds.scheduled, joined)
+                self._guarded(self._rounds.scheduled, joined)
             elif event == Event.LOCAL_ROUND:
                 self._run(self._rounds.local, joined)  # type: ignore[arg-type] - local_k implies it
             else:  # Event.LAND: the overlapped round launched overlap_steps ago
@@ -444,7 +447,13 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 "LocalSGDOptimizer.sync() inside an active Join block would hang: ranks that have "
                 "joined shadow step() only. Call opt.sync() after the `with Join(...)` block."
             )
-        self._run(self._rounds.sync)
+        self._guarded(self._rounds.sync)
+
+    def _guarded(self, round_: Round, joined: bool = False) -> None:
+        if self._round_guard is None:
+            self._run(round_, joined)
+        else:
+            self._round_guard(lambda: self._run(round_, joined))
 
     # -- torch.distributed.algorithms.Join --------------------------------------------------
 

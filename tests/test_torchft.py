@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import socket
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import torch
@@ -32,15 +33,23 @@ def _methods():
             "topk2bit": {"outer_optimizer": diloco(), "compression": topk(0.25, bits=2, chunk=64)}}
 
 
-def _train(method: str, replica: int, process_group, before_round=None, after_round=None) -> list[list[float]]:
+def _rounds_at_4_and_12(step: int) -> int:
+    """The schedule a run whose round at step 8 was undone must equal: rounds at 4 and 12 only."""
+    return 4 if step < 4 else 8
+
+
+def _train(method: str, replica: int, process_group, before_round=None, after_round=None, attach=None,
+           k: Any = K, steps: int = STEPS) -> list[list[float]]:
     from localsgd_optim import LocalSGDOptimizer
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
-    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=K, process_group=process_group,
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=k, process_group=process_group,
                             **_methods()[method])
+    if attach is not None:
+        attach(opt)
     g = torch.Generator().manual_seed(100 + replica)
-    for step in range(1, STEPS + 1):
+    for step in range(1, steps + 1):
         x, y = torch.randn(4, 8, generator=g), torch.randn(4, 2, generator=g)
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
@@ -52,8 +61,8 @@ def _train(method: str, replica: int, process_group, before_round=None, after_ro
     return [p.detach().flatten().tolist() for p in model.parameters()]
 
 
-def _plain_path(methods: list[str]):
-    return {m: _train(m, dist.get_rank(), None) for m in methods}
+def _plain_path(methods: list[str], k: Any = K, steps: int = STEPS):
+    return {m: _train(m, dist.get_rank(), None, k=k, steps=steps) for m in methods}
 
 
 def _free_port() -> int:
@@ -62,7 +71,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _replica_group(replica: int, lighthouse: str, groups: int, methods: list[str], out) -> None:
+def _replica_group(replica: int, lighthouse: str, groups: int, methods: list[str], out, mode: str = "by hand") -> None:
     from torchft import Manager, ProcessGroupGloo
 
     torch.set_num_threads(1)
@@ -77,23 +86,39 @@ def _replica_group(replica: int, lighthouse: str, groups: int, methods: list[str
         manager.start_quorum()
         pg.register("torchft")
         commits: list[bool] = []
-        result = {m: _train(m, manager.participating_rank(), pg, manager.start_quorum,
-                            lambda: commits.append(manager.should_commit())) for m in methods}
-        out.put((replica, manager.participating_rank(), result, commits))
+        rank = manager.participating_rank()
+        if mode == "by hand":
+            result = {m: _train(m, rank, pg, manager.start_quorum, lambda: commits.append(manager.should_commit()))
+                      for m in methods}
+        else:
+            from localsgd_optim.ft import Managed
+
+            votes = manager.should_commit
+            if mode == "undo round 2" and replica == 1:  # this group's vote fails at every second round
+                calls = [0]
+
+                def should_commit() -> bool:
+                    calls[0] += 1
+                    return votes() and calls[0] % 3 != 2
+                manager.should_commit = should_commit
+            result = {}
+            for m in methods:
+                managed: list[Any] = []
+                result[m] = _train(m, rank, pg, attach=lambda opt: managed.append(Managed(opt, manager)),
+                                   steps=STEPS if mode == "managed" else 12)
+                commits += [managed[0].rounds_committed, managed[0].rounds_rolled_back]
+        out.put((replica, rank, result, commits))
     finally:
         manager.shutdown(wait=False)
 
 
-@pytest.mark.parametrize("groups", [2, 3])
-def test_healthy_rounds_on_torchft_groups_equal_the_plain_path(groups, request):
+def _run_groups(groups: int, methods: list[str], mode: str) -> list[Any]:
     from torchft._torchft import LighthouseServer
 
-    methods = list(_methods())
-    plain = request.getfixturevalue(f"ranks{groups}")(_plain_path, methods)
     lighthouse = LighthouseServer(bind="[::]:0", min_replicas=groups, join_timeout_ms=10000)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_replica_group, args=(r, lighthouse.address(), groups, methods, out))
+    procs = [ctx.Process(target=_replica_group, args=(r, lighthouse.address(), groups, methods, out, mode))
              for r in range(groups)]
     try:
         for p in procs:
@@ -105,8 +130,38 @@ def test_healthy_rounds_on_torchft_groups_equal_the_plain_path(groups, request):
             if p.is_alive():
                 p.kill()
         lighthouse.shutdown()
+    return results
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_healthy_rounds_on_torchft_groups_equal_the_plain_path(groups, request):
+    methods = list(_methods())
+    plain = request.getfixturevalue(f"ranks{groups}")(_plain_path, methods)
+    results = _run_groups(groups, methods, "by hand")
     rounds = len(methods) * STEPS // K
     for replica, rank, result, commits in results:
         assert commits == [True] * rounds, (replica, commits)
         for method in methods:  # the replica's data is seeded by its quorum rank, as the plain path's by its rank
             assert result[method] == plain[rank][method], f"{method}: replica {replica} (quorum rank {rank})"
+
+
+def test_managed_rounds_equal_the_plain_path(ranks2):
+    """``Managed`` does the quorum and the vote itself: the same numbers as the plain path, every round kept."""
+    methods = ["plain", "diloco"]
+    plain = ranks2(_plain_path, methods)
+    for replica, rank, result, counts in _run_groups(2, methods, "managed"):
+        assert counts == [STEPS // K, 0] * len(methods), (replica, counts)
+        for method in methods:
+            assert result[method] == plain[rank][method], f"{method}: replica {replica}"
+
+
+def test_a_round_one_group_votes_against_is_undone_on_every_participant(ranks2):
+    """Group 1's vote fails at the round of step 8. torchft's vote is per group, so group 0 alone would
+    keep it; ``Managed`` undoes it on both. Oracle: the plain path with rounds at steps 4 and 12 only,
+    bit for bit, DiLoCo's global copy and momentum included (they decide the round at 12)."""
+    methods = ["plain", "diloco", "topk2bit"]
+    plain = ranks2(_plain_path, methods, _rounds_at_4_and_12, 12)
+    for replica, rank, result, counts in _run_groups(2, methods, "undo round 2"):
+        assert counts == [2, 1] * len(methods), (replica, counts)
+        for method in methods:
+            assert result[method] == plain[rank][method], f"{method}: replica {replica}"
