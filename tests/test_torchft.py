@@ -97,6 +97,8 @@ def _replica_group(replica: int, lighthouse: str, groups: int, methods: list[str
             ready.wait()
             time.sleep(0.3)
         manager.start_quorum()
+        if manager.num_participants() != groups:  # (a slow group missed the first quorum: say so)
+            raise RuntimeError(f"the first quorum has {manager.num_participants()} of {groups} groups")
         pg.register("torchft")
         commits: list[bool] = []
         rank = manager.participating_rank()
@@ -106,14 +108,16 @@ def _replica_group(replica: int, lighthouse: str, groups: int, methods: list[str
         else:
             from localsgd_optim.ft import Managed
 
-            votes = manager.should_commit
-            if mode == "undo round 2" and replica == 1:  # this group's vote fails at every second round
+            quorum = manager.start_quorum
+            if mode == "undo round 2" and replica == 1:  # this group fails in the second round of each run
                 calls = [0]
 
-                def should_commit() -> bool:
+                def start_quorum(**kwargs: Any) -> None:
+                    quorum(**kwargs)
                     calls[0] += 1
-                    return votes() and calls[0] % 3 != 2
-                manager.should_commit = should_commit
+                    if calls[0] % 3 == 2:
+                        manager.report_error(RuntimeError("injected: this group's round failed"))
+                manager.start_quorum = start_quorum
             result = {}
             for m in methods:
                 managed: list[Any] = []
@@ -121,6 +125,7 @@ def _replica_group(replica: int, lighthouse: str, groups: int, methods: list[str
                                    steps=STEPS if mode == "managed" else 12,
                                    die_at=6 if mode == "kill" and replica == 1 else None)
                 commits += [managed[0].rounds_committed, managed[0].rounds_rolled_back]
+            commits.append(manager.current_step())  # torchft's own count of committed rounds
         out.put((replica, rank, result, commits))
     finally:
         manager.shutdown(wait=False)
@@ -131,7 +136,7 @@ def _run_groups(groups: int, methods: list[str], mode: str, survivors: int | Non
 
     kill = mode == "kill"
     lighthouse = LighthouseServer(bind="[::]:0", min_replicas=1 if kill else groups, join_timeout_ms=10000,
-                                  quorum_tick_ms=100, heartbeat_timeout_ms=1000 if kill else None)
+                                  quorum_tick_ms=100, heartbeat_timeout_ms=2000 if kill else None)
     ctx = mp.get_context("spawn")
     out, ready = ctx.Queue(), ctx.Barrier(groups) if kill else None
     procs = [ctx.Process(target=_replica_group, args=(r, lighthouse.address(), groups, methods, out, mode, ready))
@@ -166,28 +171,29 @@ def test_managed_rounds_equal_the_plain_path(ranks2):
     methods = list(_methods())
     plain = ranks2(_plain_path, methods)
     for replica, rank, result, counts in _run_groups(2, methods, "managed"):
-        assert counts == [STEPS // K, 0] * len(methods), (replica, counts)
+        assert counts == [STEPS // K, 0] * len(methods) + [len(methods) * STEPS // K], (replica, counts)
         for method in methods:
             assert result[method] == plain[rank][method], f"{method}: replica {replica}"
 
 
 def test_a_round_one_group_votes_against_is_undone_on_every_participant(ranks2):
-    """Group 1's vote fails at the round of step 8. torchft's vote is per group, so group 0 alone would
-    keep it; ``Managed`` undoes it on both. Oracle: the plain path with rounds at steps 4 and 12 only,
-    bit for bit, DiLoCo's global copy and momentum included (they decide the round at 12)."""
+    """Group 1 fails in the round of step 8. torchft's vote is per group, so group 0 alone would keep
+    it; ``Managed`` undoes it on both, and torchft's step counts stay equal. Oracle: the plain path
+    with rounds at steps 4 and 12 only, bit for bit, DiLoCo's global copy and momentum and top-k's
+    residuals included (they decide the round at 12)."""
     methods = ["plain", "diloco", "topk2bit"]
     plain = ranks2(_plain_path, methods, _rounds_at_4_and_12, 12)
     for replica, rank, result, counts in _run_groups(2, methods, "undo round 2"):
-        assert counts == [2, 1] * len(methods), (replica, counts)
+        assert counts == [2, 1] * len(methods) + [2 * len(methods)], (replica, counts)
         for method in methods:
             assert result[method] == plain[rank][method], f"{method}: replica {replica}"
 
 
 def test_a_group_lost_mid_period_leaves_the_survivor_training(ranks2):
     """Group 1 dies at step 6. Group 0's round at step 8 waits for the lighthouse to drop it (heartbeat
-    timeout 1 s), binds to the quorum of one, and trains on: every round kept, no step redone. Oracle for
+    timeout 2 s), binds to the quorum of one, and trains on: every round kept, no step redone. Oracle for
     plain averaging: the plain path that averages at step 4 only (a round alone changes nothing)."""
     plain = ranks2(_plain_path, ["plain"], _round_at_4_only, 12)
     [(replica, rank, result, counts)] = _run_groups(2, ["plain"], "kill", survivors=1)
-    assert replica == 0 and counts == [3, 0]
+    assert replica == 0 and counts == [3, 0, 3]
     assert result["plain"] == plain[rank]["plain"]
