@@ -22,6 +22,7 @@ __all__ = [
     "check_ranks_agree",
     "agree_on_round",
     "all_gather_into",
+    "on_every_rank",
 ]
 
 
@@ -187,6 +188,13 @@ def agree_on_round(
     all_gather_into(table, mine, group)
     flat = table.cpu().tolist()
     return _verdict([flat[r * len(row):(r + 1) * len(row)] for r in range(world)], explain_layout, names, local_error)
+
+
+def on_every_rank(ok: bool, group: dist.ProcessGroup | None, device: torch.device) -> bool:
+    """Whether ``ok`` holds on every rank of ``group``: one ``MIN`` all-reduce of one int on ``device``."""
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
 
 
 #: groups that have no tensor-form all-gather (torchft's reconfigurable groups: their wrapper has no

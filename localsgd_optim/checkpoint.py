@@ -49,6 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ._dist import on_every_rank
 from ._state import STATE_KEY
 from .optimizer import LocalSGDOptimizer
 
@@ -324,12 +325,10 @@ def _check_same_shards(optimizer: LocalSGDOptimizer, saved: Any) -> None:
         problem = (f"{mine[first][0] if first < len(mine) else 'a parameter'}: the state holds shard "
                    f"{tuple(saved[first])[1] if first < len(saved) else 'none'}, this rank holds "
                    f"{mine[first][1] if first < len(mine) else 'none'}")
-    bad = [problem is not None]
+    fits = problem is None
     if dist.is_initialized() and dist.get_world_size() > 1:
-        flags = torch.tensor([int(bad[0])], device=optimizer.join_device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        bad = [bool(flags.item())]
-    if bad[0]:
+        fits = on_every_rank(fits, None, optimizer.join_device)
+    if not fits:
         raise ValueError(
             "load_rank_state: " + (problem or "another rank was given a state of shards it does not hold") +
             ". Each rank must load a state of the shards it holds: consolidate only the saved ranks that held "

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ._dist import AveragingRoundError, LocalSGDError
+from ._dist import AveragingRoundError, LocalSGDError, on_every_rank
 from ._state import STATE_KEY
 from .checkpoint import map_tensors
 from .optimizer import LocalSGDOptimizer
@@ -134,11 +134,9 @@ class Managed:
         if dist.get_world_size(opt.process_group) == 1:
             return ok
         device = opt._binding.control_device if opt._binding is not None else torch.device("cpu")
-        flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
         try:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=opt.process_group)
+            return on_every_rank(ok, opt.process_group, device)
         except Exception as e:  # noqa: BLE001 - a group too broken to vote: undo the round
             if self.manager.errored() is None:
                 self.manager.report_error(e)
             return False
-        return bool(flag.item())
