@@ -1,64 +1,102 @@
-"""Rounds under torchft's ``Manager``: its quorum opens each round, and a round that does not commit is undone.
+"""Rounds under torchft's ``Manager``: its quorum opens each round, a round that does not commit is
+undone, and a replica that comes back heals from a live peer.
 
 torchft owns membership: which replica groups are in the quorum, the reconfigured process
-group, and the commit vote. :class:`Managed` puts our rounds (bucketed, compressed, fragment by
-fragment) under it, and keeps every torchft call in this module.
+group, the commit vote and the transport a heal uses. :class:`Managed` puts our rounds
+(bucketed, compressed, fragment by fragment) under it, and keeps every torchft call in this module.
 
 Each global round (and each ``sync()``):
 
-1. ``manager.start_quorum()``; if the quorum's size changed, the optimizer binds again to the
-   reconfigured group (the control collective then checks layouts and settings afresh);
-2. a snapshot of what the round changes: the averaged tensors and the ``"local_sgd"`` entry
-   (global copy, outer momentum, error-feedback residuals);
-3. the round, on the manager's group; an error in it is reported to the manager, not raised;
-4. one tiny all-reduce (``MIN``) of "completed the round" over the participants, *then*
+1. ``manager.start_quorum()``. A replica group that is behind (a returning host, or one whose
+   first quorum this is: torchft's ``init_sync``) receives a live peer's state through torchft's
+   own transport, inside that call (see *Healing*). When the quorum is a new one (its id changed:
+   every member sees that alike), every member binds again to the reconfigured group, so the
+   control collective checks layouts and settings afresh, after one tiny vote that skips the
+   round if a member could not heal.
+2. A snapshot of what the round changes: the averaged tensors and the ``"local_sgd"`` entry
+   (global copy, outer momentum, error-feedback residuals).
+3. The round, on the manager's group; an error in it is reported to the manager, not raised.
+4. One tiny all-reduce (``MIN``) of "completed the round" over the participants, *then*
    ``manager.should_commit()``, told of any failure: torchft's vote is per replica group, and a
    round must be kept by every participant or by none, with torchft's step counts equal. A failed
    vote, or a group too broken to vote, restores the snapshot on every participant: nothing is
    half-applied. An error that is not a failed collective (layouts, step counts, NaN) is raised
    after the undo, on every participant.
 
-Not yet: healing a returning replica from a peer through ``manager.register_state_dict_fn`` (a
-growing quorum raises, and the quorum is started with ``allow_heal=False`` so torchft never
-overwrites a replica's state), overlapped rounds and warmup (refused), sharded replicas (refused).
+Healing. The donor is the replica torchft picks (one with the most committed rounds). At the
+moment its quorum forms, it is at a round boundary (or in :meth:`Managed.start`), and it sends
+its state as it is there: every parameter (frozen ones too) and averaged buffer, the inner
+optimizer's state (a warm copy, not a fresh one: the joiner's next inner step then behaves as the
+donor's would), the step count, schedule phase and fragment phase, the global copy and outer
+momentum; plus whatever else was registered with ``manager.register_state_dict_fn`` (the data
+position, an LR scheduler). Two rules:
+
+* the joiner's error-feedback residuals start at **zero**: a residual is its owner's unsent
+  error, and a copy would send the donor's twice;
+* in the round it joins, the joiner **contributes nothing** (it sends zeros, as a rank under
+  ``Join`` does) and the mean divides by the other participants: its state is a copy of the
+  donor's, so counting it would weigh the donor twice. It receives the round's result and leaves
+  it equal to every other replica; the survivors redo no step.
+
+A joiner whose layout or settings differ from the donor's does not load anything: it votes
+against the round (skipped on every member, nothing to undo), and raises a ``LocalSGDError``
+naming the first difference; the survivors carry on. The donor's copy is taken when its quorum
+forms (torchft's HTTP transport serves tensors by reference while the round changes them) and
+is held by the transport until its next heal.
+
+Requirements: ``use_async_quorum=False`` (a round needs its quorum before it starts),
+``init_sync=True`` (torchft's default: replicas start equal, and a replica returning before the
+first commit heals too), the ``DYNAMIC`` world size mode (spares would be averaged in). Not yet:
+overlapped rounds and warmup (refused), sharded replicas (refused).
 
 Example::
 
-    manager = torchft.Manager(pg=torchft.ProcessGroupGloo(), min_replica_size=2, use_async_quorum=False, ...)
-    manager.start_quorum(); manager._pg.register("torchft")
+    manager = torchft.Manager(pg=torchft.ProcessGroupGloo(), load_state_dict=None, state_dict=None,
+                              min_replica_size=1, use_async_quorum=False, ...)
+    manager.start_quorum(); manager._pg.register("torchft")   # (torchft's groups need a name)
     opt = LocalSGDOptimizer(AdamW(model.parameters()), k=8, process_group=manager._pg)
-    managed = Managed(opt, manager)          # then train as usual: opt.step(), opt.sync()
+    managed = Managed(opt, manager)
+    step = managed.start()           # heals here if the others are ahead: train from step
+    while step < total: ...; opt.step(); step = opt.num_steps
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ._dist import AveragingRoundError, LocalSGDError, on_every_rank
 from ._state import STATE_KEY
-from .checkpoint import map_tensors
+from .checkpoint import PER_RANK_KEYS, map_tensors
 from .optimizer import LocalSGDOptimizer
+from .rounds import Round
 
 __all__ = ["Managed"]
+
+#: what a replica is doing when its quorum forms; a healed replica does what its donor does
+_START, _SCHEDULED, _SYNC = "start", "scheduled", "sync"
+_SKIPPED = "skipped"  #: (what _open returns when a member of a new quorum could not heal: nothing runs)
 
 
 class Managed:
     """Run a :class:`~localsgd_optim.LocalSGDOptimizer`'s rounds under a ``torchft.Manager``.
 
     Args:
-        optimizer: built with ``process_group`` = the manager's process group.
-        manager: a ``torchft.Manager`` with ``use_async_quorum=False`` (a round needs its quorum
-            before it starts, as DiLoCo does).
+        optimizer: built with ``process_group`` = the manager's process group (registered).
+        manager: a ``torchft.Manager`` with ``use_async_quorum=False`` and ``init_sync=True``.
+        key: the key of this optimizer's state in the manager's heal payload.
 
     Attributes:
-        rounds_committed: rounds kept.
-        rounds_rolled_back: rounds undone (a failed vote, or an error in the round).
+        rounds_committed: rounds kept (a round joined after a heal included).
+        rounds_rolled_back: rounds undone (a failed vote, an error in the round), or skipped
+            because a member could not heal.
+        heals: one ``{"step", "from"}`` per heal of this replica: the step count it continued
+            from and the donor's torchft replica id.
     """
 
-    def __init__(self, optimizer: LocalSGDOptimizer, manager: Any) -> None:
+    def __init__(self, optimizer: LocalSGDOptimizer, manager: Any, key: str = "localsgd_optim") -> None:
         if not isinstance(optimizer, LocalSGDOptimizer):
             raise TypeError(f"optimizer must be a LocalSGDOptimizer, got {type(optimizer).__name__}")
         if optimizer.process_group is None:
@@ -74,27 +112,105 @@ class Managed:
         for name, (value, why) in refused.items():
             if value:
                 raise ValueError(f"Managed: {name}={value!r} is not supported under torchft yet: {why}")
-        if getattr(manager, "_use_async_quorum", False):
-            raise ValueError("Managed: build the torchft.Manager with use_async_quorum=False: a round must have its "
-                             "quorum before it starts")
+        manager_needs = {
+            "use_async_quorum": (getattr(manager, "_use_async_quorum", False), False,
+                                 "a round must have its quorum before it starts"),
+            "init_sync": (getattr(manager, "_init_sync", True), True,
+                          "replicas start equal only if the first quorum heals them from one, and a replica "
+                          "that returns before the first commit must heal too"),
+            "world_size_mode": (getattr(getattr(manager, "_replica_world_size_mode", None), "name", "DYNAMIC"),
+                                "DYNAMIC", "a spare is in the process group but not a participant: it would be "
+                                "averaged in"),
+        }
+        for name, (value, wanted, why) in manager_needs.items():
+            if value != wanted:
+                raise ValueError(f"Managed: build the torchft.Manager with {name}={wanted} (got {value}): {why}")
         self.optimizer = optimizer
         self.manager = manager
         self.rounds_committed = 0
         self.rounds_rolled_back = 0
+        self.heals: list[dict[str, Any]] = []
+        self._doing = _START
+        self._started = False
+        self._quorum_id: Any = None  # the quorum the optimizer is bound to
+        self._healed: str | None = None  # what the donor was doing, if this quorum healed this replica
+        self._heal_error: BaseException | None = None
+        optimizer._pending_broadcast = False  # torchft's first quorum makes the replicas equal (init_sync)
         optimizer._round_guard = self._round
+        registered = getattr(manager, "_user_state_dicts", {})
+        if key in registered:  # a new optimizer on the same manager (a second run) takes the key over
+            registered[key], manager._load_state_dict_fns[key] = self._state, self._load
+        else:
+            manager.register_state_dict_fn(key, self._load, self._state)
 
-    def _round(self, run: Callable[[], None]) -> None:
-        opt, manager = self.optimizer, self.manager
-        manager.start_quorum(allow_heal=False)  # (healing is not built: never let torchft overwrite this replica)
-        world = dist.get_world_size(opt.process_group)
-        bound = opt._binding.world_size if opt._binding is not None else (1 if opt._single else None)
-        if bound is not None and world > bound:
+    def start(self) -> int:
+        """Join the quorum before the first step; return the step count to train from.
+
+        Every replica group calls it once, before its first step. With every replica starting
+        together, torchft's first quorum makes them equal (``init_sync``) and this returns 0. A
+        replica whose peers are ahead heals from one here and joins the round they are in (it
+        contributes nothing to it; see the module's docstring), so it continues from the donor's
+        step count: drive the training loop, and the data position, from what this returns.
+        The quorum counts as one of torchft's steps (a commit), so a replica that was not in it
+        is behind from then on and heals.
+        """
+        if self._started:
+            raise LocalSGDError("Managed.start() was already called: call it once, before the first step")
+        self._started = True
+        healed = self._open(_START)
+        if healed in (_SCHEDULED, _SYNC):
+            self._commit(self._donors_round(healed), joined=True)
+        elif healed != _SKIPPED:
+            self.manager.should_commit()
+        return self.optimizer.num_steps
+
+    def _round(self, round_: Round, joined: bool) -> None:
+        opt = self.optimizer
+        if not self._started:
             raise LocalSGDError(
-                f"Managed: the quorum grew from {bound} to {world} replica groups, but a returning or new replica "
-                "cannot be healed from a peer yet (its global copy and step count would differ): restart every "
-                "group together, or keep the survivors running without it")
-        if bound is not None and world < bound:  # a group is gone: bind again to the reconfigured group
-            opt._binding, opt._single, opt._pending_broadcast = None, False, False
+                "Managed: call opt.managed.start() once before the first step: it joins the quorum and "
+                "heals this replica if the others are ahead; without it torchft's first round would "
+                "heal every replica but one and average that one alone")
+        healed = self._open(_SYNC if round_ is opt._rounds.sync else _SCHEDULED)
+        if healed in (_START, _SKIPPED):  # healed from a replica that is only starting, or a member could not heal
+            return
+        if healed is not None:
+            round_, joined = self._donors_round(healed), True
+        self._commit(round_, joined)
+
+    def _donors_round(self, doing: str) -> Round:
+        rounds = self.optimizer._rounds
+        return rounds.sync if doing == _SYNC else rounds.scheduled
+
+    def _open(self, doing: str) -> str | None:
+        """Start the quorum (a heal happens in it); bind again if it is a new one.
+
+        Returns what the donor was doing if this replica healed, ``_SKIPPED`` if a member of a
+        new quorum could not heal (no round runs), else ``None``.
+        """
+        opt, manager = self.optimizer, self.manager
+        self._doing, self._healed, self._heal_error = doing, None, None
+        manager.start_quorum()  # allow_heal: _load runs in here when this replica is behind
+        quorum = manager._quorum_id
+        if quorum == self._quorum_id:
+            return self._healed
+        self._quorum_id = quorum  # every member of a new quorum sees it new: all of them vote
+        opt._binding, opt._single = None, False  # bind again: the control collective checks layouts afresh
+        if self._everyone(self._heal_error is None and manager.errored() is None):
+            return self._healed
+        if manager.errored() is None:
+            manager.report_error(self._heal_error if isinstance(self._heal_error, Exception) else
+                                 RuntimeError("a member of the new quorum could not heal"))
+        manager.should_commit()  # False: nothing ran, nothing to undo; torchft's step counts stay equal
+        self._quorum_id = None  # the next quorum binds again, whoever is in it
+        if self._heal_error is not None:
+            raise self._heal_error
+        self.rounds_rolled_back += 1
+        return _SKIPPED
+
+    def _commit(self, round_: Round, joined: bool) -> None:
+        """Run ``round_`` under a snapshot, vote, and keep it or undo it on every participant."""
+        opt, manager = self.optimizer, self.manager
         tensors = opt._members.tensors()
         if opt.average_optimizer_state:
             tensors = tensors + opt._members.optimizer_state_tensors()
@@ -104,7 +220,7 @@ class Managed:
         entry = map_tensors(entry, lambda t: t.detach().clone())
         error: BaseException | None = None
         try:
-            run()
+            opt._run(round_, joined)
         except BaseException as e:  # noqa: BLE001 - every participant votes before anything is raised
             error = e
         ok = self._everyone(error is None and manager.errored() is None)
@@ -129,7 +245,7 @@ class Managed:
             raise error  # a misuse (layouts, steps) or a poisoned replica: undone everywhere, then raised
 
     def _everyone(self, ok: bool) -> bool:
-        """Whether every participant completed the round (torchft's vote is per replica group)."""
+        """Whether every participant holds ``ok`` (torchft's vote is per replica group)."""
         opt = self.optimizer
         if dist.get_world_size(opt.process_group) == 1:
             return ok
@@ -140,3 +256,78 @@ class Managed:
             if self.manager.errored() is None:
                 self.manager.report_error(e)
             return False
+
+    # -- healing: torchft's transport carries these --------------------------------------------
+
+    def _identity(self) -> dict[str, Any]:
+        """What a donor and a joiner must share: every parameter's and buffer's name, device type,
+        dtype, shape (and stride), and the settings every rank agrees on."""
+        members = self.optimizer._members
+        layout = members.layout()
+        n = len(layout) - len(members.optimizer_state_tensors())  # a fresh joiner has no inner state yet
+        names = [name for name, _ in members._named_params()] + [f"buffer {name!r}" for name, _ in members.buffers()]
+        return {"layout": list(zip(names, layout[:n])),
+                "settings": {k: repr(v) for k, v in self.optimizer._settings().items()}}
+
+    def _tensors(self) -> list[torch.Tensor]:
+        members = self.optimizer._members
+        return [p for _, p in members._named_params()] + [b for _, b in members.buffers()]
+
+    def _state(self) -> dict[str, Any]:
+        """The donor's side (torchft's quorum thread, while this one waits in ``start_quorum``)."""
+        opt = self.optimizer
+        copy = lambda t: t.detach().clone()  # noqa: E731 - served by reference while the round runs
+        return {"doing": self._doing, "from": getattr(self.manager, "_replica_id", None),
+                "origin": opt._cursor.origin, **self._identity(),
+                "tensors": [copy(t) for t in self._tensors()], "optimizer": map_tensors(opt.state_dict(), copy)}
+
+    def _load(self, state: dict[str, Any]) -> None:
+        """The joiner's side (in its ``start_quorum``): refuse another layout, or take the donor's state."""
+        opt = self.optimizer
+        problem = _difference(self._identity(), state)
+        if problem is not None:
+            self._heal_error = LocalSGDError(
+                f"Managed: this replica group cannot heal from {state.get('from')}: {problem}. It must wrap the "
+                "same model with the same LocalSGDOptimizer settings as the replicas training now; they carry on "
+                "without it.")
+            return
+        optimizer_state = dict(state["optimizer"])
+        entry = optimizer_state.get(STATE_KEY)
+        if entry is not None:  # the residuals are the donor's own unsent error: the joiner's start at zero
+            optimizer_state[STATE_KEY] = _without(entry, PER_RANK_KEYS)
+        behind = opt.num_steps
+        with torch.no_grad():
+            for mine, theirs in zip(self._tensors(), state["tensors"]):
+                mine.copy_(theirs)
+        opt.load_state_dict(optimizer_state)
+        opt._cursor.origin = state["origin"]  # the control collective compares it: the donor's run's origin
+        opt._binding, opt._single, opt._pending_broadcast = None, False, False
+        self._healed = state["doing"]
+        if behind or opt.num_steps:  # (not torchft's first quorum, where every replica is at step 0)
+            self.heals.append({"step": opt.num_steps, "from": state["from"]})
+
+
+def _difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None:
+    """The first difference between two replicas' :meth:`Managed._identity`, said plainly, or ``None``."""
+    a, b = mine["layout"], [tuple(x) if isinstance(x, list) else x for x in theirs.get("layout", [])]
+    for (name, x), (their_name, y) in zip(a, b):
+        if (name, tuple(x)) != (their_name, tuple(y)):  # (device type, dtype, shape, ...): the first two that differ
+            here, there = ((f"{d[1]} {tuple(d[2])}" if (x[1], x[2]) != (y[1], y[2]) else repr(tuple(d)))
+                           for d in (x, y))
+            return f"{name} is {here} here, {their_name} is {there} on the donor"
+    if len(a) != len(b):
+        return f"{len(a)} parameters and buffers here, {len(b)} on the donor"
+    for key in sorted(set(mine["settings"]) | set(theirs["settings"])):
+        here, there = mine["settings"].get(key), theirs["settings"].get(key)
+        if here != there:
+            return f"{key}={here} here, {key}={there} on the donor"
+    return None
+
+
+def _without(tree: Any, keys: frozenset[str]) -> Any:
+    """``tree`` without the dict entries named in ``keys``, at any depth (fragments nest theirs)."""
+    if isinstance(tree, dict):
+        return {k: _without(v, keys) for k, v in tree.items() if k not in keys}
+    if isinstance(tree, list):
+        return [_without(v, keys) for v in tree]
+    return tree

@@ -147,6 +147,11 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             (one outer state per fragment), ``compression``, ``overlap_steps`` (smaller than
             ``k // fragments``). Needs an integer ``k >= fragments``; not with ``local_k`` or
             ``average_optimizer_state`` (default: 1, the whole model in every round).
+        manager: a ``torchft.Manager`` (``use_async_quorum=False``): live membership. Each global
+            round and ``sync()`` opens with its quorum, runs on its process group, and is kept only
+            if every participant commits; a replica group that returns heals from a live peer.
+            Call ``opt.managed.start()`` before the first step (it returns the step count to
+            train from). See :mod:`localsgd_optim.ft` (default: ``None``).
 
     Example::
 
@@ -184,9 +189,16 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         flat_params: bool = True,
         average_optimizer_state: bool = False,
         fragments: int = 1,
+        manager: Any | None = None,
     ) -> None:
         if isinstance(optimizer, LocalSGDOptimizer):
             raise TypeError("optimizer is already a LocalSGDOptimizer; wrap the inner optimizer once")
+        if manager is not None:
+            pg = getattr(manager, "_pg", None)
+            if process_group is not None and process_group is not pg:
+                raise ValueError("LocalSGDOptimizer: with manager=, leave process_group=None (the rounds run on the "
+                                 f"manager's process group), got process_group={process_group!r}")
+            process_group = pg
         config = Config.from_args(
             optimizer, k, process_group=process_group, bucket_cap_mb=bucket_cap_mb, sync_on_init=sync_on_init,
             warmup_steps=warmup_steps, local_k=local_k, local_group=local_group, buffers=buffers,
@@ -210,16 +222,24 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._binding: Binding | None = None
         self._single = False  # bound to a world of one: never communicate
         self._pending_broadcast = config.sync_on_init
-        #: runs each global round and ``sync()`` (``guard(run)``): a membership engine's quorum and vote
-        #: around it (:class:`localsgd_optim.ft.Managed`); ``None``: the round alone
-        self._round_guard: Callable[[Callable[[], None]], None] | None = None
+        #: runs each global round and ``sync()`` in its place (``guard(round, joined)``, which calls
+        #: ``_run``): a membership engine's quorum and vote around it (:class:`localsgd_optim.ft.Managed`,
+        #: which may run another round after a heal); ``None``: the round alone
+        self._round_guard: Callable[[Round, bool], None] | None = None
         self._stats = {"rounds": 0, "bytes_sent": 0, "round_seconds": 0.0}
         self._constructed = True
         # Built before binding, so the bind check compares them across ranks; a global copy is
         # re-taken right after the binding broadcast, so it starts identical everywhere.
         self._cursor, self._rounds = build_rounds(
             config, self._members.params(), self._members.optimizer_state_tensors)
-        self._bind()
+        #: the :class:`localsgd_optim.ft.Managed` running the rounds under ``manager`` (``None`` without)
+        self.managed: Any = None
+        if manager is None:
+            self._bind()
+        else:  # membership is the manager's: the optimizer binds inside rounds, after each new quorum
+            from .ft import Managed
+
+            self.managed = Managed(self, manager)
 
     def _share_inner(self) -> None:
         # Same objects, not copies: an LR set on the wrapper is the LR the inner step uses.
@@ -379,7 +399,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         Returns:
             Whatever the inner optimizer's ``step`` returns (the closure's loss).
         """
-        if self._binding is None and not self._single:
+        if self._binding is None and not self._single and self._round_guard is None:
             self._bind()  # a process group created after construction: bind before stepping
         if self._join_config.enable:
             if not self._join_config.is_first_joinable:
@@ -453,7 +473,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         if self._round_guard is None:
             self._run(round_, joined)
         else:
-            self._round_guard(lambda: self._run(round_, joined))
+            self._round_guard(round_, joined)
 
     # -- torch.distributed.algorithms.Join --------------------------------------------------
 

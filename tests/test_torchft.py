@@ -1,12 +1,11 @@
-"""Our rounds on torchft's reconfigurable process groups, under its Manager's quorum and commit vote.
+"""Our rounds under torchft (``LocalSGDOptimizer(..., manager=)``): its quorum, commit vote and heals.
 
 Each replica group is its own world (one process here), as under torchft: a real
 ``LighthouseServer``, one ``torchft.Manager`` per group with ``use_async_quorum=False`` (as
-DiLoCo requires), and torchft's ``ProcessGroupGloo``. Every global round opens with
-``start_quorum()`` and closes with ``should_commit()``. With no failure the result must equal
-the plain path (the same code on one gloo world of as many ranks) bit for bit: plain averaging,
-DiLoCo, and top-k 2-bit pseudo-gradients with error feedback, whose payloads go through the
-list-form all-gather that torchft's groups need.
+DiLoCo requires), and torchft's ``ProcessGroupGloo``. With no failure the result must equal the
+plain path bit for bit. Failures are real: a process that exits mid-period or inside a round, a
+vote injected against a round, a new process for a lost group that heals from the survivor
+through torchft's own transport, and one that cannot (another model).
 """
 
 from __future__ import annotations
@@ -44,28 +43,35 @@ def _round_at_4_only(step: int) -> int:
     return 4 if step < 4 else 100
 
 
-def _train(method: str, replica: int, process_group, before_round=None, after_round=None, attach=None,
-           k: Any = K, steps: int = STEPS, die_at: int | None = None) -> list[list[float]]:
+def _train(method: str, replica: int, process_group, before_round=None, after_round=None, manager=None,
+           k: Any = K, steps: int = STEPS, die_at: int | None = None, width: int = 16, opts=None) -> list[list[float]]:
+    """Train ``steps`` steps; the data of a step depends only on (replica, step), so a replica that
+    heals and continues from the donor's step count reads what it would have read there."""
     from localsgd_optim import LocalSGDOptimizer
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    model = nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, 2))
     opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=k, process_group=process_group,
-                            **_methods()[method])
-    if attach is not None:
-        attach(opt)
-    g = torch.Generator().manual_seed(100 + replica)
-    for step in range(1, steps + 1):
+                            manager=manager, **_methods()[method])
+    if opts is not None:
+        opts.append(opt)
+    step = opt.managed.start() if manager is not None else 0
+    if step and after_round is not None:  # healed: it joined the donor's round at this step
+        after_round(step, opt)
+    while step < steps:
+        step += 1
+        g = torch.Generator().manual_seed(1000 * replica + step)
         x, y = torch.randn(4, 8, generator=g), torch.randn(4, 2, generator=g)
         if step == die_at:
             os._exit(0)  # the host is gone, mid-period
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         if step % K == 0 and before_round is not None:
-            before_round()
+            before_round(step)
         opt.step()
         if step % K == 0 and after_round is not None:
-            after_round()
+            after_round(step, opt)
+        step = opt.num_steps  # (a heal moves it to the donor's)
     return [p.detach().flatten().tolist() for p in model.parameters()]
 
 
@@ -79,72 +85,109 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _replica_group(replica: int, lighthouse: str, groups: int, methods: list[str], out, mode: str = "by hand",
-                   ready=None) -> None:
+def _replica_group(replica: int, lighthouse: str, groups: int, methods: list[str], out, mode: str = "managed",
+                   events: dict[str, Any] | None = None, width: int = 16, steps: int = STEPS) -> None:
+    """One replica group (one process, its own world) under a torchft Manager.
+
+    Modes: "managed" (healthy), "undo round 2" (this group fails in each run's second round), "kill mid-period"
+    / "kill mid-round" (group 1 dies at step 6 / right after the quorum of the round at step 8),
+    "heal" (group 1 dies at step 6; a new process for it joins before the round at step 12: see
+    ``events``), "returning" (that new process, possibly with another ``width``).
+    """
     from torchft import Manager, ProcessGroupGloo
 
     torch.set_num_threads(1)
+    live = mode in ("kill mid-period", "kill mid-round", "heal", "returning")
     port = _free_port()
     store = dist.TCPStore("127.0.0.1", port, 1, True)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)  # this replica group's own world
     pg = ProcessGroupGloo(timeout=timedelta(seconds=30))
-    manager = Manager(pg=pg, min_replica_size=1 if mode == "kill" else groups,
-                      load_state_dict=lambda state: None, state_dict=lambda: {},
+    manager = Manager(pg=pg, min_replica_size=1 if live else groups, load_state_dict=None, state_dict=None,
                       use_async_quorum=False, lighthouse_addr=lighthouse, replica_id=f"replica{replica}",
                       store_addr="127.0.0.1", store_port=port, rank=0, world_size=1, timeout=timedelta(seconds=30))
+    pg.register("torchft")
+    events = events or {}
     try:
-        if ready is not None:  # every group heartbeats before any asks for a quorum: the first one has them all
-            ready.wait()
+        if "ready" in events:  # every group heartbeats before any asks for a quorum: the first one has them all
+            events["ready"].wait()
             time.sleep(0.3)
-        manager.start_quorum()
-        if manager.num_participants() != groups:  # (a slow group missed the first quorum: say so)
-            raise RuntimeError(f"the first quorum has {manager.num_participants()} of {groups} groups")
-        pg.register("torchft")
-        commits: list[bool] = []
-        rank = manager.participating_rank()
-        if mode == "by hand":
-            result = {m: _train(m, rank, pg, manager.start_quorum, lambda: commits.append(manager.should_commit()))
-                      for m in methods}
-        else:
-            from localsgd_optim.ft import Managed
+        result: dict[str, Any] = {}
+        counts: list[Any] = []
+        quorum = manager.start_quorum
+        calls = [0]
 
-            quorum = manager.start_quorum
-            if mode == "undo round 2" and replica == 1:  # this group fails in the second round of each run
-                calls = [0]
+        def start_quorum(**kwargs: Any) -> None:
+            calls[0] += 1
+            if mode == "returning":
+                events["rejoining"].set()  # (the survivor waits for this before its round at step 12)
+            quorum(**kwargs)
+            if mode == "undo round 2" and replica == 1 and calls[0] == 3:  # (start, round 1, round 2)
+                manager.report_error(RuntimeError("injected: this group's round failed"))
+            if mode == "kill mid-round" and replica == 1 and calls[0] == 3:
+                os._exit(0)  # gone inside the round at step 8, after its quorum formed
+        manager.start_quorum = start_quorum
+        seen: dict[str, Any] = {}
 
-                def start_quorum(**kwargs: Any) -> None:
-                    quorum(**kwargs)
-                    calls[0] += 1
-                    if calls[0] % 3 == 2:
-                        manager.report_error(RuntimeError("injected: this group's round failed"))
-                manager.start_quorum = start_quorum
-            result = {}
-            for m in methods:
-                managed: list[Any] = []
-                result[m] = _train(m, rank, pg, attach=lambda opt: managed.append(Managed(opt, manager)),
-                                   steps=STEPS if mode == "managed" else 12,
-                                   die_at=6 if mode == "kill" and replica == 1 else None)
-                commits += [managed[0].rounds_committed, managed[0].rounds_rolled_back]
-            commits.append(manager.current_step())  # torchft's own count of committed rounds
-        out.put((replica, rank, result, commits))
+        def before_round(step: int) -> None:
+            if mode == "heal" and step == 12:  # the new process for group 1 is asking to join
+                events["rejoining"].wait(60)
+                time.sleep(0.5)
+
+        def after_round(step: int, opt: Any) -> None:
+            if mode == "heal" and step == 8:
+                events["round 8 done"].set()
+            entry = opt.state_dict()["local_sgd"]
+            seen[step] = {"residual": sum(r.abs().sum().item() for r in entry.get("ef_residuals", [])),
+                          "global": [g.flatten().tolist() for g in entry.get("outer", {}).get("global", [])],
+                          "num_steps": opt.num_steps}
+
+        for m in methods:
+            calls[0] = 0
+            opts: list[Any] = []
+            try:
+                result[m] = _train(m, replica, None, before_round, after_round, manager, steps=steps, width=width,
+                                   die_at=6 if mode in ("kill mid-period", "heal") and replica == 1 else None,
+                                   opts=opts)
+            except Exception as e:  # noqa: BLE001 - a returning replica that cannot heal: its error is the result
+                import traceback
+                out.put((replica, None, {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()},
+                         [o.managed.heals for o in opts]))
+                return
+            managed = opts[0].managed
+            counts += [managed.rounds_committed, managed.rounds_rolled_back]
+        counts.append(manager.current_step())  # torchft's own count of committed rounds
+        out.put((replica, manager.participating_rank(), {**result, "seen": seen,
+                                                       "heals": managed.heals}, counts))
     finally:
         manager.shutdown(wait=False)
 
 
-def _run_groups(groups: int, methods: list[str], mode: str, survivors: int | None = None) -> list[Any]:
+def _run_groups(groups: int, methods: list[str], mode: str, width: int = 16, steps: int = STEPS) -> list[Any]:
+    """Run ``groups`` replica groups and return each one's result; with a failure mode, group 1's
+    process dies and (modes "heal" and "returning") a new process for it rejoins."""
     from torchft._torchft import LighthouseServer
 
-    kill = mode == "kill"
-    lighthouse = LighthouseServer(bind="[::]:0", min_replicas=1 if kill else groups, join_timeout_ms=10000,
-                                  quorum_tick_ms=100, heartbeat_timeout_ms=2000 if kill else None)
+    live = mode in ("kill mid-period", "kill mid-round", "heal", "returning")
+    lighthouse = LighthouseServer(bind="[::]:0", min_replicas=1 if live else groups, join_timeout_ms=10000,
+                                  quorum_tick_ms=100, heartbeat_timeout_ms=2000 if live else None)
     ctx = mp.get_context("spawn")
-    out, ready = ctx.Queue(), ctx.Barrier(groups) if kill else None
-    procs = [ctx.Process(target=_replica_group, args=(r, lighthouse.address(), groups, methods, out, mode, ready))
-             for r in range(groups)]
+    out = ctx.Queue()
+    events = {"ready": ctx.Barrier(groups), "round 8 done": ctx.Event(), "rejoining": ctx.Event()} if live else {}
+    survivor_mode = "heal" if mode == "returning" else mode
+    procs = [ctx.Process(target=_replica_group, args=(r, lighthouse.address(), groups, methods, out, survivor_mode,
+                                                      events, 16, steps)) for r in range(groups)]
     try:
         for p in procs:
             p.start()
-        results = [out.get(timeout=120) for _ in range(groups if survivors is None else survivors)]
+        expected = groups - 1 if mode.startswith("kill") else groups
+        if mode in ("heal", "returning"):
+            procs[1].join(timeout=60)  # group 1 died at step 6
+            assert events["round 8 done"].wait(60), "the survivor never committed its round at step 8"
+            del events["ready"]
+            procs.append(ctx.Process(target=_replica_group, args=(1, lighthouse.address(), groups, methods, out,
+                                                                  "returning", events, width, steps)))
+            procs[-1].start()
+        results = sorted((out.get(timeout=120) for _ in range(expected)), key=lambda r: r[0])
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -154,26 +197,20 @@ def _run_groups(groups: int, methods: list[str], mode: str, survivors: int | Non
     return results
 
 
-@pytest.mark.parametrize("groups", [3])  # (2 groups: through Managed below)
-def test_healthy_rounds_on_torchft_groups_equal_the_plain_path(groups, request):
+@pytest.mark.parametrize("groups", [2, 3])
+def test_managed_rounds_equal_the_plain_path(groups, request):
+    """``Managed`` does the quorum and the vote itself: the same numbers as the plain path (the same code
+    on one gloo world of as many ranks), every round kept, for plain averaging, DiLoCo, and top-k 2-bit
+    pseudo-gradients with error feedback (their payloads go through the list-form all-gather that
+    torchft's groups need)."""
     methods = list(_methods())
     plain = request.getfixturevalue(f"ranks{groups}")(_plain_path, methods)
-    results = _run_groups(groups, methods, "by hand")
-    rounds = len(methods) * STEPS // K
-    for replica, rank, result, commits in results:
-        assert commits == [True] * rounds, (replica, commits)
-        for method in methods:  # the replica's data is seeded by its quorum rank, as the plain path's by its rank
-            assert result[method] == plain[rank][method], f"{method}: replica {replica} (quorum rank {rank})"
-
-
-def test_managed_rounds_equal_the_plain_path(ranks2):
-    """``Managed`` does the quorum and the vote itself: the same numbers as the plain path, every round kept."""
-    methods = list(_methods())
-    plain = ranks2(_plain_path, methods)
-    for replica, rank, result, counts in _run_groups(2, methods, "managed"):
-        assert counts == [STEPS // K, 0] * len(methods) + [len(methods) * STEPS // K], (replica, counts)
+    for replica, rank, result, counts in _run_groups(groups, methods, "managed"):
+        assert counts == [STEPS // K, 0] * len(methods) + [len(methods) * (STEPS // K + 1)], \
+            (replica, counts, result.get("trace"))
+        assert result["heals"] == []  # (torchft's first quorum made them equal: no heal from a peer ahead)
         for method in methods:
-            assert result[method] == plain[rank][method], f"{method}: replica {replica}"
+            assert result[method] == plain[replica][method], f"{method}: replica {replica}"
 
 
 def test_a_round_one_group_votes_against_is_undone_on_every_participant(ranks2):
@@ -183,17 +220,46 @@ def test_a_round_one_group_votes_against_is_undone_on_every_participant(ranks2):
     residuals included (they decide the round at 12)."""
     methods = ["plain", "diloco", "topk2bit"]
     plain = ranks2(_plain_path, methods, _rounds_at_4_and_12, 12)
-    for replica, rank, result, counts in _run_groups(2, methods, "undo round 2"):
-        assert counts == [2, 1] * len(methods) + [2 * len(methods)], (replica, counts)
+    for replica, rank, result, counts in _run_groups(2, methods, "undo round 2", steps=12):
+        assert counts == [2, 1] * len(methods) + [3 * len(methods)], (replica, counts)
         for method in methods:
-            assert result[method] == plain[rank][method], f"{method}: replica {replica}"
+            assert result[method] == plain[replica][method], f"{method}: replica {replica}"
 
 
-def test_a_group_lost_mid_period_leaves_the_survivor_training(ranks2):
-    """Group 1 dies at step 6. Group 0's round at step 8 waits for the lighthouse to drop it (heartbeat
-    timeout 2 s), binds to the quorum of one, and trains on: every round kept, no step redone. Oracle for
-    plain averaging: the plain path that averages at step 4 only (a round alone changes nothing)."""
+@pytest.mark.parametrize("when", ["mid-round"])  # (mid-period: in the heal test below)
+def test_a_group_lost_leaves_the_survivor_training(when, ranks2):
+    """Group 1 dies at step 6, or inside the round at step 8 (after its quorum formed). Group 0's
+    round at 8 waits for the lighthouse to drop it (heartbeat timeout 2 s), or fails and is undone;
+    it binds to the quorum of one and trains on: no step redone. Oracle for plain averaging: the
+    plain path that averages at step 4 only (a round alone changes nothing)."""
     plain = ranks2(_plain_path, ["plain"], _round_at_4_only, 12)
-    [(replica, rank, result, counts)] = _run_groups(2, ["plain"], "kill", survivors=1)
-    assert replica == 0 and counts == [3, 0, 3]
-    assert result["plain"] == plain[rank]["plain"]
+    [(replica, rank, result, counts)] = _run_groups(2, ["plain"], f"kill {when}", steps=12)
+    assert replica == 0 and counts == ([3, 0, 4] if when == "mid-period" else [2, 1, 3])  # (torchft counts start() too)
+    assert result["plain"] == plain[0]["plain"]
+
+
+def test_a_returning_group_heals_from_the_survivor_and_joins_its_round():
+    """Group 1 dies at step 6; group 0 commits its round at 8 alone; a new process for group 1 starts
+    and heals from group 0 inside the quorum of the round at step 12, then joins that round sending
+    nothing. After it, both replicas hold the same parameters, global copy and step count, the
+    joiner's residuals are zero (the donor's are its own), and the survivor redid no step: it
+    committed every round (4, 8, 12, 16). At step 16 both end bit-identical."""
+    results = _run_groups(2, ["topk2bit"], "heal", steps=16)
+    (_, _, survivor, counts0), (_, _, joiner, counts1) = results
+    assert "error" not in joiner, joiner
+    assert counts0 == [4, 0, 5], counts0  # every round the survivor ran was kept; torchft's count too
+    assert counts1 == [2, 0, 5], counts1  # the round it joined, and the one at 16
+    assert survivor["heals"] == [] and [h["step"] for h in joiner["heals"]] == [12]
+    assert joiner["heals"][0]["from"].startswith("replica0")
+    after = survivor["seen"][12], joiner["seen"][12]
+    assert after[0]["global"] == after[1]["global"] and after[0]["num_steps"] == after[1]["num_steps"] == 12
+    assert after[1]["residual"] == 0 and after[0]["residual"] > 0
+    assert survivor["topk2bit"] == joiner["topk2bit"]
+    assert survivor["seen"][16]["global"] == joiner["seen"][16]["global"]
+
+
+def test_a_returning_group_with_another_layout_gets_a_clear_error_and_the_survivor_carries_on():
+    results = _run_groups(2, ["diloco"], "returning", width=17, steps=16)
+    (_, _, survivor, counts0), (_, _, joiner, _) = results
+    assert "cannot heal from replica0" in joiner["error"] and "(17, 8)" in joiner["error"], joiner
+    assert counts0 == [3, 1, 4], counts0  # 4, 8 and 16 kept; 12 skipped (nothing ran, nothing undone)
