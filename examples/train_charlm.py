@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import hashlib
 import inspect
 import json
 import math
@@ -311,6 +312,43 @@ class lr_factor:
         return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
 
+def ft_manager(args: argparse.Namespace, under_torchrun: bool) -> tuple[Any, int]:
+    """torchft's Manager for this replica group (``REPLICA_GROUP_ID``; lighthouse ``TORCHFT_LIGHTHOUSE``).
+
+    Under torchrun the group's world and store are torchrun's; alone, this process makes its own.
+    """
+    from torchft import Manager, ProcessGroupGloo
+
+    group = int(os.environ["REPLICA_GROUP_ID"])
+    store = {}
+    if not under_torchrun:  # its own world of one, on a store of its own
+        tcp = dist.TCPStore("127.0.0.1", 0, 1, True)
+        dist.init_process_group("gloo", store=tcp, rank=0, world_size=1)
+        store = {"store_addr": "127.0.0.1", "store_port": tcp.port, "rank": 0, "world_size": 1}
+    if dist.get_world_size() != 1:
+        raise SystemExit(f"--ft runs one process per replica group, got {dist.get_world_size()} in this one")
+    timeout = datetime.timedelta(seconds=args.pg_timeout or 30)
+    pg = ProcessGroupGloo(timeout=timeout)
+    manager = Manager(pg=pg, load_state_dict=None, state_dict=None, min_replica_size=args.ft_min_replicas,
+                      use_async_quorum=False, replica_id=f"charlm{group}", timeout=timeout, **store)
+    pg.register("torchft")
+    return manager, group
+
+
+def ft_summary(net: nn.Module, opt: LocalSGDOptimizer, manager: Any, group: int, samples: int) -> dict[str, Any]:
+    """--ft: what the JSON says about this replica group (and a line to print)."""
+    digest = hashlib.sha256()
+    for p in net.parameters():  # the final parameters' bytes, in order: equal on every replica at the end
+        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    managed = opt.managed
+    out = {"replica_group": group, "param_digest": digest.hexdigest(), "rounds_committed": managed.rounds_committed,
+           "rounds_rolled_back": managed.rounds_rolled_back, "heals": managed.heals,
+           "torchft_step": manager.current_step(), "samples_trained": samples}
+    out["line"] = (f"{managed.rounds_committed} rounds committed, {managed.rounds_rolled_back} undone, "
+                   f"{len(managed.heals)} heal(s), {samples} samples, params sha256 {out['param_digest'][:16]}")
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=["localsgd", "diloco", "ddp", "none"], default="localsgd",
@@ -376,6 +414,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, metavar="S",
                    help="tensor-parallel replicas: each block's feed-forward split over S ranks (the S ranks of a "
                         "replica read the same batches); Local SGD averages each shard across the replicas")
+    p.add_argument("--ft", action="store_true",
+                   help="live membership through torchft: this process is replica group $REPLICA_GROUP_ID of a job whose "
+                        "lighthouse is $TORCHFT_LIGHTHOUSE; survivors train through failures, a returning group heals "
+                        "from a peer (one process per replica group, under torchrun or alone)")
+    p.add_argument("--ft-groups", type=int, default=2, metavar="G",
+                   help="--ft: replica group slots (REPLICA_GROUP_ID < G): group r reads samples (step*G + r)*B onward")
+    p.add_argument("--ft-min-replicas", type=int, default=1, metavar="N",
+                   help="--ft: the fewest replica groups a round may commit with")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=str, default=None, help="write the loss curve here (rank 0)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per rank")
@@ -391,6 +437,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--elastic needs --ckpt-dir (where the checkpoints a restart resumes from live)")
     if args.elastic and args.method not in ("localsgd", "diloco"):
         p.error("--elastic works with --method localsgd or diloco")
+    if args.ft and (args.method not in ("localsgd", "diloco") or args.elastic or args.shard > 1 or args.tp > 1
+                    or args.warmup_steps or args.overlap_steps):
+        p.error("--ft works with --method localsgd or diloco, without --elastic, --shard, --tp, --warmup-steps or "
+                "--overlap-steps (one process per replica group)")
+    if args.ft and not 0 <= int(os.environ.get("REPLICA_GROUP_ID", -1)) < args.ft_groups:
+        p.error(f"--ft needs REPLICA_GROUP_ID in 0..{args.ft_groups - 1} (--ft-groups), got "
+                f"{os.environ.get('REPLICA_GROUP_ID')!r}, and TORCHFT_LIGHTHOUSE=http://host:port")
     if args.fail_at_step and not args.ckpt_dir:
         p.error(f"--fail-at-step {args.fail_at_step} needs --ckpt-dir (its marker file lives there)")
     return args
@@ -403,6 +456,10 @@ def main(argv: list[str] | None = None) -> dict:
     if distributed:
         timeout = {"timeout": datetime.timedelta(seconds=args.pg_timeout)} if args.pg_timeout else {}
         dist.init_process_group("gloo", **timeout)
+    manager = group = None
+    if args.ft:  # this process is one replica group; the replica groups meet in torchft's quorum
+        manager, group = ft_manager(args, distributed)
+        distributed = False  # (its own world of one: the rounds run on the manager's process group)
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
 
@@ -429,7 +486,8 @@ def main(argv: list[str] | None = None) -> dict:
         opt = LocalSGDOptimizer(inner, k=args.k, warmup_steps=args.warmup_steps, outer_optimizer=outer,
                                 process_group=mesh["replicate"] if mesh is not None else None,
                                 compression=compression_of(args), overlap_steps=args.overlap_steps,
-                                average_optimizer_state=args.average_optimizer_state, fragments=args.fragments)
+                                average_optimizer_state=args.average_optimizer_state, fragments=args.fragments,
+                                manager=manager)
     # LR schedulers step the wrapper like any optimizer (param_groups are shared with the inner one)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args))
     # each rank its own data stream; tensor parallelism: each replica its own, read by all its ranks
@@ -437,9 +495,18 @@ def main(argv: list[str] | None = None) -> dict:
     g = torch.Generator().manual_seed(args.seed * 1000 + stream)
 
     start = 0
-    ckpt = Path(args.ckpt_dir) / f"rank{rank}.pt" if args.ckpt_dir and not args.elastic else None
-    elastic = windows = None
-    readers, reader = world // args.tp, rank // args.tp  # data-parallel readers (TP ranks share a batch)
+    if manager is not None:  # a heal brings the schedule too; the data position follows the step count
+        manager.register_state_dict_fn("lr_schedule", sched.load_state_dict, sched.state_dict)
+        readers, reader = args.ft_groups, group
+        windows = GlobalWindows(train, args.context, args.seed)
+        start = opt.managed.start()
+        if start:
+            print(f"replica group {group}: healed from {opt.managed.heals[-1]['from']} at step {start}", flush=True)
+    ckpt = Path(args.ckpt_dir) / f"rank{rank}.pt" if args.ckpt_dir and not args.elastic and not args.ft else None
+    elastic = None
+    if manager is None:
+        windows = None
+        readers, reader = world // args.tp, rank // args.tp  # data-parallel readers (TP ranks share a batch)
     position = 0  # --elastic: global samples consumed so far
     if args.elastic:
         elastic = ElasticCheckpoint(args.ckpt_dir, shards=split)
@@ -474,6 +541,7 @@ def main(argv: list[str] | None = None) -> dict:
     if rank == 0:
         how = "FSDP2 shards" if args.shard > 1 else "tensor-parallel ranks"
         shape = f" as {world // split} replicas x {split} {how}" if mesh is not None else ""
+        shape = f", replica group {group} of up to {args.ft_groups} (torchft)" if manager is not None else shape
         print(f"{args.method}: {n_params / 1e6:.2f}M parameters, {world} rank(s){shape}, "
               f"{len(train) / 1e6:.1f}M train / {len(val) / 1e6:.2f}M val bytes", flush=True)
     history = []
@@ -487,13 +555,19 @@ def main(argv: list[str] | None = None) -> dict:
             dist.broadcast_object_list(token, src=0)
         attempt = token[0]
     train_s, t0 = 0.0, time.perf_counter()  # the clock excludes validation
+    samples = 0
+    step = start
     with sync_ctx:
-        for step in range(start + 1, args.steps + 1):
+        while step < args.steps:
+            step += 1
+            if manager is not None:  # --ft: group r reads samples (step - 1) * G * B + r * B onward
+                position = (step - 1) * readers * args.batch_size
             if windows is not None:
                 first = position + reader * args.batch_size
                 x, y = windows.batch(first, args.batch_size)
                 if args.sample_log:
-                    log_samples(args.sample_log, attempt, rank, step, windows.ids(first, args.batch_size))
+                    log_samples(args.sample_log, attempt, group if args.ft else rank, step,
+                                windows.ids(first, args.batch_size))
                 position += readers * args.batch_size
             else:
                 x, y = batch(train, args.batch_size, args.context, g)
@@ -502,6 +576,9 @@ def main(argv: list[str] | None = None) -> dict:
             opt.step()
             sched.step()
             opt.zero_grad()
+            samples += args.batch_size
+            if manager is not None and opt.num_steps != step:  # healed inside a round: the donor's step count
+                step = opt.num_steps
             if args.step_delay:
                 time.sleep(args.step_delay)
             if ckpt is not None and args.ckpt_every and step % args.ckpt_every == 0:
@@ -511,7 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                 if point == "after_tmp" else None)
             if elastic is not None and step % (args.ckpt_every or args.k) == 0:  # right after a round
                 elastic.save(step, net, opt, extra={"position": position, "sched": sched.state_dict()})
-            if step == args.fail_at_step and rank == world - 1:
+            if step == args.fail_at_step and (group == args.ft_groups - 1 if args.ft else rank == world - 1):
                 fail_once(Path(args.ckpt_dir) / "failed-once", step)
             if step == args.stop_at_step:
                 break
@@ -519,7 +596,12 @@ def main(argv: list[str] | None = None) -> dict:
                 train_loss = loss.item()
                 train_s += time.perf_counter() - t0
                 before = opt.stats() if isinstance(opt, LocalSGDOptimizer) else None
-                val_loss = evaluate_average(net, opt, val, args)
+                if manager is not None:  # every replica evaluates its own; the last step ends with a round
+                    if step == args.steps:
+                        opt.sync()  # (it ends with a round: every replica leaves with the same parameters)
+                    val_loss = evaluate(net, val, args)
+                else:
+                    val_loss = evaluate_average(net, opt, val, args)
                 if before is not None:  # the evaluation's sync() is not training traffic
                     for key, value in opt.stats().items():
                         eval_cost[key] += value - before[key]
@@ -530,6 +612,13 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"[{bar:<30}] step {step:5d}/{args.steps}  train {train_loss:.3f}  "
                           f"val {val_loss:.3f}  ({rate:.0f} seq/s)", flush=True)
                 t0 = time.perf_counter()
+    ft = None
+    if manager is not None:
+        if start == args.steps:  # healed into the last round (start() joined it): nothing left to train
+            history.append({"step": args.steps, "train_loss": math.nan, "val_loss": evaluate(net, val, args),
+                            "time_s": train_s})
+        ft = ft_summary(net, opt, manager, group, samples)
+        print(f"replica group {group}: {ft['line']}", flush=True)
     steps_run = args.steps - start
     comm = communication_summary(opt, eval_cost, steps_run, n_params, train_s, world)
     if rank == 0 and comm is not None:
@@ -552,9 +641,11 @@ def main(argv: list[str] | None = None) -> dict:
               "samples_per_s": steps_run * (world // args.tp) * args.batch_size / train_s if train_s else math.nan,
               "final_val_loss": history[-1]["val_loss"] if history else math.nan, "history": history,
               "checkpoints": saving, "position": position if args.elastic else None,
-              "replicas_identical": replicas_identical}
+              "replicas_identical": replicas_identical, **(ft or {})}
     if rank == 0 and args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1))
+    if manager is not None:
+        manager.shutdown(wait=False)
     return result
 
 
