@@ -112,3 +112,62 @@ def test_benchmark_fake_world_counts_ops(tmp_path):
     assert rows["localsgd_optim sync"]["ops"] <= 12 * buckets + 30
     assert rows["torch average_parameters"]["ops"] > model["tensors"]  # torch's is O(parameters)
     assert all(row["median_ms"] > 0 for row in rows.values())
+
+
+def test_charlm_ft_survivor_trains_through_a_lost_group_that_heals_and_counts_samples_exactly(tmp_path):
+    """--ft, 2 replica groups under a real lighthouse. Group 1 is SIGKILLed at step 10 (mid-period,
+    k=4) and relaunched; group 0 never stops: it commits every round. The new process heals from
+    group 0 at a round boundary, and both end with the same parameters (param_digest). Samples:
+    group r reads (step - 1) * G * B + r * B onward, so no sample is ever read twice, and the
+    steps the lost group missed are the only ones nobody read."""
+    import os
+    import subprocess
+
+    import pytest
+
+    pytest.importorskip("torchft", reason="torchft is an optional extra: pip install -e '.[ft]'")
+    from torchft._torchft import LighthouseServer
+
+    lighthouse = LighthouseServer(bind="[::]:0", min_replicas=1, join_timeout_ms=10000, quorum_tick_ms=100,
+                                  heartbeat_timeout_ms=2000)
+    steps, k, batch = 60, 4, 4
+    common = [sys.executable, "examples/train_charlm.py", "--ft", "--method", "diloco", "--steps", str(steps),
+              "--k", str(k), "--eval-every", "30", "--d-model", "32", "--layers", "1", "--max-bytes", "200000",
+              "--eval-batches", "2", "--batch-size", str(batch), "--step-delay", "0.1",
+              "--sample-log", str(tmp_path / "samples")]
+
+    def launch(group: int, *extra: str) -> subprocess.Popen:
+        env = {**os.environ, "TORCHFT_LIGHTHOUSE": lighthouse.address(), "REPLICA_GROUP_ID": str(group)}
+        return subprocess.Popen(common + ["--json-out", str(tmp_path / f"g{group}.json"), *extra], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    fail = ["--fail-at-step", "10", "--ckpt-dir", str(tmp_path)]  # (the marker file: the relaunch does not die)
+    procs = [launch(0), launch(1, *fail)]
+    try:
+        assert procs[1].wait(timeout=120) == -9  # SIGKILLed at step 10
+        procs.append(launch(1, *fail))
+        outs = [p.communicate(timeout=180)[0] for p in (procs[0], procs[2])]
+    finally:
+        for p in procs:
+            p.kill()
+        lighthouse.shutdown()
+    assert all(p.returncode == 0 for p in (procs[0], procs[2])), outs
+    g0, g1 = (json.loads((tmp_path / f"g{g}.json").read_text()) for g in (0, 1))
+    assert g0["param_digest"] == g1["param_digest"], outs  # it ends with a round: equal replicas
+    assert g0["rounds_rolled_back"] == 0 and g0["rounds_committed"] == steps // k + 1  # + the final sync
+    assert g0["heals"] == [] and len(g1["heals"]) == 1 and g1["heals"][0]["from"] == "charlm0"
+    healed_at = g1["heals"][0]["step"]
+    assert healed_at % k == 0 and 10 < healed_at <= steps
+    assert g0["torchft_step"] == g1["torchft_step"]
+    assert g1["samples_trained"] == (steps - healed_at) * batch
+    read: dict[int, list[int]] = {0: [], 1: []}
+    for log in (tmp_path / "samples").iterdir():  # rank<group>-<attempt>.txt: "attempt step ids..."
+        group = int(log.name[len("rank")])
+        for line in log.read_text().splitlines():
+            _, step, *ids = map(int, line.split())
+            first = ((step - 1) * 2 + group) * batch
+            assert ids == list(range(first, first + batch)), (log.name, step)
+            read[group] += ids
+    everything = read[0] + read[1]
+    assert len(everything) == len(set(everything))  # no sample read twice
+    assert len(read[0]) == steps * batch and len(read[1]) == (10 + steps - healed_at) * batch
