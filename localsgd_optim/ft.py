@@ -53,10 +53,10 @@ Example::
 
     manager = torchft.Manager(pg=torchft.ProcessGroupGloo(), load_state_dict=None, state_dict=None,
                               min_replica_size=1, use_async_quorum=False, ...)
-    manager.start_quorum(); manager._pg.register("torchft")   # (torchft's groups need a name)
-    opt = LocalSGDOptimizer(AdamW(model.parameters()), k=8, process_group=manager._pg)
-    managed = Managed(opt, manager)
-    step = managed.start()           # heals here if the others are ahead: train from step
+    manager._pg.register("torchft")                    # (torchft's groups need a name)
+    opt = LocalSGDOptimizer(AdamW(model.parameters()), k=8, manager=manager)   # opt.managed: a Managed
+    manager.register_state_dict_fn("sched", sched.load_state_dict, sched.state_dict)  # more to heal
+    step = opt.managed.start()       # heals here if the others are ahead: train from this step
     while step < total: ...; opt.step(); step = opt.num_steps
 """
 

@@ -195,6 +195,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             raise TypeError("optimizer is already a LocalSGDOptimizer; wrap the inner optimizer once")
         if manager is not None:
             pg = getattr(manager, "_pg", None)
+            if pg is None:
+                raise TypeError(f"manager must be a torchft.Manager (built with pg=...), got {type(manager).__name__}")
             if process_group is not None and process_group is not pg:
                 raise ValueError("LocalSGDOptimizer: with manager=, leave process_group=None (the rounds run on the "
                                  f"manager's process group), got process_group={process_group!r}")

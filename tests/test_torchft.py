@@ -263,3 +263,41 @@ def test_a_returning_group_with_another_layout_gets_a_clear_error_and_the_surviv
     (_, _, survivor, counts0), (_, _, joiner, _) = results
     assert "cannot heal from replica0" in joiner["error"] and "(17, 8)" in joiner["error"], joiner
     assert counts0 == [3, 1, 4], counts0  # 4, 8 and 16 kept; 12 skipped (nothing ran, nothing undone)
+
+
+class _ManagerStub:
+    """Only what the checks read before any quorum (argument validation: no collective runs)."""
+
+    def __init__(self, **settings: Any) -> None:
+        self._pg, self._use_async_quorum, self._init_sync, self.registered = object(), False, True, {}
+        self.__dict__.update(settings)
+
+    def register_state_dict_fn(self, key: str, load: Any, save: Any) -> None:
+        self.registered[key] = (load, save)
+
+
+@pytest.mark.parametrize("manager, options, error", [
+    (_ManagerStub(_use_async_quorum=True), {}, "use_async_quorum=False (got True)"),
+    (_ManagerStub(_init_sync=False), {}, "init_sync=True (got False)"),
+    (_ManagerStub(), {"warmup_steps": 2}, "warmup_steps=2 is not supported under torchft"),
+    (_ManagerStub(), {"overlap_steps": 1, "outer_optimizer": None}, "overlap_steps=1 is not supported"),
+    (object(), {}, "manager must be a torchft.Manager"),
+])
+def test_a_manager_the_rounds_cannot_run_under_is_refused_by_name(manager, options, error):
+    from localsgd_optim import LocalSGDOptimizer
+
+    model = nn.Linear(2, 2)
+    with pytest.raises((ValueError, TypeError), match=error.replace("(", r"\(").replace(")", r"\)")):
+        LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=4, manager=manager, **options)
+
+
+def test_a_round_before_start_is_refused_and_registers_the_heal_state():
+    from localsgd_optim import LocalSGDError, LocalSGDOptimizer
+
+    model, manager = nn.Linear(2, 2), _ManagerStub()
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), k=2, manager=manager)
+    assert list(manager.registered) == ["localsgd_optim"] and opt.process_group is manager._pg
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()  # a local step needs no quorum
+    with pytest.raises(LocalSGDError, match=r"call opt.managed.start\(\) once before the first step"):
+        opt.step()
