@@ -106,6 +106,11 @@ def _replica_group(replica: int, lighthouse: str, groups: int, methods: list[str
                       use_async_quorum=False, lighthouse_addr=lighthouse, replica_id=f"replica{replica}",
                       store_addr="127.0.0.1", store_port=port, rank=0, world_size=1, timeout=timedelta(seconds=30))
     pg.register("torchft")
+    collectives: list[str] = []
+    for name in ("allreduce", "allgather", "allgather_into_tensor_coalesced", "broadcast", "reduce_scatter"):
+        if hasattr(pg, name):  # count what our rounds dispatch on torchft's group
+            setattr(pg, name, (lambda f, n: lambda *a, **kw: (collectives.append(n), f(*a, **kw))[1])(
+                getattr(pg, name), name))
     events = events or {}
     try:
         if "ready" in events:  # every group heartbeats before any asks for a quorum: the first one has them all
@@ -141,8 +146,10 @@ def _replica_group(replica: int, lighthouse: str, groups: int, methods: list[str
                           "global": [g.flatten().tolist() for g in entry.get("outer", {}).get("global", [])],
                           "num_steps": opt.num_steps}
 
+        per_method = {}
         for m in methods:
             calls[0] = 0
+            del collectives[:]
             opts: list[Any] = []
             try:
                 result[m] = _train(m, replica, None, before_round, after_round, manager, steps=steps, width=width,
@@ -155,9 +162,10 @@ def _replica_group(replica: int, lighthouse: str, groups: int, methods: list[str
                 return
             managed = opts[0].managed
             counts += [managed.rounds_committed, managed.rounds_rolled_back]
+            per_method[m] = list(collectives)
         counts.append(manager.current_step())  # torchft's own count of committed rounds
-        out.put((replica, manager.participating_rank(), {**result, "seen": seen,
-                                                       "heals": managed.heals}, counts))
+        out.put((replica, manager.participating_rank(), {**result, "seen": seen, "heals": managed.heals,
+                                                       "collectives": per_method}, counts))
     finally:
         manager.shutdown(wait=False)
 
@@ -211,6 +219,12 @@ def test_managed_rounds_equal_the_plain_path(groups, request):
         assert result["heals"] == []  # (torchft's first quorum made them equal: no heal from a peer ahead)
         for method in methods:
             assert result[method] == plain[replica][method], f"{method}: replica {replica}"
+            # start(): the new quorum's vote; then a round is its control gather, one collective per
+            # bucket (one bucket here: an all-reduce, or top-k's all-gather), and the commit vote; the
+            # first round binds (one more gather). torchft's DiLoCo: one all-reduce per tensor.
+            data = "allgather" if method == "topk2bit" else "allreduce"
+            round_ = ["allgather", data, "allreduce"]
+            assert result["collectives"][method] == ["allreduce"] + ["allgather"] + round_ * (STEPS // K), method
 
 
 def test_a_round_one_group_votes_against_is_undone_on_every_participant(ranks2):
