@@ -72,6 +72,7 @@ from ._state import STATE_KEY
 from .checkpoint import PER_RANK_KEYS, map_tensors
 from .optimizer import LocalSGDOptimizer
 from .rounds import Round
+from .rounds.fragments import FragmentedRound
 
 __all__ = ["Managed"]
 
@@ -108,6 +109,10 @@ class Managed:
             "warmup_steps": (optimizer.warmup_steps, "warmup rounds run at every step, outside any quorum"),
             "sharded replicas": (optimizer._members.sharding is not None, "one managed group per shard index is "
                                  "not built yet"),
+            "fragments without an outer_optimizer": (
+                optimizer._config.fragments > 1 and optimizer._rounds.outer_optimizer() is None,
+                "a replica that heals must start the fragments not synced at that step from their global copy "
+                "(the donor's progress since their last round would count twice), and plain fragments keep none"),
         }
         for name, (value, why) in refused.items():
             if value:
@@ -300,11 +305,25 @@ class Managed:
             for mine, theirs in zip(self._tensors(), state["tensors"]):
                 mine.copy_(theirs)
         opt.load_state_dict(optimizer_state)
+        self._from_global_copies()
         opt._cursor.origin = state["origin"]  # the control collective compares it: the donor's run's origin
         opt._binding, opt._single, opt._pending_broadcast = None, False, False
         self._healed = state["doing"]
         if behind or opt.num_steps:  # (not torchft's first quorum, where every replica is at step 0)
             self.heals.append({"step": opt.num_steps, "from": state["from"]})
+
+
+    @torch.no_grad()
+    def _from_global_copies(self) -> None:
+        """Streaming DiLoCo: the fragments the donor has not synced at this step hold its progress
+        since their last round. The joiner starts every fragment from its global copy, so that
+        progress counts once (the fragment synced now is overwritten by the round anyway)."""
+        scheduled = self.optimizer._rounds.scheduled
+        if isinstance(scheduled, FragmentedRound):
+            params = self.optimizer._members.params()
+            for (lo, hi), inner in zip(scheduled.bounds, scheduled.inners):
+                for p, g in zip(params[lo:hi], inner.outer.globals):
+                    p.copy_(g)
 
 
 def _difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None:

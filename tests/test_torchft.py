@@ -31,7 +31,8 @@ def _methods():
     from localsgd_optim import diloco, topk
 
     return {"plain": {}, "diloco": {"outer_optimizer": diloco()},
-            "topk2bit": {"outer_optimizer": diloco(), "compression": topk(0.25, bits=2, chunk=64)}}
+            "topk2bit": {"outer_optimizer": diloco(), "compression": topk(0.25, bits=2, chunk=64)},
+            "fragments": {"outer_optimizer": diloco(), "fragments": 2}}  # (heal test only)
 
 
 def _rounds_at_4_and_12(step: int) -> int:
@@ -142,8 +143,10 @@ def _replica_group(replica: int, lighthouse: str, groups: int, methods: list[str
             if mode == "heal" and step == 8:
                 events["round 8 done"].set()
             entry = opt.state_dict()["local_sgd"]
+            outers = [f["outer"] for f in entry["fragments"]] if "fragments" in entry else [entry.get("outer", {})]
             seen[step] = {"residual": sum(r.abs().sum().item() for r in entry.get("ef_residuals", [])),
-                          "global": [g.flatten().tolist() for g in entry.get("outer", {}).get("global", [])],
+                          "global": [g.flatten().tolist() for outer in outers for g in outer.get("global", [])],
+                          "params": [p.detach().flatten().tolist() for p in opt.param_groups[0]["params"]],
                           "num_steps": opt.num_steps}
 
         per_method = {}
@@ -211,7 +214,7 @@ def test_managed_rounds_equal_the_plain_path(groups, request):
     on one gloo world of as many ranks), every round kept, for plain averaging, DiLoCo, and top-k 2-bit
     pseudo-gradients with error feedback (their payloads go through the list-form all-gather that
     torchft's groups need)."""
-    methods = list(_methods())
+    methods = ["plain", "diloco", "topk2bit"]
     plain = request.getfixturevalue(f"ranks{groups}")(_plain_path, methods)
     for replica, rank, result, counts in _run_groups(groups, methods, "managed"):
         assert counts == [STEPS // K, 0] * len(methods) + [len(methods) * (STEPS // K + 1)], \
@@ -252,24 +255,32 @@ def test_a_group_lost_leaves_the_survivor_training(when, ranks2):
     assert result["plain"] == plain[0]["plain"]
 
 
-def test_a_returning_group_heals_from_the_survivor_and_joins_its_round():
+@pytest.mark.parametrize("method", ["topk2bit", "fragments"])
+def test_a_returning_group_heals_from_the_survivor_and_joins_its_round(method):
     """Group 1 dies at step 6; group 0 commits its round at 8 alone; a new process for group 1 starts
     and heals from group 0 inside the quorum of the round at step 12, then joins that round sending
-    nothing. After it, both replicas hold the same parameters, global copy and step count, the
-    joiner's residuals are zero (the donor's are its own), and the survivor redid no step: it
-    committed every round (4, 8, 12, 16). At step 16 both end bit-identical."""
-    results = _run_groups(2, ["topk2bit"], "heal", steps=16)
+    nothing. After it, both replicas hold the same global copy and step count, the joiner's residuals
+    are zero (the donor's are its own), and the survivor redid no step: it committed every round
+    (4, 8, 12, 16). top-k 2-bit: both end bit-identical at step 16. Streaming DiLoCo (2 fragments,
+    the last synced at 12 and 16, the other at 10 and 14): the joiner starts the fragment not synced
+    at 12 from its global copy (the donor's progress since step 10 counts once), and the globals agree."""
+    results = _run_groups(2, [method], "heal", steps=16)
     (_, _, survivor, counts0), (_, _, joiner, counts1) = results
     assert "error" not in joiner, joiner
-    assert counts0 == [4, 0, 5], counts0  # every round the survivor ran was kept; torchft's count too
-    assert counts1 == [2, 0, 5], counts1  # the round it joined, and the one at 16
+    rounds = 16 // (K if method == "topk2bit" else K // 2)  # (2 fragments: a round every 2 steps)
+    assert counts0 == [rounds, 0, rounds + 1], counts0  # every round the survivor ran was kept; torchft's too
+    assert counts1 == [rounds * 4 // 16 + 1, 0, rounds + 1], counts1  # the round it joined and those after
     assert survivor["heals"] == [] and [h["step"] for h in joiner["heals"]] == [12]
     assert joiner["heals"][0]["from"].startswith("replica0")
     after = survivor["seen"][12], joiner["seen"][12]
     assert after[0]["global"] == after[1]["global"] and after[0]["num_steps"] == after[1]["num_steps"] == 12
-    assert after[1]["residual"] == 0 and after[0]["residual"] > 0
-    assert survivor["topk2bit"] == joiner["topk2bit"]
     assert survivor["seen"][16]["global"] == joiner["seen"][16]["global"]
+    if method == "topk2bit":
+        assert after[1]["residual"] == 0 and after[0]["residual"] > 0
+        assert survivor[method] == joiner[method]
+    else:
+        assert after[1]["params"] == after[1]["global"] != after[0]["params"]
+        assert after[0]["params"][2:] == after[0]["global"][2:]  # fragment 1 (the last Linear) synced at 12
 
 
 def test_a_returning_group_with_another_layout_gets_a_clear_error_and_the_survivor_carries_on():
