@@ -343,7 +343,8 @@ def ft_summary(net: nn.Module, opt: LocalSGDOptimizer, manager: Any, group: int,
     managed = opt.managed
     out = {"replica_group": group, "param_digest": digest.hexdigest(), "rounds_committed": managed.rounds_committed,
            "rounds_rolled_back": managed.rounds_rolled_back, "heals": managed.heals,
-           "torchft_step": manager.current_step(), "samples_trained": samples}
+           "torchft_step": manager.current_step(), "samples_trained": samples,
+           "lr": opt.param_groups[0]["lr"]}  # (a heal brings the LR schedule's position too)
     out["line"] = (f"{managed.rounds_committed} rounds committed, {managed.rounds_rolled_back} undone, "
                    f"{len(managed.heals)} heal(s), {samples} samples, params sha256 {out['param_digest'][:16]}")
     return out
@@ -500,6 +501,9 @@ def main(argv: list[str] | None = None) -> dict:
         readers, reader = args.ft_groups, group
         windows = GlobalWindows(train, args.context, args.seed)
         start = opt.managed.start()
+        healed_in_step = bool(opt.managed.heals) and opt.managed.heals[-1]["in_step"]
+        if healed_in_step:  # the donor was inside its step()'s round: finish that step as the donor does
+            sched.step()
         if start:
             print(f"replica group {group}: healed from {opt.managed.heals[-1]['from']} at step {start}", flush=True)
     ckpt = Path(args.ckpt_dir) / f"rank{rank}.pt" if args.ckpt_dir and not args.elastic and not args.ft else None
@@ -615,6 +619,8 @@ def main(argv: list[str] | None = None) -> dict:
     ft = None
     if manager is not None:
         if start == args.steps:  # healed into the last round (start() joined it): nothing left to train
+            if healed_in_step:  # (the last scheduled round: the donor's final sync() follows)
+                opt.sync()
             history.append({"step": args.steps, "train_loss": math.nan, "val_loss": evaluate(net, val, args),
                             "time_s": train_s})
         ft = ft_summary(net, opt, manager, group, samples)

@@ -20,6 +20,7 @@ from ._dist import (
     RoundKind,
     agree_on_round,
     check_ranks_agree,
+    is_nccl,
     describe_tensor,
     fingerprint,
 )
@@ -238,7 +239,7 @@ class Binding:
         self.cursor = cursor  # the step count, and the count this run started or resumed from
         self.engine = BucketEngine(tensors, bucket_cap_bytes(bucket_cap_mb), flat_params, len(members.params()),
                                    breaks, evict=True, sharding=members.sharding)
-        self._nccl = dist.get_backend(group) == "nccl"
+        self._nccl = is_nccl(group)
         self._state_ids: list[tuple[int, int]] = []  # the averaged optimizer state the digest describes
         self.digest = self._digest()
 

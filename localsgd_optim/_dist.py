@@ -190,6 +190,12 @@ def agree_on_round(
     return _verdict([flat[r * len(row):(r + 1) * len(row)] for r in range(world)], explain_layout, names, local_error)
 
 
+def is_nccl(group: dist.ProcessGroup | None) -> bool:
+    """Whether ``group`` runs on NCCL (its collectives need CUDA tensors): torch's backend, or a torchft
+    group over NCCL (registered under a name of its own, so the backend's name does not say)."""
+    return "NCCL" in type(group).__name__ or dist.get_backend(group) == "nccl"
+
+
 def on_every_rank(ok: bool, group: dist.ProcessGroup | None, device: torch.device) -> bool:
     """Whether ``ok`` holds on every rank of ``group``: one ``MIN`` all-reduce of one int on ``device``."""
     flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)

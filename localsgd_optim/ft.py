@@ -67,7 +67,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ._dist import AveragingRoundError, LocalSGDError, on_every_rank
+from ._dist import AveragingRoundError, LocalSGDError, is_nccl, on_every_rank
 from ._state import STATE_KEY
 from .checkpoint import PER_RANK_KEYS, map_tensors
 from .optimizer import LocalSGDOptimizer
@@ -93,8 +93,10 @@ class Managed:
         rounds_committed: rounds kept (a round joined after a heal included).
         rounds_rolled_back: rounds undone (a failed vote, an error in the round), or skipped
             because a member could not heal.
-        heals: one ``{"step", "from"}`` per heal of this replica: the step count it continued
-            from and the donor's torchft replica id.
+        heals: one ``{"step", "from", "in_step"}`` per heal of this replica: the step count it
+            continued from, the donor's torchft replica id, and whether the donor was inside
+            ``step()`` (a scheduled round): then what your loop does after ``opt.step()`` for that
+            step (``sched.step()``, for one) is still to do on this replica, as the donor will.
     """
 
     def __init__(self, optimizer: LocalSGDOptimizer, manager: Any, key: str = "localsgd_optim") -> None:
@@ -166,7 +168,7 @@ class Managed:
         if healed in (_SCHEDULED, _SYNC):
             self._commit(self._donors_round(healed), joined=True)
         elif healed != _SKIPPED:
-            self.manager.should_commit()
+            self.manager.should_commit()  # (nothing ran: the quorum counts as a commit, on every member)
         return self.optimizer.num_steps
 
     def _round(self, round_: Round, joined: bool) -> None:
@@ -177,7 +179,10 @@ class Managed:
                 "heals this replica if the others are ahead; without it torchft's first round would "
                 "heal every replica but one and average that one alone")
         healed = self._open(_SYNC if round_ is opt._rounds.sync else _SCHEDULED)
-        if healed in (_START, _SKIPPED):  # healed from a replica that is only starting, or a member could not heal
+        if healed == _START:  # healed from a replica that is only starting: it commits its start(), so does this
+            self.manager.should_commit()
+            return
+        if healed == _SKIPPED:  # a member of the new quorum could not heal: nothing ran, already voted
             return
         if healed is not None:
             round_, joined = self._donors_round(healed), True
@@ -195,9 +200,13 @@ class Managed:
         """
         opt, manager = self.optimizer, self.manager
         self._doing, self._healed, self._heal_error = doing, None, None
+        if torch.accelerator.is_available():  # a donor's copy is taken on torchft's recovery stream:
+            torch.accelerator.synchronize()   # the inner step's kernels must have landed
         manager.start_quorum()  # allow_heal: _load runs in here when this replica is behind
         quorum = manager._quorum_id
-        if quorum == self._quorum_id:
+        if quorum == self._quorum_id:  # (a heal in a continuing quorum: its layouts were checked when it formed)
+            if self._heal_error is not None:
+                raise self._heal_error
             return self._healed
         self._quorum_id = quorum  # every member of a new quorum sees it new: all of them vote
         opt._binding, opt._single = None, False  # bind again: the control collective checks layouts afresh
@@ -254,7 +263,10 @@ class Managed:
         opt = self.optimizer
         if dist.get_world_size(opt.process_group) == 1:
             return ok
-        device = opt._binding.control_device if opt._binding is not None else torch.device("cpu")
+        if opt._binding is not None:
+            device = opt._binding.control_device
+        else:  # (between quorums: not bound yet) NCCL needs the vote on the GPU
+            device = (opt._members.device() if is_nccl(opt.process_group) else None) or torch.device("cpu")
         try:
             return on_every_rank(ok, opt.process_group, device)
         except Exception as e:  # noqa: BLE001 - a group too broken to vote: undo the round
@@ -307,10 +319,10 @@ class Managed:
         opt.load_state_dict(optimizer_state)
         self._from_global_copies()
         opt._cursor.origin = state["origin"]  # the control collective compares it: the donor's run's origin
-        opt._binding, opt._single, opt._pending_broadcast = None, False, False
+        opt._pending_broadcast = False  # (the binding stays: a new quorum binds again in _open anyway)
         self._healed = state["doing"]
         if behind or opt.num_steps:  # (not torchft's first quorum, where every replica is at step 0)
-            self.heals.append({"step": opt.num_steps, "from": state["from"]})
+            self.heals.append({"step": opt.num_steps, "from": state["from"], "in_step": state["doing"] == _SCHEDULED})
 
 
     @torch.no_grad()

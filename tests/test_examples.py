@@ -158,7 +158,8 @@ def test_charlm_ft_survivor_trains_through_a_lost_group_that_heals_and_counts_sa
     assert g0["heals"] == [] and len(g1["heals"]) == 1 and g1["heals"][0]["from"] == "charlm0"
     healed_at = g1["heals"][0]["step"]
     assert healed_at % k == 0 and 10 < healed_at <= steps
-    assert g0["torchft_step"] == g1["torchft_step"]
+    assert g0["torchft_step"] == g1["torchft_step"] and g0["lr"] == g1["lr"]  # the schedule healed in step
+    assert g1["heals"][0]["in_step"]  # (it joined a scheduled round, inside the donor's step())
     assert g1["samples_trained"] == (steps - healed_at) * batch
     read: dict[int, list[int]] = {0: [], 1: []}
     for log in (tmp_path / "samples").iterdir():  # rank<group>-<attempt>.txt: "attempt step ids..."

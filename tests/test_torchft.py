@@ -271,7 +271,7 @@ def test_a_returning_group_heals_from_the_survivor_and_joins_its_round(method):
     assert counts0 == [rounds, 0, rounds + 1], counts0  # every round the survivor ran was kept; torchft's too
     assert counts1 == [rounds * 4 // 16 + 1, 0, rounds + 1], counts1  # the round it joined and those after
     assert survivor["heals"] == [] and [h["step"] for h in joiner["heals"]] == [12]
-    assert joiner["heals"][0]["from"].startswith("replica0")
+    assert joiner["heals"][0]["from"].startswith("replica0") and joiner["heals"][0]["in_step"]
     after = survivor["seen"][12], joiner["seen"][12]
     assert after[0]["global"] == after[1]["global"] and after[0]["num_steps"] == after[1]["num_steps"] == 12
     assert survivor["seen"][16]["global"] == joiner["seen"][16]["global"]
@@ -326,3 +326,14 @@ def test_a_round_before_start_is_refused_and_registers_the_heal_state():
     opt.step()  # a local step needs no quorum
     with pytest.raises(LocalSGDError, match=r"call opt.managed.start\(\) once before the first step"):
         opt.step()
+
+
+def test_torchfts_nccl_groups_count_as_nccl():
+    """Their backend's name is the one they were registered under, not "nccl": the control tensor and the
+    vote must still go to the GPU (what the type says)."""
+    from torchft.process_group import ProcessGroupBabyNCCL, ProcessGroupNCCL
+
+    from localsgd_optim._dist import is_nccl
+
+    assert all(is_nccl(kind.__new__(kind)) for kind in (ProcessGroupNCCL, ProcessGroupBabyNCCL))
+    # (torchft's gloo groups: every other test here binds on one, with the control tensor on the CPU)
