@@ -277,8 +277,9 @@ class Binding:
         return len(params)
 
     def control(self, kind: RoundKind, prepare: Callable[[], None], joined: bool = False, group: Any = None,
-                riders: Sequence[Any] = ()) -> int:
-        """Prepare locally, then run the round's control collective; return how many ranks send data.
+                riders: Sequence[Any] = (), weight: int = -1) -> tuple[int, bool]:
+        """Prepare locally, then run the round's control collective; return ``(divisor, weighted)``
+        (see :func:`~localsgd_optim._dist.agree_on_round`: how many ranks send data, or their total weight).
 
         Everything that can fail locally (re-planning, ``prepare``, the NaN scan) happens before
         the gather, and a failure is announced in it: no rank is ever left waiting in a data
@@ -298,7 +299,7 @@ class Binding:
             local_error = e
         return agree_on_round(self.group if group is None else group, self.control_device, kind, self.cursor.step,
                               self.cursor.origin, self.digest, self._explain_layout, nonfinite, self.members.names,
-                              joined, local_error)
+                              joined, local_error, weight)
 
     @contextlib.contextmanager
     def errors(self, what: Callable[[], str]) -> Iterator[None]:

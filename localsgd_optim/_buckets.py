@@ -23,13 +23,15 @@ __all__ = ["mean_op", "BucketEngine", "InFlight", "first_nonfinite", "bucket_cap
 WIDE = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
 
 
-def mean_op(group: dist.ProcessGroup | None, contributors: int) -> tuple[dist.ReduceOp, int | None]:
+def mean_op(group: dist.ProcessGroup | None, contributors: int,
+            weight: int | None = None) -> tuple[dist.ReduceOp, int | None]:
     """How to average over ``contributors`` ranks of ``group``: ``(op, divisor)``.
 
     NCCL reduces with ``AVG`` natively when every rank contributes; gloo and MPI have no
     faster ``AVG``, and ranks that joined send zeros: then ``SUM`` and divide by ``divisor``.
+    A weighted mean (``weight``: this rank's) always sums; ``contributors`` is then the total weight.
     """
-    if contributors == dist.get_world_size(group) and dist.get_backend(group) == "nccl":
+    if weight is None and contributors == dist.get_world_size(group) and dist.get_backend(group) == "nccl":
         return dist.ReduceOp.AVG, None
     return dist.ReduceOp.SUM, contributors
 
@@ -303,7 +305,7 @@ class BucketEngine:
     @torch.no_grad()
     def run(self, collective: Collective, divide_by: int | None = None,
             send_zeros: bool = False, wire_dtype: torch.dtype | None = None, lo: int = 0, hi: int | None = None,
-            buffers: Sequence[torch.Tensor] | None = None) -> int:
+            buffers: Sequence[torch.Tensor] | None = None, weight: int | None = None) -> int:
         """Apply ``collective`` to every bucket of tensors ``[lo, hi)``, in place.
 
         Returns the bytes handed to collectives (the payload this rank sent).
@@ -315,11 +317,12 @@ class BucketEngine:
         on every rank. ``divide_by`` divides the result: once per flat buffer. ``send_zeros``
         contributes zeros (a rank that has joined) and receives the result. ``wire_dtype``
         (``torch.bfloat16``) casts each bucket on its way into a packing buffer and back; the
-        division happens after widening, at full precision.
+        division happens after widening, at full precision. ``weight`` multiplies this rank's
+        contribution first (a weighted mean: ``divide_by`` is then the total weight).
         """
         hi = len(self.tensors) if hi is None else hi
         if buffers is None and self.storage is None:
-            return self._run_packed(collective, divide_by, send_zeros, wire_dtype, lo, hi)
+            return self._run_packed(collective, divide_by, send_zeros, wire_dtype, lo, hi, weight)
         own = buffers is None
         if own:
             buffers = self.flats(lo, hi)[1]
@@ -329,6 +332,8 @@ class BucketEngine:
         if send_zeros:
             for b in buffers:
                 b.zero_()  # reduced in place: the result overwrites it anyway
+        elif weight is not None:
+            torch._foreach_mul_(list(buffers), weight)
         sent = self._reduce_slices(self.bucket_slices(buffers, lo, hi), collective, wire_dtype)
         if divide_by is not None:
             for b in buffers:
@@ -357,7 +362,8 @@ class BucketEngine:
             return pipe.complete_all()
 
     def _run_packed(self, collective: Collective, divide_by: int | None,
-                    send_zeros: bool, wire_dtype: torch.dtype | None, lo: int, hi: int) -> int:
+                    send_zeros: bool, wire_dtype: torch.dtype | None, lo: int, hi: int,
+                    weight: int | None = None) -> int:
         """The copy engine's round: each bucket packed into a double buffer (or reduced in its lone tensor)."""
 
         def complete(pos: int, members: list[torch.Tensor], flat: torch.Tensor, slots: _Slots | None,
@@ -388,23 +394,27 @@ class BucketEngine:
                     flat.zero_()
                 elif slots is not None:
                     foreach_copy(slots.views(index, pos, members), members)
+                if weight is not None and not send_zeros:
+                    flat.mul_(weight)  # (a lone tensor reduced in place: it is overwritten by the mean)
                 pipe.launch((pos, members, flat, slots, index), flat, collective)
             return pipe.complete_all()
 
     def all_reduce_mean(self, group: dist.ProcessGroup | None, world_size: int,
                         contributors: int | None = None, send_zeros: bool = False,
                         wire_dtype: torch.dtype | None = None, lo: int = 0, hi: int | None = None,
-                        buffers: Sequence[torch.Tensor] | None = None) -> int:
+                        buffers: Sequence[torch.Tensor] | None = None, weight: int | None = None) -> int:
         """Replace tensors ``[lo, hi)`` (or ``buffers``) by their mean across ``group``; return the bytes sent.
 
         The one SUM-then-divide of the package. With ``contributors < world_size`` (ranks that
-        joined send zeros), the sum is divided by the number of contributors instead.
+        joined send zeros), the sum is divided by the number of contributors instead. With
+        ``weight`` (this rank's), the mean is weighted: ``sum(weight_r * x_r) / contributors``,
+        ``contributors`` being the total weight.
         """
         contributors = world_size if contributors is None else contributors
         # a wire dtype sums narrow and divides after widening, at full precision (not NCCL's AVG in bf16)
-        op, divisor = mean_op(group, contributors) if wire_dtype is None else (dist.ReduceOp.SUM, contributors)
+        op, divisor = mean_op(group, contributors, weight) if wire_dtype is None else (dist.ReduceOp.SUM, contributors)
         return self.run(lambda flat: dist.all_reduce(flat, op, group, async_op=True), divide_by=divisor,
-                        send_zeros=send_zeros, wire_dtype=wire_dtype, lo=lo, hi=hi, buffers=buffers)
+                        send_zeros=send_zeros, wire_dtype=wire_dtype, lo=lo, hi=hi, buffers=buffers, weight=weight)
 
     def start_mean(self, group: dist.ProcessGroup | None, world_size: int, contributors: int,
                    buffers: Sequence[torch.Tensor], lo: int, hi: int) -> "InFlight":

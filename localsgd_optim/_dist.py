@@ -156,7 +156,8 @@ def agree_on_round(
     names: Any = tuple,
     joined: bool = False,
     local_error: BaseException | None = None,
-) -> int:
+    weight: int = -1,
+) -> tuple[int, bool]:
     """The control collective that opens every round: one tiny ``all_gather``, no data yet.
 
     Every rank contributes (kind, step count, step count it started or resumed from,
@@ -175,10 +176,15 @@ def agree_on_round(
     goes to ``device`` and back, as with NCCL, and the verdict is the same code. Such a
     table always agrees with itself, so only this rank's own NaN or local error can raise.
 
+    ``weight`` is the work this rank did since the last round (``step(tokens=)``; -1: not
+    given): every rank gives one or none does, and a rank with weight 0 counts as joined.
+
     Returns:
-        The number of ranks that are still training (not joined).
+        ``(divisor, weighted)``: without weights, or with equal ones, the number of ranks that
+        send data (not joined, weight not 0) and ``False``; with different weights, their sum
+        and ``True`` (each rank multiplies what it sends by its weight).
     """
-    row = [kind, num_steps, start_steps, digest, nonfinite, int(joined), int(local_error is not None)]
+    row = [kind, num_steps, start_steps, digest, nonfinite, int(joined), int(local_error is not None), weight]
     mine = torch.tensor(row, dtype=torch.int64, device=device)
     world = dist.get_world_size(group)
     if _is_fake(group):
@@ -233,9 +239,10 @@ def _is_fake(group: dist.ProcessGroup | None) -> bool:
     return dist.get_backend(group) == "fake"
 
 
-def _verdict(rows: list[list[int]], explain_layout: Any, names: Any, local_error: BaseException | None) -> int:
+def _verdict(rows: list[list[int]], explain_layout: Any, names: Any,
+             local_error: BaseException | None) -> tuple[int, bool]:
     """Every rank reads the same gathered table, so every rank reaches the same verdict."""
-    kinds, steps, starts, digests, bad, joins, failed = (list(col) for col in zip(*rows))
+    kinds, steps, starts, digests, bad, joins, failed, weights = (list(col) for col in zip(*rows))
     if any(failed):
         # A rank failed in its local preparation (e.g. out of memory for the buffers): it raises
         # its own error, the others say which rank, and nobody waits in a data collective.
@@ -271,4 +278,14 @@ def _verdict(rows: list[list[int]], explain_layout: Any, names: Any, local_error
             "checkpoint and lower the learning rate, clip gradients or use GradScaler; or pass "
             "check_finite=False to average anyway."
         )
-    return len(joins) - sum(joins)
+    given = [w >= 0 for w in weights]
+    if any(given) and not all(given):
+        raise ScheduleMismatchError(
+            f"LocalSGDOptimizer: rank(s) {[r for r, g in enumerate(given) if g]} passed step(tokens=...) since the "
+            f"last round at step {steps[0]}, rank(s) {[r for r, g in enumerate(given) if not g]} did not: pass "
+            "tokens= at every step on every rank, or on none")
+    work = [0 if j else w for j, w in zip(joins, weights)] if all(given) else [1 - j for j in joins]
+    sending = [w for w in work if w > 0]
+    if len(set(sending)) <= 1:  # equal weights: the plain mean over the ranks that did work
+        return len(sending), False
+    return sum(sending), True

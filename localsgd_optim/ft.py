@@ -232,6 +232,7 @@ class Managed:
         entry: dict[str, Any] = {}
         opt._rounds.state(entry)
         entry = map_tensors(entry, lambda t: t.detach().clone())
+        tokens = opt._tokens  # (the work the round weighs: still to weigh if it is undone)
         error: BaseException | None = None
         try:
             opt._run(round_, joined)
@@ -254,6 +255,7 @@ class Managed:
                     for t, s in zip(tensors, saved):
                         t.copy_(s)
                 opt._rounds.load_state(entry, opt._members.params())  # the step count did not change
+                opt._tokens = tokens
                 self.rounds_rolled_back += 1
         if error is not None and not isinstance(error, AveragingRoundError):
             raise error  # a misuse (layouts, steps) or a poisoned replica: undone everywhere, then raised

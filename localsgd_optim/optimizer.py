@@ -229,6 +229,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         #: which may run another round after a heal); ``None``: the round alone
         self._round_guard: Callable[[Round, bool], None] | None = None
         self._stats = {"rounds": 0, "bytes_sent": 0, "round_seconds": 0.0}
+        self._tokens: int | None = None  # step(tokens=) since the last global round: this rank's weight
         self._constructed = True
         # Built before binding, so the bind check compares them across ranks; a global copy is
         # re-taken right after the binding broadcast, so it starts identical everywhere.
@@ -340,6 +341,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         binding = self._bind()
         if binding is None:
             round_.alone(self._members.params())
+            if not round_.local:
+                self._tokens = None
             return
         step = self.num_steps
         ctx: RoundContext | None = None
@@ -351,16 +354,21 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             for rider in round_.riders:
                 rider.prepare(ctx)
 
+        weight = -1 if round_.local or self._tokens is None else self._tokens  # (local rounds: unweighted)
+        joined = joined or weight == 0  # no work since the last round: it contributes nothing
         start = time.perf_counter()
         try:
             with binding.errors(lambda: round_.describe(step)):
-                contributors = binding.control(round_.kind, prepare, joined,
-                                               self.local_group if round_.local else binding.group, round_.riders)
+                contributors, weighted = binding.control(round_.kind, prepare, joined, self.local_group
+                                                         if round_.local else binding.group, round_.riders, weight)
                 assert ctx is not None
+                ctx.weight = weight if weighted else None
                 round_.run(ctx, contributors, joined)
                 for rider in round_.riders:
                     rider.reduce(ctx, contributors, joined)
             self._stats["rounds"] += 1
+            if not round_.local:
+                self._tokens = None  # the next round weighs the work done from here
         finally:
             self._stats["bytes_sent"] += ctx.sent if ctx is not None else 0
             self._stats["round_seconds"] += time.perf_counter() - start
@@ -392,15 +400,25 @@ class LocalSGDOptimizer(Optimizer, Joinable):
 
     # -- stepping ---------------------------------------------------------------------------
 
-    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None, *, tokens: int | None = None) -> Any:  # type: ignore[override]
         """Take one inner step; inside every ``k``-th call, then average parameters.
 
         Args:
             closure: re-evaluates the model and returns the loss (passed to the inner step).
+            tokens: the work this step did (tokens, samples: any count). The global rounds then
+                weight each rank's contribution by its total since the last round: ``sum(w_r *
+                x_r) / sum(w_r)``, exactly the plain mean when the totals are equal, and nothing
+                from a rank whose total is 0. Pass it at every step on every rank, or never (a
+                round where some ranks gave it and others did not raises on every rank). Not
+                with compression or ``overlap_steps`` (yet); local rounds stay unweighted.
 
         Returns:
             Whatever the inner optimizer's ``step`` returns (the closure's loss).
         """
+        if tokens is not None:
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+                raise ValueError(f"step(tokens=...) must be an integer >= 0 (the work this step did), got {tokens!r}")
+            self._tokens = (self._tokens or 0) + tokens
         if self._binding is None and not self._single and self._round_guard is None:
             self._bind()  # a process group created after construction: bind before stepping
         if self._join_config.enable:
@@ -535,6 +553,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         state_dict = self.optimizer.state_dict()
         entry = {"version": STATE_VERSION, "num_steps": self.num_steps,
                  "k": self._config.schedule.description, "warmup_steps": self.warmup_steps}
+        if self._tokens is not None:  # step(tokens=) since the last round: the next round's weight
+            entry["tokens_since_round"] = self._tokens
         self._rounds.state(entry)
         state_dict[STATE_KEY] = entry
         for post_hook in self._optimizer_state_dict_post_hooks.values():
@@ -582,6 +602,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._share_inner()  # load_state_dict rebinds the inner param_groups and state
         self._rounds.load_state(entry, self._members.params())
         self._cursor.seek(num_steps)  # the next round is derived, not stored
+        tokens = entry.get("tokens_since_round") if isinstance(entry, dict) else None
+        self._tokens = int(tokens) if tokens is not None else None
         self._set_ddp_grad_sync(num_steps < self.warmup_steps)
 
     def __getstate__(self) -> dict[str, Any]:

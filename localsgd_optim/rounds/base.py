@@ -33,6 +33,8 @@ class RoundContext:
             takes them (the whole model, or the last fragment).
         lands_at: the step at which the cursor lands an overlapped round launched now.
         sent: bytes this rank handed to the round's data collectives (strategies add to it).
+        weight: this rank's weight when the round's mean is weighted (``step(tokens=)`` with
+            different totals): what it sends is multiplied by it, and ``contributors`` is the total.
     """
 
     params: list[torch.Tensor]
@@ -46,6 +48,7 @@ class RoundContext:
     end: int = 0
     lands_at: int | None = None
     sent: int = 0
+    weight: int | None = None
 
     def part(self, lo: int, hi: int, end: int) -> "RoundContext":
         """The context of a fragment: parameters ``[lo, hi)``, tensors up to ``end``."""
@@ -56,7 +59,7 @@ class RoundContext:
             return every[lo:hi] + every[hi:end]
 
         return RoundContext(self.params[lo:hi], part_names, self.engine, self.group, self.size, self.step,
-                            lo, hi, end, self.lands_at)
+                            lo, hi, end, self.lands_at, weight=self.weight)
 
 
 class Reducer:
@@ -74,7 +77,7 @@ class Reducer:
                buffers: list[torch.Tensor] | None = None) -> None:
         """Average tensors ``[ctx.lo, ctx.end)`` (or ``buffers``, laid out like their flat slices)."""
         ctx.sent += ctx.engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined,
-                                               lo=ctx.lo, hi=ctx.end, buffers=buffers)
+                                               lo=ctx.lo, hi=ctx.end, buffers=buffers, weight=ctx.weight)
 
     # A reducer with state (int8's error feedback) saves it in the Local SGD entry.
     def state(self, entry: dict[str, Any]) -> None:

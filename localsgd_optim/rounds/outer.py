@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
+from .._dist import LocalSGDError
 from .._outer import OuterState
-from .base import Reducer, Round, RoundContext
+from .base import ErrorFeedback, Reducer, Round, RoundContext
 
 __all__ = ["GlobalCopyRound", "OuterRound", "CastReducer"]
 
@@ -29,7 +30,8 @@ class CastReducer(Reducer):
     def reduce(self, ctx: RoundContext, contributors: int, joined: bool,
                buffers: list[torch.Tensor] | None = None) -> None:
         ctx.sent += ctx.engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined,
-                                               wire_dtype=self.dtype, lo=ctx.lo, hi=ctx.end, buffers=buffers)
+                                               wire_dtype=self.dtype, lo=ctx.lo, hi=ctx.end, buffers=buffers,
+                                               weight=ctx.weight)
 
 
 class GlobalCopyRound(Round):
@@ -113,6 +115,10 @@ class OuterRound(GlobalCopyRound):
         self.reducer.prepare(ctx)
 
     def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
+        if ctx.weight is not None and isinstance(self.reducer, ErrorFeedback):  # (decided alike on every rank)
+            raise LocalSGDError(
+                "LocalSGDOptimizer: step(tokens=...) with different totals per rank weights the mean, which "
+                "compression does not support yet: drop tokens= or compression")
         flats, engine = self.flats(ctx), ctx.engine
         _, with_buffers = engine.flats(ctx.lo, ctx.end)
         engine.stage_in(ctx.lo, ctx.end)  # parameters sharing memory, module buffers: read once

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .._buckets import InFlight, foreach_copy
+from .._dist import LocalSGDError
 from .._flat import rebase
 from .._outer import OuterState
 from .._state import check_tensor_list
@@ -65,6 +66,9 @@ class OverlapRound(GlobalCopyRound):
 
     @torch.no_grad()
     def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
+        if ctx.weight is not None:  # (decided alike on every rank)
+            raise LocalSGDError("LocalSGDOptimizer: step(tokens=...) with different totals per rank weights the "
+                                "mean, which overlap_steps does not support yet: drop tokens= or overlap_steps")
         flats, engine = self._in_flight_copy(ctx), ctx.engine
         if ctx.end > ctx.hi and contributors:  # module buffers: averaged now, blocking, before the
             ctx.sent += engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined,  # deltas

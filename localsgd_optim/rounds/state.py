@@ -48,4 +48,5 @@ class OptimizerStateReducer(Reducer):
     def reduce(self, ctx: RoundContext, contributors: int, joined: bool,
                buffers: list[torch.Tensor] | None = None) -> None:
         if contributors and self.engine is not None and self.engine.tensors:
-            ctx.sent += self.engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined)
+            ctx.sent += self.engine.all_reduce_mean(ctx.group, ctx.size, contributors, send_zeros=joined,
+                                                    weight=ctx.weight)
