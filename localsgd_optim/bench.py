@@ -34,7 +34,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .compression import quantize, topk
 from .optimizer import LocalSGDOptimizer
+from .rounds import RoundContext
 
 __all__ = ["main", "build_model"]
 
@@ -220,8 +222,9 @@ class OursCompressed(OursInt8):
     (``stats()['bytes_sent']`` per round), not assumed. The parameters move between rounds (a fixed
     random walk per rank), so top-k picks from real deltas, not from zeros."""
 
-    def __init__(self, name: str, params: list[torch.Tensor], world: int, cap_mb: float, compression: Any) -> None:
-        super().__init__(name, params, world, cap_mb)
+    def __init__(self, name: str, params: list[torch.Tensor], world: int, cap_mb: float, compression: Any,
+                 cls: type = LocalSGDOptimizer) -> None:
+        super().__init__(name, params, world, cap_mb, cls)
         self.compression = compression
         self.wire_factor = 0.0
         self._drift: list[torch.Tensor] = []
@@ -238,6 +241,48 @@ class OursCompressed(OursInt8):
         self.opt.step()
         nbytes = sum(p.numel() * p.element_size() for p in self.params)
         self.wire_factor = (self.opt.stats()["bytes_sent"] - before) / nbytes
+
+
+class _NoWire:
+    """A finished collective: what the compute floor's gathers return."""
+
+    def wait(self) -> None:
+        pass
+
+
+def _no_wire(out: torch.Tensor, mine: torch.Tensor, group: Any, async_op: bool = False) -> _NoWire | None:
+    """The wire replaced by local copies: every rank's slot gets this rank's payload."""
+    out.view(-1, mine.numel()).copy_(mine)
+    return _NoWire() if async_op else None
+
+
+class CompressFloor(OursCompressed):
+    """The compute floor of a compressed round: ``v``, encode, and the decode of W payloads, each bucket
+    as in a round, with the wire replaced by W local copies of this rank's payload, and no control
+    collective, deltas or outer step: round minus floor is about the wire."""
+
+    gathered = True
+
+    def prepare(self) -> None:
+        super().prepare()
+        OursCompressed.round(self)  # plans and buffers
+        self.reducer = self.opt._rounds.scheduled.reducer
+        self.reducer._gather = _no_wire
+        self.wire_factor = 0.0  # nothing is sent
+
+    def setup(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def round(self) -> None:
+        engine, n = self.opt.engine, len(self.params)
+        ctx = RoundContext(self.params, lambda: [], engine, None, self.world, 0, 0, n, n)
+        self.reducer.reduce(ctx, self.world, False, engine.flats(0, n)[1])
+
+
+#: the bench's top-k and low-bit compressors: (label, compression)
+COMPRESSORS = [("int4", quantize(4)), ("int2", quantize(2)), ("top-10% fp32", topk(0.1)),
+               ("top-1% fp32", topk(0.01)), ("top-3% 2-bit", topk(0.03, bits=2)), ("top-1% 2-bit", topk(0.01, bits=2))]
 
 
 def _contenders(model: nn.Module, world: int, caps: list[float], only: set[str] | None,
@@ -272,12 +317,11 @@ def _contenders(model: nn.Module, world: int, caps: list[float], only: set[str] 
         out.append(OursBF16(f"localsgd_optim bf16 deltas (cap {caps[0]:g} MB)", params(), world, caps[0]))
         out.append(OursInt8(f"localsgd_optim int8 deltas+EF (cap {caps[0]:g} MB)", params(), world, caps[0]))
     if only and "compressors" in only:  # issue 26's compressors, each a full round with error feedback
-        from .compression import quantize, topk
-
-        for label, spec in [("int4", quantize(4)), ("int2", quantize(2)), ("top-10% fp32", topk(0.1)),
-                            ("top-1% fp32", topk(0.01)), ("top-3% 2-bit", topk(0.03, bits=2)),
-                            ("top-1% 2-bit", topk(0.01, bits=2))]:
+        # and its compute floor; int8 (the other error-feedback round) with them
+        out.append(CompressFloor(f"  floor, no wire: int8 encode+decode", params(), world, caps[0], "int8"))
+        for label, spec in COMPRESSORS:
             out.append(OursCompressed(f"localsgd_optim {label} +EF", params(), world, caps[0], spec))
+            out.append(CompressFloor(f"  floor, no wire: {label} encode+decode", params(), world, caps[0], spec))
     if baseline:
         cls = importlib.import_module(baseline).LocalSGDOptimizer
         name = f"baseline {baseline}"
@@ -286,6 +330,9 @@ def _contenders(model: nn.Module, world: int, caps: list[float], only: set[str] 
                      check_finite=False),
                 OursBF16(f"{name} bf16 deltas (cap {caps[0]:g} MB)", params(), world, caps[0], cls),
                 OursInt8(f"{name} int8 deltas+EF (cap {caps[0]:g} MB)", params(), world, caps[0], cls)]
+        if only and "compressors" in only:
+            out += [OursCompressed(f"{name} {label} +EF", params(), world, caps[0], spec, cls)
+                    for label, spec in COMPRESSORS]
     return out
 
 
@@ -616,12 +663,19 @@ def _fake_world_methods(model: nn.Module, args: argparse.Namespace) -> tuple[dic
         flat.sum()
         flat.div_(1)
 
+    floors = {}
+    if args.methods and "compressors" in args.methods:  # the non-wire cost of the compressed rounds at W
+        for label, spec in [("int8", "int8")] + COMPRESSORS:
+            contender = CompressFloor("", params(), args.fake_world, args.bucket_cap_mb[0], spec)
+            contender.prepare()
+            floors[f"{label} encode + {args.fake_world} decodes"] = contender.round
     return {
         "torch average_parameters": lambda: average_parameters(iter(theirs), dist.group.WORLD),
         "floor: one sum + one div_ over the bytes": floor,
         "localsgd_optim sync": default.round,
         "localsgd_optim sync, check_finite=False": ours(check_finite=False).round,
         "localsgd_optim sync, flat_params=False": ours(flat_params=False).round,
+        **floors,
     }, default
 
 

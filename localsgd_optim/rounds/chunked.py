@@ -9,7 +9,6 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .._dist import all_gather_into
 from ..compression import STEP_IN_RMS, Compression
 from .base import ErrorFeedback, RoundContext
 
@@ -194,14 +193,15 @@ class ChunkedReducer(ErrorFeedback):
     def _reduce_bucket(self, plan: _Plan, target: torch.Tensor, residual: torch.Tensor, group: Any, world: int,
                        contributors: int, joined: bool) -> int:
         size = plan.parts["total"][1]
+        joined = joined or not plan.numel  # (an empty bucket: nothing to build, send or keep)
         if not joined:  # v = delta + feedback * residual, built in the residual (a rank that joined sends zeros)
-            torch.add(target, residual, alpha=self.spec.feedback, out=residual)
+            self._into_residual(target, residual, self.spec.feedback, self._buffers["total"])
         mine = self._buffers["mine"][:size]
         encode = self._encode_sparse if self.spec.sparse else self._encode_dense
         decode = self._decode_sparse(plan) if self.spec.sparse else self._decode_dense
         encode(plan, residual, mine, joined)  # the residual becomes v - sent
         everyone = self._buffers["everyone"][:world * size]
-        all_gather_into(everyone, mine, group)
+        self._gather(everyone, mine, group)
         total = target if target.dtype == torch.float32 else self._buffers["total"][:plan.numel]
         total.zero_()
         for r in range(world):  # rank order: the same sum on every rank

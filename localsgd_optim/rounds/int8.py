@@ -7,7 +7,6 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .._dist import all_gather_into
 from .base import ErrorFeedback, RoundContext
 
 __all__ = ["Int8Reducer"]
@@ -107,10 +106,11 @@ class Int8Reducer(ErrorFeedback):
         n, m = bucket.numel, len(bucket.indices)
         codes, scales, q = buf["codes"][:n], buf["scales"][:m], buf["q"][:n]
         _, q_views, nonempty = self._runs(bucket)
+        joined = joined or not n  # (an empty bucket: nothing to build, send or keep)
         if joined:  # a rank that joined sends zeros and keeps its residual
             v = q.zero_()
         else:
-            v = torch.add(target, residual, out=residual)  # v = x + residual, in the residual
+            v = self._into_residual(target, residual, 1.0, buf["total"])  # v = x + residual, in the residual
         # per-tensor scale max|v| / 127 (an empty tensor's is 0 before the clamp)
         torch.abs(v, out=q)
         if len(nonempty) == m:
@@ -129,8 +129,8 @@ class Int8Reducer(ErrorFeedback):
             torch._foreach_mul_(q_views, mine)
             residual.sub_(q)  # v - codes * scale
         all_codes, all_scales = buf["all_codes"][:world * n], buf["all_scales"][:world * m]
-        works = [all_gather_into(all_codes, codes, group, async_op=True),
-                 all_gather_into(all_scales, scales, group, async_op=True)]
+        works = [self._gather(all_codes, codes, group, async_op=True),
+                 self._gather(all_scales, scales, group, async_op=True)]
         for w in works:
             w.wait()
         all_codes = all_codes.view(world, n)
