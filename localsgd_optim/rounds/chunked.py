@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -227,10 +228,10 @@ class ChunkedReducer(ErrorFeedback):
             torch._foreach_abs_(rows_of_scores)
             top = torch.topk(scores, plan.kmax, dim=1, sorted=True).indices
             if plan.ragged:  # a short chunk sends its first ``kept`` (the largest)
-                top = top[torch.arange(plan.kmax, device=v.device) < plan.kept[:, None]]
+                top = top.masked_select(torch.arange(plan.kmax, device=v.device) < plan.kept[:, None])
             where = top.view(-1)
-            at = plan.starts[rows].add_(where)  # the values' places in the bucket
-            values = v[at]
+            at = plan.starts.index_select(0, rows).add_(where)  # the values' places in the bucket
+            values = v.index_select(0, at)
         self._view(payload, plan.parts, "positions").copy_(where)
         sent = self._encode_values(values, rows, plan, payload)
         if not joined:  # residual = v - sent where something was sent, v elsewhere
@@ -238,7 +239,7 @@ class ChunkedReducer(ErrorFeedback):
 
     def _decode_sparse(self, plan: _Plan):  # type: ignore[no-untyped-def]
         rows = plan.rows()
-        starts = plan.starts[rows]  # once per bucket, for every rank's payload
+        starts = plan.starts.index_select(0, rows)  # once per bucket, for every rank's payload
 
         def decode(plan: _Plan, payload: torch.Tensor, total: torch.Tensor) -> None:
             at = self._view(payload, plan.parts, "positions").to(torch.int64).add_(starts)
@@ -259,12 +260,12 @@ class ChunkedReducer(ErrorFeedback):
         sums.index_add_(0, rows, values.double().square())
         steps = self._steps(sums, plan, payload)
         half = 2 ** (bits - 1)
-        codes = torch.floor(values / steps.clamp_min(torch.finfo(torch.float32).tiny)[rows])
+        codes = torch.floor(values / steps.clamp_min(torch.finfo(torch.float32).tiny).index_select(0, rows))
         codes.add_(half).clamp_(0, 2 * half - 1)
         packed = torch.zeros(_whole_bytes(plan.sent, bits), dtype=torch.uint8, device=values.device)
         packed[:plan.sent].copy_(codes)
         _pack(packed, bits, self._view(payload, parts, "codes"))
-        return codes.sub_(half - 0.5).mul_(steps[rows])
+        return codes.sub_(half - 0.5).mul_(steps.index_select(0, rows))
 
     def _decode_values(self, payload: torch.Tensor, rows: torch.Tensor, plan: _Plan) -> torch.Tensor:
         """The values one rank sent, in the order :meth:`_encode_values` took them."""
@@ -274,7 +275,7 @@ class ChunkedReducer(ErrorFeedback):
         steps = self._view(payload, plan.parts, "steps")
         codes = torch.empty(_whole_bytes(plan.sent, bits), dtype=torch.uint8, device=payload.device)
         _unpack(self._view(payload, plan.parts, "codes"), bits, codes)
-        return codes[:plan.sent].float().sub_(2 ** (bits - 1) - 0.5).mul_(steps[rows])
+        return codes[:plan.sent].float().sub_(2 ** (bits - 1) - 0.5).mul_(steps.index_select(0, rows))
 
     def _steps(self, sums: torch.Tensor, plan: _Plan, payload: torch.Tensor) -> torch.Tensor:
         """Each chunk's step from its sum of squares (float64), written into ``payload`` too."""
@@ -333,35 +334,44 @@ class ChunkedReducer(ErrorFeedback):
 
 def _pack(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
     """``codes`` (uint8 < 2**bits; a whole number of bytes' worth, zeros past the last code) into ``out``,
-    8 // bits per byte, the first in the low bits."""
+    8 // bits per byte, the first in the low bits; ``codes`` is spent.
+
+    The codes of one output byte are one little-endian word (4 bytes at 2 bits, 2 at 4 bits): or-ing
+    the word with itself shifted right by ``8 - bits`` (then, at 2 bits, by twice that) brings every
+    code next to the first, and the word's low byte is the packed byte. Two or three word-wide ops
+    per bucket, in place.
+    """
     if bits == 8:
         out.copy_(codes[:out.numel()])
         return
-    grid = codes[:out.numel() * (8 // bits)].view(out.numel(), 8 // bits)
-    torch.sum(grid << _shifts(bits, codes.device), dim=1, dtype=torch.uint8, out=out)  # disjoint bits: a sum is an or
+    words = codes[:out.numel() * (8 // bits)].view(_WORD[bits])
+    for shift in _SHIFTS[bits]:
+        words.bitwise_or_(words >> shift)
+    out.copy_(words.view(torch.uint8).view(-1, 8 // bits)[:, 0])  # the low byte (little-endian)
 
 
 def _unpack(packed: torch.Tensor, bits: int, out: torch.Tensor) -> None:
-    """Every code of ``packed`` into ``out`` (uint8, ``8 // bits`` per byte of ``packed``)."""
+    """Every code of ``packed`` into ``out`` (uint8, ``8 // bits`` per byte of ``packed``): :func:`_pack`
+    backwards, each byte widened to a word, spread by left shifts and masked."""
     if bits == 8:
         out.copy_(packed)
         return
-    grid = out.view(packed.numel(), 8 // bits)
-    torch.bitwise_and(packed[:, None] >> _shifts(bits, packed.device), 2 ** bits - 1, out=grid)
+    words = out.view(_WORD[bits])
+    words.copy_(packed)
+    for shift in reversed(_SHIFTS[bits]):
+        words.bitwise_or_(words << shift)
+    words.bitwise_and_(_MASK[bits])
+
+
+#: the word holding the codes of one packed byte, and the mask of each code's bits in it
+_WORD = {2: torch.int32, 4: torch.int16}
+_MASK = {2: 0x03030303, 4: 0x0F0F}
+_SHIFTS = {2: (6, 12), 4: (4,)}  # x | x >> 6, then | >> 12: the four codes at 2 bits
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+    raise ImportError("localsgd_optim.rounds.chunked packs low-bit codes as little-endian words")
 
 
 def _whole_bytes(count: int, bits: int | None) -> int:
     """``count`` codes rounded up to whole bytes of ``bits``-bit codes (codes, not bytes)."""
     per = 8 // (bits or 8)
     return -(-count // per) * per
-
-
-_SHIFTS: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _shifts(bits: int, device: torch.device) -> torch.Tensor:
-    """The shift of each code within a byte: ``0, bits, 2 bits, ...`` (uint8, made once per device)."""
-    found = _SHIFTS.get((bits, device))
-    if found is None:
-        found = _SHIFTS[(bits, device)] = torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
-    return found
