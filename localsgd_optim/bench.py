@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import importlib
 import json
 import os
@@ -731,12 +732,14 @@ def _fake_world_compressors(model: nn.Module, args: argparse.Namespace, device: 
                      "payload_mb": contender.payload_bytes() / 2**20, "fp32_mb": nbytes / 2**20,
                      "buckets": len(contender.opt.engine.buckets)})
         del contender
+        gc.collect()  # an optimizer holds reference cycles: free its copies of the model before the next
     mem = PeakMemory(device)  # on CPU this pins glibc's mmap threshold: only after the timings
     for row, (label, spec) in zip(rows, picked):
         contender = floor(label, spec)
         extra = mem.measure(lambda: (contender.setup(), contender.round(), _sync_device(device)))
         row["extra_peak_mb"] = None if extra is None else extra / 2**20
         del contender
+        gc.collect()
     return rows
 
 

@@ -91,6 +91,7 @@ class ChunkedReducer(ErrorFeedback):
         self._plans: dict[tuple, _Plan] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         self._shape: tuple = ()
+        self._where: list[tuple[int, int]] = []  # the last round's bucket slices (deltas, residuals)
 
     # -- layout ---------------------------------------------------------------------------------
 
@@ -187,6 +188,11 @@ class ChunkedReducer(ErrorFeedback):
         positions = engine.bucket_range(ctx.lo, ctx.hi)
         slices = engine.bucket_slices(buffers, ctx.lo, ctx.hi)
         residuals = engine.bucket_slices(self.flats, ctx.lo, ctx.hi)
+        where = [(t.data_ptr(), r.data_ptr()) for t, r in zip(slices, residuals)]
+        if where != self._where:  # the deltas or residuals moved: views of the old ones would keep them alive
+            for plan in self._plans.values():
+                plan._views.clear()
+            self._where = where
         for pos, target, residual in zip(positions, slices, residuals):
             plan = self._plan(engine.buckets[pos])
             ctx.sent += self._reduce_bucket(plan, target, residual, group, world, contributors, joined)
