@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import importlib
 import json
 import os
@@ -34,7 +35,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .compression import quantize, topk
 from .optimizer import LocalSGDOptimizer
+from .rounds import RoundContext
 
 __all__ = ["main", "build_model"]
 
@@ -220,8 +223,9 @@ class OursCompressed(OursInt8):
     (``stats()['bytes_sent']`` per round), not assumed. The parameters move between rounds (a fixed
     random walk per rank), so top-k picks from real deltas, not from zeros."""
 
-    def __init__(self, name: str, params: list[torch.Tensor], world: int, cap_mb: float, compression: Any) -> None:
-        super().__init__(name, params, world, cap_mb)
+    def __init__(self, name: str, params: list[torch.Tensor], world: int, cap_mb: float, compression: Any,
+                 cls: type = LocalSGDOptimizer) -> None:
+        super().__init__(name, params, world, cap_mb, cls)
         self.compression = compression
         self.wire_factor = 0.0
         self._drift: list[torch.Tensor] = []
@@ -240,8 +244,64 @@ class OursCompressed(OursInt8):
         self.wire_factor = (self.opt.stats()["bytes_sent"] - before) / nbytes
 
 
+class _NoWire:
+    """A finished collective: what the compute floor's gathers return."""
+
+    def wait(self) -> None:
+        pass
+
+
+def _no_wire(out: torch.Tensor, mine: torch.Tensor, group: Any, async_op: bool = False) -> _NoWire | None:
+    """The wire replaced by local copies: every rank's slot gets this rank's payload."""
+    out.view(-1, mine.numel()).copy_(mine)
+    return _NoWire() if async_op else None
+
+
+class CompressFloor(OursCompressed):
+    """The compute floor of a compressed round: ``v``, encode, and the decode of W payloads, each bucket
+    as in a round, with the wire replaced by W local copies of this rank's payload, and no control
+    collective, deltas or outer step: round minus floor is about the wire. ``setup`` runs one whole
+    round (no wire either): plans and buffers, measured with the first floor for the extra peak."""
+
+    gathered = True
+
+    def prepare(self) -> None:
+        super().prepare()
+        self.reducer = self.opt._rounds.scheduled.reducer
+        self.reducer._gather = _no_wire
+
+    def setup(self) -> None:
+        OursCompressed.round(self)
+        self.wire_factor = 0.0  # nothing is sent
+
+    @torch.no_grad()
+    def round(self) -> None:
+        engine, n = self.opt.engine, len(self.params)
+        ctx = RoundContext(self.params, lambda: [], engine, None, self.world, 0, 0, n, n)
+        self.reducer.reduce(ctx, self.world, False, engine.flats(0, n)[1])
+
+    def payload_bytes(self) -> int:
+        """Bytes this rank hands to a round's all-gathers (every bucket's payload)."""
+        engine = self.opt.engine
+        if hasattr(self.reducer, "_plan"):
+            return sum(self.reducer._plan(b).parts["total"][1] for b in engine.buckets)
+        return sum(b.numel + 4 * len(b.indices) for b in engine.buckets)  # int8: codes and scales
+
+
+#: the bench's top-k and low-bit compressors: (label, the settings' maker, its arguments)
+_COMPRESSORS = [("int4", "quantize", (4,), {}), ("int2", "quantize", (2,), {}), ("top-10% fp32", "topk", (0.1,), {}),
+                ("top-1% fp32", "topk", (0.01,), {}), ("top-3% 2-bit", "topk", (0.03,), {"bits": 2}),
+                ("top-1% 2-bit", "topk", (0.01,), {"bits": 2})]
+#: (label, compression) of this version
+COMPRESSORS = [(label, {"quantize": quantize, "topk": topk}[maker](*a, **kw)) for label, maker, a, kw in _COMPRESSORS]
+
+
+def _picked(compressors: list, labels: list[str] | None) -> list:
+    return [c for c in compressors if labels is None or c[0] in labels]
+
+
 def _contenders(model: nn.Module, world: int, caps: list[float], only: set[str] | None,
-                baseline: str | None = None) -> list[Contender]:
+                baseline: str | None = None, picked: list[str] | None = None) -> list[Contender]:
     """Every contender gets its own copy of the model: ours moves its parameters into flat storage,
     and torch's ``average_parameters`` rebinds them to a new buffer every round. ``baseline``
     names another importable copy of this package (an older version): its rounds run beside ours.
@@ -272,12 +332,11 @@ def _contenders(model: nn.Module, world: int, caps: list[float], only: set[str] 
         out.append(OursBF16(f"localsgd_optim bf16 deltas (cap {caps[0]:g} MB)", params(), world, caps[0]))
         out.append(OursInt8(f"localsgd_optim int8 deltas+EF (cap {caps[0]:g} MB)", params(), world, caps[0]))
     if only and "compressors" in only:  # issue 26's compressors, each a full round with error feedback
-        from .compression import quantize, topk
-
-        for label, spec in [("int4", quantize(4)), ("int2", quantize(2)), ("top-10% fp32", topk(0.1)),
-                            ("top-1% fp32", topk(0.01)), ("top-3% 2-bit", topk(0.03, bits=2)),
-                            ("top-1% 2-bit", topk(0.01, bits=2))]:
+        # and its compute floor; int8 (the other error-feedback round) with them
+        out.append(CompressFloor(f"  floor, no wire: int8 encode+decode", params(), world, caps[0], "int8"))
+        for label, spec in _picked(COMPRESSORS, picked):
             out.append(OursCompressed(f"localsgd_optim {label} +EF", params(), world, caps[0], spec))
+            out.append(CompressFloor(f"  floor, no wire: {label} encode+decode", params(), world, caps[0], spec))
     if baseline:
         cls = importlib.import_module(baseline).LocalSGDOptimizer
         name = f"baseline {baseline}"
@@ -286,6 +345,11 @@ def _contenders(model: nn.Module, world: int, caps: list[float], only: set[str] 
                      check_finite=False),
                 OursBF16(f"{name} bf16 deltas (cap {caps[0]:g} MB)", params(), world, caps[0], cls),
                 OursInt8(f"{name} int8 deltas+EF (cap {caps[0]:g} MB)", params(), world, caps[0], cls)]
+        if only and "compressors" in only:
+            theirs = importlib.import_module(baseline)  # its own settings' classes
+            out += [OursCompressed(f"{name} {label} +EF", params(), world, caps[0],
+                                   getattr(theirs, maker)(*a, **kw), cls)
+                    for label, maker, a, kw in _picked(_COMPRESSORS, picked)]
     return out
 
 
@@ -313,7 +377,7 @@ def bench_rounds(model: nn.Module, args: argparse.Namespace, device: torch.devic
     world = dist.get_world_size()
     params = [p for p in model.parameters()]
     contenders = _contenders(model, world, args.bucket_cap_mb, set(args.methods) if args.methods else None,
-                             args.baseline)
+                             args.baseline, args.compressors)
     for c in contenders:
         c.prepare()
         c.setup()
@@ -345,7 +409,7 @@ def bench_memory(model: nn.Module, args: argparse.Namespace, device: torch.devic
     world = dist.get_world_size()
     extra: dict[str, float | None] = {}
     for c in _contenders(model, world, args.bucket_cap_mb, set(args.methods) if args.methods else None,
-                         args.baseline):
+                         args.baseline, args.compressors):
         c.prepare()  # one-time construction is not part of a round
         dist.barrier()
         value = _max_over_ranks(mem.measure(lambda c=c: (c.setup(), c.round(), _sync_device(device))), device)
@@ -464,11 +528,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline", default=None, metavar="MODULE",
                    help="another importable copy of this package (e.g. an older release installed as "
                         "localsgd_optim_before): its rounds are timed beside ours, in the same run")
+    p.add_argument("--compressors", default=None, metavar="LABELS",
+                   help="with --methods compressors: a comma-separated subset of "
+                        + ", ".join(repr(c[0]) for c in _COMPRESSORS) + " (default: all)")
     p.add_argument("--fake-world", type=int, default=0, metavar="N",
                    help="one process, torch's fake process group of N ranks (collectives move nothing): "
                         "time a round's non-wire cost and count its ops and CUDA kernels, against torch's "
                         "average_parameters")
     args = p.parse_args(argv)
+    known = [c[0] for c in _COMPRESSORS]
+    args.compressors = known if args.compressors is None else [c.strip() for c in args.compressors.split(",")]
+    unknown = [c for c in args.compressors if c not in known]
+    if unknown:
+        p.error(f"--compressors: unknown {', '.join(map(repr, unknown))}; choose among {', '.join(map(repr, known))}")
     if args.fake_world == 1 or args.fake_world < 0:
         p.error(f"--fake-world must be >= 2 (ranks to pretend), got {args.fake_world}")
     try:
@@ -573,27 +645,39 @@ def fake_world_main(args: argparse.Namespace, device: torch.device) -> dict:
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_world)
     report: dict[str, Any] = {"fake_world": args.fake_world, "device": str(device), "torch": torch.__version__,
                               "cap_mb": args.bucket_cap_mb[0], "models": []}
+    only = set(args.methods or ())
     for layers, width in args.models:
         torch.manual_seed(0)
         model = build_model(layers, width).to(device)
-        methods, default = _fake_world_methods(model, args)
-        times = _time_interleaved(methods, args, device)
-        rows = []
-        for name, fn in methods.items():
-            with CountOps() as ops:
-                fn()
-            rows.append({"method": name, "median_ms": 1e3 * statistics.median(times[name]), "ops": ops.count,
-                         "cuda_kernels": count_kernels(fn, device)})
-        for row in rows:  # the target: at most 0.25x torch's
-            row["ratio_to_torch"] = row["median_ms"] / rows[0]["median_ms"]
         entry = {"layers": layers, "width": width, "params": sum(p.numel() for p in model.parameters()),
-                 "tensors": len(list(model.parameters())), "buckets": len(default.opt.engine.buckets), "rounds": rows}
+                 "tensors": len(list(model.parameters()))}
         report["models"].append(entry)
-        _print_fake_world(entry, args, device)
+        if only != {"compressors"}:  # (alone, the compressors' floors: a large model's copies then fit)
+            entry.update(_fake_world_rounds(model, args, device))
+            _print_fake_world(entry, args, device)
+        if "compressors" in only:
+            entry["compressors"] = _fake_world_compressors(model, args, device)
+            entry["device"] = str(device)
+            _print_fake_world_compressors(entry, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     return report
+
+
+def _fake_world_rounds(model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
+    """Each method's round, interleaved, with its ops and CUDA kernels; its ratio to torch's."""
+    methods, default = _fake_world_methods(model, args)
+    times = _time_interleaved(methods, args, device)
+    rows = []
+    for name, fn in methods.items():
+        with CountOps() as ops:
+            fn()
+        rows.append({"method": name, "median_ms": 1e3 * statistics.median(times[name]), "ops": ops.count,
+                     "cuda_kernels": count_kernels(fn, device)})
+    for row in rows:  # the target: at most 0.25x torch's
+        row["ratio_to_torch"] = row["median_ms"] / rows[0]["median_ms"]
+    return {"buckets": len(default.opt.engine.buckets), "rounds": rows}
 
 
 def _fake_world_methods(model: nn.Module, args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]], "Ours"]:
@@ -623,6 +707,57 @@ def _fake_world_methods(model: nn.Module, args: argparse.Namespace) -> tuple[dic
         "localsgd_optim sync, check_finite=False": ours(check_finite=False).round,
         "localsgd_optim sync, flat_params=False": ours(flat_params=False).round,
     }, default
+
+
+def _fake_world_compressors(model: nn.Module, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Each compressed round's compute floor at W = ``--fake-world`` (encode, W decodes, no wire): one
+    compressor at a time (each holds a copy of the model, its global copy and residual), timings
+    first, then the extra peak of a cold round plus a floor, each on a fresh copy."""
+    def floor(label: str, spec: Any) -> CompressFloor:
+        params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        contender = CompressFloor(label, params, args.fake_world, args.bucket_cap_mb[0], spec)
+        contender.prepare()
+        return contender
+
+    rows = []
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    picked = [("int8", "int8")] + _picked(COMPRESSORS, args.compressors)
+    for label, spec in picked:
+        contender = floor(label, spec)
+        contender.setup()
+        times = _time_interleaved({label: contender.round}, args, device)[label]
+        with CountOps() as ops:
+            contender.round()
+        rows.append({"method": label, "median_ms": 1e3 * statistics.median(times), "ops": ops.count,
+                     "payload_mb": contender.payload_bytes() / 2**20, "fp32_mb": nbytes / 2**20,
+                     "buckets": len(contender.opt.engine.buckets)})
+        del contender
+        gc.collect()  # an optimizer holds reference cycles: free its copies of the model before the next
+    mem = PeakMemory(device)  # on CPU this pins glibc's mmap threshold: only after the timings
+    for row, (label, spec) in zip(rows, picked):
+        contender = floor(label, spec)
+        extra = mem.measure(lambda: (contender.setup(), contender.round(), _sync_device(device)))
+        row["extra_peak_mb"] = None if extra is None else extra / 2**20
+        del contender
+        gc.collect()
+    return rows
+
+
+def _print_fake_world_compressors(entry: dict, args: argparse.Namespace) -> None:
+    w = args.fake_world
+    print(f"\n== TransformerEncoder {entry['layers']}x{entry['width']}: {entry['params'] / 1e6:.1f}M params in "
+          f"{entry['tensors']} tensors, buckets of {args.bucket_cap_mb[0]:g} MB; fake world of {w} on "
+          f"{entry['device']} ==")
+    print(f"compressed rounds' compute floor at W={w}: v, encode, {w} decodes per bucket, no wire; wire MB per "
+          f"rank and round: ring all-gather (W-1) x payload vs ring all-reduce of fp32 2(W-1)/W x "
+          f"{entry['compressors'][0]['fp32_mb']:.1f} MB")
+    print(f"{'compressor':<16} {'floor ms':>9} {'ops':>6} {'payload MB':>11} {'gather MB':>10} {'fp32 ring MB':>13} "
+          f"{'extra peak MB':>14}")
+    for row in entry["compressors"]:
+        mem = "n/a" if row["extra_peak_mb"] is None else f"{row['extra_peak_mb']:.1f}"
+        print(f"{row['method']:<16} {row['median_ms']:>9.2f} {row['ops']:>6} {row['payload_mb']:>11.3f} "
+              f"{(w - 1) * row['payload_mb']:>10.3f} {2 * (w - 1) / w * row['fp32_mb']:>13.3f} {mem:>14}")
+    sys.stdout.flush()
 
 
 def _time_interleaved(methods: dict[str, Callable[[], None]], args: argparse.Namespace,

@@ -129,29 +129,44 @@ def test_inductor_compile_across_rounds_without_recompiles(ranks2):
     assert_same(results[1][2], results[0][2], exact=True)
 
 
-def _chunked_on_cuda(spec):
+def _compressed_on_cuda(spec, flat_params):
     from localsgd_optim import diloco
-    from reference import reference_chunked_diloco
+    from reference import reference_chunked_diloco, reference_int8_diloco
 
     batches = _cuda_batches(8)
     ref = make_model(seed=dist.get_rank()).to(DEVICE)
-    reference_chunked_diloco(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), batches, 4, diloco(), spec)
+    inner = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    if spec == "int8":
+        reference_int8_diloco(ref, inner, batches, 4, diloco())
+    else:
+        reference_chunked_diloco(ref, inner, batches, 4, diloco(), spec)
     model = make_model(seed=dist.get_rank()).to(DEVICE)
     opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=4, compression=spec,
-                            outer_optimizer=diloco(), bucket_cap_mb=0.01)
+                            outer_optimizer=diloco(), bucket_cap_mb=0.01, flat_params=flat_params)
     for x, y in batches:
         opt.zero_grad()
         mse(model(x), y).backward()
         opt.step()
-    return [p.detach().cpu() for p in model.parameters()], [p.detach().cpu() for p in ref.parameters()]
+    residuals = opt.state_dict()["local_sgd"]["ef_residuals" if spec != "int8" else "int8_residuals"]
+    return ([p.detach().cpu() for p in model.parameters()], [p.detach().cpu() for p in ref.parameters()],
+            all(r.is_cuda for r in residuals))
 
 
-@pytest.mark.parametrize("which", ["topk2bit", "int4"])
-def test_topk_and_low_bit_on_cuda_match_the_reference(ranks2, which):
+def _cuda_specs():
     from localsgd_optim import quantize, topk
 
-    spec = topk(0.05, bits=2, chunk=1000) if which == "topk2bit" else quantize(4, chunk=300)
-    results = ranks2(_chunked_on_cuda, spec)
-    for got, want in results:
+    return {"topk2bit": topk(0.05, bits=2, chunk=1000), "topk_fp32": topk(0.1, chunk=512),
+            "topk8bit_uint8_positions": topk(0.05, bits=8, chunk=64), "int4": quantize(4, chunk=300),
+            "int2": quantize(2, chunk=4096), "int8": "int8"}
+
+
+@pytest.mark.parametrize("flat_params", [True, False], ids=["flat", "copy-engine"])
+@pytest.mark.parametrize("which", ["topk2bit", "topk_fp32", "topk8bit_uint8_positions", "int4", "int2", "int8"])
+def test_every_compressor_on_cuda_matches_the_reference(ranks2, which, flat_params):
+    """Every compressor runs on CUDA tensors (the streamed rounds are device-agnostic) and matches the
+    per-tensor reference bit for bit; gloo moves the payloads through host copies."""
+    results = ranks2(_compressed_on_cuda, _cuda_specs()[which], flat_params)
+    for got, want, on_cuda in results:
+        assert on_cuda
         assert_same(got, want, exact=True)
     assert_same(results[1][0], results[0][0], exact=True)

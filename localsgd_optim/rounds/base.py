@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .._buckets import BucketEngine, foreach_copy
-from .._dist import RoundKind
+from .._dist import RoundKind, all_gather_into
 from .._flat import Layout, rebase
 from .._state import check_tensor_list
 
@@ -122,6 +122,18 @@ class ErrorFeedback(Reducer):
             with torch.no_grad():
                 foreach_copy(views, self.residuals)
             self.residuals, self.flats, self._layout_key = views, new, key
+
+    @staticmethod
+    def _into_residual(delta: torch.Tensor, residual: torch.Tensor, feedback: float, spare: torch.Tensor) -> torch.Tensor:
+        """``v = delta + feedback * residual`` built in the fp32 residual (``delta`` rounded to fp32 first,
+        in ``spare``, when it is another dtype); returns the residual."""
+        if delta.dtype != residual.dtype:
+            delta = spare[:delta.numel()].copy_(delta)
+        return torch.add(delta, residual, alpha=feedback, out=residual)
+
+    def _gather(self, out: torch.Tensor, mine: torch.Tensor, group: Any, async_op: bool = False) -> Any:
+        """Every rank's payload into ``out``, in rank order (the bench's compute floor replaces it)."""
+        return all_gather_into(out, mine, group, async_op=async_op)
 
     def state(self, entry: dict[str, Any]) -> None:
         entry[self.key] = list(self.residuals)

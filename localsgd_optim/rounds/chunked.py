@@ -1,15 +1,15 @@
-"""Top-k and low-bit pseudo-gradients with error feedback: one all-gather per bucket."""
+"""Top-k and low-bit pseudo-gradients with error feedback: one all-gather per bucket, streamed."""
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .._dist import all_gather_into
 from ..compression import STEP_IN_RMS, Compression
 from .base import ErrorFeedback, RoundContext
 
@@ -18,33 +18,45 @@ __all__ = ["ChunkedReducer", "RESIDUALS_KEY"]
 #: the Local SGD entry's key for the error-feedback residuals (per rank)
 RESIDUALS_KEY = "ef_residuals"
 
+#: the float64 sums of squares of a dense round run over at most this share of the scratch at a time
+_SQUARES_SHARE = 8
+
 
 @dataclass
 class _Plan:
-    """One bucket cut into chunks: constants of its layout, built once per bucket.
+    """One bucket cut into chunks: constants of its layout, built once per bucket (O(tensors + chunks)).
 
-    Each tensor of the bucket (a run ``[a, a + size)``) is cut into chunks of ``chunk``
-    elements, its last chunk shorter; chunk ``c`` lives in row ``c`` of a ``(chunks, chunk)``
-    padded layout. ``shifts``/``sizes`` map bucket element ``p`` of run ``j`` to padded
-    position ``p + shifts[j]``.
+    Each tensor of the bucket (a run of ``size`` elements at ``offset``) is cut into chunks of
+    ``chunk`` elements, its last chunk shorter. The scratch holds the bucket as ``(chunks, chunk)``
+    rows, a tensor's elements from row ``row`` on: :meth:`views` pairs each run in the bucket with
+    its rows, so one ``_foreach`` op moves a whole bucket between the two layouts.
     """
 
     numel: int
     chunks: int
-    sizes: torch.Tensor  # (runs,) int64: elements per run
-    shifts: torch.Tensor  # (runs,) int64
+    runs: list[tuple[int, int, int]]  # (offset in the bucket, first padded position, size), non-empty runs
+    starts: torch.Tensor  # (chunks,) int64: each chunk's first element in the bucket
+    kept: torch.Tensor  # (chunks,) int64: values each chunk sends
     count: torch.Tensor  # (chunks,) float64: elements a chunk's step is measured over
+    short: torch.Tensor  # (rows,) int64: the chunks shorter than ``chunk`` (their padding is written)
     kmax: int = 0  # top-k: the most any chunk sends
-    rows: torch.Tensor | None = None  # (K,) the chunk of each value sent
-    slots: torch.Tensor | None = None  # (K,) its slot in the (chunks, kmax) top-k output
-    base: torch.Tensor | None = None  # (K,) rows * chunk: its chunk's first padded position
+    ragged: bool = False  # top-k: some chunk sends fewer than kmax
     sent: int = 0  # values sent per rank (K, or numel when dense)
     parts: dict = field(default_factory=dict)  # byte ranges of one rank's payload (:meth:`ChunkedReducer._layout`)
+    _views: dict = field(default_factory=dict)
 
-    def pad_of(self) -> torch.Tensor:
-        """Each bucket element's padded position (made per round: 8 bytes per element)."""
-        return torch.arange(self.numel, device=self.sizes.device) + torch.repeat_interleave(
-            self.shifts, self.sizes, output_size=self.numel)
+    def views(self, buffer: torch.Tensor, padded: bool) -> list[torch.Tensor]:
+        """Each run's view of ``buffer``: the bucket's layout, or the scratch's rows (``padded``); cached."""
+        key = (buffer.data_ptr(), buffer.numel(), buffer.dtype, padded)
+        found = self._views.get(key)
+        if found is None:
+            found = self._views[key] = [buffer[(p if padded else a):(p if padded else a) + size]
+                                        for a, p, size in self.runs]
+        return found
+
+    def rows(self) -> torch.Tensor:
+        """Top-k: the chunk of each value sent, in payload order (made per round: 8 bytes per value sent)."""
+        return torch.repeat_interleave(self.kept, output_size=self.sent)
 
 
 class ChunkedReducer(ErrorFeedback):
@@ -57,8 +69,14 @@ class ChunkedReducer(ErrorFeedback):
     accumulated in float64), levels ``(j - 2**(bits-1) + 1/2) * step``, codes packed 8/bits per
     byte. The residual becomes ``v - sent``. Each rank's payload (steps, values or codes, and
     chunk-relative positions) is one uint8 buffer of a size fixed by the layout, all-gathered
-    in one collective per bucket; every rank decodes and sums the payloads in rank order, so
-    all ranks get bit-identical means.
+    in one collective per bucket; every rank decodes the payloads one at a time, in rank order,
+    adding them into the bucket (top-k: a scatter-add of the kept values), so all ranks get
+    bit-identical means.
+
+    Memory: ``v`` is built in the residual itself and the mean in the bucket (fp32 buckets), so a
+    round adds one scratch of the bucket padded to whole chunks, this rank's payload and the W
+    gathered payloads, plus per-round indices of the values sent (top-k: about 30 bytes each), and
+    (dense) float64 squares over an eighth of the scratch at a time: flat in the model's size.
 
     Args:
         tensors: the tensors averaged in place (the pseudo-gradients), fixed order.
@@ -73,6 +91,7 @@ class ChunkedReducer(ErrorFeedback):
         self._plans: dict[tuple, _Plan] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         self._shape: tuple = ()
+        self._where: list[tuple[int, int]] = []  # the last round's bucket slices (deltas, residuals)
 
     # -- layout ---------------------------------------------------------------------------------
 
@@ -86,26 +105,23 @@ class ChunkedReducer(ErrorFeedback):
     def _make_plan(self, bucket: Any) -> _Plan:
         spec, n, c = self.spec, bucket.numel, self.spec.chunk
         offsets = list(bucket.offsets) + [n]
-        sizes = [offsets[j + 1] - offsets[j] for j in range(len(bucket.offsets))]
-        lengths, shifts, first = [], [], 0  # chunk lengths; padded shift per run
-        for a, size in zip(offsets, sizes):
-            shifts.append(first * c - a)
-            full, tail = divmod(size, c)
-            lengths += [c] * full + ([tail] if tail else [])
-            first += full + (1 if tail else 0)
+        runs, starts, lengths = [], [], []
+        for a, b in zip(offsets, offsets[1:]):
+            if b > a:
+                runs.append((a, len(lengths) * c, b - a))
+            for s in range(a, b, c):
+                starts.append(s)
+                lengths.append(min(c, b - s))
         kept = [spec.per_chunk(length) for length in lengths]
         device = bucket.device
         as_long = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
-        plan = _Plan(numel=n, chunks=len(lengths), sizes=as_long(sizes), shifts=as_long(shifts),
-                     count=torch.tensor(kept, dtype=torch.float64, device=device).clamp_min(1))
+        plan = _Plan(numel=n, chunks=len(lengths), runs=runs, starts=as_long(starts), kept=as_long(kept),
+                     count=torch.tensor(kept, dtype=torch.float64, device=device).clamp_min(1),
+                     short=as_long([row for row, length in enumerate(lengths) if length < c]))
         if spec.sparse:
             plan.kmax = max(kept, default=0)
-            rows = torch.repeat_interleave(torch.arange(len(kept), device=device), as_long(kept))
-            starts = torch.cumsum(as_long([0] + kept[:-1]), 0) if kept else as_long([])
-            plan.rows = rows
-            plan.slots = rows * plan.kmax + (torch.arange(rows.numel(), device=device) - starts[rows])
-            plan.base = rows * c
-            plan.sent = rows.numel()
+            plan.ragged = any(k != plan.kmax for k in kept)
+            plan.sent = sum(kept)
         else:
             plan.sent = n
         plan.parts = self._layout(plan)
@@ -139,21 +155,25 @@ class ChunkedReducer(ErrorFeedback):
         self._allocate(ctx.size, buckets, plans)
 
     def _allocate(self, world: int, buckets: list, plans: list[_Plan]) -> None:
-        numel = max((p.numel for p in plans), default=0)
         padded = max((p.chunks * self.spec.chunk for p in plans), default=0)
         payload = max((p.parts["total"][1] for p in plans), default=0)
-        shape = (world, numel, padded, payload)
+        # dense: the codes one byte each in the bucket's layout, padded to whole bytes of the wire
+        codes = 0 if self.spec.sparse else max((_whole_bytes(p.numel, self.spec.bits) for p in plans), default=0)
+        # a mean accumulates in fp32: in the bucket itself, or (other dtypes) in a buffer of its own
+        total = max((b.numel for b in buckets if b.dtype != torch.float32), default=0)
+        shape = (world, padded, payload, codes, total)
         if self._shape == shape:
             return
         device = buckets[0].device if buckets else torch.device("cpu")
-        f32 = dict(dtype=torch.float32, device=device)
         self._buffers = {
-            "v": torch.empty(numel, **f32),
-            "padded": torch.empty(padded if self.spec.sparse else 0, **f32),  # top-k's row layout
-            "total": torch.empty(padded if self.spec.sparse else numel, **f32),
+            "scratch": torch.empty(padded, dtype=torch.float32, device=device),  # the (chunks, chunk) rows
+            "codes": torch.zeros(codes, dtype=torch.uint8, device=device),
+            "total": torch.empty(total, dtype=torch.float32, device=device),
             "mine": torch.zeros(payload, dtype=torch.uint8, device=device),
             "everyone": torch.empty(world * payload, dtype=torch.uint8, device=device),
         }
+        for plan in self._plans.values():  # views of the old buffers go with them
+            plan._views.clear()
         self._shape = shape
 
     # -- the round ------------------------------------------------------------------------------
@@ -168,51 +188,146 @@ class ChunkedReducer(ErrorFeedback):
         positions = engine.bucket_range(ctx.lo, ctx.hi)
         slices = engine.bucket_slices(buffers, ctx.lo, ctx.hi)
         residuals = engine.bucket_slices(self.flats, ctx.lo, ctx.hi)
+        where = [(t.data_ptr(), r.data_ptr()) for t, r in zip(slices, residuals)]
+        if where != self._where:  # the deltas or residuals moved: views of the old ones would keep them alive
+            for plan in self._plans.values():
+                plan._views.clear()
+            self._where = where
         for pos, target, residual in zip(positions, slices, residuals):
             plan = self._plan(engine.buckets[pos])
             ctx.sent += self._reduce_bucket(plan, target, residual, group, world, contributors, joined)
 
     def _reduce_bucket(self, plan: _Plan, target: torch.Tensor, residual: torch.Tensor, group: Any, world: int,
                        contributors: int, joined: bool) -> int:
-        spec, buf, c = self.spec, self._buffers, self.spec.chunk
-        parts = plan.parts
-        size = parts["total"][1]
-        v = buf["v"][:plan.numel]
-        pad_of = plan.pad_of()
-        if joined:  # a rank that joined sends zeros and keeps its residual
-            v.zero_()
-        else:
-            v.copy_(target)
-            v.add_(residual, alpha=spec.feedback)
-        mine = buf["mine"][:size]
-        if spec.sparse:  # per chunk (a row of the padded layout), the largest magnitudes
-            padded = buf["padded"][:plan.chunks * c].zero_().index_copy_(0, pad_of, v)
-            scores = buf["total"][:padded.numel()].fill_(-1.0)  # padding never outranks an element
-            scores.index_copy_(0, pad_of, v.abs())
-            top = torch.topk(scores.view(plan.chunks, c), plan.kmax, dim=1, sorted=True).indices
-            where = top.view(-1)[plan.slots]  # chunk-relative positions of the values sent
-            at = plan.base + where
-            self._view(mine, parts, "positions").copy_(where)
-            rows, values = plan.rows, padded[at]
-        else:  # every element, in the bucket's layout
-            rows, values = torch.div(pad_of, c, rounding_mode="floor"), v
-        sent = self._encode(values, rows, plan, mine, parts)  # what the others will decode
-        if not joined:  # residual = v - sent, in the bucket's layout
-            if spec.sparse:
-                sent = padded.zero_().index_copy_(0, at, sent)[pad_of]
-            torch.sub(v, sent, out=residual)
-        everyone = buf["everyone"][:world * size]
-        all_gather_into(everyone, mine, group)
-        total = buf["total"][:plan.chunks * c if spec.sparse else plan.numel].zero_()
+        size = plan.parts["total"][1]
+        joined = joined or not plan.numel  # (an empty bucket: nothing to build, send or keep)
+        if not joined:  # v = delta + feedback * residual, built in the residual (a rank that joined sends zeros)
+            self._into_residual(target, residual, self.spec.feedback, self._buffers["total"])
+        mine = self._buffers["mine"][:size]
+        encode = self._encode_sparse if self.spec.sparse else self._encode_dense
+        decode = self._decode_sparse(plan) if self.spec.sparse else self._decode_dense
+        encode(plan, residual, mine, joined)  # the residual becomes v - sent
+        everyone = self._buffers["everyone"][:world * size]
+        self._gather(everyone, mine, group)
+        total = target if target.dtype == torch.float32 else self._buffers["total"][:plan.numel]
+        total.zero_()
         for r in range(world):  # rank order: the same sum on every rank
-            theirs = everyone[r * size:(r + 1) * size]
-            decoded = self._decode(theirs, rows, plan, parts)
-            if spec.sparse:
-                total.index_add_(0, plan.base + self._view(theirs, parts, "positions").long(), decoded)
-            else:
-                total.add_(decoded)
-        target.copy_((total[pad_of] if spec.sparse else total).div_(contributors))
+            decode(plan, everyone[r * size:(r + 1) * size], total)
+        total.div_(contributors)
+        if total is not target:
+            target.copy_(total)
         return size
+
+    # -- top-k ----------------------------------------------------------------------------------
+
+    def _encode_sparse(self, plan: _Plan, v: torch.Tensor, payload: torch.Tensor, joined: bool) -> None:
+        """Per chunk, the ``kept`` largest magnitudes of ``v`` (chunk-relative positions) into ``payload``."""
+        rows = plan.rows()
+        if joined:  # zeros, sent from each chunk's first position; the residual is kept
+            where = torch.zeros(plan.sent, dtype=torch.int64, device=v.device)
+            values = torch.zeros(plan.sent, dtype=torch.float32, device=v.device)
+        else:
+            scores = self._buffers["scratch"][:plan.chunks * self.spec.chunk].view(plan.chunks, self.spec.chunk)
+            scores.index_fill_(0, plan.short, -1.0)  # padding never outranks an element
+            rows_of_scores = plan.views(scores.view(-1), padded=True)
+            torch._foreach_copy_(rows_of_scores, plan.views(v, padded=False))
+            torch._foreach_abs_(rows_of_scores)
+            top = torch.topk(scores, plan.kmax, dim=1, sorted=True).indices
+            if plan.ragged:  # a short chunk sends its first ``kept`` (the largest)
+                top = top.masked_select(torch.arange(plan.kmax, device=v.device) < plan.kept[:, None])
+            where = top.view(-1)
+            at = plan.starts.index_select(0, rows).add_(where)  # the values' places in the bucket
+            values = v.index_select(0, at)
+        self._view(payload, plan.parts, "positions").copy_(where)
+        sent = self._encode_values(values, rows, plan, payload)
+        if not joined:  # residual = v - sent where something was sent, v elsewhere
+            v.index_copy_(0, at, values.sub_(sent))
+
+    def _decode_sparse(self, plan: _Plan):  # type: ignore[no-untyped-def]
+        rows = plan.rows()
+        starts = plan.starts.index_select(0, rows)  # once per bucket, for every rank's payload
+
+        def decode(plan: _Plan, payload: torch.Tensor, total: torch.Tensor) -> None:
+            at = self._view(payload, plan.parts, "positions").to(torch.int64).add_(starts)
+            total.index_add_(0, at, self._decode_values(payload, rows, plan))
+
+        return decode
+
+    def _encode_values(self, values: torch.Tensor, rows: torch.Tensor, plan: _Plan,
+                       payload: torch.Tensor) -> torch.Tensor:
+        """Write top-k's ``values`` (the chunk of each: ``rows``) into ``payload``; return what the receivers
+        will decode from it."""
+        bits, parts = self.spec.bits, plan.parts
+        if bits is None:
+            self._view(payload, parts, "values").copy_(values)
+            return values
+        # each chunk's step: STEP_IN_RMS[bits] x the root mean square of its values (sums in float64)
+        sums = torch.zeros(plan.chunks, dtype=torch.float64, device=values.device)
+        sums.index_add_(0, rows, values.double().square())
+        steps = self._steps(sums, plan, payload)
+        half = 2 ** (bits - 1)
+        codes = torch.floor(values / steps.clamp_min(torch.finfo(torch.float32).tiny).index_select(0, rows))
+        codes.add_(half).clamp_(0, 2 * half - 1)
+        packed = torch.zeros(_whole_bytes(plan.sent, bits), dtype=torch.uint8, device=values.device)
+        packed[:plan.sent].copy_(codes)
+        _pack(packed, bits, self._view(payload, parts, "codes"))
+        return codes.sub_(half - 0.5).mul_(steps.index_select(0, rows))
+
+    def _decode_values(self, payload: torch.Tensor, rows: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """The values one rank sent, in the order :meth:`_encode_values` took them."""
+        bits = self.spec.bits
+        if bits is None:
+            return self._view(payload, plan.parts, "values")
+        steps = self._view(payload, plan.parts, "steps")
+        codes = torch.empty(_whole_bytes(plan.sent, bits), dtype=torch.uint8, device=payload.device)
+        _unpack(self._view(payload, plan.parts, "codes"), bits, codes)
+        return codes[:plan.sent].float().sub_(2 ** (bits - 1) - 0.5).mul_(steps.index_select(0, rows))
+
+    def _steps(self, sums: torch.Tensor, plan: _Plan, payload: torch.Tensor) -> torch.Tensor:
+        """Each chunk's step from its sum of squares (float64), written into ``payload`` too."""
+        steps = sums.div_(plan.count).sqrt_().float().mul_(STEP_IN_RMS[self.spec.bits])  # type: ignore[index]
+        self._view(payload, plan.parts, "steps").copy_(steps)
+        return steps
+
+    # -- every element --------------------------------------------------------------------------
+
+    def _encode_dense(self, plan: _Plan, v: torch.Tensor, payload: torch.Tensor, joined: bool) -> None:
+        """Every element of ``v`` at ``bits`` bits, a step per chunk, codes in the bucket's order."""
+        bits, c = self.spec.bits, self.spec.chunk
+        assert bits is not None
+        rows = self._buffers["scratch"][:plan.chunks * c].view(plan.chunks, c)
+        padded = plan.views(rows.view(-1), padded=True)
+        if joined:
+            rows.zero_()
+        else:
+            rows.index_fill_(0, plan.short, 0.0)  # padding adds nothing to a sum of squares
+            torch._foreach_copy_(padded, plan.views(v, padded=False))
+        sums = torch.empty(plan.chunks, dtype=torch.float64, device=v.device)
+        block = max(1, plan.chunks // _SQUARES_SHARE)
+        for lo in range(0, plan.chunks, block):  # a few blocks per bucket: float64 squares of an eighth
+            torch.sum(rows[lo:lo + block].double().square_(), dim=1, out=sums[lo:lo + block])
+        steps = self._steps(sums, plan, payload)
+        half = 2 ** (bits - 1)
+        rows.div_(steps.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).floor_()
+        rows.add_(half).clamp_(0, 2 * half - 1)
+        codes = self._buffers["codes"][:_whole_bytes(plan.numel, bits)]
+        codes[plan.numel:].zero_()  # the last byte's unused codes
+        torch._foreach_copy_(plan.views(codes, padded=False), padded)
+        _pack(codes, bits, self._view(payload, plan.parts, "codes"))
+        if not joined:  # residual = v - sent
+            rows.sub_(half - 0.5).mul_(steps[:, None])
+            torch._foreach_sub_(plan.views(v, padded=False), padded)
+
+    def _decode_dense(self, plan: _Plan, payload: torch.Tensor, total: torch.Tensor) -> None:
+        bits, c = self.spec.bits, self.spec.chunk
+        assert bits is not None
+        codes = self._buffers["codes"][:_whole_bytes(plan.numel, bits)]
+        _unpack(self._view(payload, plan.parts, "codes"), bits, codes)
+        rows = self._buffers["scratch"][:plan.chunks * c].view(plan.chunks, c)
+        padded = plan.views(rows.view(-1), padded=True)
+        torch._foreach_copy_(padded, plan.views(codes, padded=False))
+        rows.sub_(2 ** (bits - 1) - 0.5).mul_(self._view(payload, plan.parts, "steps")[:, None])
+        torch._foreach_add_(plan.views(total, padded=False), padded)
 
     # -- payload ----------------------------------------------------------------------------------
 
@@ -222,49 +337,47 @@ class ChunkedReducer(ErrorFeedback):
                  "positions": torch.uint8 if self.spec.chunk <= 256 else torch.int16}[name]
         return payload[a:b].view(dtype)
 
-    def _encode(self, values: torch.Tensor, rows: torch.Tensor, plan: _Plan, payload: torch.Tensor,
-                parts: dict) -> torch.Tensor:
-        """Write ``values`` (the chunk of each: ``rows``) into ``payload``; return what the receivers will
-        decode from it."""
-        bits = self.spec.bits
-        if bits is None:
-            self._view(payload, parts, "values").copy_(values)
-            return values
-        # each chunk's step: STEP_IN_RMS[bits] x the root mean square of its values (sums in float64)
-        sums = torch.zeros(plan.chunks, dtype=torch.float64, device=values.device)
-        sums.index_add_(0, rows, values.double().square())
-        steps = sums.div_(plan.count).sqrt_().float().mul_(STEP_IN_RMS[bits])
-        self._view(payload, parts, "steps").copy_(steps)
-        half = 2 ** (bits - 1)
-        divisor = steps.clamp_min(torch.finfo(torch.float32).tiny)[rows]  # an all-zero chunk: codes of 0 / tiny
-        codes = torch.floor(values / divisor).add_(half).clamp_(0, 2 * half - 1).to(torch.uint8)
-        _pack(codes, bits, self._view(payload, parts, "codes"))
-        return codes.float().sub_(half - 0.5).mul_(steps[rows])
-
-    def _decode(self, payload: torch.Tensor, rows: torch.Tensor, plan: _Plan, parts: dict) -> torch.Tensor:
-        """The values one rank sent, in the order :meth:`_encode` took them."""
-        bits = self.spec.bits
-        if bits is None:
-            return self._view(payload, parts, "values")
-        steps = self._view(payload, parts, "steps")
-        codes = _unpack(self._view(payload, parts, "codes"), bits, plan.sent)
-        return codes.float().sub_(2 ** (bits - 1) - 0.5).mul_(steps[rows])
-
 
 def _pack(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
-    """``codes`` (uint8 < 2**bits) into ``out``, 8 // bits per byte, the first in the low bits."""
+    """``codes`` (uint8 < 2**bits; a whole number of bytes' worth, zeros past the last code) into ``out``,
+    8 // bits per byte, the first in the low bits; ``codes`` is spent.
+
+    The codes of one output byte are one little-endian word (4 bytes at 2 bits, 2 at 4 bits): or-ing
+    the word with itself shifted right by ``8 - bits`` (then, at 2 bits, by twice that) brings every
+    code next to the first, and the word's low byte is the packed byte. Two or three word-wide ops
+    per bucket, in place.
+    """
     if bits == 8:
-        out.copy_(codes)
+        out.copy_(codes[:out.numel()])
         return
-    per = 8 // bits
-    padded = torch.zeros(out.numel() * per, dtype=torch.int32, device=codes.device)
-    padded[:codes.numel()] = codes
-    shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=codes.device)
-    out.copy_((padded.view(-1, per) << shifts).sum(dim=1))
+    words = codes[:out.numel() * (8 // bits)].view(_WORD[bits])
+    for shift in _SHIFTS[bits]:
+        words.bitwise_or_(words >> shift)
+    out.copy_(words.view(torch.uint8).view(-1, 8 // bits)[:, 0])  # the low byte (little-endian)
 
 
-def _unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+def _unpack(packed: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    """Every code of ``packed`` into ``out`` (uint8, ``8 // bits`` per byte of ``packed``): :func:`_pack`
+    backwards, each byte widened to a word, spread by left shifts and masked."""
     if bits == 8:
-        return packed[:count]
-    shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=packed.device)
-    return ((packed.to(torch.int32)[:, None] >> shifts) & (2 ** bits - 1)).view(-1)[:count]
+        out.copy_(packed)
+        return
+    words = out.view(_WORD[bits])
+    words.copy_(packed)
+    for shift in reversed(_SHIFTS[bits]):
+        words.bitwise_or_(words << shift)
+    words.bitwise_and_(_MASK[bits])
+
+
+#: the word holding the codes of one packed byte, and the mask of each code's bits in it
+_WORD = {2: torch.int32, 4: torch.int16}
+_MASK = {2: 0x03030303, 4: 0x0F0F}
+_SHIFTS = {2: (6, 12), 4: (4,)}  # x | x >> 6, then | >> 12: the four codes at 2 bits
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+    raise ImportError("localsgd_optim.rounds.chunked packs low-bit codes as little-endian words")
+
+
+def _whole_bytes(count: int, bits: int | None) -> int:
+    """``count`` codes rounded up to whole bytes of ``bits``-bit codes (codes, not bytes)."""
+    per = 8 // (bits or 8)
+    return -(-count // per) * per

@@ -7,7 +7,6 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .._dist import all_gather_into
 from .base import ErrorFeedback, RoundContext
 
 __all__ = ["Int8Reducer"]
@@ -39,7 +38,8 @@ class Int8Reducer(ErrorFeedback):
         super().__init__(tensors, flat_params, "int8_residuals",
                          "pass a state dict saved by a LocalSGDOptimizer with compression='int8'")
         self._buffers: dict[str, torch.Tensor] = {}
-        self._shape: tuple[int, int, int] = (0, 0, 0)
+        self._shape: tuple[int, ...] = ()
+        self._views: dict[tuple, tuple] = {}  # per bucket layout: its runs and their views of the scratch
 
     def prepare(self, ctx: RoundContext) -> None:
         super().prepare(ctx)
@@ -49,7 +49,9 @@ class Int8Reducer(ErrorFeedback):
     def _allocate(self, world: int, buckets: list) -> None:
         numel = max((b.numel for b in buckets), default=0)
         count = max((len(b.indices) for b in buckets), default=0)
-        if self._shape == (world, numel, count):
+        # a mean accumulates in fp32: in the bucket itself, or (other dtypes) in a buffer of its own
+        total = max((b.numel for b in buckets if b.dtype != torch.float32), default=0)
+        if self._shape == (world, numel, count, total):
             return
         device = buckets[0].device if buckets else torch.device("cpu")
         self._buffers = {
@@ -57,10 +59,11 @@ class Int8Reducer(ErrorFeedback):
             "scales": torch.empty(count, dtype=torch.float32, device=device),
             "all_codes": torch.empty(world * numel, dtype=torch.int8, device=device),
             "all_scales": torch.empty(world * count, dtype=torch.float32, device=device),
-            "v": torch.empty(numel, dtype=torch.float32, device=device),
             "q": torch.empty(numel, dtype=torch.float32, device=device),
+            "total": torch.empty(total, dtype=torch.float32, device=device),
         }
-        self._shape = (world, numel, count)
+        self._views.clear()
+        self._shape = (world, numel, count, total)
 
     @torch.no_grad()
     def reduce(self, ctx: RoundContext, contributors: int, joined: bool,
@@ -82,21 +85,34 @@ class Int8Reducer(ErrorFeedback):
             bucket = engine.buckets[pos]
             ctx.sent += self._reduce_bucket(bucket, target, residual, group, world, contributors, joined)
 
+    def _runs(self, bucket: Any) -> tuple[list[tuple[int, int]], list[torch.Tensor], list[int]]:
+        """The bucket's tensors as (offset, size) runs, their views of the scratch and the non-empty ones
+        (made once per bucket layout)."""
+        key = (bucket.numel, tuple(bucket.offsets))
+        found = self._views.get(key)
+        if found is None:
+            n, m = bucket.numel, len(bucket.offsets)
+            runs = [(off, (bucket.offsets[j + 1] if j + 1 < m else n) - off) for j, off in enumerate(bucket.offsets)]
+            q = self._buffers["q"]
+            found = self._views[key] = (runs, [q[a:a + size] for a, size in runs],
+                                        [j for j, (_, size) in enumerate(runs) if size])
+        return found
+
     def _reduce_bucket(self, bucket: Any, target: torch.Tensor, residual: torch.Tensor, group: Any, world: int,
                        contributors: int, joined: bool) -> int:
+        """One bucket in one scratch (``q``) besides the payloads: ``v`` is built in the residual, the mean
+        in the bucket."""
         buf = self._buffers
         n, m = bucket.numel, len(bucket.indices)
-        codes, scales, v, q = buf["codes"][:n], buf["scales"][:m], buf["v"][:n], buf["q"][:n]
-        runs = [(off, (bucket.offsets[j + 1] if j + 1 < m else n) - off) for j, off in enumerate(bucket.offsets)]
-        q_views = [q[a:a + size] for a, size in runs]
-        if joined:
-            v.zero_()
+        codes, scales, q = buf["codes"][:n], buf["scales"][:m], buf["q"][:n]
+        _, q_views, nonempty = self._runs(bucket)
+        joined = joined or not n  # (an empty bucket: nothing to build, send or keep)
+        if joined:  # a rank that joined sends zeros and keeps its residual
+            v = q.zero_()
         else:
-            v.copy_(target)
-            v.add_(residual)
+            v = self._into_residual(target, residual, 1.0, buf["total"])  # v = x + residual, in the residual
         # per-tensor scale max|v| / 127 (an empty tensor's is 0 before the clamp)
         torch.abs(v, out=q)
-        nonempty = [j for j, (_, size) in enumerate(runs) if size]
         if len(nonempty) == m:
             scales.copy_(torch.stack(torch._foreach_max(q_views)))
         else:
@@ -111,19 +127,20 @@ class Int8Reducer(ErrorFeedback):
         codes.copy_(q)
         if not joined:
             torch._foreach_mul_(q_views, mine)
-            torch.sub(v, q, out=residual)  # v - codes * scale
+            residual.sub_(q)  # v - codes * scale
         all_codes, all_scales = buf["all_codes"][:world * n], buf["all_scales"][:world * m]
-        works = [all_gather_into(all_codes, codes, group, async_op=True),
-                 all_gather_into(all_scales, scales, group, async_op=True)]
+        works = [self._gather(all_codes, codes, group, async_op=True),
+                 self._gather(all_scales, scales, group, async_op=True)]
         for w in works:
             w.wait()
         all_codes = all_codes.view(world, n)
         per_rank = all_scales.view(world, m).tolist()
-        total = v.zero_()  # v is spent: it accumulates the dequantized sum
+        total = (target if target.dtype == torch.float32 else buf["total"][:n]).zero_()
         for r in range(world):  # rank order: the same sum on every rank
             q.copy_(all_codes[r])
             torch._foreach_mul_(q_views, per_rank[r])
             total.add_(q)
         total.div_(contributors)
-        target.copy_(total)
+        if total is not target:
+            target.copy_(total)
         return codes.numel() * codes.element_size() + scales.numel() * scales.element_size()
