@@ -130,10 +130,10 @@ def test_charlm_ft_survivor_trains_through_a_lost_group_that_heals_and_counts_sa
 
     lighthouse = LighthouseServer(bind="[::]:0", min_replicas=1, join_timeout_ms=10000, quorum_tick_ms=100,
                                   heartbeat_timeout_ms=2000)
-    steps, k, batch = 60, 4, 4
+    steps, k, batch = 80, 4, 4
     common = [sys.executable, "examples/train_charlm.py", "--ft", "--method", "diloco", "--steps", str(steps),
-              "--k", str(k), "--eval-every", "30", "--d-model", "32", "--layers", "1", "--max-bytes", "200000",
-              "--eval-batches", "2", "--batch-size", str(batch), "--step-delay", "0.1",
+              "--k", str(k), "--eval-every", "40", "--d-model", "32", "--layers", "1", "--max-bytes", "200000",
+              "--eval-batches", "2", "--batch-size", str(batch), "--step-delay", "0.12",
               "--sample-log", str(tmp_path / "samples")]
 
     def launch(group: int, *extra: str) -> subprocess.Popen:

@@ -137,7 +137,7 @@ def _replica_group(replica: int, lighthouse: str, groups: int, methods: list[str
         def before_round(step: int) -> None:
             if mode == "heal" and step == 12:  # the new process for group 1 is asking to join
                 events["rejoining"].wait(60)
-                time.sleep(0.5)
+                time.sleep(1.0)  # (its quorum request reaches the lighthouse first, even under load)
 
         def after_round(step: int, opt: Any) -> None:
             if mode == "heal" and step == 8:
