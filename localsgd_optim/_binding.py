@@ -18,6 +18,7 @@ from ._dist import (
     LayoutMismatchError,
     LocalSGDError,
     RoundKind,
+    Share,
     agree_on_round,
     check_ranks_agree,
     is_nccl,
@@ -277,9 +278,9 @@ class Binding:
         return len(params)
 
     def control(self, kind: RoundKind, prepare: Callable[[], None], joined: bool = False, group: Any = None,
-                riders: Sequence[Any] = (), weight: int = -1) -> tuple[int, bool]:
-        """Prepare locally, then run the round's control collective; return ``(divisor, weighted)``
-        (see :func:`~localsgd_optim._dist.agree_on_round`: how many ranks send data, or their total weight).
+                riders: Sequence[Any] = (), weight: int = -1) -> Share:
+        """Prepare locally, then run the round's control collective; return its :class:`Share` (see
+        :func:`~localsgd_optim._dist.agree_on_round`: how many ranks send data, or their total weight).
 
         Everything that can fail locally (re-planning, ``prepare``, the NaN scan) happens before
         the gather, and a failure is announced in it: no rank is ever left waiting in a data

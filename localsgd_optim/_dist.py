@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from enum import IntEnum
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,7 @@ __all__ = [
     "fingerprint",
     "check_ranks_agree",
     "agree_on_round",
+    "Share",
     "all_gather_into",
     "on_every_rank",
 ]
@@ -157,7 +158,7 @@ def agree_on_round(
     joined: bool = False,
     local_error: BaseException | None = None,
     weight: int = -1,
-) -> tuple[int, bool]:
+) -> Share:
     """The control collective that opens every round: one tiny ``all_gather``, no data yet.
 
     Every rank contributes (kind, step count, step count it started or resumed from,
@@ -177,12 +178,13 @@ def agree_on_round(
     table always agrees with itself, so only this rank's own NaN or local error can raise.
 
     ``weight`` is the work this rank did since the last round (``step(tokens=)``; -1: not
-    given): every rank gives one or none does, and a rank with weight 0 counts as joined.
+    given): every rank gives one or none does, and a rank with weight 0 counts as joined (if
+    every rank's is 0, none is weighted: the plain mean).
 
     Returns:
-        ``(divisor, weighted)``: without weights, or with equal ones, the number of ranks that
-        send data (not joined, weight not 0) and ``False``; with different weights, their sum
-        and ``True`` (each rank multiplies what it sends by its weight).
+        A :class:`Share`: without weights, or with equal ones, the number of ranks that send
+        data (not joined; weight not 0 when weights are in effect); with different weights,
+        their sum, each rank multiplying what it sends by its own.
     """
     row = [kind, num_steps, start_steps, digest, nonfinite, int(joined), int(local_error is not None), weight]
     mine = torch.tensor(row, dtype=torch.int64, device=device)
@@ -234,13 +236,21 @@ def all_gather_into(out: torch.Tensor, mine: torch.Tensor, group: dist.ProcessGr
         return all_gather_into(out, mine, group, async_op)
 
 
+class Share(NamedTuple):
+    """What the control collective decided about a round's mean (the same on every rank)."""
+
+    divisor: int  #: ranks that send data, or (``weighted``) their total weight
+    weighted: bool  #: each rank multiplies what it sends by its weight
+    by_work: bool  #: weights are in effect: a rank whose weight is 0 sends nothing
+
+
 def _is_fake(group: dist.ProcessGroup | None) -> bool:
     """Whether ``group`` is torch's fake process group (no peers, collectives move nothing)."""
     return dist.get_backend(group) == "fake"
 
 
 def _verdict(rows: list[list[int]], explain_layout: Any, names: Any,
-             local_error: BaseException | None) -> tuple[int, bool]:
+             local_error: BaseException | None) -> Share:
     """Every rank reads the same gathered table, so every rank reaches the same verdict."""
     kinds, steps, starts, digests, bad, joins, failed, weights = (list(col) for col in zip(*rows))
     if any(failed):
@@ -284,8 +294,10 @@ def _verdict(rows: list[list[int]], explain_layout: Any, names: Any,
             f"LocalSGDOptimizer: rank(s) {[r for r, g in enumerate(given) if g]} passed step(tokens=...) since the "
             f"last round at step {steps[0]}, rank(s) {[r for r, g in enumerate(given) if not g]} did not: pass "
             "tokens= at every step on every rank, or on none")
-    work = [0 if j else w for j, w in zip(joins, weights)] if all(given) else [1 - j for j in joins]
+    work = [0 if j else w for j, w in zip(joins, weights)] if all(given) else []
+    if not any(work):  # no weights, or no rank reported work: the plain mean over the ranks not joined
+        return Share(len(joins) - sum(joins), False, False)
     sending = [w for w in work if w > 0]
-    if len(set(sending)) <= 1:  # equal weights: the plain mean over the ranks that did work
-        return len(sending), False
-    return sum(sending), True
+    if len(set(sending)) == 1:  # equal weights: the plain mean over the ranks that did work
+        return Share(len(sending), False, True)
+    return Share(sum(sending), True, True)

@@ -355,14 +355,14 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 rider.prepare(ctx)
 
         weight = -1 if round_.local or self._tokens is None else self._tokens  # (local rounds: unweighted)
-        joined = joined or weight == 0  # no work since the last round: it contributes nothing
         start = time.perf_counter()
         try:
             with binding.errors(lambda: round_.describe(step)):
-                contributors, weighted = binding.control(round_.kind, prepare, joined, self.local_group
-                                                         if round_.local else binding.group, round_.riders, weight)
+                share = binding.control(round_.kind, prepare, joined, self.local_group
+                                        if round_.local else binding.group, round_.riders, weight)
                 assert ctx is not None
-                ctx.weight = weight if weighted else None
+                contributors, ctx.weight = share.divisor, weight if share.weighted else None
+                joined = joined or (share.by_work and weight == 0)  # no work since the last round: send nothing
                 round_.run(ctx, contributors, joined)
                 for rider in round_.riders:
                     rider.reduce(ctx, contributors, joined)

@@ -46,12 +46,12 @@ def test_agree_on_round_on_a_fake_group_counts_every_rank_without_a_collective(f
     cpu = torch.device("cpu")
     # Any step counts, kinds and digest: the table is this rank's row repeated, so it always agrees.
     for kind, steps, start in [(RoundKind.SYNC, 0, 0), (RoundKind.SCHEDULED, 17, 3), (RoundKind.BIND, 5, 5)]:
-        assert agree_on_round(None, cpu, kind, steps, start, 123456789, _no_layout_check) == (fake_world, False)
+        assert agree_on_round(None, cpu, kind, steps, start, 123456789, _no_layout_check) == (fake_world, False, False)
     # A subgroup of the fake world: its own size.
     sub = dist.new_group([0, 1])
-    assert agree_on_round(sub, cpu, RoundKind.LOCAL, 4, 0, 1, _no_layout_check) == (2, False)
+    assert agree_on_round(sub, cpu, RoundKind.LOCAL, 4, 0, 1, _no_layout_check) == (2, False, False)
     # Every rank is this one: if it has joined, nobody is left training.
-    assert agree_on_round(None, cpu, RoundKind.SYNC, 4, 0, 1, _no_layout_check, joined=True) == (0, False)
+    assert agree_on_round(None, cpu, RoundKind.SYNC, 4, 0, 1, _no_layout_check, joined=True) == (0, False, False)
     # The same verdict code: this rank's own NaN and its own local error still raise.
     with pytest.raises(NonFiniteParameterError, match="w2"):
         agree_on_round(None, cpu, RoundKind.SYNC, 4, 0, 1, _no_layout_check, nonfinite=2,
@@ -136,5 +136,5 @@ def test_floors_average_and_control_unchanged_on_gloo(ranks2):
     for out in ranks2(_floors_and_control_on_gloo):
         for name in ("avg", "check", "sum"):  # gloo takes AVG for floats; every floor averages
             assert torch.equal(out[name], torch.full((22,), 1.5)), name
-        assert out["count"] == (2, False)
+        assert out["count"] == (2, False, False)
         assert out["mismatch"] is not None and "out of step" in out["mismatch"]
