@@ -404,7 +404,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pg-timeout", type=float, default=None, metavar="S",
                    help="the process group's timeout in seconds: how long a round waits for a hung rank")
     p.add_argument("--fail-at-step", type=int, default=0, metavar="N",
-                   help="for testing the restart recipe: the last rank kills itself with SIGKILL at step N, "
+                   help="for testing the restart recipe: the last rank (--ft: the last replica group) kills itself "
+                        "with SIGKILL at step N, "
                         "once, if a marker file <ckpt-dir>/failed-once does not exist yet; it creates the "
                         "marker first (needs --ckpt-dir)")
     p.add_argument("--stop-at-step", type=int, default=0, metavar="N",
@@ -420,7 +421,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "lighthouse is $TORCHFT_LIGHTHOUSE; survivors train through failures, a returning group heals "
                         "from a peer (one process per replica group, under torchrun or alone)")
     p.add_argument("--ft-groups", type=int, default=2, metavar="G",
-                   help="--ft: replica group slots (REPLICA_GROUP_ID < G): group r reads samples (step*G + r)*B onward")
+                   help="--ft: replica group slots (REPLICA_GROUP_ID < G): at step s, group r reads samples "
+                        "((s-1)*G + r)*B onward")
     p.add_argument("--ft-min-replicas", type=int, default=1, metavar="N",
                    help="--ft: the fewest replica groups a round may commit with")
     p.add_argument("--seed", type=int, default=0)
