@@ -21,9 +21,9 @@ from ._dist import (
     Share,
     agree_on_round,
     check_ranks_agree,
-    is_nccl,
     describe_tensor,
     fingerprint,
+    is_nccl,
 )
 
 __all__ = ["Members", "Binding"]

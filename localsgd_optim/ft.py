@@ -284,8 +284,7 @@ class Managed:
         members = self.optimizer._members
         layout = members.layout()
         n = len(layout) - len(members.optimizer_state_tensors())  # a fresh joiner has no inner state yet
-        names = [name for name, _ in members._named_params()] + [f"buffer {name!r}" for name, _ in members.buffers()]
-        return {"layout": list(zip(names, layout[:n])),
+        return {"layout": list(zip(members.layout_names()[:n], layout[:n])),
                 "settings": {k: repr(v) for k, v in self.optimizer._settings().items()}}
 
     def _tensors(self) -> list[torch.Tensor]:
