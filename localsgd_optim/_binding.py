@@ -298,9 +298,10 @@ class Binding:
                         nonfinite = len(self.engine.tensors) + found
         except Exception as e:  # noqa: BLE001 - re-raised on this rank right after the gather
             local_error = e
-        return agree_on_round(self.group if group is None else group, self.control_device, kind, self.cursor.step,
-                              self.cursor.origin, self.digest, self._explain_layout, nonfinite, self.members.names,
-                              joined, local_error, weight)
+        cursor = self.cursor  # its position: the step count, or with round_every_s the round count
+        return agree_on_round(self.group if group is None else group, self.control_device, kind, cursor.position,
+                              cursor.position_origin, self.digest, self._explain_layout, nonfinite, self.members.names,
+                              joined, local_error, weight, cursor.unit)
 
     @contextlib.contextmanager
     def errors(self, what: Callable[[], str]) -> Iterator[None]:

@@ -13,7 +13,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ._outer import OuterFactory
-from ._schedule import PeriodSpec, Schedule, _is_int
+from ._schedule import PeriodSpec, Schedule, TimedSchedule, _is_int
 from ._sharded import resolve_group
 from .compression import NAMED, Compression
 
@@ -57,7 +57,7 @@ class Config:
                   sync_on_init: bool, warmup_steps: Any, local_k: Any, local_group: Any, buffers: Any,
                   outer_optimizer: Any, compression: Any, overlap_steps: Any, overlap_mix: Any,
                   check_finite: bool, flat_params: bool = True, average_optimizer_state: bool = False,
-                  fragments: Any = 1) -> "Config":
+                  fragments: Any = 1, round_every_s: Any = None) -> "Config":
         """Check the arguments in a fixed order; the first bad one raises, naming it and the fix."""
         _check_optimizer(optimizer)
         if (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real)
@@ -69,7 +69,7 @@ class Config:
                 f"buffers must be the nn.Module whose buffers to average (e.g. buffers=model), "
                 f"got {type(buffers).__name__}"
             )
-        schedule = Schedule(k, warmup_steps)
+        schedule = _schedule(k, warmup_steps, round_every_s, local_k, overlap_steps, fragments)
         if outer_optimizer is not None and not callable(outer_optimizer):
             raise TypeError(
                 "outer_optimizer must be a callable mapping a list of tensors to an Optimizer, e.g. "
@@ -154,6 +154,25 @@ def _exact(value: Any) -> str:
         inner = ", ".join(map(_exact, value))
         return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
     return repr(value)
+
+
+def _schedule(k: Any, warmup_steps: Any, round_every_s: Any, local_k: Any, overlap_steps: Any,
+              fragments: Any) -> Schedule:
+    """The schedule: every ``k`` steps (``None``: 8), or every ``round_every_s`` seconds."""
+    if round_every_s is None:
+        return Schedule(8 if k is None else k, warmup_steps)
+    if k is not None:
+        raise ValueError(
+            f"k={k!r} and round_every_s={round_every_s!r} both say when to average: pass k for rounds every k "
+            "steps, or round_every_s for rounds every so many seconds, not both")
+    schedule = TimedSchedule(round_every_s, warmup_steps)
+    for name, value, off in (("local_k", local_k, None), ("overlap_steps", overlap_steps, 0),
+                             ("fragments", fragments, 1)):
+        if value != off:  # each counts steps across ranks, which time-budgeted replicas do not share
+            raise ValueError(
+                f"round_every_s with {name}={value!r} is not supported: replicas at different speeds take "
+                f"different step counts, and {name} counts steps; pass one of them")
+    return schedule
 
 
 def _check_optimizer(optimizer: Any) -> None:

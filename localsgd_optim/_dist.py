@@ -158,6 +158,7 @@ def agree_on_round(
     joined: bool = False,
     local_error: BaseException | None = None,
     weight: int = -1,
+    unit: str = "step",
 ) -> Share:
     """The control collective that opens every round: one tiny ``all_gather``, no data yet.
 
@@ -179,7 +180,8 @@ def agree_on_round(
 
     ``weight`` is the work this rank did since the last round (``step(tokens=)``; -1: not
     given): every rank gives one or none does, and a rank with weight 0 counts as joined (if
-    every rank's is 0, none is weighted: the plain mean).
+    every rank's is 0, none is weighted: the plain mean). ``unit`` names what ``num_steps`` counts in
+    the errors: ``"step"``, or ``"round"`` when time-budgeted replicas share their round count instead.
 
     Returns:
         A :class:`Share`: without weights, or with equal ones, the number of ranks that send
@@ -191,11 +193,12 @@ def agree_on_round(
     world = dist.get_world_size(group)
     if _is_fake(group):
         own = mine.cpu().tolist()
-        return _verdict([list(own) for _ in range(world)], explain_layout, names, local_error)
+        return _verdict([list(own) for _ in range(world)], explain_layout, names, local_error, unit)
     table = mine.new_empty(world * len(row))  # one gather into one tensor: no per-rank outputs, no stack
     all_gather_into(table, mine, group)
     flat = table.cpu().tolist()
-    return _verdict([flat[r * len(row):(r + 1) * len(row)] for r in range(world)], explain_layout, names, local_error)
+    return _verdict([flat[r * len(row):(r + 1) * len(row)] for r in range(world)], explain_layout, names, local_error,
+                    unit)
 
 
 def is_nccl(group: dist.ProcessGroup | None) -> bool:
@@ -250,7 +253,7 @@ def _is_fake(group: dist.ProcessGroup | None) -> bool:
 
 
 def _verdict(rows: list[list[int]], explain_layout: Any, names: Any,
-             local_error: BaseException | None) -> Share:
+             local_error: BaseException | None, unit: str = "step") -> Share:
     """Every rank reads the same gathered table, so every rank reaches the same verdict."""
     kinds, steps, starts, digests, bad, joins, failed, weights = (list(col) for col in zip(*rows))
     if any(failed):
@@ -260,7 +263,7 @@ def _verdict(rows: list[list[int]], explain_layout: Any, names: Any,
             raise local_error
         raise LocalSGDError(
             f"LocalSGDOptimizer: rank(s) {[r for r, f in enumerate(failed) if f]} failed while "
-            f"preparing {_ROUND_NAMES[kinds[0]]} at step {steps[0]}; see that rank's error. "
+            f"preparing {_ROUND_NAMES[kinds[0]]} at {unit} {steps[0]}; see that rank's error. "
             "No parameter was changed."
         )
     if len(set(digests)) > 1:
@@ -268,11 +271,16 @@ def _verdict(rows: list[list[int]], explain_layout: Any, names: Any,
         raise LayoutMismatchError(f"LocalSGDOptimizer: ranks wrap different parameters (digests {digests})")
     if len(set(starts)) > 1:
         raise ScheduleMismatchError(
-            f"LocalSGDOptimizer: ranks resumed from different step counts ({starts} per rank), so "
+            f"LocalSGDOptimizer: ranks resumed from different {unit} counts ({starts} per rank), so "
             "their averaging rounds are out of phase. Load the same checkpoint step on every rank."
         )
     if len(set(kinds)) > 1 or len(set(steps)) > 1:
-        doing = "; ".join(f"rank {r}: {_ROUND_NAMES[k]} at step {s}" for r, (k, s) in enumerate(zip(kinds, steps)))
+        doing = "; ".join(f"rank {r}: {_ROUND_NAMES[k]} at {unit} {s}" for r, (k, s) in enumerate(zip(kinds, steps)))
+        if unit == "round":
+            raise ScheduleMismatchError(
+                f"LocalSGDOptimizer: ranks are out of step ({doing}). With round_every_s, every rank must "
+                "run the same number of rounds and call sync() at the same point: end training on "
+                "opt.num_rounds, not on a step count.")
         raise ScheduleMismatchError(
             f"LocalSGDOptimizer: ranks are out of step ({doing}). Every rank must call step() the "
             "same number of times between averaging rounds and call sync() at the same point; "
@@ -283,7 +291,7 @@ def _verdict(rows: list[list[int]], explain_layout: Any, names: Any,
         names = list(names())
         where = "; ".join(f"rank {r}: {names[i] if i < len(names) else f'parameter {i}'}" for r, i in culprits)
         raise NonFiniteParameterError(
-            f"LocalSGDOptimizer: not averaging at step {steps[0]}: NaN/Inf parameters ({where}). Every "
+            f"LocalSGDOptimizer: not averaging at {unit} {steps[0]}: NaN/Inf parameters ({where}). Every "
             "replica is left as it was, so the others are not poisoned. Restore from the last "
             "checkpoint and lower the learning rate, clip gradients or use GradScaler; or pass "
             "check_finite=False to average anyway."
@@ -292,7 +300,7 @@ def _verdict(rows: list[list[int]], explain_layout: Any, names: Any,
     if any(given) and not all(given):
         raise ScheduleMismatchError(
             f"LocalSGDOptimizer: rank(s) {[r for r, g in enumerate(given) if g]} passed step(tokens=...) since the "
-            f"last round at step {steps[0]}, rank(s) {[r for r, g in enumerate(given) if not g]} did not: pass "
+            f"last round at {unit} {steps[0]}, rank(s) {[r for r, g in enumerate(given) if not g]} did not: pass "
             "tokens= at every step on every rank, or on none")
     work = [0 if j else w for j, w in zip(joins, weights)] if all(given) else []
     if not any(work):  # no weights, or no rank reported work: the plain mean over the ranks not joined

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 import warnings
 from enum import IntEnum
 from typing import Any, Callable, Sequence, Union
 
-__all__ = ["Schedule", "FragmentSchedule", "PeriodSpec", "Event", "Cursor"]
+__all__ = ["Schedule", "FragmentSchedule", "TimedSchedule", "PeriodSpec", "Event", "Cursor", "TimedCursor"]
 
 #: A period: a fixed ``k``, a list of ``(until_step, period)`` pairs (``None`` = forever),
 #: or a callable mapping the first step of an interval to that interval's period.
@@ -60,7 +61,7 @@ class Schedule:
                     "training, which DistributedDataParallel does faster by overlapping the gradient "
                     "all-reduce with backward. Use k > 1 for Local SGD.",
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
             k = int(k)
             self._period = lambda step: k
@@ -143,6 +144,42 @@ class FragmentSchedule:
         return step
 
 
+class TimedSchedule(Schedule):
+    """Time-budgeted rounds: each replica steps until ``seconds`` have passed since the last round.
+
+    Replicas at different speeds then take different numbers of steps per period, and all of
+    them reach the round together: a fast one waits at most for the slow one's step in progress.
+    The steps ``1..warmup_steps`` are synchronous, as with a step-counted schedule. The first
+    period starts when the optimizer is built (binding is a collective, so every replica starts
+    together) or when warmup ends, and each next one when a round completes, a moment every
+    replica shares to within the collective's latency.
+
+    Args:
+        seconds: the period's wall-time budget (a finite number > 0).
+        warmup_steps: synchronous steps before Local SGD starts (an int >= 0).
+    """
+
+    def __init__(self, seconds: float, warmup_steps: int = 0) -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not (
+                math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"round_every_s must be a finite number of seconds > 0, got {seconds!r}")
+        if not _is_int(warmup_steps) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        self.warmup_steps = int(warmup_steps)
+        self.seconds = float(seconds)
+        self.spec = None
+        self.description = {"round_every_s": self.seconds}
+
+    def period_at(self, step: int) -> int:
+        raise TypeError("a time-budgeted schedule has no period in steps: its rounds follow the clock")
+
+    def rounds(self, until: int) -> list[int]:
+        raise TypeError("a time-budgeted schedule's rounds follow the clock: they cannot be listed in advance")
+
+    def __repr__(self) -> str:
+        return f"TimedSchedule(round_every_s={self.seconds!r}, warmup_steps={self.warmup_steps})"
+
+
 class Event(IntEnum):
     """Something that happens at the end of a step, in the order a step's events are run."""
 
@@ -170,7 +207,8 @@ class Cursor:
         overlap_steps: rounds land this many steps after they were launched (0: blocking).
     """
 
-    __slots__ = ("schedule", "local_k", "overlap_steps", "step", "origin", "_next_round", "_land_at")
+    __slots__ = ("schedule", "local_k", "overlap_steps", "step", "origin", "rounds", "_next_round", "_land_at")
+    unit = "step"  #: what :attr:`position` counts
 
     def __init__(self, schedule: Schedule | FragmentSchedule, local_k: int = 0, overlap_steps: int = 0) -> None:
         self.schedule = schedule
@@ -185,13 +223,32 @@ class Cursor:
         must share (their rounds are out of phase otherwise).
         """
         self.step = self.origin = step
+        self.rounds = 0  # global rounds after warmup, up to ``step``
         last, nxt = None, self.schedule.next_round(0)
         while nxt <= step:
             last, nxt = nxt, self.schedule.next_round(nxt)
+            self.rounds += 1
         self._next_round = nxt
         self._land_at = -1
         if self.overlap_steps and last is not None and last + self.overlap_steps > step:
             self._land_at = last + self.overlap_steps
+
+    @property
+    def position(self) -> int:
+        """What every rank shares at a round: the step count (a :class:`TimedCursor`: the round count)."""
+        return self.step
+
+    @property
+    def position_origin(self) -> int:
+        """:attr:`position` when this run started or resumed."""
+        return self.origin
+
+    def may_round_next(self) -> bool:
+        """Whether the next step may end with a global round."""
+        return self.step + 1 >= self._next_round
+
+    def round_done(self) -> None:
+        """A round completed (a step-counted schedule needs no note of it)."""
 
     @property
     def landing(self) -> int | None:
@@ -214,6 +271,7 @@ class Cursor:
                     )
                 self._land_at = step + self.overlap_steps
             self._next_round = nxt
+            self.rounds += 1
             return (Event.GLOBAL_ROUND,)
         if step == self._land_at:
             return (Event.LAND,)
@@ -228,3 +286,67 @@ class Cursor:
             events = self.advance()
             out += [(self.step, e) for e in events]
         return out
+
+
+class TimedCursor(Cursor):
+    """The cursor of a :class:`TimedSchedule`: a step ends with a round once the period's time is spent.
+
+    Each replica decides from its own clock, so no step needs a collective: every replica takes
+    its ``n``-th round as its ``n``-th, and the control collective compares round counts
+    (:attr:`position`) instead of step counts. A period's clock runs from the end of the last
+    round (:meth:`round_done`), the end of warmup, or when the cursor was built or resumed
+    (:meth:`seek`); a checkpoint carries the time already spent in the period (:meth:`spent`),
+    so a resumed run continues the period instead of restarting it.
+
+    Args:
+        schedule: the time budget and warmup.
+        clock: seconds, monotonic (default: :func:`time.monotonic`); a test may pass a clock of its own.
+    """
+
+    __slots__ = ("clock", "rounds_origin", "_started", "_carried")
+    unit = "round"
+
+    def __init__(self, schedule: TimedSchedule, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        super().__init__(schedule)
+
+    def seek(self, step: int, rounds: int = 0, spent: float = 0.0) -> None:  # type: ignore[override]
+        """Continue from ``step`` steps and ``rounds`` time-budgeted rounds, ``spent`` seconds into a
+        period: the period's clock runs on from now."""
+        self.step = self.origin = step
+        self.rounds = self.rounds_origin = rounds
+        self._land_at = -1
+        self._next_round = -1  # never a step count: the clock decides
+        self._started, self._carried = self.clock(), float(spent)
+
+    @property
+    def position(self) -> int:
+        """Rounds so far, warmup's included: what every replica shares at a round, whatever its step count."""
+        return min(self.step, self.schedule.warmup_steps) + self.rounds
+
+    @property
+    def position_origin(self) -> int:
+        return min(self.origin, self.schedule.warmup_steps) + self.rounds_origin
+
+    def spent(self) -> float:
+        """Seconds spent in the current period."""
+        return self._carried + (self.clock() - self._started)
+
+    def round_done(self) -> None:
+        """A scheduled round completed, or warmup ended: the next period starts now, on every replica
+        alike (they all leave the round's collectives together). ``sync()`` does not restart it."""
+        if self.step >= self.schedule.warmup_steps:
+            self._started, self._carried = self.clock(), 0.0
+
+    def may_round_next(self) -> bool:
+        return True  # the clock decides at the end of the step
+
+    def advance(self) -> tuple[Event, ...]:
+        self.step = step = self.step + 1
+        warmup = self.schedule.warmup_steps
+        if step <= warmup:
+            return (Event.WARMUP_ROUND, Event.WARMUP_END) if step == warmup else (Event.WARMUP_ROUND,)
+        if self.spent() < self.schedule.seconds:  # type: ignore[attr-defined]
+            return _NONE
+        self.rounds += 1
+        return (Event.GLOBAL_ROUND,)

@@ -329,8 +329,7 @@ class ElasticCheckpoint:
         write that takes less than a period (the usual case) costs nothing here; its error waits
         for the agreement in the next :meth:`save`.
         """
-        cursor = optimizer._cursor
-        if self._writer is not None and cursor.step + 1 >= cursor._next_round:
+        if self._writer is not None and optimizer._cursor.may_round_next():
             self._writer.join()
             self._writer = None
 

@@ -73,9 +73,10 @@ class LocalSGDOptimizer(Optimizer, Joinable):
 
     Args:
         optimizer: the inner optimizer taking the local steps (any ``torch.optim.Optimizer``).
-        k: optimizer steps between averaging rounds (default: 8); or a period schedule: a
-            list of ``(until_step, period)`` pairs such as ``[(1000, 32), (None, 8)]``, or a
-            callable ``step -> period`` (see :class:`localsgd_optim.Schedule`).
+        k: optimizer steps between averaging rounds (default: ``None``, meaning 8); or a period
+            schedule: a list of ``(until_step, period)`` pairs such as ``[(1000, 32), (None, 8)]``,
+            or a callable ``step -> period`` (see :class:`localsgd_optim.Schedule`). Not with
+            ``round_every_s``.
         process_group: the ranks to average over (default: ``None``, the default group). For
             sharded replicas (FSDP2, tensor parallel, FSDP1) the ranks that hold the same shard
             in different replicas: ``mesh.get_group("replicate")``, or the 1-D mesh
@@ -152,6 +153,15 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             if every participant commits; a replica group that returns heals from a live peer.
             Call ``opt.managed.start()`` before the first step (it returns the step count to
             train from). See :mod:`localsgd_optim.ft` (default: ``None``).
+        round_every_s: time-budgeted rounds instead of every ``k`` steps: each replica steps until
+            this many seconds have passed since the last round ended, then joins the round, so
+            replicas at different speeds take different step counts and none waits out another's
+            period (a fast one waits at most for a slow one's step in progress). Pair it with
+            ``step(tokens=n)`` so the mean weights each replica by its work. Rounds are matched
+            by count, not step: end training on :attr:`num_rounds` (the same on every replica at
+            a round), never on a step count. Not with ``local_k``, ``overlap_steps``,
+            ``fragments``, ``manager`` or ``Join`` (each counts steps across ranks); see
+            ``docs/algorithms.md`` (default: ``None``).
 
     Example::
 
@@ -172,7 +182,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
     def __init__(
         self,
         optimizer: Optimizer,
-        k: PeriodSpec = 8,
+        k: PeriodSpec | None = None,
         *,
         process_group: dist.ProcessGroup | Any | None = None,
         bucket_cap_mb: float = 25.0,
@@ -190,6 +200,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         average_optimizer_state: bool = False,
         fragments: int = 1,
         manager: Any | None = None,
+        round_every_s: float | None = None,
     ) -> None:
         if isinstance(optimizer, LocalSGDOptimizer):
             raise TypeError("optimizer is already a LocalSGDOptimizer; wrap the inner optimizer once")
@@ -197,6 +208,10 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             pg = getattr(manager, "_pg", None)
             if pg is None:
                 raise TypeError(f"manager must be a torchft.Manager (built with pg=...), got {type(manager).__name__}")
+            if round_every_s is not None:
+                raise ValueError(
+                    f"LocalSGDOptimizer: round_every_s={round_every_s!r} with manager= is not supported yet: a heal "
+                    "hands the joiner the donor's step count, which time-budgeted replicas do not share; pass one")
             if process_group is not None and process_group is not pg:
                 raise ValueError("LocalSGDOptimizer: with manager=, leave process_group=None (the rounds run on the "
                                  f"manager's process group), got process_group={process_group!r}")
@@ -206,7 +221,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             warmup_steps=warmup_steps, local_k=local_k, local_group=local_group, buffers=buffers,
             outer_optimizer=outer_optimizer, compression=compression, overlap_steps=overlap_steps,
             overlap_mix=overlap_mix, check_finite=check_finite, flat_params=flat_params,
-            average_optimizer_state=average_optimizer_state, fragments=fragments)
+            average_optimizer_state=average_optimizer_state, fragments=fragments, round_every_s=round_every_s)
         self._constructed = False
         super().__init__(optimizer.param_groups, optimizer.defaults)
         Joinable.__init__(self)  # Optimizer.__init__ does not chain to it
@@ -279,6 +294,17 @@ class LocalSGDOptimizer(Optimizer, Joinable):
     def num_steps(self) -> int:
         """Calls of :meth:`step` so far (restored by :meth:`load_state_dict`)."""
         return self._cursor.step
+
+    @property
+    def num_rounds(self) -> int:
+        """Scheduled global rounds so far, after warmup (restored by :meth:`load_state_dict`). With
+        ``round_every_s`` it is what every replica shares, whatever its step count."""
+        return self._cursor.rounds
+
+    @property
+    def round_every_s(self) -> float | None:
+        """The time budget of a period in seconds (``None``: rounds every ``k`` steps)."""
+        return getattr(self._config.schedule, "seconds", None)
 
     @property
     def engine(self) -> Any:
@@ -454,8 +480,10 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 self._set_ddp_grad_sync(False)  # warmup over: local steps from here
                 self._rounds.restart(self._members.params(), self._context(self._binding, refresh=True)
                                      if self._binding is not None else None)  # the outer loop starts from here
+                self._cursor.round_done()
             elif event == Event.GLOBAL_ROUND:
                 self._guarded(self._rounds.scheduled, joined)
+                self._cursor.round_done()  # round_every_s: the next period starts now
             elif event == Event.LOCAL_ROUND:
                 self._run(self._rounds.local, joined)  # type: ignore[arg-type] - local_k implies it
             else:  # Event.LAND: the overlapped round launched overlap_steps ago
@@ -505,6 +533,11 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         joined rank receives it. The optimizer must be the first joinable: ``Join([opt])``
         (a DDP module under :func:`no_sync` needs no Join of its own).
         """
+        if self.round_every_s is not None:
+            raise LocalSGDError(
+                f"LocalSGDOptimizer(round_every_s={self.round_every_s!r}) cannot shadow other ranks under Join: "
+                "their rounds follow their clocks, not a step count a joined rank could follow. End training "
+                "on opt.num_rounds instead, the same on every rank")
         return _LocalSGDJoinHook(self)
 
     @property
@@ -555,6 +588,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                  "k": self._config.schedule.description, "warmup_steps": self.warmup_steps}
         if self._tokens is not None:  # step(tokens=) since the last round: the next round's weight
             entry["tokens_since_round"] = self._tokens
+        if self.round_every_s is not None:  # rounds follow the clock: their count and the period's time
+            entry["rounds"], entry["period_spent_s"] = self._cursor.rounds, self._cursor.spent()
         self._rounds.state(entry)
         state_dict[STATE_KEY] = entry
         for post_hook in self._optimizer_state_dict_post_hooks.values():
@@ -590,6 +625,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         """
         num_steps, saved_k = parse_entry(entry)
         self._rounds.check_state(entry)
+        timed = _timed_position(entry) if self.round_every_s is not None else ()
         mine = self._config.schedule.description
         if saved_k is not None and saved_k != mine:
             warnings.warn(
@@ -601,7 +637,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         load_inner()
         self._share_inner()  # load_state_dict rebinds the inner param_groups and state
         self._rounds.load_state(entry, self._members.params())
-        self._cursor.seek(num_steps)  # the next round is derived, not stored
+        self._cursor.seek(num_steps, *timed) if timed else self._cursor.seek(num_steps)  # (step-counted:
+        # the next round is derived, not stored)
         tokens = entry.get("tokens_since_round") if isinstance(entry, dict) else None
         self._tokens = int(tokens) if tokens is not None else None
         self._set_ddp_grad_sync(num_steps < self.warmup_steps)
@@ -618,8 +655,22 @@ class LocalSGDOptimizer(Optimizer, Joinable):
 
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        when = (f"k={self._config.schedule.description}" if self.round_every_s is None
+                else f"round_every_s={self.round_every_s!r}")
         return (
-            f"{type(self).__name__}(k={self._config.schedule.description}, warmup_steps={self.warmup_steps}, "
+            f"{type(self).__name__}({when}, warmup_steps={self.warmup_steps}, "
             f"num_steps={self.num_steps}, "
             f"bucket_cap_mb={self.bucket_cap_mb},\n{inner}\n)"
         )
+
+
+def _timed_position(entry: Any) -> tuple[int, float]:
+    """The round count and the seconds spent in the period of a checkpoint (0, 0.0 if it has none:
+    saved with step-counted rounds, a new count starts)."""
+    entry = entry if isinstance(entry, dict) else {}
+    rounds, spent = entry.get("rounds", 0), entry.get("period_spent_s", 0.0)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"state_dict[{STATE_KEY!r}]['rounds'] must be an integer >= 0, got {rounds!r}")
+    if isinstance(spent, bool) or not isinstance(spent, (int, float)) or not spent >= 0:
+        raise ValueError(f"state_dict[{STATE_KEY!r}]['period_spent_s'] must be a number >= 0, got {spent!r}")
+    return rounds, float(spent)

@@ -45,21 +45,26 @@ def _oracle(method: str, weights: list[int], steps: int):
         inner.zero_grad()
         mse(model(x), y).backward()
         inner.step()
-        if step % K:
-            continue
-        with torch.no_grad():
-            if method == "plain":
-                _weighted_one_by_one(params, weights)
-                continue
-            deltas = [g - p for g, p in zip(global_copy, params)]
-            _weighted_one_by_one(deltas, weights)
-            for g, d in zip(global_copy, deltas):
-                g.grad = d
-            outer.step()
-            for g, p in zip(global_copy, params):
-                g.grad = None
-                p.copy_(g)
+        if step % K == 0:
+            weighted_round(method, params, global_copy, outer, weights)
     return [p.detach().clone() for p in params]
+
+
+@torch.no_grad()
+def weighted_round(method: str, params, global_copy, outer, weights) -> None:
+    """One weighted round, a parameter at a time: plain, the parameters; DiLoCo, the pseudo-gradients,
+    then the outer step."""
+    if method == "plain":
+        _weighted_one_by_one(params, weights)
+        return
+    deltas = [g - p for g, p in zip(global_copy, params)]
+    _weighted_one_by_one(deltas, weights)
+    for g, d in zip(global_copy, deltas):
+        g.grad = d
+    outer.step()
+    for g, p in zip(global_copy, params):
+        g.grad = None
+        p.copy_(g)
 
 
 def _ours(method: str, weights: list[int] | None, steps: int, save_at: int | None = None):

@@ -11,7 +11,7 @@ from .._buckets import bucket_cap_bytes
 from .._config import Config
 from .._dist import RoundKind
 from .._outer import OuterState
-from .._schedule import Cursor, FragmentSchedule
+from .._schedule import Cursor, FragmentSchedule, TimedCursor, TimedSchedule
 from .average import AverageRound
 from .base import Reducer, Round, RoundContext
 from .chunked import ChunkedReducer
@@ -73,7 +73,8 @@ def build_rounds(config: Config, params: list[torch.Tensor],
         scheduled: Round = FragmentedRound(schedule, bounds, [_scheduled(config, params[lo:hi])
                                                               for lo, hi in bounds], cursor)
     else:
-        cursor = Cursor(config.schedule, config.local_k, config.overlap_steps)
+        cursor = (TimedCursor(config.schedule) if isinstance(config.schedule, TimedSchedule)
+                  else Cursor(config.schedule, config.local_k, config.overlap_steps))
         scheduled = _scheduled(config, params)
     warmup: Round = AverageRound(RoundKind.SCHEDULED)
     local: Round | None = AverageRound(RoundKind.LOCAL, local=True) if config.local_k else None

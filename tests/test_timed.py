@@ -1,0 +1,210 @@
+"""Time-budgeted rounds (``round_every_s``): replicas at different speeds take different step counts
+per period, meet at every round, and (with ``step(tokens=)``) weigh each other by their work.
+
+Most tests drive each rank's clock by hand: rank ``r``'s clock advances ``COST[r]`` seconds per step,
+so the step counts its speed implies are exact (a period of ``T`` seconds is ``T / COST[r]`` steps)
+and the parameters can be compared bit for bit with a plain-loop oracle that runs those counts. One
+test runs the real clock, with sleeps, and asserts only what holds whatever the timing.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from helpers import INNER, make_batches, make_model, mse
+from test_weighted import weighted_round
+
+T = 6.0
+COST = [1.0, 2.0, 3.0]  # seconds per step on ranks 0, 1, 2: periods of 6, 3 and 2 steps
+ROUNDS = 3
+
+
+class _Clock:
+    """A clock that moves only when the test says: one step's cost at a time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _build(model, clock, method="plain", **kw):
+    from localsgd_optim import LocalSGDOptimizer, diloco
+
+    opt = LocalSGDOptimizer(INNER["adamw"](model.parameters()), round_every_s=T,
+                            outer_optimizer=diloco(0.7, 0.9) if method == "diloco" else None, **kw)
+    opt._cursor.clock = clock
+    opt._cursor.seek(0)  # the period starts on the test's clock
+    return opt
+
+
+def _ours(method: str, resume: bool = False, weighted: bool = True):
+    """Train until ROUNDS rounds are done; return the parameters and the step count of each round."""
+    cost, clock = COST[dist.get_rank()], _Clock()
+    model = make_model()
+    opt = _build(model, clock, method)
+    batches, at_rounds = iter(make_batches(100)), []
+    while opt.num_rounds < ROUNDS:
+        x, y = next(batches)
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        clock.now += cost  # the step's time
+        rounds = opt.num_rounds
+        opt.step(tokens=1 if weighted else None)
+        if opt.num_rounds > rounds:
+            at_rounds.append(opt.num_steps)
+        if resume and at_rounds and opt.num_steps == at_rounds[0] + 1:  # one step into the second period:
+            # every rank rebuilds between the same rounds; the round count and the period's time travel along
+            state, weights = opt.state_dict(), {k: v.clone() for k, v in model.state_dict().items()}
+            clock = _Clock()  # a new process: its clock starts anywhere
+            clock.now = 1000.0
+            opt = _build(model, clock, method)  # (its broadcast is undone by the checkpoint)
+            model.load_state_dict(weights)
+            opt.load_state_dict(state)
+    return [p.detach().clone() for p in model.parameters()], at_rounds
+
+
+def _oracle(method: str, periods: list[int], weighted: bool = True):
+    """Plain loop: this rank's own step counts per period, then a round weighted by them, one
+    parameter and one collective at a time."""
+    model = make_model()
+    inner = INNER["adamw"](model.parameters())
+    params = list(model.parameters())
+    global_copy = [p.detach().clone() for p in params]
+    outer = torch.optim.SGD(global_copy, lr=0.7, momentum=0.9, nesterov=True)
+    batches = iter(make_batches(100))
+    everyone = [[0] * len(periods) for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, periods)  # every rank's work in each period: the weights
+    for i, n in enumerate(periods):
+        for _ in range(n):
+            x, y = next(batches)
+            inner.zero_grad()
+            mse(model(x), y).backward()
+            inner.step()
+        weights = [row[i] for row in everyone] if weighted else [1] * len(everyone)
+        weighted_round(method, params, global_copy, outer, weights)
+    return [p.detach().clone() for p in params]
+
+
+def _compare(method: str, resume: bool = False, weighted: bool = True):
+    ours, at_rounds = _ours(method, resume, weighted)
+    per_period = round(T / COST[dist.get_rank()])
+    expected = [per_period * (i + 1) for i in range(ROUNDS)]
+    periods = [b - a for a, b in zip([0] + at_rounds, at_rounds)]
+    oracle = _oracle(method, periods, weighted)
+    if dist.get_world_size() > 2:  # gloo's sum order over 3 ranks depends on where an element sits in a
+        return at_rounds == expected, all(torch.allclose(a, b, rtol=1e-6, atol=1e-7)  # bucket: 1 ulp apart
+                                          for a, b in zip(ours, oracle)), at_rounds
+    return at_rounds == expected, all(torch.equal(a, b) for a, b in zip(ours, oracle)), at_rounds
+
+
+@pytest.mark.parametrize("method", ["plain", "diloco"])
+def test_each_replica_takes_the_steps_its_speed_implies_and_the_round_weighs_them(method, ranks2):
+    for counts_ok, same, at_rounds in ranks2(_compare, method):
+        assert counts_ok, at_rounds
+        assert same
+
+
+def test_three_speeds_three_step_counts(ranks3):
+    for counts_ok, close, at_rounds in ranks3(_compare, "diloco"):
+        assert counts_ok, at_rounds
+        assert close
+
+
+def test_unweighted_time_budgeted_rounds_are_the_plain_mean(ranks2):
+    for counts_ok, same, at_rounds in ranks2(_compare, "plain", False, False):
+        assert counts_ok and same, at_rounds
+
+
+def test_a_mid_period_checkpoint_continues_the_period(ranks2):
+    for counts_ok, same, at_rounds in ranks2(_compare, "diloco", True):
+        assert counts_ok, at_rounds
+        assert same
+
+
+def _real_clock(seconds: float, delay: float):
+    from localsgd_optim import LocalSGDOptimizer
+
+    model = make_model()
+    opt = LocalSGDOptimizer(INNER["sgd"](model.parameters()), round_every_s=seconds)
+    batches, steps = iter(make_batches(1000)), []
+    while opt.num_rounds < 3:
+        x, y = next(batches)
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        time.sleep(delay * (1 + dist.get_rank()))
+        rounds = opt.num_rounds
+        opt.step(tokens=8)
+        if opt.num_rounds > rounds:
+            steps.append(opt.num_steps)
+    opt.sync()
+    return steps, [p.detach().clone() for p in model.parameters()]
+
+
+def test_real_clocks_meet_at_every_round(ranks3):
+    """Three speeds on the real clock: every rank runs the same rounds and leaves identical (what the
+    timing does not change), each taking at least one step per period."""
+    results = ranks3(_real_clock, 0.15, 0.01)
+    for steps, params in results:
+        assert len(steps) == 3 and all(b > a for a, b in zip([0] + steps, steps)), steps
+        assert all(torch.equal(a, b) for a, b in zip(params, results[0][1]))
+
+
+def _out_of_step() -> str:
+    from localsgd_optim import LocalSGDOptimizer
+
+    clock = _Clock()
+    model = make_model()
+    opt = _build(model, clock)
+    try:
+        for x, y in make_batches(12):
+            opt.zero_grad()
+            mse(model(x), y).backward()
+            clock.now += 1.0
+            opt.step()
+            if dist.get_rank() == 0 and opt.num_rounds == 1:
+                opt.sync()  # rank 0 alone: it meets rank 1's second round
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def test_ranks_out_of_round_raise_on_every_rank(ranks2):
+    for message in ranks2(_out_of_step):
+        assert "ScheduleMismatchError" in message and "at round 1" in message and "opt.num_rounds" in message, message
+
+
+def test_bad_settings_name_the_argument():
+    from localsgd_optim import LocalSGDOptimizer
+
+    def build(**kw):
+        return LocalSGDOptimizer(INNER["sgd"](make_model().parameters()), **kw)
+
+    with pytest.raises(ValueError, match=r"round_every_s must be a finite number of seconds > 0, got 0"):
+        build(round_every_s=0)
+    with pytest.raises(ValueError, match=r"k=4 and round_every_s=2.0 both say when to average"):
+        build(k=4, round_every_s=2.0)
+    with pytest.raises(ValueError, match=r"round_every_s with overlap_steps=1 is not supported"):
+        build(round_every_s=2.0, overlap_steps=1)
+    opt = build(round_every_s=2.0)
+    assert opt.round_every_s == 2.0 and opt.k is None and "round_every_s=2.0" in repr(opt)
+    from torch.distributed.algorithms.join import Join
+
+    with pytest.raises(Exception, match=r"cannot shadow other ranks under Join"):
+        Join([opt])
+
+
+def test_alone_it_counts_rounds_by_the_clock():
+    clock = _Clock()
+    opt = _build(make_model(), clock)
+    for _ in range(13):
+        clock.now += 1.5
+        opt.step()
+    assert (opt.num_steps, opt.num_rounds) == (13, 3)  # rounds at steps 4, 8 and 12
+    assert opt.state_dict()["local_sgd"]["rounds"] == 3
+    assert opt.state_dict()["local_sgd"]["period_spent_s"] == 1.5
