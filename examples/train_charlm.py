@@ -181,6 +181,17 @@ def evaluate_average(model: nn.Module, opt: torch.optim.Optimizer, val: torch.Te
     return loss
 
 
+def speeds_arg(text: str) -> list[float]:
+    try:
+        speeds = [float(x) for x in text.split(",")]
+    except ValueError:
+        speeds = []
+    if not speeds or not all(math.isfinite(x) and x >= 1 for x in speeds):
+        raise argparse.ArgumentTypeError(f"--speeds takes slowdowns >= 1 separated by commas (one per rank), "
+                                         f"e.g. 1,1,1,2; got {text!r}")
+    return speeds
+
+
 def compression_arg(text: str) -> str:
     """Check a ``--compression`` value early: a name, or ``topk:FRACTION[:BITS]``."""
     if text in ("bf16", "int8", "int4", "int2"):
@@ -401,6 +412,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(after its temporary file, before the rename), once (marker <ckpt-dir>/failed-once)")
     p.add_argument("--step-delay", type=float, default=0.0, metavar="S",
                    help="sleep S seconds after every step (fault-injection tests: a slower model)")
+    p.add_argument("--speeds", type=speeds_arg, default=None, metavar="S0,S1,...",
+                   help="a slowdown per rank, e.g. 1,1,1,2: rank r sleeps S_r x --step-delay after each step "
+                        "instead of --step-delay (the compute itself is not scaled: a sleep proportional to a "
+                        "step's measured time would also scale the time it waits for the others)")
+    p.add_argument("--round-every-s", type=float, default=None, metavar="T",
+                   help="time-budgeted rounds (localsgd, diloco): each replica steps until T seconds have passed "
+                        "since the last round, instead of --k steps; the run is --rounds rounds long, the LR "
+                        "schedule follows the rounds, and --eval-every counts rounds")
+    p.add_argument("--rounds", type=int, default=None, metavar="R",
+                   help="with --round-every-s: rounds to train (default: --steps / --k)")
+    p.add_argument("--weight", choices=["none", "tokens", "steps"], default="none",
+                   help="weight each replica's share of a round by the tokens (or steps) it trained since the "
+                        "last one (step(tokens=)); the same for both at a fixed batch size")
     p.add_argument("--pg-timeout", type=float, default=None, metavar="S",
                    help="the process group's timeout in seconds: how long a round waits for a hung rank")
     p.add_argument("--fail-at-step", type=int, default=0, metavar="N",
@@ -447,6 +471,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.ft and not 0 <= int(os.environ.get("REPLICA_GROUP_ID", -1)) < args.ft_groups:
         p.error(f"--ft needs REPLICA_GROUP_ID in 0..{args.ft_groups - 1} (--ft-groups), got "
                 f"{os.environ.get('REPLICA_GROUP_ID')!r}, and TORCHFT_LIGHTHOUSE=http://host:port")
+    if args.round_every_s is not None and (args.method not in ("localsgd", "diloco") or args.ft or args.elastic
+                                           or args.ckpt_dir or args.fragments > 1 or args.overlap_steps):
+        p.error("--round-every-s works with --method localsgd or diloco, without --ft, --elastic, --ckpt-dir, "
+                "--fragments or --overlap-steps")
+    if args.round_every_s is not None and not (math.isfinite(args.round_every_s) and args.round_every_s > 0):
+        p.error(f"--round-every-s must be a number of seconds > 0, got {args.round_every_s}")
+    if args.round_every_s is None and args.rounds is not None:
+        p.error("--rounds goes with --round-every-s (without it, --steps says how long to train)")
+    if args.round_every_s is not None and args.rounds is None:
+        args.rounds = max(1, args.steps // args.k)
+    if args.rounds is not None and args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.fail_at_step and not args.ckpt_dir:
         p.error(f"--fail-at-step {args.fail_at_step} needs --ckpt-dir (its marker file lives there)")
     return args
@@ -486,13 +522,19 @@ def main(argv: list[str] | None = None) -> dict:
         outer = diloco(args.outer_lr, args.outer_momentum) if args.method == "diloco" else None
         if args.extrapolate is not None:  # plain averaging, then a step past the average (no momentum)
             outer = lambda params: torch.optim.SGD(params, lr=args.extrapolate)  # noqa: E731
-        opt = LocalSGDOptimizer(inner, k=args.k, warmup_steps=args.warmup_steps, outer_optimizer=outer,
+        when = {"round_every_s": args.round_every_s} if args.round_every_s is not None else {"k": args.k}
+        opt = LocalSGDOptimizer(inner, **when, warmup_steps=args.warmup_steps, outer_optimizer=outer,
                                 process_group=mesh["replicate"] if mesh is not None else None,
                                 compression=compression_of(args), overlap_steps=args.overlap_steps,
                                 average_optimizer_state=args.average_optimizer_state, fragments=args.fragments,
                                 manager=manager)
     # LR schedulers step the wrapper like any optimizer (param_groups are shared with the inner one)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args))
+    timed = args.round_every_s is not None  # replicas' step counts differ: the schedule follows the rounds
+    if args.speeds is not None and len(args.speeds) != world:
+        raise SystemExit(f"--speeds gives {len(args.speeds)} slowdown(s) for {world} rank(s): give one per rank")
+    speed = args.speeds[rank] if args.speeds is not None else 1.0
+    tokens = {"none": None, "tokens": args.batch_size * args.context, "steps": 1}[args.weight]
     # each rank its own data stream; tensor parallelism: each replica its own, read by all its ranks
     stream = rank // args.tp if args.tp > 1 else rank
     g = torch.Generator().manual_seed(args.seed * 1000 + stream)
@@ -564,8 +606,13 @@ def main(argv: list[str] | None = None) -> dict:
     samples = 0
     step = start
     with sync_ctx:
-        while step < args.steps:
+        while (opt.num_rounds < args.rounds) if timed else (step < args.steps):
             step += 1
+            if timed:  # the LR of the fraction of the run done: rounds, and the time into this period
+                progress = (opt.num_rounds + min(1.0, opt._cursor.spent() / args.round_every_s)) / args.rounds
+                for group_ in opt.param_groups:
+                    group_["lr"] = args.lr * lr_factor(args)(int(progress * args.steps))
+
             if manager is not None:  # --ft: group r reads samples (step - 1) * G * B + r * B onward
                 position = (step - 1) * readers * args.batch_size
             if windows is not None:
@@ -579,14 +626,20 @@ def main(argv: list[str] | None = None) -> dict:
                 x, y = batch(train, args.batch_size, args.context, g)
             loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
             loss.backward()
-            opt.step()
-            sched.step()
+            rounds = opt.num_rounds if timed else 0
+            if tokens is None:
+                opt.step()
+            else:
+                opt.step(tokens=tokens)
+            if not timed:
+                sched.step()
             opt.zero_grad()
             samples += args.batch_size
+
             if manager is not None and opt.num_steps != step:  # healed inside a round: the donor's step count
                 step = opt.num_steps
             if args.step_delay:
-                time.sleep(args.step_delay)
+                time.sleep(speed * args.step_delay)
             if ckpt is not None and args.ckpt_every and step % args.ckpt_every == 0:
                 save_checkpoint(ckpt, step, net, opt, sched, g, world, sharded=mesh is not None)
             if elastic is not None and step == args.fail_in_save_at_step and rank == world - 1:
@@ -598,7 +651,21 @@ def main(argv: list[str] | None = None) -> dict:
                 fail_once(Path(args.ckpt_dir) / "failed-once", step)
             if step == args.stop_at_step:
                 break
-            if step % args.eval_every == 0 or step == args.steps:
+            if timed and opt.num_rounds > rounds and (opt.num_rounds % args.eval_every == 0
+                                                      or opt.num_rounds == args.rounds):
+                train_s += time.perf_counter() - t0  # right after a round: every replica evaluates here
+                with opt.paused():  # (the period's clock stands still)
+                    before = opt.stats()
+                    val_loss = evaluate_average(net, opt, val, args)
+                    for key, value in opt.stats().items():
+                        eval_cost[key] += value - before[key]
+                history.append({"round": opt.num_rounds, "step": step, "train_loss": loss.item(),
+                                "val_loss": val_loss, "time_s": train_s})
+                if rank == 0:
+                    print(f"round {opt.num_rounds:4d}/{args.rounds}  step {step:5d}  train {loss.item():.3f}  "
+                          f"val {val_loss:.3f}  ({train_s:.1f} s)", flush=True)
+                t0 = time.perf_counter()
+            elif not timed and (step % args.eval_every == 0 or step == args.steps):
                 train_loss = loss.item()
                 train_s += time.perf_counter() - t0
                 before = opt.stats() if isinstance(opt, LocalSGDOptimizer) else None
@@ -628,6 +695,11 @@ def main(argv: list[str] | None = None) -> dict:
         ft = ft_summary(net, opt, manager, group, samples)
         print(f"replica group {group}: {ft['line']}", flush=True)
     steps_run = args.steps - start
+    steps_per_rank = None
+    if timed:  # every replica its own step count: their sum is the work done
+        steps_per_rank = [0] * world
+        dist.all_gather_object(steps_per_rank, step) if distributed else steps_per_rank.__setitem__(0, step)
+        steps_run = round(sum(steps_per_rank) / world)
     comm = communication_summary(opt, eval_cost, steps_run, n_params, train_s, world)
     if rank == 0 and comm is not None:
         print(comm.pop("line"), flush=True)
@@ -649,7 +721,9 @@ def main(argv: list[str] | None = None) -> dict:
               "samples_per_s": steps_run * (world // args.tp) * args.batch_size / train_s if train_s else math.nan,
               "final_val_loss": history[-1]["val_loss"] if history else math.nan, "history": history,
               "checkpoints": saving, "position": position if args.elastic else None,
-              "replicas_identical": replicas_identical, **(ft or {})}
+              "replicas_identical": replicas_identical, "steps_per_rank": steps_per_rank,
+              "rounds": opt.num_rounds if isinstance(opt, LocalSGDOptimizer) else None,
+              "speeds": args.speeds, "round_every_s": args.round_every_s, "weight": args.weight, **(ft or {})}
     if rank == 0 and args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1))
     if manager is not None:

@@ -250,6 +250,12 @@ class Cursor:
     def round_done(self) -> None:
         """A round completed (a step-counted schedule needs no note of it)."""
 
+    def pause(self) -> None:
+        """Stop a time-budgeted period's clock (a step-counted schedule has none)."""
+
+    def resume(self) -> None:
+        """Restart the clock :meth:`pause` stopped."""
+
     @property
     def landing(self) -> int | None:
         """The step at which the overlapped round in flight lands, if one is."""
@@ -329,7 +335,9 @@ class TimedCursor(Cursor):
         return min(self.origin, self.schedule.warmup_steps) + self.rounds_origin
 
     def spent(self) -> float:
-        """Seconds spent in the current period."""
+        """Seconds spent in the current period (while paused: until the pause)."""
+        if self._started != self._started:  # paused (NaN)
+            return self._carried
         return self._carried + (self.clock() - self._started)
 
     def round_done(self) -> None:
@@ -340,6 +348,13 @@ class TimedCursor(Cursor):
 
     def may_round_next(self) -> bool:
         return True  # the clock decides at the end of the step
+
+    def pause(self) -> None:
+        """Stop the period's clock (until :meth:`resume`): the time spent so far is kept."""
+        self._carried, self._started = self.spent(), math.nan
+
+    def resume(self) -> None:
+        self._started = self.clock()
 
     def advance(self) -> tuple[Event, ...]:
         self.step = step = self.step + 1

@@ -301,6 +301,18 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         ``round_every_s`` it is what every replica shares, whatever its step count."""
         return self._cursor.rounds
 
+    @contextlib.contextmanager
+    def paused(self) -> Any:
+        """With ``round_every_s``: the period's clock stops inside the block, so an evaluation or a
+        checkpoint between steps does not eat into the replicas' training time. Enter it at the same
+        point on every rank (e.g. right after a round). Without ``round_every_s`` it does nothing.
+        """
+        self._cursor.pause()
+        try:
+            yield
+        finally:
+            self._cursor.resume()
+
     @property
     def round_every_s(self) -> float | None:
         """The time budget of a period in seconds (``None``: rounds every ``k`` steps)."""

@@ -172,3 +172,15 @@ def test_charlm_ft_survivor_trains_through_a_lost_group_that_heals_and_counts_sa
     everything = read[0] + read[1]
     assert len(everything) == len(set(everything))  # no sample read twice
     assert len(read[0]) == steps * batch and len(read[1]) == (10 + steps - healed_at) * batch
+
+
+def test_charlm_time_budgeted_rounds_give_the_fast_replica_more_steps(tmp_path):
+    """--speeds 1,3 --round-every-s: the slow rank sleeps 3x as long per step; both meet at every round,
+    the fast one with at least as many steps (sleeps are lower bounds: 0.03 s against 0.09 s a step)."""
+    out = torchrun("examples/train_charlm.py", "--round-every-s", "0.4", "--rounds", "3", "--eval-every", "3",
+                   "--speeds", "1,3", "--step-delay", "0.03", "--weight", "tokens", "--max-bytes", "200000",
+                   "--d-model", "32", "--json-out", str(tmp_path / "t.json"))
+    assert "round    3/3" in out, out
+    result = json.loads((tmp_path / "t.json").read_text())
+    fast, slow = result["steps_per_rank"]
+    assert result["rounds"] == 3 and fast >= slow >= 3, result["steps_per_rank"]

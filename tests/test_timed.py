@@ -208,3 +208,13 @@ def test_alone_it_counts_rounds_by_the_clock():
     assert (opt.num_steps, opt.num_rounds) == (13, 3)  # rounds at steps 4, 8 and 12
     assert opt.state_dict()["local_sgd"]["rounds"] == 3
     assert opt.state_dict()["local_sgd"]["period_spent_s"] == 1.5
+    with opt.paused():  # an evaluation: the period's clock stands still
+        clock.now += 100.0
+        assert opt.state_dict()["local_sgd"]["period_spent_s"] == 1.5
+    for _ in range(2):
+        clock.now += 1.5
+        opt.step()
+    assert (opt.num_steps, opt.num_rounds) == (15, 3)
+    clock.now += 1.5
+    opt.step()
+    assert (opt.num_steps, opt.num_rounds) == (16, 4)
