@@ -44,10 +44,25 @@ naming the first difference; the survivors carry on. The donor's copy is taken w
 forms (torchft's HTTP transport serves tensors by reference while the round changes them) and
 is held by the transport until its next heal.
 
+Sharded replicas (FSDP2). A replica group of ``S`` ranks, each sharding the model with
+``fully_shard(model, mesh=group_mesh)`` over its group's own 1-D mesh, runs one ``Manager`` per
+rank (``rank`` = its shard index, ``world_size=S``, the same ``replica_id`` in the group). torchft
+then connects, in each rank's managed process group, the ranks of the same shard index across the
+replica groups, and the rounds average each local shard over it, exactly as with
+``process_group=mesh["replicate"]`` in one world. torchft's vote is per replica group (its
+manager server ANDs the group's ranks), so a failure on one shard index undoes the round on every
+rank. A heal pairs group ranks too: each rank of the returning group fetches the checkpoint of the
+donor group's rank with its own shard index, which sends its local shards (and the inner
+optimizer's state as local shards, wrapped back as DTensors placed as the joiner's parameters are);
+the identity check compares the mesh coordinate and local shape of every shard, so a wrong
+pairing loads nothing. torchft 0.2.0 has no managed ``DeviceMesh`` (``ft_init_device_mesh``), so
+the group's mesh is its own ranks only: native HSDP over a managed dimension is not possible.
+
 Requirements: ``use_async_quorum=False`` (a round needs its quorum before it starts),
 ``init_sync=True`` (torchft's default: replicas start equal, and a replica returning before the
 first commit heals too), the ``DYNAMIC`` world size mode (spares would be averaged in). Not yet:
-overlapped rounds and warmup (refused), sharded replicas (refused).
+overlapped rounds and warmup (refused), FSDP1 replicas (refused; tensor-parallel DTensors take the
+FSDP2 path but are untested under torchft).
 
 Example::
 
@@ -66,6 +81,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from ._dist import AveragingRoundError, LocalSGDError, is_nccl, on_every_rank
 from ._state import STATE_KEY
@@ -105,12 +121,13 @@ class Managed:
         if optimizer.process_group is None:
             raise ValueError("Managed: build the LocalSGDOptimizer with process_group=the manager's process group "
                              "(torchft's ProcessGroupGloo, registered), got process_group=None")
+        sharding = optimizer._members.sharding
         refused = {
             "overlap_steps": (optimizer.overlap_steps, "an overlapped round lands steps after its quorum, "
                               "when the membership may have changed"),
             "warmup_steps": (optimizer.warmup_steps, "warmup rounds run at every step, outside any quorum"),
-            "sharded replicas": (optimizer._members.sharding is not None, "one managed group per shard index is "
-                                 "not built yet"),
+            "FSDP1 replicas": (sharding is not None and sharding.has_fsdp1, "a heal sends local shards, and FSDP1's "
+                               "flat shards are not checked or rewrapped by it: shard with FSDP2 (fully_shard)"),
             "fragments without an outer_optimizer": (
                 optimizer._config.fragments > 1 and optimizer._rounds.outer_optimizer() is None,
                 "a replica that heals must start the fragments not synced at that step from their global copy "
@@ -288,13 +305,21 @@ class Managed:
                 "settings": {k: repr(v) for k, v in self.optimizer._settings().items()}}
 
     def _tensors(self) -> list[torch.Tensor]:
+        """Every parameter (a sharded one's local shard) and averaged buffer, in a rank-independent order."""
         members = self.optimizer._members
-        return [p for _, p in members._named_params()] + [b for _, b in members.buffers()]
+        params = [p for _, p in members._named_params()]
+        if members.sharding is not None:
+            params = [members.sharding.local(p) for p in params]
+        return params + [b for _, b in members.buffers()]
 
     def _state(self) -> dict[str, Any]:
-        """The donor's side (torchft's quorum thread, while this one waits in ``start_quorum``)."""
+        """The donor's side (torchft's quorum thread, while this one waits in ``start_quorum``).
+
+        A sharded replica sends its local shards only: each rank of the joining group heals from
+        the rank of the donor group that holds the same shard (torchft pairs them by group rank),
+        and the identity it sends names the shard (mesh coordinate, local shape)."""
         opt = self.optimizer
-        copy = lambda t: t.detach().clone()  # noqa: E731 - served by reference while the round runs
+        copy = lambda t: (t._local_tensor if isinstance(t, DTensor) else t).detach().clone()  # noqa: E731 - served by reference while the round runs
         return {"doing": self._doing, "from": getattr(self.manager, "_replica_id", None),
                 "origin": opt._cursor.origin, **self._identity(),
                 "tensors": [copy(t) for t in self._tensors()], "optimizer": map_tensors(opt.state_dict(), copy)}
@@ -314,10 +339,13 @@ class Managed:
         if entry is not None:  # the residuals are the donor's own unsent error: the joiner's start at zero
             optimizer_state[STATE_KEY] = _without(entry, PER_RANK_KEYS)
         behind = opt.num_steps
+        if opt._members.sharding is not None:  # (written into the shards FSDP2 all-gathers from)
+            for module in opt._members.sharding.modules:
+                module.reshard()
         with torch.no_grad():
             for mine, theirs in zip(self._tensors(), state["tensors"]):
                 mine.copy_(theirs)
-        opt.load_state_dict(optimizer_state)
+        opt.load_state_dict(_as_dtensors(optimizer_state, [p for g in opt.param_groups for p in g["params"]]))
         self._from_global_copies()
         opt._cursor.origin = state["origin"]  # the control collective compares it: the donor's run's origin
         opt._pending_broadcast = False  # (the binding stays: a new quorum binds again in _open anyway)
@@ -354,6 +382,24 @@ def _difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None:
         if here != there:
             return f"{key}={here} here, {key}={there} on the donor"
     return None
+
+
+def _as_dtensors(optimizer_state: dict[str, Any], params: list[torch.Tensor]) -> dict[str, Any]:
+    """The inner optimizer's per-parameter state, sent as local shards, wrapped back as DTensors
+    placed as their parameters are (a fresh joiner has no state of its own to copy the placement from).
+    A value shaped like its parameter's local shard is one (Adam's moments); a scalar ``step`` is not."""
+    per_param = optimizer_state.get("state")
+    if not per_param or not any(isinstance(p, DTensor) for p in params):
+        return optimizer_state
+
+    def wrap(p: torch.Tensor, value: Any) -> Any:
+        if (isinstance(p, DTensor) and isinstance(value, torch.Tensor) and not isinstance(value, DTensor)
+                and value.shape == p._local_tensor.shape and value.dim() == p.dim()):
+            return DTensor.from_local(value, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                      stride=p.stride())
+        return value
+    return {**optimizer_state, "state": {i: {k: wrap(params[i], v) for k, v in entry.items()}
+                                         for i, entry in per_param.items()}}
 
 
 def _without(tree: Any, keys: frozenset[str]) -> Any:
