@@ -142,6 +142,13 @@ def _replica_group(replica: int, lighthouse: str, groups: int, methods: list[str
         def after_round(step: int, opt: Any) -> None:
             if mode == "heal" and step == 8:
                 events["round 8 done"].set()
+            if mode == "diverge" and step == 4:  # as if each had trained alone since: the round at 8 forms a new
+                opt.managed._quorum_id = None    # quorum at the same torchft step, with group 1's state its own
+                if replica == 1:
+                    with torch.no_grad():  # (the state dict holds the live global copy)
+                        for t in opt.state_dict()["local_sgd"]["outer"]["global"] + opt.param_groups[0]["params"]:
+                            t.add_(0.5)
+                    opt.managed.lineage = 0  # (older than group 0's: group 1 must heal)
             entry = opt.state_dict()["local_sgd"]
             outers = [f["outer"] for f in entry["fragments"]] if "fragments" in entry else [entry.get("outer", {})]
             seen[step] = {"residual": sum(r.abs().sum().item() for r in entry.get("ef_residuals", [])),
@@ -453,6 +460,23 @@ def test_a_sharded_replica_group_heals_shard_by_shard_from_the_survivor():
         assert joiner["heals"][0]["from"].startswith("replica0")
         assert survivor["diloco"] == joiner["diloco"]
     assert results[0, 0]["diloco"] != results[0, 1]["diloco"]
+
+
+def test_replicas_at_the_same_step_with_different_histories_heal_one_from_the_other():
+    """Lone-quorum divergence: after the round at 4, group 1's state and lineage become its own (as if it had
+    trained alone while group 0 did too), and the round at 8 opens a new quorum at the same torchft step,
+    where torchft would heal neither. The lineages differ: that round is skipped on both, group 1 (the older
+    lineage) steps back in torchft's count and heals from group 0 inside the quorum of the round at 12, joins
+    it, and from then on both are bit-identical."""
+    (_, _, first, counts0), (_, _, second, counts1) = _run_groups(2, ["diloco"], "diverge", steps=16)
+    assert "error" not in second, second
+    for step in (12, 16):  # (without the lineage, the global copies stay apart for good)
+        assert first["seen"][step]["global"] == second["seen"][step]["global"], step
+        assert first["seen"][step]["params"] == second["seen"][step]["params"], step
+    assert first["diloco"] == second["diloco"]
+    assert counts0 == counts1 == [3, 1, 4], (counts0, counts1)
+    assert first["heals"] == [] and [h["step"] for h in second["heals"]] == [12]
+    assert first["seen"][8]["global"] != second["seen"][8]["global"]  # (the round at 8 was skipped)
 
 
 class _ManagerStub:
