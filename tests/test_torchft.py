@@ -321,6 +321,8 @@ def _train_sharded(method: str, replica: int, shard: int, mesh, process_group=No
     if opts is not None:
         opts.append(opt)
     step = opt.managed.start() if manager is not None else 0
+    if step and after_round is not None:  # healed: it joined the donor's round at this step
+        after_round(step, opt)
     while step < steps:
         step += 1
         if step == die_at:
@@ -382,7 +384,11 @@ def _sharded_rank(replica: int, shard: int, lighthouse: str, port: int, methods:
                 events["round 8 done"].set()
                 events["rejoining"].wait(60)
                 time.sleep(1.0)  # (its quorum request reaches the lighthouse first, even under load)
-            seen[step] = opt.num_steps
+            inner = [opt.state[p] for p in opt.param_groups[0]["params"]]
+            seen[step] = {"num_steps": opt.num_steps, "dtensors": all(type(s["exp_avg"]).__name__ == "DTensor"
+                                                                       for s in inner),
+                          "moments": [s[k].to_local().flatten().tolist() for s in inner for k in ("exp_avg", "exp_avg_sq")],
+                          "global": [g.flatten().tolist() for g in opt.state_dict()["local_sgd"]["outer"]["global"]]}
 
         result: dict[str, Any] = {}
         opts: list[Any] = []
@@ -458,6 +464,8 @@ def test_a_sharded_replica_group_heals_shard_by_shard_from_the_survivor():
         assert survivor["counts"] == [4, 0, 5] and joiner["counts"] == [2, 0, 5], (survivor["counts"], joiner["counts"])
         assert survivor["heals"] == [] and [h["step"] for h in joiner["heals"]] == [12]
         assert joiner["heals"][0]["from"].startswith("replica0")
+        # after the round at 12: the donor's warm Adam moments (local shards, wrapped back as DTensors) and global copy
+        assert survivor["seen"][12] == joiner["seen"][12] and joiner["seen"][12]["dtensors"]
         assert survivor["diloco"] == joiner["diloco"]
     assert results[0, 0]["diloco"] != results[0, 1]["diloco"]
 
