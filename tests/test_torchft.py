@@ -388,7 +388,8 @@ def _sharded_rank(replica: int, shard: int, lighthouse: str, port: int, methods:
             seen[step] = {"num_steps": opt.num_steps, "dtensors": all(type(s["exp_avg"]).__name__ == "DTensor"
                                                                        for s in inner),
                           "moments": [s[k].to_local().flatten().tolist() for s in inner for k in ("exp_avg", "exp_avg_sq")],
-                          "global": [g.flatten().tolist() for g in opt.state_dict()["local_sgd"]["outer"]["global"]]}
+                          "global": [g.flatten().tolist() for g in opt.state_dict()["local_sgd"].get("outer", {})
+                                     .get("global", [])]}
 
         result: dict[str, Any] = {}
         opts: list[Any] = []
