@@ -12,7 +12,7 @@ Each global round (and each ``sync()``):
    own transport, inside that call (see *Healing*). When the quorum is a new one (its id changed:
    every member sees that alike), every member binds again to the reconfigured group, so the
    control collective checks layouts and settings afresh, after one tiny vote that skips the
-   round if a member could not heal.
+   round if a member could not heal, or if the members' *lineages* differ (see below).
 2. A snapshot of what the round changes: the averaged tensors and the ``"local_sgd"`` entry
    (global copy, outer momentum, error-feedback residuals).
 3. The round, on the manager's group; an error in it is reported to the manager, not raised.
@@ -44,10 +44,37 @@ naming the first difference; the survivors carry on. The donor's copy is taken w
 forms (torchft's HTTP transport serves tensors by reference while the round changes them) and
 is held by the transport until its next heal.
 
+Lineage. torchft heals only a replica whose step count is behind. A replica group alone in its
+quorums (the others down, or cut off from the lighthouse: torchft's lighthouse forms no quorum of
+half or fewer of the replicas it hears from) commits rounds alone; two that did so at once can
+meet at the *same* step with different states, and torchft would heal neither: from then on they
+average against different global copies. Each replica therefore keeps a lineage, a digest of the
+quorum ids its kept rounds were committed in (alike on every member of a quorum; a heal copies the
+donor's), and the vote of a new quorum compares them. If they differ, the round is skipped on
+every member, and those without the largest lineage set torchft's step count one back
+(``manager.load_state_dict``), so that torchft's next quorum heals them from one that has it.
+Lineages start at 0 with every ``Managed``, and are not checkpointed: a group restarted from
+its own checkpoint has lineage 0, the smallest, and heals from its peers if it meets them at their step.
+
+Sharded replicas (FSDP2). A replica group of ``S`` ranks, each sharding the model with
+``fully_shard(model, mesh=group_mesh)`` over its group's own 1-D mesh, runs one ``Manager`` per
+rank (``rank`` = its shard index, ``world_size=S``, the same ``replica_id`` in the group). torchft
+then connects, in each rank's managed process group, the ranks of the same shard index across the
+replica groups, and the rounds average each local shard over it, exactly as with
+``process_group=mesh["replicate"]`` in one world. torchft's vote is per replica group (its
+manager server ANDs the group's ranks), so a failure on one shard index undoes the round on every
+rank. A heal pairs group ranks too: each rank of the returning group fetches the checkpoint of the
+donor group's rank with its own shard index, which sends its local shards (and the inner
+optimizer's state as local shards, wrapped back as DTensors placed as the joiner's parameters are);
+the identity check compares the mesh coordinate and local shape of every shard, so a wrong
+pairing loads nothing. torchft 0.2.0 has no managed ``DeviceMesh`` (``ft_init_device_mesh``), so
+the group's mesh is its own ranks only: native HSDP over a managed dimension is not possible.
+
 Requirements: ``use_async_quorum=False`` (a round needs its quorum before it starts),
 ``init_sync=True`` (torchft's default: replicas start equal, and a replica returning before the
 first commit heals too), the ``DYNAMIC`` world size mode (spares would be averaged in). Not yet:
-overlapped rounds and warmup (refused), sharded replicas (refused).
+overlapped rounds and warmup (refused), FSDP1 replicas (refused; tensor-parallel DTensors take the
+FSDP2 path but are untested under torchft).
 
 Example::
 
@@ -62,10 +89,12 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from ._dist import AveragingRoundError, LocalSGDError, is_nccl, on_every_rank
 from ._state import STATE_KEY
@@ -93,6 +122,9 @@ class Managed:
         rounds_committed: rounds kept (a round joined after a heal included).
         rounds_rolled_back: rounds undone (a failed vote, an error in the round), or skipped
             because a member could not heal.
+        lineage: a digest of the quorums this replica's committed rounds were kept in (a heal copies
+            the donor's). Members of a new quorum compare it: see :meth:`_open`.
+        lineage_conflicts: new quorums whose members had different lineages (each skipped).
         heals: one ``{"step", "from", "in_step"}`` per heal of this replica: the step count it
             continued from, the donor's torchft replica id, and whether the donor was inside
             ``step()`` (a scheduled round): then what your loop does after ``opt.step()`` for that
@@ -105,12 +137,13 @@ class Managed:
         if optimizer.process_group is None:
             raise ValueError("Managed: build the LocalSGDOptimizer with process_group=the manager's process group "
                              "(torchft's ProcessGroupGloo, registered), got process_group=None")
+        sharding = optimizer._members.sharding
         refused = {
             "overlap_steps": (optimizer.overlap_steps, "an overlapped round lands steps after its quorum, "
                               "when the membership may have changed"),
             "warmup_steps": (optimizer.warmup_steps, "warmup rounds run at every step, outside any quorum"),
-            "sharded replicas": (optimizer._members.sharding is not None, "one managed group per shard index is "
-                                 "not built yet"),
+            "FSDP1 replicas": (sharding is not None and sharding.has_fsdp1, "a heal sends local shards, and FSDP1's "
+                               "flat shards are not checked or rewrapped by it: shard with FSDP2 (fully_shard)"),
             "fragments without an outer_optimizer": (
                 optimizer._config.fragments > 1 and optimizer._rounds.outer_optimizer() is None,
                 "a replica that heals must start the fragments not synced at that step from their global copy "
@@ -136,6 +169,8 @@ class Managed:
         self.manager = manager
         self.rounds_committed = 0
         self.rounds_rolled_back = 0
+        self.lineage = 0
+        self.lineage_conflicts = 0
         self.heals: list[dict[str, Any]] = []
         self._doing = _START
         self._started = False
@@ -168,7 +203,7 @@ class Managed:
         if healed in (_SCHEDULED, _SYNC):
             self._commit(self._donors_round(healed), joined=True)
         elif healed != _SKIPPED:
-            self.manager.should_commit()  # (nothing ran: the quorum counts as a commit, on every member)
+            self._should_commit()  # (nothing ran: the quorum counts as a commit, on every member)
         return self.optimizer.num_steps
 
     def _round(self, round_: Round, joined: bool) -> None:
@@ -180,7 +215,7 @@ class Managed:
                 "heal every replica but one and average that one alone")
         healed = self._open(_SYNC if round_ is opt._rounds.sync else _SCHEDULED)
         if healed == _START:  # healed from a replica that is only starting: it commits its start(), so does this
-            self.manager.should_commit()
+            self._should_commit()
             return
         if healed == _SKIPPED:  # a member of the new quorum could not heal: nothing ran, already voted
             return
@@ -197,6 +232,14 @@ class Managed:
 
         Returns what the donor was doing if this replica healed, ``_SKIPPED`` if a member of a
         new quorum could not heal (no round runs), else ``None``.
+
+        Lineage: torchft heals only a replica whose step count is behind. Two replica groups that
+        each committed rounds in quorums without the other (each alone while the other was cut off
+        from the lighthouse) can meet at the *same* step with different states, and neither would
+        heal. The members of a new quorum therefore compare their lineages in the same vote; if they
+        differ, the round is skipped on every member and those without the newest (largest) lineage
+        set torchft's step count one back, so torchft's next quorum heals them from a replica that
+        has it. Nothing else changes: the healed replica joins that round as any returning one does.
         """
         opt, manager = self.optimizer, self.manager
         self._doing, self._healed, self._heal_error = doing, None, None
@@ -210,16 +253,23 @@ class Managed:
             return self._healed
         self._quorum_id = quorum  # every member of a new quorum sees it new: all of them vote
         opt._binding, opt._single = None, False  # bind again: the control collective checks layouts afresh
-        if self._everyone(self._heal_error is None and manager.errored() is None):
+        ok, newest = self._new_quorum_vote(self._heal_error is None and manager.errored() is None)
+        if ok and newest is None:
             return self._healed
         if manager.errored() is None:
             manager.report_error(self._heal_error if isinstance(self._heal_error, Exception) else
-                                 RuntimeError("a member of the new quorum could not heal"))
-        manager.should_commit()  # False: nothing ran, nothing to undo; torchft's step counts stay equal
+                                 RuntimeError("a member of the new quorum could not heal") if not ok else
+                                 RuntimeError("replicas at the same torchft step with different histories"))
+        self._should_commit()  # False: nothing ran, nothing to undo; torchft's step counts stay equal
         self._quorum_id = None  # the next quorum binds again, whoever is in it
         if self._heal_error is not None:
             raise self._heal_error
         self.rounds_rolled_back += 1
+        if ok:  # same torchft step, other histories: torchft would heal neither
+            self.lineage_conflicts += 1
+            if self.lineage != newest:  # one step behind: torchft's next quorum heals it from a newest one
+                manager.load_state_dict({"step": max(manager.current_step() - 1, 0),
+                                         "batches_committed": manager.batches_committed()})
         return _SKIPPED
 
     def _commit(self, round_: Round, joined: bool) -> None:
@@ -243,7 +293,7 @@ class Managed:
             manager.report_error(error if isinstance(error, Exception) else
                                  RuntimeError("another replica group could not complete this round"))
         try:
-            commit = manager.should_commit()
+            commit = self._should_commit()
         except BaseException:
             commit = False
             raise
@@ -260,21 +310,47 @@ class Managed:
         if error is not None and not isinstance(error, AveragingRoundError):
             raise error  # a misuse (layouts, steps) or a poisoned replica: undone everywhere, then raised
 
+    def _should_commit(self) -> bool:
+        """torchft's commit vote; a kept quorum extends the lineage (alike on every member: same quorum id)."""
+        commit = self.manager.should_commit()
+        if commit:
+            self.lineage = _extend(self.lineage, self.manager._quorum_id)
+        return commit
+
+    def _vote_device(self) -> torch.device:
+        opt = self.optimizer
+        if opt._binding is not None:
+            return opt._binding.control_device
+        # (between quorums: not bound yet) NCCL needs the vote on the GPU
+        return (opt._members.device() if is_nccl(opt.process_group) else None) or torch.device("cpu")
+
     def _everyone(self, ok: bool) -> bool:
         """Whether every participant holds ``ok`` (torchft's vote is per replica group)."""
         opt = self.optimizer
         if dist.get_world_size(opt.process_group) == 1:
             return ok
-        if opt._binding is not None:
-            device = opt._binding.control_device
-        else:  # (between quorums: not bound yet) NCCL needs the vote on the GPU
-            device = (opt._members.device() if is_nccl(opt.process_group) else None) or torch.device("cpu")
         try:
-            return on_every_rank(ok, opt.process_group, device)
+            return on_every_rank(ok, opt.process_group, self._vote_device())
         except Exception as e:  # noqa: BLE001 - a group too broken to vote: undo the round
             if self.manager.errored() is None:
                 self.manager.report_error(e)
             return False
+
+    def _new_quorum_vote(self, ok: bool) -> tuple[bool, int | None]:
+        """Whether every member of a new quorum holds ``ok``, and the newest lineage if the members' differ
+        (``None`` when they agree): one ``MAX`` all-reduce of ``(not ok, lineage, -lineage)``."""
+        opt = self.optimizer
+        if dist.get_world_size(opt.process_group) == 1:
+            return ok, None
+        votes = torch.tensor([int(not ok), self.lineage, -self.lineage], dtype=torch.int64, device=self._vote_device())
+        try:
+            dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=opt.process_group)
+        except Exception as e:  # noqa: BLE001 - a group too broken to vote: nothing runs
+            if self.manager.errored() is None:
+                self.manager.report_error(e)
+            return False, None
+        failed, newest, oldest = votes.tolist()
+        return not failed, (newest if newest != -oldest else None)
 
     # -- healing: torchft's transport carries these --------------------------------------------
 
@@ -288,15 +364,23 @@ class Managed:
                 "settings": {k: repr(v) for k, v in self.optimizer._settings().items()}}
 
     def _tensors(self) -> list[torch.Tensor]:
+        """Every parameter (a sharded one's local shard) and averaged buffer, in a rank-independent order."""
         members = self.optimizer._members
-        return [p for _, p in members._named_params()] + [b for _, b in members.buffers()]
+        params = [p for _, p in members._named_params()]
+        if members.sharding is not None:
+            params = [members.sharding.local(p) for p in params]
+        return params + [b for _, b in members.buffers()]
 
     def _state(self) -> dict[str, Any]:
-        """The donor's side (torchft's quorum thread, while this one waits in ``start_quorum``)."""
+        """The donor's side (torchft's quorum thread, while this one waits in ``start_quorum``).
+
+        A sharded replica sends its local shards only: each rank of the joining group heals from
+        the rank of the donor group that holds the same shard (torchft pairs them by group rank),
+        and the identity it sends names the shard (mesh coordinate, local shape)."""
         opt = self.optimizer
-        copy = lambda t: t.detach().clone()  # noqa: E731 - served by reference while the round runs
+        copy = lambda t: (t._local_tensor if isinstance(t, DTensor) else t).detach().clone()  # noqa: E731 - served by reference while the round runs
         return {"doing": self._doing, "from": getattr(self.manager, "_replica_id", None),
-                "origin": opt._cursor.origin, **self._identity(),
+                "origin": opt._cursor.origin, "lineage": self.lineage, **self._identity(),
                 "tensors": [copy(t) for t in self._tensors()], "optimizer": map_tensors(opt.state_dict(), copy)}
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -314,14 +398,18 @@ class Managed:
         if entry is not None:  # the residuals are the donor's own unsent error: the joiner's start at zero
             optimizer_state[STATE_KEY] = _without(entry, PER_RANK_KEYS)
         behind = opt.num_steps
+        if opt._members.sharding is not None:  # (written into the shards FSDP2 all-gathers from)
+            for module in opt._members.sharding.modules:
+                module.reshard()
         with torch.no_grad():
             for mine, theirs in zip(self._tensors(), state["tensors"]):
                 mine.copy_(theirs)
-        opt.load_state_dict(optimizer_state)
+        opt.load_state_dict(_as_dtensors(optimizer_state, [p for g in opt.param_groups for p in g["params"]]))
         self._from_global_copies()
         opt._cursor.origin = state["origin"]  # the control collective compares it: the donor's run's origin
         opt._pending_broadcast = False  # (the binding stays: a new quorum binds again in _open anyway)
         self._healed = state["doing"]
+        self.lineage = state.get("lineage", 0)
         if behind or opt.num_steps:  # (not torchft's first quorum, where every replica is at step 0)
             self.heals.append({"step": opt.num_steps, "from": state["from"], "in_step": state["doing"] == _SCHEDULED})
 
@@ -354,6 +442,30 @@ def _difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None:
         if here != there:
             return f"{key}={here} here, {key}={there} on the donor"
     return None
+
+
+def _as_dtensors(optimizer_state: dict[str, Any], params: list[torch.Tensor]) -> dict[str, Any]:
+    """The inner optimizer's per-parameter state, sent as local shards, wrapped back as DTensors
+    placed as their parameters are (a fresh joiner has no state of its own to copy the placement from).
+    A value shaped like its parameter's local shard is one (Adam's moments); a scalar ``step`` is not."""
+    per_param = optimizer_state.get("state")
+    if not per_param or not any(isinstance(p, DTensor) for p in params):
+        return optimizer_state
+
+    def wrap(p: torch.Tensor, value: Any) -> Any:
+        if (isinstance(p, DTensor) and isinstance(value, torch.Tensor) and not isinstance(value, DTensor)
+                and value.shape == p._local_tensor.shape and value.dim() == p.dim()):
+            return DTensor.from_local(value, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                      stride=p.stride())
+        return value
+    return {**optimizer_state, "state": {i: {k: wrap(params[i], v) for k, v in entry.items()}
+                                         for i, entry in per_param.items()}}
+
+
+def _extend(lineage: int, quorum_id: Any) -> int:
+    """The lineage after a commit in quorum ``quorum_id``: 62 bits of a digest of both (an int64 in the vote)."""
+    digest = hashlib.blake2b(f"{lineage}:{quorum_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 2
 
 
 def _without(tree: Any, keys: frozenset[str]) -> Any:

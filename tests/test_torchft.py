@@ -142,6 +142,13 @@ def _replica_group(replica: int, lighthouse: str, groups: int, methods: list[str
         def after_round(step: int, opt: Any) -> None:
             if mode == "heal" and step == 8:
                 events["round 8 done"].set()
+            if mode == "diverge" and step == 4:  # as if each had trained alone since: the round at 8 forms a new
+                opt.managed._quorum_id = None    # quorum at the same torchft step, with group 1's state its own
+                if replica == 1:
+                    with torch.no_grad():  # (the state dict holds the live global copy)
+                        for t in opt.state_dict()["local_sgd"]["outer"]["global"] + opt.param_groups[0]["params"]:
+                            t.add_(0.5)
+                    opt.managed.lineage = 0  # (older than group 0's: group 1 must heal)
             entry = opt.state_dict()["local_sgd"]
             outers = [f["outer"] for f in entry["fragments"]] if "fragments" in entry else [entry.get("outer", {})]
             seen[step] = {"residual": sum(r.abs().sum().item() for r in entry.get("ef_residuals", [])),
@@ -200,12 +207,16 @@ def _run_groups(groups: int, methods: list[str], mode: str, width: int = 16, ste
             procs[-1].start()
         results = sorted((out.get(timeout=120) for _ in range(expected)), key=lambda r: r[0])
     finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-        lighthouse.shutdown()
+        _reap(procs, lighthouse)
     return results
+
+
+def _reap(procs: list[Any], lighthouse: Any) -> None:
+    for p in procs:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    lighthouse.shutdown()
 
 
 @pytest.mark.parametrize("groups", [2, 3])
@@ -288,6 +299,193 @@ def test_a_returning_group_with_another_layout_gets_a_clear_error_and_the_surviv
     (_, _, survivor, counts0), (_, _, joiner, _) = results
     assert "cannot heal from replica0" in joiner["error"] and "(17, 8)" in joiner["error"], joiner
     assert counts0 == [3, 1, 4], counts0  # 4, 8 and 16 kept; 12 skipped (nothing ran, nothing undone)
+
+
+# -- sharded replicas: one Manager per rank, each rank's managed group joining its shard index's ranks ----------------
+
+
+def _train_sharded(method: str, replica: int, shard: int, mesh, process_group=None, manager=None, steps: int = STEPS,
+                   die_at: int | None = None, after_round=None, opts=None) -> list[list[float]]:
+    """FSDP2 over ``mesh`` (one replica's shard ranks): the last Linear has 3 rows, so the two shards differ
+    in shape (2 rows and 1) and a heal from the wrong shard would be refused. Data depends on (replica, shard, step)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from localsgd_optim import LocalSGDOptimizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=K, process_group=process_group,
+                            manager=manager, **_methods()[method])
+    if opts is not None:
+        opts.append(opt)
+    step = opt.managed.start() if manager is not None else 0
+    if step and after_round is not None:  # healed: it joined the donor's round at this step
+        after_round(step, opt)
+    while step < steps:
+        step += 1
+        if step == die_at:
+            os._exit(0)  # the host (both ranks of its replica group) is gone, mid-period
+        g = torch.Generator().manual_seed(1000 * replica + 100 * shard + step)
+        x, y = torch.randn(4, 8, generator=g), torch.randn(4, 3, generator=g)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if step % K == 0 and after_round is not None:
+            after_round(step, opt)
+        step = opt.num_steps
+    return [p.to_local().detach().flatten().tolist() for p in model.parameters()]
+
+
+def _sharded_plain_path(methods: list[str], steps: int = STEPS):
+    """The oracle: one world of 4 ranks, a (replicate, shard) mesh, averaged over mesh["replicate"]."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    replica, shard = divmod(dist.get_rank(), 2)
+    return {m: _train_sharded(m, replica, shard, mesh["shard"], mesh.get_group("replicate"), steps=steps)
+            for m in methods}
+
+
+def _sharded_rank(replica: int, shard: int, lighthouse: str, port: int, methods: list[str], out, mode: str,
+                  events: dict[str, Any], steps: int) -> None:
+    """One rank of a replica group of 2 (its own gloo world and 1-D mesh), with its own Manager (group rank ``shard``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torchft import Manager, ProcessGroupGloo
+
+    torch.set_num_threads(1)
+    live = mode in ("heal", "returning")
+    if mode == "returning":  # (started with the others, imports done: it starts once group 1 is gone)
+        events["round 8 done"].wait(90)
+    store = dist.TCPStore("127.0.0.1", port, 2, shard == 0)
+    dist.init_process_group("gloo", store=store, rank=shard, world_size=2)  # this replica group's own world
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("shard",))
+    pg = ProcessGroupGloo(timeout=timedelta(seconds=30))
+    manager = Manager(pg=pg, min_replica_size=1 if live else 2, load_state_dict=None, state_dict=None,
+                      use_async_quorum=False, lighthouse_addr=lighthouse, replica_id=f"replica{replica}",
+                      store_addr="127.0.0.1", store_port=port, rank=shard, world_size=2, timeout=timedelta(seconds=30))
+    pg.register("torchft")
+    try:
+        if "ready" in events:
+            events["ready"].wait()
+            time.sleep(0.3)
+        if mode == "returning":
+            quorum = manager.start_quorum
+
+            def start_quorum(**kwargs: Any) -> None:
+                events["rejoining"].set()  # (the survivor waits for this before its round at step 12)
+                quorum(**kwargs)
+            manager.start_quorum = start_quorum
+        seen: dict[int, Any] = {}
+
+        def after_round(step: int, opt: Any) -> None:
+            if mode == "heal" and step == 8 and replica == 0:  # the round at 12 waits for the new group 1
+                events["round 8 done"].set()
+                events["rejoining"].wait(60)
+                time.sleep(1.0)  # (its quorum request reaches the lighthouse first, even under load)
+            inner = [opt.state[p] for p in opt.param_groups[0]["params"]]
+            seen[step] = {"num_steps": opt.num_steps, "dtensors": all(type(s["exp_avg"]).__name__ == "DTensor"
+                                                                       for s in inner),
+                          "moments": [s[k].to_local().flatten().tolist() for s in inner for k in ("exp_avg", "exp_avg_sq")],
+                          "global": [g.flatten().tolist() for g in opt.state_dict()["local_sgd"].get("outer", {})
+                                     .get("global", [])]}
+
+        result: dict[str, Any] = {}
+        opts: list[Any] = []
+        for m in methods:
+            try:
+                result[m] = _train_sharded(m, replica, shard, mesh, manager=manager, steps=steps, opts=opts,
+                                           die_at=6 if mode == "heal" and replica == 1 else None,
+                                           after_round=after_round)
+            except Exception as e:  # noqa: BLE001
+                import traceback
+                out.put((replica, shard, {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}))
+                return
+        managed = opts[-1].managed
+        out.put((replica, shard, {**result, "heals": managed.heals, "seen": seen,
+                                  "counts": [managed.rounds_committed, managed.rounds_rolled_back,
+                                             manager.current_step()]}))
+    finally:
+        manager.shutdown(wait=False)
+
+
+def _run_sharded_groups(methods: list[str], mode: str, steps: int = STEPS) -> dict[tuple[int, int], Any]:
+    from torchft._torchft import LighthouseServer
+
+    live = mode == "heal"
+    lighthouse = LighthouseServer(bind="[::]:0", min_replicas=1 if live else 2, join_timeout_ms=10000,
+                                  quorum_tick_ms=100, heartbeat_timeout_ms=2000 if live else None)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    events = {"ready": ctx.Barrier(4), "round 8 done": ctx.Event(), "rejoining": ctx.Event()}
+    ports = [_free_port(), _free_port(), _free_port()]  # (the third: group 1's new processes)
+
+    def start(replica: int, shard: int, rank_mode: str) -> Any:
+        port = ports[2 if rank_mode == "returning" else replica]
+        proc = ctx.Process(target=_sharded_rank, args=(
+            replica, shard, lighthouse.address(), port, methods, out, rank_mode,
+            {k: v for k, v in events.items() if rank_mode != "returning" or k != "ready"}, steps))
+        proc.start()
+        return proc
+    procs = [start(replica, shard, mode) for replica in (0, 1) for shard in (0, 1)]
+    if live:  # group 1's new processes: they start once the survivor committed its round at step 8 alone
+        procs += [start(1, shard, "returning") for shard in (0, 1)]
+    try:
+        results = {(r[0], r[1]): r[2] for r in (out.get(timeout=120) for _ in range(4))}
+    finally:
+        _reap(procs, lighthouse)
+    return results
+
+
+def test_sharded_replicas_average_each_shard_over_its_managed_group(ranks4):
+    """Two replica groups of two FSDP2 ranks, one Manager per rank (group_rank = shard index): each rank's
+    managed group joins the ranks holding the same shard, and the rounds average local shards over it. Oracle:
+    the same model on one world with a (replicate, shard) mesh, averaged over mesh["replicate"]: bit for bit."""
+    methods = ["plain", "diloco"]
+    plain = ranks4(_sharded_plain_path, methods)
+    results = _run_sharded_groups(methods, "managed")
+    for (replica, shard), result in sorted(results.items()):
+        assert "error" not in result, result
+        assert result["counts"] == [STEPS // K, 0, len(methods) * (STEPS // K + 1)], result["counts"]
+        assert result["heals"] == []
+        for method in methods:
+            assert result[method] == plain[2 * replica + shard][method], (method, replica, shard)
+
+
+def test_a_sharded_replica_group_heals_shard_by_shard_from_the_survivor():
+    """Both ranks of group 1 die at step 6; group 0 commits its round at 8 alone. New processes for group 1
+    heal inside the quorum of the round at 12, each rank from the survivor's rank holding the same shard
+    (torchft pairs group ranks; the shards differ in shape, so a wrong pairing is refused), and join that
+    round. At the end (round 16) each shard is bit-identical across the groups; the survivor redid no step."""
+    results = _run_sharded_groups(["diloco"], "heal", steps=16)
+    assert all("error" not in r for r in results.values()), results
+    for shard in (0, 1):
+        survivor, joiner = results[0, shard], results[1, shard]
+        assert survivor["counts"] == [4, 0, 5] and joiner["counts"] == [2, 0, 5], (survivor["counts"], joiner["counts"])
+        assert survivor["heals"] == [] and [h["step"] for h in joiner["heals"]] == [12]
+        assert joiner["heals"][0]["from"].startswith("replica0")
+        # after the round at 12: the donor's warm Adam moments (local shards, wrapped back as DTensors) and global copy
+        assert survivor["seen"][12] == joiner["seen"][12] and joiner["seen"][12]["dtensors"]
+        assert survivor["diloco"] == joiner["diloco"]
+    assert results[0, 0]["diloco"] != results[0, 1]["diloco"]
+
+
+def test_replicas_at_the_same_step_with_different_histories_heal_one_from_the_other():
+    """Lone-quorum divergence: after the round at 4, group 1's state and lineage become its own (as if it had
+    trained alone while group 0 did too), and the round at 8 opens a new quorum at the same torchft step,
+    where torchft would heal neither. The lineages differ: that round is skipped on both, group 1 (the older
+    lineage) steps back in torchft's count and heals from group 0 inside the quorum of the round at 12, joins
+    it, and from then on both are bit-identical."""
+    (_, _, first, counts0), (_, _, second, counts1) = _run_groups(2, ["diloco"], "diverge", steps=16)
+    assert "error" not in second, second
+    for step in (12, 16):  # (without the lineage, the global copies stay apart for good)
+        assert first["seen"][step]["global"] == second["seen"][step]["global"], step
+        assert first["seen"][step]["params"] == second["seen"][step]["params"], step
+    assert first["diloco"] == second["diloco"]
+    assert counts0 == counts1 == [3, 1, 4], (counts0, counts1)
+    assert first["heals"] == [] and [h["step"] for h in second["heals"]] == [12]
+    assert first["seen"][8]["global"] != second["seen"][8]["global"]  # (the round at 8 was skipped)
 
 
 class _ManagerStub:
