@@ -472,9 +472,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--ft needs REPLICA_GROUP_ID in 0..{args.ft_groups - 1} (--ft-groups), got "
                 f"{os.environ.get('REPLICA_GROUP_ID')!r}, and TORCHFT_LIGHTHOUSE=http://host:port")
     if args.round_every_s is not None and (args.method not in ("localsgd", "diloco") or args.ft or args.elastic
-                                           or args.ckpt_dir or args.fragments > 1 or args.overlap_steps):
+                                           or args.ckpt_dir or args.fragments > 1 or args.overlap_steps
+                                           or args.shard > 1 or args.tp > 1 or args.stop_at_step):
         p.error("--round-every-s works with --method localsgd or diloco, without --ft, --elastic, --ckpt-dir, "
-                "--fragments or --overlap-steps")
+                "--fragments, --overlap-steps, --shard, --tp or --stop-at-step (replicas' step counts differ)")
+    if args.weight != "none" and args.method not in ("localsgd", "diloco"):
+        p.error(f"--weight {args.weight} weights the rounds of --method localsgd or diloco, not {args.method}")
+    if args.speeds is not None and (not args.step_delay or args.shard > 1 or args.tp > 1):
+        p.error("--speeds scales --step-delay per rank: it needs --step-delay > 0, and a replica of one rank "
+                "(not with --shard or --tp)")
     if args.round_every_s is not None and not (math.isfinite(args.round_every_s) and args.round_every_s > 0):
         p.error(f"--round-every-s must be a number of seconds > 0, got {args.round_every_s}")
     if args.round_every_s is None and args.rounds is not None:
@@ -609,7 +615,7 @@ def main(argv: list[str] | None = None) -> dict:
         while (opt.num_rounds < args.rounds) if timed else (step < args.steps):
             step += 1
             if timed:  # the LR of the fraction of the run done: rounds, and the time into this period
-                progress = (opt.num_rounds + min(1.0, opt._cursor.spent() / args.round_every_s)) / args.rounds
+                progress = (opt.num_rounds + min(1.0, opt.period_spent_s / args.round_every_s)) / args.rounds
                 for group_ in opt.param_groups:
                     group_["lr"] = args.lr * lr_factor(args)(int(progress * args.steps))
 
@@ -697,8 +703,9 @@ def main(argv: list[str] | None = None) -> dict:
     steps_run = args.steps - start
     steps_per_rank = None
     if timed:  # every replica its own step count: their sum is the work done
-        steps_per_rank = [0] * world
-        dist.all_gather_object(steps_per_rank, step) if distributed else steps_per_rank.__setitem__(0, step)
+        steps_per_rank = [step] * world
+        if distributed:
+            dist.all_gather_object(steps_per_rank, step)
         steps_run = round(sum(steps_per_rank) / world)
     comm = communication_summary(opt, eval_cost, steps_run, n_params, train_s, world)
     if rank == 0 and comm is not None:

@@ -69,7 +69,7 @@ class Config:
                 f"buffers must be the nn.Module whose buffers to average (e.g. buffers=model), "
                 f"got {type(buffers).__name__}"
             )
-        schedule = _schedule(k, warmup_steps, round_every_s, local_k, overlap_steps, fragments)
+        schedule = _schedule(k, warmup_steps, round_every_s)
         if outer_optimizer is not None and not callable(outer_optimizer):
             raise TypeError(
                 "outer_optimizer must be a callable mapping a list of tensors to an Optimizer, e.g. "
@@ -77,6 +77,7 @@ class Config:
             )
         _check_compression(optimizer, compression, buffers)
         _check_overlap(overlap_steps, overlap_mix, compression, local_k)
+        _check_timed(schedule, local_k, overlap_steps, fragments)
         overlap_mix = 0.5 if overlap_mix is None else overlap_mix
         if (compression is not None or overlap_steps) and outer_optimizer is None:
             outer_optimizer = plain_average_outer  # compressed deltas need a global copy
@@ -156,8 +157,7 @@ def _exact(value: Any) -> str:
     return repr(value)
 
 
-def _schedule(k: Any, warmup_steps: Any, round_every_s: Any, local_k: Any, overlap_steps: Any,
-              fragments: Any) -> Schedule:
+def _schedule(k: Any, warmup_steps: Any, round_every_s: Any) -> Schedule:
     """The schedule: every ``k`` steps (``None``: 8), or every ``round_every_s`` seconds."""
     if round_every_s is None:
         return Schedule(8 if k is None else k, warmup_steps)
@@ -165,14 +165,18 @@ def _schedule(k: Any, warmup_steps: Any, round_every_s: Any, local_k: Any, overl
         raise ValueError(
             f"k={k!r} and round_every_s={round_every_s!r} both say when to average: pass k for rounds every k "
             "steps, or round_every_s for rounds every so many seconds, not both")
-    schedule = TimedSchedule(round_every_s, warmup_steps)
+    return TimedSchedule(round_every_s, warmup_steps)
+
+
+def _check_timed(schedule: Schedule, local_k: Any, overlap_steps: Any, fragments: Any) -> None:
+    if not isinstance(schedule, TimedSchedule):
+        return
     for name, value, off in (("local_k", local_k, None), ("overlap_steps", overlap_steps, 0),
                              ("fragments", fragments, 1)):
         if value != off:  # each counts steps across ranks, which time-budgeted replicas do not share
             raise ValueError(
                 f"round_every_s with {name}={value!r} is not supported: replicas at different speeds take "
                 f"different step counts, and {name} counts steps; pass one of them")
-    return schedule
 
 
 def _check_optimizer(optimizer: Any) -> None:

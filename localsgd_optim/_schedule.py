@@ -9,6 +9,8 @@ import warnings
 from enum import IntEnum
 from typing import Any, Callable, Sequence, Union
 
+import torch
+
 __all__ = ["Schedule", "FragmentSchedule", "TimedSchedule", "PeriodSpec", "Event", "Cursor", "TimedCursor"]
 
 #: A period: a fixed ``k``, a list of ``(until_step, period)`` pairs (``None`` = forever),
@@ -250,6 +252,18 @@ class Cursor:
     def round_done(self) -> None:
         """A round completed (a step-counted schedule needs no note of it)."""
 
+    def spent(self) -> float:
+        """Seconds spent in a time-budgeted period (a step-counted schedule has none: 0)."""
+        return 0.0
+
+    def save(self, entry: dict[str, Any]) -> None:
+        """Put what :meth:`seek` needs beyond the step count into a checkpoint's entry (nothing: the
+        schedule derives the rest from the step count)."""
+
+    def parse(self, entry: Any) -> tuple:
+        """What :meth:`save` put in ``entry``, checked, as :meth:`seek`'s arguments after the step count."""
+        return ()
+
     def pause(self) -> None:
         """Stop a time-budgeted period's clock (a step-counted schedule has none)."""
 
@@ -300,16 +314,17 @@ class TimedCursor(Cursor):
     Each replica decides from its own clock, so no step needs a collective: every replica takes
     its ``n``-th round as its ``n``-th, and the control collective compares round counts
     (:attr:`position`) instead of step counts. A period's clock runs from the end of the last
-    round (:meth:`round_done`), the end of warmup, or when the cursor was built or resumed
-    (:meth:`seek`); a checkpoint carries the time already spent in the period (:meth:`spent`),
-    so a resumed run continues the period instead of restarting it.
+    round or of warmup (:meth:`round_done`), from binding (the optimizer calls :meth:`round_done`
+    then: a collective, so every replica starts together), or from :meth:`seek` (a resume); a
+    checkpoint carries the time already spent in the period (:meth:`spent`), so a resumed run
+    continues the period instead of restarting it.
 
     Args:
         schedule: the time budget and warmup.
         clock: seconds, monotonic (default: :func:`time.monotonic`); a test may pass a clock of its own.
     """
 
-    __slots__ = ("clock", "rounds_origin", "_started", "_carried")
+    __slots__ = ("clock", "rounds_origin", "_started", "_carried", "_pauses")
     unit = "round"
 
     def __init__(self, schedule: TimedSchedule, clock: Callable[[], float] = time.monotonic) -> None:
@@ -323,11 +338,37 @@ class TimedCursor(Cursor):
         self.rounds = self.rounds_origin = rounds
         self._land_at = -1
         self._next_round = -1  # never a step count: the clock decides
-        self._started, self._carried = self.clock(), float(spent)
+        self._started, self._carried, self._pauses = self.clock(), float(spent), 0
+
+    def save(self, entry: dict[str, Any]) -> None:
+        entry["rounds"], entry["period_spent_s"] = self.rounds, self.spent()
+
+    def parse(self, entry: Any) -> tuple[int, float]:
+        """The round count and the seconds spent in the period of a checkpoint's entry, checked.
+
+        An entry saved with step-counted rounds has neither: the count starts at 0 (a warning says
+        so, as the period itself changes meaning), and the period starts afresh.
+        """
+        entry = entry if isinstance(entry, dict) else {}
+        if "rounds" not in entry:
+            if entry:
+                warnings.warn("The checkpoint was saved with rounds every k steps; with round_every_s the round "
+                              "count (num_rounds) starts at 0 from here", UserWarning, stacklevel=4)
+            return 0, 0.0
+        rounds, spent = entry["rounds"], entry.get("period_spent_s", 0.0)
+        if isinstance(rounds, torch.Tensor) and rounds.numel() == 1:
+            rounds = int(rounds.item())
+        if isinstance(spent, torch.Tensor) and spent.numel() == 1:
+            spent = float(spent.item())
+        if not _is_int(rounds) or rounds < 0:
+            raise ValueError(f"state_dict['local_sgd']['rounds'] must be an integer >= 0, got {rounds!r}")
+        if isinstance(spent, bool) or not isinstance(spent, numbers.Real) or not (math.isfinite(spent) and spent >= 0):
+            raise ValueError(f"state_dict['local_sgd']['period_spent_s'] must be a finite number >= 0, got {spent!r}")
+        return int(rounds), float(spent)
 
     @property
     def position(self) -> int:
-        """Rounds so far, warmup's included: what every replica shares at a round, whatever its step count."""
+        """Warmup steps plus rounds since: what every replica shares at a round, whatever its step count."""
         return min(self.step, self.schedule.warmup_steps) + self.rounds
 
     @property
@@ -335,14 +376,16 @@ class TimedCursor(Cursor):
         return min(self.origin, self.schedule.warmup_steps) + self.rounds_origin
 
     def spent(self) -> float:
-        """Seconds spent in the current period (while paused: until the pause)."""
-        if self._started != self._started:  # paused (NaN)
+        """Seconds spent in the current period (while paused: until the pause; 0 during warmup)."""
+        if self.step < self.schedule.warmup_steps:
+            return 0.0
+        if self._pauses:
             return self._carried
         return self._carried + (self.clock() - self._started)
 
     def round_done(self) -> None:
-        """A scheduled round completed, or warmup ended: the next period starts now, on every replica
-        alike (they all leave the round's collectives together). ``sync()`` does not restart it."""
+        """A scheduled round completed, warmup ended, or the optimizer bound: the next period starts now,
+        on every replica alike (they all leave the collective together). ``sync()`` does not restart it."""
         if self.step >= self.schedule.warmup_steps:
             self._started, self._carried = self.clock(), 0.0
 
@@ -350,11 +393,15 @@ class TimedCursor(Cursor):
         return True  # the clock decides at the end of the step
 
     def pause(self) -> None:
-        """Stop the period's clock (until :meth:`resume`): the time spent so far is kept."""
-        self._carried, self._started = self.spent(), math.nan
+        """Stop the period's clock until the matching :meth:`resume` (pauses nest): the time spent is kept."""
+        if not self._pauses:
+            self._carried = self.spent()
+        self._pauses += 1
 
     def resume(self) -> None:
-        self._started = self.clock()
+        self._pauses -= 1
+        if not self._pauses:
+            self._started = self.clock()
 
     def advance(self) -> tuple[Event, ...]:
         self.step = step = self.step + 1

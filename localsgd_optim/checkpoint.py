@@ -240,6 +240,8 @@ def _merge(values: list[Any], path: tuple[Any, ...]) -> Any:
                     f"consolidate: rank {r}'s {where} has keys {sorted(map(str, v))} but rank 0's has "
                     f"{sorted(map(str, first))}; pass states saved by the same run at the same step"
                 )
+        if path and path[-1] == STATE_KEY and "rounds" in first:  # round_every_s: step counts differ by
+            values = [{**v, "num_steps": first["num_steps"]} for v in values]  # design; rank 0's, rounds agree
         optimizer = "param_groups" in first and STATE_KEY not in path  # a torch optimizer's state dict
         return {key: (_merge_per_parameter if optimizer and key == "state" else _merge)(
             [v[key] for v in values], path + (key,)) for key in first}
@@ -252,7 +254,7 @@ def _merge(values: list[Any], path: tuple[Any, ...]) -> Any:
         return first
 
     # per-rank only in the Local SGD entry: error feedback (averaged on a resize, like the parameters)
-    shared = STATE_KEY in path and not PER_RANK_KEYS.intersection(map(str, path))
+    shared = STATE_KEY in path and not (PER_RANK_KEYS | _RANK0_KEYS).intersection(map(str, path))
     if not shared and all(isinstance(v, torch.Tensor) for v in values) and (
         first.is_floating_point() or first.is_complex()
     ) and all(v.dtype == first.dtype and v.shape == first.shape for v in values):
@@ -284,6 +286,9 @@ def _merge_per_parameter(values: list[Any], path: tuple[Any, ...]) -> Any:
 
 #: keys of the Local SGD entry that differ per rank by design: the error-feedback residuals
 PER_RANK_KEYS = frozenset({"int8_residuals", "ef_residuals"})
+#: and, where :func:`consolidate` keeps rank 0's: the work of the period (``step(tokens=)``) and the time
+#: spent in it (``round_every_s``)
+_RANK0_KEYS = frozenset({"tokens_since_round", "period_spent_s"})
 
 
 def _same(a: Any, b: Any) -> bool:

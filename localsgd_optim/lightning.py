@@ -123,6 +123,10 @@ def _find(trainer: Any) -> tuple[int, LocalSGDOptimizer]:
             f"LocalSGDCallback needs exactly one LocalSGDOptimizer from configure_optimizers, "
             f"got {found}; return LocalSGDOptimizer(torch.optim.AdamW(...), k=8)"
         )
+    if ours[0][1].round_every_s is not None:
+        raise ValueError(
+            f"LocalSGDCallback with round_every_s={ours[0][1].round_every_s!r} is not supported: Lightning logs, "
+            "validates and checkpoints at step counts, which time-budgeted replicas do not share; pass k instead")
     return ours[0]
 
 

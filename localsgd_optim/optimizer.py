@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -229,6 +229,11 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._share_inner()
         self._config = config
         sharding = find_sharding(self.param_groups, config.process_group)
+        if sharding is not None and round_every_s is not None:
+            raise ValueError(
+                f"LocalSGDOptimizer: round_every_s={round_every_s!r} with sharded replicas is not supported: the "
+                "ranks of one replica decide from their own clocks, and could end a period at different steps "
+                "while FSDP or tensor parallelism needs them in the same collectives at every step; pass k instead")
         if sharding is not None and config.flat_params and sharding.fallbacks():
             warnings.warn(
                 "LocalSGDOptimizer: some sharded parameters take the copy path (each round copies their "
@@ -302,7 +307,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         return self._cursor.rounds
 
     @contextlib.contextmanager
-    def paused(self) -> Any:
+    def paused(self) -> Iterator[None]:
         """With ``round_every_s``: the period's clock stops inside the block, so an evaluation or a
         checkpoint between steps does not eat into the replicas' training time. Enter it at the same
         point on every rank (e.g. right after a round). Without ``round_every_s`` it does nothing.
@@ -312,6 +317,12 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             yield
         finally:
             self._cursor.resume()
+
+    @property
+    def period_spent_s(self) -> float:
+        """With ``round_every_s``: the seconds spent in the current period (0 during warmup), e.g. for an
+        LR schedule that follows the shared progress ``(num_rounds + period_spent_s / T) / rounds``."""
+        return self._cursor.spent()
 
     @property
     def round_every_s(self) -> float | None:
@@ -358,6 +369,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                     src, binding.group)  # their own storage: only the averaged parameters move
             self._pending_broadcast = False
             self._rounds.restart(self._members.params(), self._context(binding, refresh=True))  # bound late: re-take the global copy
+        if self._cursor.step == 0:
+            self._cursor.round_done()  # round_every_s: the first period starts now, on every rank alike
         return binding
 
     def _new_binding(self, group: dist.ProcessGroup | None, world_size: int) -> Binding:
@@ -600,8 +613,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                  "k": self._config.schedule.description, "warmup_steps": self.warmup_steps}
         if self._tokens is not None:  # step(tokens=) since the last round: the next round's weight
             entry["tokens_since_round"] = self._tokens
-        if self.round_every_s is not None:  # rounds follow the clock: their count and the period's time
-            entry["rounds"], entry["period_spent_s"] = self._cursor.rounds, self._cursor.spent()
+        self._cursor.save(entry)  # (round_every_s: the round count and the time spent in the period)
         self._rounds.state(entry)
         state_dict[STATE_KEY] = entry
         for post_hook in self._optimizer_state_dict_post_hooks.values():
@@ -637,22 +649,23 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         """
         num_steps, saved_k = parse_entry(entry)
         self._rounds.check_state(entry)
-        timed = _timed_position(entry) if self.round_every_s is not None else ()
+        position = self._cursor.parse(entry)  # (round_every_s: the round count, the period's time)
+        tokens = entry.get("tokens_since_round") if isinstance(entry, dict) else None
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+            raise ValueError(f"state_dict[{STATE_KEY!r}]['tokens_since_round'] must be an integer >= 0, got {tokens!r}")
         mine = self._config.schedule.description
         if saved_k is not None and saved_k != mine:
             warnings.warn(
-                f"The checkpoint was saved with k={saved_k}; this optimizer has k={mine}. "
-                f"Continuing from step {num_steps} with k={mine}.",
+                f"The checkpoint was saved with {_when(saved_k)}; this optimizer has {_when(mine)}. "
+                f"Continuing from step {num_steps} with {_when(mine)}.",
                 UserWarning,
                 stacklevel=3,
             )
         load_inner()
         self._share_inner()  # load_state_dict rebinds the inner param_groups and state
         self._rounds.load_state(entry, self._members.params())
-        self._cursor.seek(num_steps, *timed) if timed else self._cursor.seek(num_steps)  # (step-counted:
-        # the next round is derived, not stored)
-        tokens = entry.get("tokens_since_round") if isinstance(entry, dict) else None
-        self._tokens = int(tokens) if tokens is not None else None
+        self._cursor.seek(num_steps, *position)  # (step-counted: the next round is derived, not stored)
+        self._tokens = tokens
         self._set_ddp_grad_sync(num_steps < self.warmup_steps)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -667,22 +680,15 @@ class LocalSGDOptimizer(Optimizer, Joinable):
 
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
-        when = (f"k={self._config.schedule.description}" if self.round_every_s is None
-                else f"round_every_s={self.round_every_s!r}")
         return (
-            f"{type(self).__name__}({when}, warmup_steps={self.warmup_steps}, "
+            f"{type(self).__name__}({_when(self._config.schedule.description)}, warmup_steps={self.warmup_steps}, "
             f"num_steps={self.num_steps}, "
             f"bucket_cap_mb={self.bucket_cap_mb},\n{inner}\n)"
         )
 
 
-def _timed_position(entry: Any) -> tuple[int, float]:
-    """The round count and the seconds spent in the period of a checkpoint (0, 0.0 if it has none:
-    saved with step-counted rounds, a new count starts)."""
-    entry = entry if isinstance(entry, dict) else {}
-    rounds, spent = entry.get("rounds", 0), entry.get("period_spent_s", 0.0)
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise ValueError(f"state_dict[{STATE_KEY!r}]['rounds'] must be an integer >= 0, got {rounds!r}")
-    if isinstance(spent, bool) or not isinstance(spent, (int, float)) or not spent >= 0:
-        raise ValueError(f"state_dict[{STATE_KEY!r}]['period_spent_s'] must be a number >= 0, got {spent!r}")
-    return rounds, float(spent)
+def _when(description: Any) -> str:
+    """``k=8``, or ``round_every_s=30.0``: a schedule's description as the argument that sets it."""
+    if isinstance(description, dict) and "round_every_s" in description:
+        return f"round_every_s={description['round_every_s']!r}"
+    return f"k={description}"

@@ -90,6 +90,11 @@ class LocalSGDTrainerMixin:
                 "local_sgd= was given but optimizers= already holds a LocalSGDOptimizer; pass one or the "
                 "other (local_sgd wraps the optimizer the Trainer builds)"
             )
+        timed = (self.local_sgd_options or {}).get("round_every_s", getattr(supplied, "round_every_s", None))
+        if timed is not None:
+            raise ValueError(
+                f"LocalSGDTrainer with round_every_s={timed!r} is not supported: the Trainer logs, evaluates and "
+                "saves at step counts, which time-budgeted replicas do not share; pass k instead")
         if not isinstance(supplied, LocalSGDOptimizer) and self.local_sgd_options is None:
             raise TypeError(
                 "LocalSGDTrainer needs local_sgd=, the LocalSGDOptimizer arguments (for example "

@@ -33,21 +33,21 @@ class _Clock:
         return self.now
 
 
-def _build(model, clock, method="plain", **kw):
+def _build(model, clock, method="plain", warmup=0, **kw):
     from localsgd_optim import LocalSGDOptimizer, diloco
 
-    opt = LocalSGDOptimizer(INNER["adamw"](model.parameters()), round_every_s=T,
+    opt = LocalSGDOptimizer(INNER["adamw"](model.parameters()), round_every_s=T, warmup_steps=warmup,
                             outer_optimizer=diloco(0.7, 0.9) if method == "diloco" else None, **kw)
     opt._cursor.clock = clock
     opt._cursor.seek(0)  # the period starts on the test's clock
     return opt
 
 
-def _ours(method: str, resume: bool = False, weighted: bool = True):
+def _ours(method: str, resume: bool = False, weighted: bool = True, warmup: int = 0):
     """Train until ROUNDS rounds are done; return the parameters and the step count of each round."""
     cost, clock = COST[dist.get_rank()], _Clock()
     model = make_model()
-    opt = _build(model, clock, method)
+    opt = _build(model, clock, method, warmup)
     batches, at_rounds = iter(make_batches(100)), []
     while opt.num_rounds < ROUNDS:
         x, y = next(batches)
@@ -69,7 +69,7 @@ def _ours(method: str, resume: bool = False, weighted: bool = True):
     return [p.detach().clone() for p in model.parameters()], at_rounds
 
 
-def _oracle(method: str, periods: list[int], weighted: bool = True):
+def _oracle(method: str, periods: list[int], weighted: bool = True, warmup: int = 0):
     """Plain loop: this rank's own step counts per period, then a round weighted by them, one
     parameter and one collective at a time."""
     model = make_model()
@@ -78,6 +78,13 @@ def _oracle(method: str, periods: list[int], weighted: bool = True):
     global_copy = [p.detach().clone() for p in params]
     outer = torch.optim.SGD(global_copy, lr=0.7, momentum=0.9, nesterov=True)
     batches = iter(make_batches(100))
+    for x, y in [next(batches) for _ in range(warmup)]:  # synchronous warmup: a plain mean after each step
+        inner.zero_grad()
+        mse(model(x), y).backward()
+        inner.step()
+        weighted_round("plain", params, None, None, [1] * dist.get_world_size())
+    for g, p in zip(global_copy, params):
+        g.data.copy_(p.detach())
     everyone = [[0] * len(periods) for _ in range(dist.get_world_size())]
     dist.all_gather_object(everyone, periods)  # every rank's work in each period: the weights
     for i, n in enumerate(periods):
@@ -91,12 +98,12 @@ def _oracle(method: str, periods: list[int], weighted: bool = True):
     return [p.detach().clone() for p in params]
 
 
-def _compare(method: str, resume: bool = False, weighted: bool = True):
-    ours, at_rounds = _ours(method, resume, weighted)
+def _compare(method: str, resume: bool = False, weighted: bool = True, warmup: int = 0):
+    ours, at_rounds = _ours(method, resume, weighted, warmup)
     per_period = round(T / COST[dist.get_rank()])
-    expected = [per_period * (i + 1) for i in range(ROUNDS)]
-    periods = [b - a for a, b in zip([0] + at_rounds, at_rounds)]
-    oracle = _oracle(method, periods, weighted)
+    expected = [warmup + per_period * (i + 1) for i in range(ROUNDS)]
+    periods = [b - a for a, b in zip([warmup] + at_rounds, at_rounds)]
+    oracle = _oracle(method, periods, weighted, warmup)
     if dist.get_world_size() > 2:  # gloo's sum order over 3 ranks depends on where an element sits in a
         return at_rounds == expected, all(torch.allclose(a, b, rtol=1e-6, atol=1e-7)  # bucket: 1 ulp apart
                                           for a, b in zip(ours, oracle)), at_rounds
@@ -119,6 +126,12 @@ def test_three_speeds_three_step_counts(ranks3):
 def test_unweighted_time_budgeted_rounds_are_the_plain_mean(ranks2):
     for counts_ok, same, at_rounds in ranks2(_compare, "plain", False, False):
         assert counts_ok and same, at_rounds
+
+
+def test_warmup_is_step_counted_and_the_budget_starts_after_it(ranks2):
+    for counts_ok, same, at_rounds in ranks2(_compare, "plain", False, True, 4):
+        assert counts_ok, at_rounds
+        assert same
 
 
 def test_a_mid_period_checkpoint_continues_the_period(ranks2):
@@ -210,7 +223,10 @@ def test_alone_it_counts_rounds_by_the_clock():
     assert opt.state_dict()["local_sgd"]["period_spent_s"] == 1.5
     with opt.paused():  # an evaluation: the period's clock stands still
         clock.now += 100.0
-        assert opt.state_dict()["local_sgd"]["period_spent_s"] == 1.5
+        with opt.paused():  # (pauses nest)
+            clock.now += 10.0
+        clock.now += 10.0
+        assert opt.state_dict()["local_sgd"]["period_spent_s"] == opt.period_spent_s == 1.5
     for _ in range(2):
         clock.now += 1.5
         opt.step()
@@ -218,3 +234,49 @@ def test_alone_it_counts_rounds_by_the_clock():
     clock.now += 1.5
     opt.step()
     assert (opt.num_steps, opt.num_rounds) == (16, 4)
+
+
+def test_checkpoints_between_the_two_kinds_of_schedule():
+    from localsgd_optim import LocalSGDOptimizer
+
+    model = make_model()
+    counted = LocalSGDOptimizer(INNER["adamw"](model.parameters()), k=2)
+    for x, y in make_batches(5, rank=0):
+        mse(model(x), y).backward()
+        counted.step()
+    timed = _build(make_model(), _Clock())
+    with pytest.warns(UserWarning, match=r"round count \(num_rounds\) starts at 0"):
+        timed.load_state_dict(counted.state_dict())
+    assert (timed.num_steps, timed.num_rounds) == (5, 0)
+    state = timed.state_dict()
+    for key, bad, message in (("rounds", -1, "must be an integer >= 0"),
+                              ("period_spent_s", float("inf"), "must be a finite number >= 0"),
+                              ("tokens_since_round", "lots", "must be an integer >= 0")):
+        broken = {**state, "local_sgd": {**state["local_sgd"], key: bad}}
+        fresh = _build(make_model(), _Clock())
+        with pytest.raises(ValueError, match=rf"\['{key}'\] {message}"):
+            fresh.load_state_dict(broken)
+        assert fresh.num_steps == 0 and not fresh.optimizer.state  # checked before anything changed
+
+
+def _saved_at_different_steps():
+    clock, model = _Clock(), make_model()
+    opt = _build(model, clock)
+    for x, y in make_batches(2 * round(T / COST[dist.get_rank()])):  # two periods: rank 0 12 steps, rank 1 6
+        mse(model(x), y).backward()
+        clock.now += COST[dist.get_rank()]
+        opt.step(tokens=3)
+    return {"model": model.state_dict(), "opt": opt.state_dict()}
+
+
+def test_consolidate_takes_time_budgeted_checkpoints(ranks2):
+    from localsgd_optim.checkpoint import consolidate
+
+    states = ranks2(_saved_at_different_steps)
+    assert [s["opt"]["local_sgd"]["num_steps"] for s in states] == [12, 6]
+    merged = consolidate(states)
+    entry = merged["opt"]["local_sgd"]
+    assert (entry["num_steps"], entry["rounds"]) == (12, 2)
+    opt = _build(make_model(), _Clock())
+    opt.load_state_dict(merged["opt"])
+    assert (opt.num_steps, opt.num_rounds) == (12, 2)
