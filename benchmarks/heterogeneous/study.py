@@ -69,6 +69,20 @@ def wall_to(history: list[dict], target: float) -> float | None:
     return None
 
 
+def loss_at(history: list[dict], wall: float) -> float | None:
+    """The validation loss at training time ``wall`` (linear between evaluations; a run that ended sooner:
+    its final loss)."""
+    before = None
+    for h in history:
+        if h["time_s"] >= wall:
+            if before is None:
+                return h["val_loss"]
+            f = (wall - before["time_s"]) / (h["time_s"] - before["time_s"])
+            return before["val_loss"] + f * (h["val_loss"] - before["val_loss"])
+        before = h
+    return history[-1]["val_loss"] if history else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -94,8 +108,9 @@ def main() -> None:
             runs.setdefault(profile, {}).setdefault(seed, {}).update(sync=sync, timed=timed, ddp=ddp)
     rows = []
     for profile in PROFILES:
-        by_method: dict = {m: {"final_val_loss": [], "wall_s_to_target": [], "train_time_s": [], "rounds": [],
-                               "steps_per_rank": [], "mb_sent": []} for m in ("sync", "timed", "ddp")}
+        by_method: dict = {m: {"final_val_loss": [], "wall_s_to_target": [], "val_loss_at_sync_wall": [],
+                               "train_time_s": [], "rounds": [], "steps_per_rank": [], "mb_sent": [],
+                               "mb_per_train_s": []} for m in ("sync", "timed", "ddp")}
         targets = []
         for seed in args.seeds:
             result = runs[profile][seed]
@@ -105,10 +120,12 @@ def main() -> None:
                 m = by_method[method]
                 m["final_val_loss"].append(r["final_val_loss"])
                 m["wall_s_to_target"].append(wall_to(r["history"], target))
+                m["val_loss_at_sync_wall"].append(loss_at(r["history"], result["sync"]["train_time_s"]))
                 m["train_time_s"].append(r["train_time_s"])
                 m["rounds"].append((r["communication"] or {}).get("rounds"))
                 m["steps_per_rank"].append(r["steps_per_rank"] or [r["steps"]] * 4)
                 m["mb_sent"].append((r["communication"] or {}).get("mb_sent"))
+                m["mb_per_train_s"].append(m["mb_sent"][-1] / r["train_time_s"])
         summary["runs"][profile] = by_method
         summary["target"][profile] = sum(targets) / len(targets)
         sync_wall = by_method["sync"]["wall_s_to_target"]
@@ -116,10 +133,12 @@ def main() -> None:
             ratios = [w / s if w is not None and s else None for w, s in zip(m["wall_s_to_target"], sync_wall)]
             m["wall_vs_sync"] = ratios
             loss_gap = [f / t - 1 for f, t in zip(m["final_val_loss"], targets)]
+            at_budget = [x / t - 1 for x, t in zip(m["val_loss_at_sync_wall"], targets) if x is not None]
             rows.append([profile, method, _mean(m["final_val_loss"]), f"{_mean(loss_gap):+.2%}",
+                         f"{_mean(at_budget):+.2%}" if len(at_budget) == len(targets) else "past the run",
                          _fmt(m["wall_s_to_target"]), _fmt(ratios, "x"), _mean(m["train_time_s"]),
                          str(m["steps_per_rank"][0]), _mean([x for x in m["rounds"] if x is not None] or [math.nan]),
-                         _mean([x for x in m["mb_sent"] if x is not None] or [math.nan])])
+                         _mean([x for x in m["mb_sent"] if x is not None] or [math.nan]), _mean(m["mb_per_train_s"])])
         if not args.no_plots:
             plt = pyplot()
             fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
@@ -127,6 +146,7 @@ def main() -> None:
                 for method, r in runs[profile][seed].items():
                     h = r["history"]
                     ax.plot([x["time_s"] for x in h], [x["val_loss"] for x in h], marker=".",
+                            color={"sync": "C0", "timed": "C1", "ddp": "C2"}[method],
                             label=f"{method} (seed {seed})", linestyle="-" if seed == args.seeds[0] else "--")
             ax.axhline(summary["target"][profile], color="grey", linewidth=0.8, label="target: sync's final loss")
             ax.set_xlabel("training time, s (validation excluded)")
@@ -134,9 +154,28 @@ def main() -> None:
             ax.set_title(f"4 replicas at speeds {profile}: loss against wall time", fontsize=9)
             finish(plt, fig, ax, args.out / f"loss_vs_wall_{profile.replace(',', '-')}.png")
     (args.out / "study.json").write_text(json.dumps(summary, indent=1))
-    table = markdown_table(["speeds", "method", "final val loss", "vs target", "wall s to target",
-                            "x sync's", "train s", "steps per replica (seed 0)", "rounds", "MB sent/rank"], rows)
-    (args.out / "study.md").write_text("# Replicas at different speeds\n\n" + table)
+    table = markdown_table(["speeds", "method", "final val loss", "vs target", "at sync's wall, vs target",
+                            "wall s to target", "x sync's", "train s", "steps per replica (seed 0)", "rounds",
+                            "MB sent/rank", "MB/s"], rows)
+    slow = summary["runs"].get("1,1,1,2", {}).get("timed", {}).get("wall_vs_sync", [])
+    equal = summary["runs"].get("1,1,1,1", {})
+    head = (
+        "# Replicas at different speeds\n\n"
+        f"`python benchmarks/heterogeneous/study.py --seeds {' '.join(map(str, args.seeds))} --steps {args.steps} "
+        f"--step-delay {args.step_delay}`: 4 replicas of the main job's model (d_model 64) on one 2-core machine, "
+        f"gloo; rank r sleeps S_r x {args.step_delay} s after each step. sync: k={K} for {args.steps} steps (its final "
+        "loss is the target, its training time the budget); timed: `--round-every-s T --weight tokens` for the "
+        "rounds that fit in sync's budget, T = k x a speed-1 step (measured by the equal-speed sync run); ddp: "
+        f"{args.steps} steps. Per seed where two values are given. Plots: `loss_vs_wall_<speeds>.png`.\n\n"
+        f"- Goal, one replica twice as slow: timed reaches sync's final loss in at most 0.75x sync's wall time: "
+        f"{' / '.join(f'{x:.2f}x' for x in slow if x is not None)}.\n"
+        "- Goal, equal speeds: within +1% of sync's loss, the same bytes: timed's loss at sync's wall time is "
+        f"{_mean([x / t - 1 for x, t in zip(equal['timed']['val_loss_at_sync_wall'], equal['sync']['final_val_loss'])]):+.2%}"
+        f" of sync's; {_mean(equal['timed']['mb_sent']):.2f} MB sent per rank against "
+        f"{_mean(equal['sync']['mb_sent']):.2f} ({_mean(equal['timed']['mb_per_train_s']):.3f} against "
+        f"{_mean(equal['sync']['mb_per_train_s']):.3f} MB per second of training).\n\n"
+    ) if slow and equal else "# Replicas at different speeds\n\n"
+    (args.out / "study.md").write_text(head + table)
     print(table)
 
 
