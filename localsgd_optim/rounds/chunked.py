@@ -195,18 +195,20 @@ class ChunkedReducer(ErrorFeedback):
             self._where = where
         for pos, target, residual in zip(positions, slices, residuals):
             plan = self._plan(engine.buckets[pos])
-            ctx.sent += self._reduce_bucket(plan, target, residual, group, world, contributors, joined)
+            ctx.sent += self._reduce_bucket(plan, target, residual, group, world, contributors, joined, ctx.weight)
 
     def _reduce_bucket(self, plan: _Plan, target: torch.Tensor, residual: torch.Tensor, group: Any, world: int,
-                       contributors: int, joined: bool) -> int:
+                       contributors: int, joined: bool, weight: int | None = None) -> int:
         size = plan.parts["total"][1]
         joined = joined or not plan.numel  # (an empty bucket: nothing to build, send or keep)
         if not joined:  # v = delta + feedback * residual, built in the residual (a rank that joined sends zeros)
-            self._into_residual(target, residual, self.spec.feedback, self._buffers["total"])
+            self._into_residual(target, residual, self.spec.feedback, self._buffers["total"], weight)
         mine = self._buffers["mine"][:size]
         encode = self._encode_sparse if self.spec.sparse else self._encode_dense
         decode = self._decode_sparse(plan) if self.spec.sparse else self._decode_dense
         encode(plan, residual, mine, joined)  # the residual becomes v - sent
+        if not joined:
+            self._out_of_weight(residual, weight)  # (w * v - sent) / w: in this rank's own units
         everyone = self._buffers["everyone"][:world * size]
         self._gather(everyone, mine, group)
         total = target if target.dtype == torch.float32 else self._buffers["total"][:plan.numel]
