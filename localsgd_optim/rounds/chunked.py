@@ -73,12 +73,15 @@ class ChunkedReducer(ErrorFeedback):
     chunk-relative positions) is one uint8 buffer of a size fixed by the layout, all-gathered
     in one collective per bucket; every rank decodes the payloads one at a time, in rank order,
     adding them into the bucket (top-k: a scatter-add of the kept values), so all ranks get
-    bit-identical means.
+    bit-identical means. (Dense rounds: ranks 0 and 1 start the sum from the levels they encoded
+    themselves instead of decoding their own payload; the first two terms of a sum commute, so
+    the sum is the rank-order sum, bit for bit.)
 
     Memory: ``v`` is built in the residual itself and the mean in the bucket (fp32 buckets), so a
     round adds one scratch of the bucket padded to whole chunks, this rank's payload and the W
     gathered payloads, plus per-round indices of the values sent (top-k: about 30 bytes each), and
-    (dense) float64 squares over an eighth of the scratch at a time: flat in the model's size.
+    (dense) the codes one byte each and a buffer for float64 squares over an eighth of the scratch
+    at a time (which also takes the packing's shifted words): flat in the model's size.
 
     Args:
         tensors: the tensors averaged in place (the pseudo-gradients), fixed order.
