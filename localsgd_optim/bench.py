@@ -347,9 +347,13 @@ def _contenders(model: nn.Module, world: int, caps: list[float], only: set[str] 
                 OursInt8(f"{name} int8 deltas+EF (cap {caps[0]:g} MB)", params(), world, caps[0], cls)]
         if only and "compressors" in only:
             theirs = importlib.import_module(baseline)  # its own settings' classes
-            out += [OursCompressed(f"{name} {label} +EF", params(), world, caps[0],
-                                   getattr(theirs, maker)(*a, **kw), cls)
-                    for label, maker, a, kw in _picked(_COMPRESSORS, picked)]
+            out.append(CompressFloor(f"  {name} floor, no wire: int8 encode+decode", params(), world, caps[0],
+                                     "int8", cls))
+            for label, maker, a, kw in _picked(_COMPRESSORS, picked):
+                spec = getattr(theirs, maker)(*a, **kw)
+                out += [OursCompressed(f"{name} {label} +EF", params(), world, caps[0], spec, cls),
+                        CompressFloor(f"  {name} floor, no wire: {label} encode+decode", params(), world,
+                                      caps[0], spec, cls)]
     return out
 
 

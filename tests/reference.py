@@ -91,15 +91,34 @@ def reference_diloco(model, inner, batches, k, outer_factory, warmup=0, wire=Non
                     p.copy_(g)
 
 
+def weighing(weights, rank):
+    """The rule of a weighted round (``step(tokens=)``), from every rank's total: (this rank's multiplier,
+    the divisor). A rank whose total is 0 sends nothing (multiplier 0); if the others' totals are
+    equal, the round is the plain mean over them (multiplier ``None``); if every total is 0, the plain
+    mean over all; otherwise each sends ``w_r * x_r`` and the sum is divided by ``sum(w_r)``."""
+    if not any(weights):
+        weights = [1] * len(weights)
+    sending = [w for w in weights if w > 0]
+    mine = weights[rank]
+    if len(set(sending)) == 1:
+        return (None if mine else 0), len(sending)
+    return mine, sum(sending)
+
+
 def reference_error_feedback(model, inner, batches, k, outer_factory, exchange, feedback=1.0, params=None,
-                             group=None):
+                             group=None, weights=None):
     """Plain loop of a compressed outer round with error feedback: per parameter, one at a time,
     v = (global - local) + feedback x residual; ``exchange(v, world, group)`` returns what this rank
     sent (decoded) and the sum over ranks, in rank order; the residual keeps v - sent; the mean
-    steps the global copy. Returns the residuals."""
+    steps the global copy. Returns the residuals.
+
+    ``weights`` (every rank's total, one list per round; see :func:`weighing`) weight the means: a
+    rank with multiplier w exchanges ``u = w * v`` and keeps ``(u - sent) / w``; one whose total is 0
+    exchanges zeros and keeps its residual; the sum is divided by the total weight."""
     params = list(model.parameters()) if params is None else params
     broadcast_one_by_one(params, group=group)
     world = dist.get_world_size(group)
+    mine, divisor = None, world
     global_copy = [p.detach().clone() for p in params]
     residuals = [torch.zeros_like(p) for p in params]
     outer = outer_factory(global_copy)
@@ -109,12 +128,18 @@ def reference_error_feedback(model, inner, batches, k, outer_factory, exchange, 
         inner.step()
         if step % k:
             continue
+        if weights is not None:
+            mine, divisor = weighing(weights[step // k - 1], dist.get_rank(group))
         with torch.no_grad():
             for g, p, e in zip(global_copy, params, residuals):
-                v = (g - p) + e if feedback == 1 else (g - p).add_(e, alpha=feedback)
-                sent, total = exchange(v, world, group)
-                e.copy_(v - sent)
-                g.grad = total / world
+                if mine == 0:  # no work since the last round: sends zeros, keeps its residual
+                    _, total = exchange(torch.zeros_like(p), world, group)
+                else:
+                    v = (g - p) + e if feedback == 1 else (g - p).add_(e, alpha=feedback)
+                    u = v if mine is None else v * mine
+                    sent, total = exchange(u, world, group)
+                    e.copy_(u - sent if mine is None else (u - sent) / mine)
+                g.grad = total / divisor
             outer.step()
             for g, p in zip(global_copy, params):
                 g.grad = None
@@ -174,7 +199,7 @@ def reference_overlapped(model, inner, batches, k, tau, mix, outer_factory, para
 
 
 def reference_streaming(model, inner, batches, k, fragments, outer_factory=None, tau=0, mix=0.5, counts=None,
-                        wire=None, params=None, group=None):
+                        wire=None, params=None, group=None, weights=None):
     """Plain loop, fragment by fragment: ``fragments`` lists each fragment's parameter indices.
 
     Fragment i syncs after the steps s with s % k == (k * (i + 1) // P) % k. Without an outer
@@ -183,7 +208,8 @@ def reference_streaming(model, inner, batches, k, fragments, outer_factory=None,
     parameters become the global copy; or, with ``tau``, the mean is taken at the sync and
     applied tau steps later as p <- mix * p + (1 - mix) * global. With ``counts`` (uneven
     inputs under Join), a rank out of batches keeps counting and sends zeros, and each mean
-    divides by the ranks still training.
+    divides by the ranks still training. With ``weights`` (every rank's total at each fragment's
+    round, the same at every round), an outer round's means are weighted (:func:`weighing`).
     """
     params = list(model.parameters()) if params is None else params
     broadcast_one_by_one(params, group=group)
@@ -221,11 +247,13 @@ def reference_streaming(model, inner, batches, k, fragments, outer_factory=None,
                     params[j].copy_(t / active)
                 continue
             means = []
+            mine, divisor = (None, active) if weights is None else weighing(weights, dist.get_rank(group))
             for j in fragments[i]:
-                d = (global_copy[j] - params[j]) if training else torch.zeros_like(params[j])
+                d = (global_copy[j] - params[j]) if training and mine != 0 else torch.zeros_like(params[j])
+                d = d if mine is None else d * mine
                 d = d if wire is None else d.to(wire)
                 dist.all_reduce(d, group=group)
-                means.append(d.to(params[j].dtype) / active)
+                means.append(d.to(params[j].dtype) / divisor)
             if tau:
                 pending = (i, step + tau, means)
                 continue
@@ -311,9 +339,8 @@ def chunked_compress_one_tensor(v, spec):
     return sent.view_as(v)
 
 
-def reference_chunked_diloco(model, inner, batches, k, outer_factory, spec, params=None, group=None):
-    """Error feedback through ``chunked_compress_one_tensor``: each rank's decoded tensor is
-    all-gathered one parameter at a time and summed in rank order."""
+def chunked_exchange(spec):
+    """The exchange of ``spec``: each rank's ``chunked_compress_one_tensor`` all-gathered, summed in rank order."""
     def exchange(v, world, group):
         sent = chunked_compress_one_tensor(v, spec)
         everyone = [torch.empty_like(sent) for _ in range(world)]
@@ -323,4 +350,22 @@ def reference_chunked_diloco(model, inner, batches, k, outer_factory, spec, para
             total.add_(s)
         return sent, total
 
-    return reference_error_feedback(model, inner, batches, k, outer_factory, exchange, spec.feedback, params, group)
+    return exchange
+
+
+def all_reduce_exchange(wire=None):
+    """The exchange of an uncompressed round (``wire``: the dtype it travels and sums in): what is sent is
+    ``v`` itself, the sum is one all-reduce, widened back."""
+    def exchange(v, world, group):
+        total = v.clone() if wire is None else v.to(wire)
+        dist.all_reduce(total, group=group)
+        return v, total.to(v.dtype)
+
+    return exchange
+
+
+def reference_chunked_diloco(model, inner, batches, k, outer_factory, spec, params=None, group=None):
+    """Error feedback through ``chunked_compress_one_tensor``: each rank's decoded tensor is
+    all-gathered one parameter at a time and summed in rank order."""
+    return reference_error_feedback(model, inner, batches, k, outer_factory, chunked_exchange(spec), spec.feedback,
+                                    params, group)

@@ -18,6 +18,7 @@ SPECS = {
     "topk5_8bit_small_chunks": topk(0.05, bits=8, chunk=64),  # uint8 positions
     "int4": quantize(4, chunk=300),
     "int2": quantize(2, chunk=4096),
+    "dense8": quantize(8, chunk=500),  # 8-bit codes: no packing, the offset on bytes
     "topk1_2bit_decayed": topk(0.01, bits=2, chunk=4096, feedback=0.9),
 }
 plain_average = lambda params: torch.optim.SGD(params, lr=1.0)  # noqa: E731

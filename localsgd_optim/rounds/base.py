@@ -93,6 +93,13 @@ class Reducer:
 class ErrorFeedback(Reducer):
     """A reducer that keeps a per-rank fp32 residual of what it did not send (int8, top-k, low-bit).
 
+    A weighted mean (``RoundContext.weight`` = ``w``, this rank's) is weighted before encoding: the rank
+    encodes ``w * v`` (``v = delta + feedback * residual``), the decoded sum is divided by the total
+    weight, and the residual keeps ``(w * v - sent) / w``: in the rank's own units, so a later round
+    with another weight (or none) adds it to its delta as is. A rank with weight 0 counts as joined:
+    it sends zeros and keeps its residual as it was (its delta is not added: the round's mean
+    replaces its parameters, as in a plain round).
+
     The residuals are laid out like the parameters' flat slices (re-laid out, values kept, if the
     engine lays them out otherwise), so each bucket's residual is a slice of :attr:`flats`. They
     are saved in the Local SGD entry under :attr:`key`; a checkpoint without them restarts the
@@ -124,12 +131,22 @@ class ErrorFeedback(Reducer):
             self.residuals, self.flats, self._layout_key = views, new, key
 
     @staticmethod
-    def _into_residual(delta: torch.Tensor, residual: torch.Tensor, feedback: float, spare: torch.Tensor) -> torch.Tensor:
+    def _into_residual(delta: torch.Tensor, residual: torch.Tensor, feedback: float, spare: torch.Tensor,
+                       weight: int | None = None) -> torch.Tensor:
         """``v = delta + feedback * residual`` built in the fp32 residual (``delta`` rounded to fp32 first,
-        in ``spare``, when it is another dtype); returns the residual."""
+        in ``spare``, when it is another dtype), times ``weight`` when the mean is weighted (then what is
+        encoded is ``weight * v``: :meth:`_out_of_weight` brings what is left back); returns the residual."""
         if delta.dtype != residual.dtype:
             delta = spare[:delta.numel()].copy_(delta)
-        return torch.add(delta, residual, alpha=feedback, out=residual)
+        v = torch.add(delta, residual, alpha=feedback, out=residual)
+        return v if weight is None else v.mul_(weight)
+
+    @staticmethod
+    def _out_of_weight(residual: torch.Tensor, weight: int | None) -> None:
+        """A weighted round's error feedback: the residual ``w * v - sent`` (what encoding ``w * v`` left)
+        divided by ``w``, so it stays in this rank's own, unweighted units: ``(w * v - sent) / w``."""
+        if weight is not None:
+            residual.div_(weight)
 
     def _gather(self, out: torch.Tensor, mine: torch.Tensor, group: Any, async_op: bool = False) -> Any:
         """Every rank's payload into ``out``, in rank order (the bench's compute floor replaces it)."""

@@ -29,7 +29,8 @@ class _Plan:
     Each tensor of the bucket (a run of ``size`` elements at ``offset``) is cut into chunks of
     ``chunk`` elements, its last chunk shorter. The scratch holds the bucket as ``(chunks, chunk)``
     rows, a tensor's elements from row ``row`` on: :meth:`views` pairs each run in the bucket with
-    its rows, so one ``_foreach`` op moves a whole bucket between the two layouts.
+    its rows, so one ``_foreach`` op moves a whole bucket between the two layouts. A tensor made of
+    whole chunks and the tensors after it are one run (they lie alike in both layouts): fewer views.
     """
 
     numel: int
@@ -42,6 +43,7 @@ class _Plan:
     kmax: int = 0  # top-k: the most any chunk sends
     ragged: bool = False  # top-k: some chunk sends fewer than kmax
     sent: int = 0  # values sent per rank (K, or numel when dense)
+    covered: bool = False  # the runs cover the whole bucket (no gaps between its tensors)
     parts: dict = field(default_factory=dict)  # byte ranges of one rank's payload (:meth:`ChunkedReducer._layout`)
     _views: dict = field(default_factory=dict)
 
@@ -71,12 +73,15 @@ class ChunkedReducer(ErrorFeedback):
     chunk-relative positions) is one uint8 buffer of a size fixed by the layout, all-gathered
     in one collective per bucket; every rank decodes the payloads one at a time, in rank order,
     adding them into the bucket (top-k: a scatter-add of the kept values), so all ranks get
-    bit-identical means.
+    bit-identical means. (Dense rounds: ranks 0 and 1 start the sum from the levels they encoded
+    themselves instead of decoding their own payload; the first two terms of a sum commute, so
+    the sum is the rank-order sum, bit for bit.)
 
     Memory: ``v`` is built in the residual itself and the mean in the bucket (fp32 buckets), so a
     round adds one scratch of the bucket padded to whole chunks, this rank's payload and the W
     gathered payloads, plus per-round indices of the values sent (top-k: about 30 bytes each), and
-    (dense) float64 squares over an eighth of the scratch at a time: flat in the model's size.
+    (dense) the codes one byte each and a buffer for float64 squares over an eighth of the scratch
+    at a time (which also takes the packing's shifted words): flat in the model's size.
 
     Args:
         tensors: the tensors averaged in place (the pseudo-gradients), fixed order.
@@ -107,7 +112,10 @@ class ChunkedReducer(ErrorFeedback):
         offsets = list(bucket.offsets) + [n]
         runs, starts, lengths = [], [], []
         for a, b in zip(offsets, offsets[1:]):
-            if b > a:
+            if b > a and runs and runs[-1][2] % c == 0 and runs[-1][0] + runs[-1][2] == a:
+                first, at, size = runs[-1]  # after whole chunks, both layouts go on alike: one run
+                runs[-1] = (first, at, size + b - a)
+            elif b > a:
                 runs.append((a, len(lengths) * c, b - a))
             for s in range(a, b, c):
                 starts.append(s)
@@ -118,6 +126,7 @@ class ChunkedReducer(ErrorFeedback):
         plan = _Plan(numel=n, chunks=len(lengths), runs=runs, starts=as_long(starts), kept=as_long(kept),
                      count=torch.tensor(kept, dtype=torch.float64, device=device).clamp_min(1),
                      short=as_long([row for row, length in enumerate(lengths) if length < c]))
+        plan.covered = sum(size for _, _, size in runs) == n
         if spec.sparse:
             plan.kmax = max(kept, default=0)
             plan.ragged = any(k != plan.kmax for k in kept)
@@ -159,15 +168,17 @@ class ChunkedReducer(ErrorFeedback):
         payload = max((p.parts["total"][1] for p in plans), default=0)
         # dense: the codes one byte each in the bucket's layout, padded to whole bytes of the wire
         codes = 0 if self.spec.sparse else max((_whole_bytes(p.numel, self.spec.bits) for p in plans), default=0)
+        squares = 0 if self.spec.sparse else max((self._block(p) * self.spec.chunk for p in plans), default=0)
         # a mean accumulates in fp32: in the bucket itself, or (other dtypes) in a buffer of its own
         total = max((b.numel for b in buckets if b.dtype != torch.float32), default=0)
-        shape = (world, padded, payload, codes, total)
+        shape = (world, padded, payload, codes, total, squares)
         if self._shape == shape:
             return
         device = buckets[0].device if buckets else torch.device("cpu")
         self._buffers = {
             "scratch": torch.empty(padded, dtype=torch.float32, device=device),  # the (chunks, chunk) rows
             "codes": torch.zeros(codes, dtype=torch.uint8, device=device),
+            "squares": torch.empty(squares, dtype=torch.float64, device=device),
             "total": torch.empty(total, dtype=torch.float32, device=device),
             "mine": torch.zeros(payload, dtype=torch.uint8, device=device),
             "everyone": torch.empty(world * payload, dtype=torch.uint8, device=device),
@@ -195,24 +206,34 @@ class ChunkedReducer(ErrorFeedback):
             self._where = where
         for pos, target, residual in zip(positions, slices, residuals):
             plan = self._plan(engine.buckets[pos])
-            ctx.sent += self._reduce_bucket(plan, target, residual, group, world, contributors, joined)
+            ctx.sent += self._reduce_bucket(plan, target, residual, group, world, contributors, joined, ctx.weight)
 
     def _reduce_bucket(self, plan: _Plan, target: torch.Tensor, residual: torch.Tensor, group: Any, world: int,
-                       contributors: int, joined: bool) -> int:
+                       contributors: int, joined: bool, weight: int | None = None) -> int:
         size = plan.parts["total"][1]
         joined = joined or not plan.numel  # (an empty bucket: nothing to build, send or keep)
         if not joined:  # v = delta + feedback * residual, built in the residual (a rank that joined sends zeros)
-            self._into_residual(target, residual, self.spec.feedback, self._buffers["total"])
+            self._into_residual(target, residual, self.spec.feedback, self._buffers["total"], weight)
         mine = self._buffers["mine"][:size]
-        encode = self._encode_sparse if self.spec.sparse else self._encode_dense
-        decode = self._decode_sparse(plan) if self.spec.sparse else self._decode_dense
-        encode(plan, residual, mine, joined)  # the residual becomes v - sent
+        total = target if target.dtype == torch.float32 else self._buffers["total"][:plan.numel]
+        # dense, ranks 0 and 1: the sum starts from this rank's own levels, written by the encode (the first
+        # two terms of a sum commute: the same sum as in rank order, bit for bit), one decode fewer
+        rank = dist.get_rank(group)
+        own = not (self.spec.sparse or joined) and plan.covered and rank < 2
+        if self.spec.sparse:
+            self._encode_sparse(plan, residual, mine, joined)  # the residual becomes v - sent
+        else:
+            self._encode_dense(plan, residual, mine, joined, total if own else None)
+        if not joined:
+            self._out_of_weight(residual, weight)  # (w * v - sent) / w: in this rank's own units
         everyone = self._buffers["everyone"][:world * size]
         self._gather(everyone, mine, group)
-        total = target if target.dtype == torch.float32 else self._buffers["total"][:plan.numel]
-        total.zero_()
-        for r in range(world):  # rank order: the same sum on every rank
-            decode(plan, everyone[r * size:(r + 1) * size], total)
+        decode = self._decode_sparse(plan) if self.spec.sparse else self._decode_dense
+        if not own:
+            total.zero_()
+        for r in range(world):  # rank order (but for the commuting first two): the same sum on every rank
+            if not (own and r == rank):
+                decode(plan, everyone[r * size:(r + 1) * size], total)
         total.div_(contributors)
         if total is not target:
             target.copy_(total)
@@ -291,8 +312,34 @@ class ChunkedReducer(ErrorFeedback):
 
     # -- every element --------------------------------------------------------------------------
 
-    def _encode_dense(self, plan: _Plan, v: torch.Tensor, payload: torch.Tensor, joined: bool) -> None:
-        """Every element of ``v`` at ``bits`` bits, a step per chunk, codes in the bucket's order."""
+    def _block(self, plan: _Plan) -> int:
+        """Dense: the rows whose float64 squares are summed at a time."""
+        return max(1, plan.chunks // _SQUARES_SHARE)
+
+    def _blocks(self, plan: _Plan, rows: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
+        """Dense: the chunks' float64 sums of squares, and each block of ``rows`` with its squares' place
+        and its sums (made once per layout of the buffers)."""
+        key = ("blocks", rows.data_ptr(), rows.shape)
+        found = plan._views.get(key)
+        if found is None:
+            block, squares = self._block(plan), self._buffers["squares"]
+            sums = torch.empty(plan.chunks, dtype=torch.float64, device=rows.device)
+            found = plan._views[key] = (sums, [
+                (part, squares[:part.numel()].view(part.shape), sums[lo:lo + block])
+                for lo, part in ((lo, rows[lo:lo + block]) for lo in range(0, plan.chunks, block))])
+        return found
+
+    def _encode_dense(self, plan: _Plan, v: torch.Tensor, payload: torch.Tensor, joined: bool,
+                      levels: torch.Tensor | None = None) -> None:
+        """Every element of ``v`` at ``bits`` bits, a step per chunk, codes in the bucket's order.
+
+        The code of ``x = v / step`` is ``floor(clamp(x, -h, h - 1)) + h`` (``h = 2**(bits-1)``), the same
+        integer as ``clamp(floor(x) + h, 0, 2h - 1)``; it travels as the int8 ``c = floor(clamp(...))``,
+        made a code by bit operations on whole words (``(c & mask) ^ h``), and ``c + 1/2`` is its level
+        in steps: ``code - (h - 1/2)``, exactly. Float64 squares are summed an eighth of the rows at a
+        time, in a buffer of their own (allocating them each round cost more than the arithmetic). ``levels``
+        (laid out like ``v``, whose runs cover it): written with the levels sent, which are never -0, so
+        this is bit for bit ``0 + levels``."""
         bits, c = self.spec.bits, self.spec.chunk
         assert bits is not None
         rows = self._buffers["scratch"][:plan.chunks * c].view(plan.chunks, c)
@@ -302,27 +349,29 @@ class ChunkedReducer(ErrorFeedback):
         else:
             rows.index_fill_(0, plan.short, 0.0)  # padding adds nothing to a sum of squares
             torch._foreach_copy_(padded, plan.views(v, padded=False))
-        sums = torch.empty(plan.chunks, dtype=torch.float64, device=v.device)
-        block = max(1, plan.chunks // _SQUARES_SHARE)
-        for lo in range(0, plan.chunks, block):  # a few blocks per bucket: float64 squares of an eighth
-            torch.sum(rows[lo:lo + block].double().square_(), dim=1, out=sums[lo:lo + block])
+        sums, blocks = self._blocks(plan, rows)
+        for part, wide, out in blocks:  # exact float64 squares (fp32 products fit), summed per row
+            torch.sum(wide.copy_(part).square_(), dim=1, out=out)
         steps = self._steps(sums, plan, payload)
         half = 2 ** (bits - 1)
-        rows.div_(steps.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).floor_()
-        rows.add_(half).clamp_(0, 2 * half - 1)
+        rows.div_(steps.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).clamp_(-half, half - 1).floor_()
         codes = self._buffers["codes"][:_whole_bytes(plan.numel, bits)]
+        torch._foreach_copy_(plan.views(codes.view(torch.int8), padded=False), padded)
+        _offset(codes, bits)
         codes[plan.numel:].zero_()  # the last byte's unused codes
-        torch._foreach_copy_(plan.views(codes, padded=False), padded)
-        _pack(codes, bits, self._view(payload, plan.parts, "codes"))
+        _pack(codes, bits, self._view(payload, plan.parts, "codes"), self._buffers["squares"])
         if not joined:  # residual = v - sent
-            rows.sub_(half - 0.5).mul_(steps[:, None])
+            rows.add_(0.5).mul_(steps[:, None])
             torch._foreach_sub_(plan.views(v, padded=False), padded)
+            if levels is not None:
+                torch._foreach_copy_(plan.views(levels, padded=False), padded)
 
     def _decode_dense(self, plan: _Plan, payload: torch.Tensor, total: torch.Tensor) -> None:
+        """One rank's levels ``(code - (h - 1/2)) * step``, added into ``total``."""
         bits, c = self.spec.bits, self.spec.chunk
         assert bits is not None
         codes = self._buffers["codes"][:_whole_bytes(plan.numel, bits)]
-        _unpack(self._view(payload, plan.parts, "codes"), bits, codes)
+        _unpack(self._view(payload, plan.parts, "codes"), bits, codes, self._buffers["squares"])
         rows = self._buffers["scratch"][:plan.chunks * c].view(plan.chunks, c)
         padded = plan.views(rows.view(-1), padded=True)
         torch._foreach_copy_(padded, plan.views(codes, padded=False))
@@ -338,40 +387,56 @@ class ChunkedReducer(ErrorFeedback):
         return payload[a:b].view(dtype)
 
 
-def _pack(codes: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+def _pack(codes: torch.Tensor, bits: int, out: torch.Tensor, spare: torch.Tensor | None = None) -> None:
     """``codes`` (uint8 < 2**bits; a whole number of bytes' worth, zeros past the last code) into ``out``,
     8 // bits per byte, the first in the low bits; ``codes`` is spent.
 
     The codes of one output byte are one little-endian word (4 bytes at 2 bits, 2 at 4 bits): or-ing
     the word with itself shifted right by ``8 - bits`` (then, at 2 bits, by twice that) brings every
     code next to the first, and the word's low byte is the packed byte. Two or three word-wide ops
-    per bucket, in place.
+    per bucket, in place (the shifted words in ``spare``, at least as many bytes as ``codes``, if given).
     """
     if bits == 8:
         out.copy_(codes[:out.numel()])
         return
     words = codes[:out.numel() * (8 // bits)].view(_WORD[bits])
     for shift in _SHIFTS[bits]:
-        words.bitwise_or_(words >> shift)
+        words.bitwise_or_(_shifted(torch.bitwise_right_shift, words, shift, spare))
     out.copy_(words.view(torch.uint8).view(-1, 8 // bits)[:, 0])  # the low byte (little-endian)
 
 
-def _unpack(packed: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+def _offset(codes: torch.Tensor, bits: int) -> None:
+    """Int8 values ``c`` in ``[-h, h)`` (``h = 2**(bits-1)``), in place, into the codes ``c + h``: the low
+    ``bits`` bits of ``c`` (two's complement) with the top one flipped, a whole word at a time."""
+    words = codes.view(_WORD.get(bits, torch.uint8))
+    words.bitwise_and_(_MASK.get(bits, 0xFF)).bitwise_xor_(_HALF[bits])
+
+
+def _unpack(packed: torch.Tensor, bits: int, out: torch.Tensor, spare: torch.Tensor | None = None) -> None:
     """Every code of ``packed`` into ``out`` (uint8, ``8 // bits`` per byte of ``packed``): :func:`_pack`
-    backwards, each byte widened to a word, spread by left shifts and masked."""
+    backwards, each byte widened to a word, spread by left shifts (into ``spare`` if given) and masked."""
     if bits == 8:
         out.copy_(packed)
         return
     words = out.view(_WORD[bits])
     words.copy_(packed)
     for shift in reversed(_SHIFTS[bits]):
-        words.bitwise_or_(words << shift)
+        words.bitwise_or_(_shifted(torch.bitwise_left_shift, words, shift, spare))
     words.bitwise_and_(_MASK[bits])
+
+
+def _shifted(shift_op: Any, words: torch.Tensor, shift: int, spare: torch.Tensor | None) -> torch.Tensor:
+    """``shift_op(words, shift)``, written into the first bytes of ``spare`` if given (no allocation)."""
+    if spare is None:
+        return shift_op(words, shift)
+    nbytes = words.numel() * words.element_size()
+    return shift_op(words, shift, out=spare.view(torch.uint8)[:nbytes].view(words.dtype))
 
 
 #: the word holding the codes of one packed byte, and the mask of each code's bits in it
 _WORD = {2: torch.int32, 4: torch.int16}
 _MASK = {2: 0x03030303, 4: 0x0F0F}
+_HALF = {2: 0x02020202, 4: 0x0808, 8: 0x80}  # each code's top bit: h = 2**(bits-1)
 _SHIFTS = {2: (6, 12), 4: (4,)}  # x | x >> 6, then | >> 12: the four codes at 2 bits
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
     raise ImportError("localsgd_optim.rounds.chunked packs low-bit codes as little-endian words")

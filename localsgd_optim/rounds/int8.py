@@ -83,7 +83,8 @@ class Int8Reducer(ErrorFeedback):
         residuals = engine.bucket_slices(self.flats, ctx.lo, ctx.hi)
         for pos, target, residual in zip(positions, slices, residuals):
             bucket = engine.buckets[pos]
-            ctx.sent += self._reduce_bucket(bucket, target, residual, group, world, contributors, joined)
+            ctx.sent += self._reduce_bucket(bucket, target, residual, group, world, contributors, joined,
+                                            ctx.weight)
 
     def _runs(self, bucket: Any) -> tuple[list[tuple[int, int]], list[torch.Tensor], list[int]]:
         """The bucket's tensors as (offset, size) runs, their views of the scratch and the non-empty ones
@@ -99,9 +100,9 @@ class Int8Reducer(ErrorFeedback):
         return found
 
     def _reduce_bucket(self, bucket: Any, target: torch.Tensor, residual: torch.Tensor, group: Any, world: int,
-                       contributors: int, joined: bool) -> int:
+                       contributors: int, joined: bool, weight: int | None = None) -> int:
         """One bucket in one scratch (``q``) besides the payloads: ``v`` is built in the residual, the mean
-        in the bucket."""
+        in the bucket (a weighted mean: ``weight * v`` is encoded, see :class:`ErrorFeedback`)."""
         buf = self._buffers
         n, m = bucket.numel, len(bucket.indices)
         codes, scales, q = buf["codes"][:n], buf["scales"][:m], buf["q"][:n]
@@ -110,7 +111,7 @@ class Int8Reducer(ErrorFeedback):
         if joined:  # a rank that joined sends zeros and keeps its residual
             v = q.zero_()
         else:
-            v = self._into_residual(target, residual, 1.0, buf["total"])  # v = x + residual, in the residual
+            v = self._into_residual(target, residual, 1.0, buf["total"], weight)  # v = x + residual, in the residual
         # per-tensor scale max|v| / 127 (an empty tensor's is 0 before the clamp)
         torch.abs(v, out=q)
         if len(nonempty) == m:
@@ -128,6 +129,7 @@ class Int8Reducer(ErrorFeedback):
         if not joined:
             torch._foreach_mul_(q_views, mine)
             residual.sub_(q)  # v - codes * scale
+            self._out_of_weight(residual, weight)
         all_codes, all_scales = buf["all_codes"][:world * n], buf["all_scales"][:world * m]
         works = [self._gather(all_codes, codes, group, async_op=True),
                  self._gather(all_scales, scales, group, async_op=True)]

@@ -7,9 +7,8 @@ from typing import Any
 
 import torch
 
-from .._dist import LocalSGDError
 from .._outer import OuterState
-from .base import ErrorFeedback, Reducer, Round, RoundContext
+from .base import Reducer, Round, RoundContext
 
 __all__ = ["GlobalCopyRound", "OuterRound", "CastReducer"]
 
@@ -115,10 +114,6 @@ class OuterRound(GlobalCopyRound):
         self.reducer.prepare(ctx)
 
     def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
-        if ctx.weight is not None and isinstance(self.reducer, ErrorFeedback):  # (decided alike on every rank)
-            raise LocalSGDError(
-                "LocalSGDOptimizer: step(tokens=...) with different totals per rank weights the mean, which "
-                "compression does not support yet: drop tokens= or compression")
         flats, engine = self.flats(ctx), ctx.engine
         _, with_buffers = engine.flats(ctx.lo, ctx.end)
         engine.stage_in(ctx.lo, ctx.end)  # parameters sharing memory, module buffers: read once
