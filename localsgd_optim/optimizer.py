@@ -460,8 +460,9 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 weight each rank's contribution by its total since the last round: ``sum(w_r *
                 x_r) / sum(w_r)``, exactly the plain mean when the totals are equal, and nothing
                 from a rank whose total is 0. Pass it at every step on every rank, or never (a
-                round where some ranks gave it and others did not raises on every rank). Not
-                with compression or ``overlap_steps`` (yet); local rounds stay unweighted.
+                round where some ranks gave it and others did not raises on every rank). With
+                compression each rank encodes its weighted delta (see ``docs/algorithms.md``);
+                not with ``overlap_steps`` (yet); local rounds stay unweighted.
 
         Returns:
             Whatever the inner optimizer's ``step`` returns (the closure's loss).
