@@ -77,7 +77,7 @@ class Config:
             )
         _check_compression(optimizer, compression, buffers)
         _check_overlap(overlap_steps, overlap_mix, compression, local_k)
-        _check_timed(schedule, local_k, overlap_steps, fragments)
+        _check_timed(schedule, local_k, overlap_steps)
         overlap_mix = 0.5 if overlap_mix is None else overlap_mix
         if (compression is not None or overlap_steps) and outer_optimizer is None:
             outer_optimizer = plain_average_outer  # compressed deltas need a global copy
@@ -168,11 +168,10 @@ def _schedule(k: Any, warmup_steps: Any, round_every_s: Any) -> Schedule:
     return TimedSchedule(round_every_s, warmup_steps)
 
 
-def _check_timed(schedule: Schedule, local_k: Any, overlap_steps: Any, fragments: Any) -> None:
+def _check_timed(schedule: Schedule, local_k: Any, overlap_steps: Any) -> None:
     if not isinstance(schedule, TimedSchedule):
         return
-    for name, value, off in (("local_k", local_k, None), ("overlap_steps", overlap_steps, 0),
-                             ("fragments", fragments, 1)):
+    for name, value, off in (("local_k", local_k, None), ("overlap_steps", overlap_steps, 0)):
         if value != off:  # each counts steps across ranks, which time-budgeted replicas do not share
             raise ValueError(
                 f"round_every_s with {name}={value!r} is not supported: replicas at different speeds take "
@@ -226,7 +225,8 @@ def _check_fragments(fragments: Any, schedule: Schedule, local_k: Any, average_o
     if fragments == 1:
         return
     k = schedule.spec
-    if not _is_int(k) or k < fragments:
+    if not isinstance(schedule, TimedSchedule) and (not _is_int(k) or k < fragments):  # (round_every_s: each
+        # fragment once per that many seconds, in turn)
         raise ValueError(
             f"fragments={fragments} needs an integer k >= fragments (every fragment syncs once per period, "
             f"at staggered steps), got k={k!r}; pass k >= {fragments}, or fragments=1 for a period schedule"
@@ -235,6 +235,8 @@ def _check_fragments(fragments: Any, schedule: Schedule, local_k: Any, average_o
         raise ValueError("fragments with hierarchical averaging (local_k) is not supported yet; pass one of them")
     if average_optimizer_state:
         raise ValueError("fragments with average_optimizer_state is not supported yet; pass one of them")
+    if isinstance(schedule, TimedSchedule):
+        return  # (overlap_steps is refused with it)
     gap = k // fragments  # the fewest steps between two fragments' syncs
     if overlap_steps >= gap:
         raise ValueError(

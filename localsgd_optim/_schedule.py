@@ -256,6 +256,10 @@ class Cursor:
         """Seconds spent in a time-budgeted period (a step-counted schedule has none: 0)."""
         return 0.0
 
+    def fragment(self) -> int:
+        """The fragment the round at the current step syncs (streaming rounds: a function of the step)."""
+        return self.schedule.fragment_at(self.step)  # type: ignore[union-attr]
+
     def save(self, entry: dict[str, Any]) -> None:
         """Put what :meth:`seek` needs beyond the step count into a checkpoint's entry (nothing: the
         schedule derives the rest from the step count)."""
@@ -322,14 +326,20 @@ class TimedCursor(Cursor):
     Args:
         schedule: the time budget and warmup.
         clock: seconds, monotonic (default: :func:`time.monotonic`); a test may pass a clock of its own.
+        fragments: streaming rounds: each fragment syncs once per ``seconds``, in turn (fragment 0
+            first), so a round falls every ``seconds / fragments``.
     """
 
-    __slots__ = ("clock", "rounds_origin", "_started", "_carried", "_pauses")
+    __slots__ = ("clock", "fragments", "rounds_origin", "_started", "_carried", "_pauses")
     unit = "round"
 
-    def __init__(self, schedule: TimedSchedule, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
+    def __init__(self, schedule: TimedSchedule, clock: Callable[[], float] = time.monotonic,
+                 fragments: int = 1) -> None:
+        self.clock, self.fragments = clock, fragments
         super().__init__(schedule)
+
+    def fragment(self) -> int:
+        return (self.rounds - 1) % self.fragments  # (the current round is counted already)
 
     def seek(self, step: int, rounds: int = 0, spent: float = 0.0) -> None:  # type: ignore[override]
         """Continue from ``step`` steps and ``rounds`` time-budgeted rounds, ``spent`` seconds into a
@@ -408,7 +418,7 @@ class TimedCursor(Cursor):
         warmup = self.schedule.warmup_steps
         if step <= warmup:
             return (Event.WARMUP_ROUND, Event.WARMUP_END) if step == warmup else (Event.WARMUP_ROUND,)
-        if self.spent() < self.schedule.seconds:  # type: ignore[attr-defined]
+        if self.spent() < self.schedule.seconds / self.fragments:  # type: ignore[attr-defined]
             return _NONE
         self.rounds += 1
         return (Event.GLOBAL_ROUND,)

@@ -159,9 +159,9 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             period (a fast one waits at most for a slow one's step in progress). Pair it with
             ``step(tokens=n)`` so the mean weights each replica by its work. Rounds are matched
             by count, not step: end training on :attr:`num_rounds` (the same on every replica at
-            a round), never on a step count. Not with ``local_k``, ``overlap_steps``,
-            ``fragments``, ``manager`` or ``Join`` (each counts steps across ranks); see
-            ``docs/algorithms.md`` (default: ``None``).
+            a round), never on a step count. With ``fragments``, each fragment syncs once
+            per ``round_every_s``, in turn. Not with ``local_k``, ``overlap_steps``, ``manager``,
+            ``Join`` or sharded replicas; see ``docs/algorithms.md`` (default: ``None``).
 
     Example::
 

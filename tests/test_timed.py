@@ -280,3 +280,42 @@ def test_consolidate_takes_time_budgeted_checkpoints(ranks2):
     opt = _build(make_model(), _Clock())
     opt.load_state_dict(merged["opt"])
     assert (opt.num_steps, opt.num_rounds) == (12, 2)
+
+
+def _fragments(timed: bool, costs: list[float]):
+    """DiLoCo in 2 fragments: time-budgeted (T=4: a round every 2 s, fragments in turn) or every k=4 steps."""
+    from localsgd_optim import LocalSGDOptimizer, diloco
+
+    cost, clock, model = costs[dist.get_rank()], _Clock(), make_model()
+    when = {"round_every_s": 4.0} if timed else {"k": 4}
+    opt = LocalSGDOptimizer(INNER["adamw"](model.parameters()), **when, fragments=2, outer_optimizer=diloco(0.7, 0.9))
+    if timed:
+        opt._cursor.clock = clock
+        opt._cursor.seek(0)
+    synced, batches = [], iter(make_batches(12))
+    while opt.num_rounds < 6 if timed else opt.num_steps < 12:  # (time-budgeted: end on rounds)
+        x, y = next(batches)
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        clock.now += cost
+        rounds = opt.num_rounds
+        opt.step()
+        if opt.num_rounds > rounds:
+            synced.append((opt.num_steps, opt._cursor.fragment()))
+    return synced, [p.detach().clone() for p in model.parameters()]
+
+
+def _fragments_match():
+    timed, counted = _fragments(True, [1.0, 1.0]), _fragments(False, [1.0, 1.0])
+    return timed[0] == counted[0], all(torch.equal(a, b) for a, b in zip(timed[1], counted[1]))
+
+
+def test_fragments_in_turn_equal_the_step_counted_streaming_rounds_at_equal_speeds(ranks2):
+    for same_rounds, same_params in ranks2(_fragments_match):
+        assert same_rounds and same_params
+
+
+def test_fragments_at_different_speeds_sync_the_same_fragment_in_each_round(ranks2):
+    (fast, _), (slow, _) = ranks2(_fragments, True, [1.0, 2.0])
+    assert [f for _, f in fast] == [f for _, f in slow] == [0, 1, 0, 1, 0, 1]
+    assert [s for s, _ in fast] == [2, 4, 6, 8, 10, 12] and [s for s, _ in slow] == [1, 2, 3, 4, 5, 6]

@@ -66,15 +66,16 @@ def build_rounds(config: Config, params: list[torch.Tensor],
     ``optimizer_state`` returns the inner optimizer's state tensors, averaged with the parameters
     at warmup, scheduled and local rounds when ``config.average_optimizer_state`` (not by ``sync()``).
     """
-    if config.fragments > 1:  # Streaming DiLoCo: one fragment per round, each its own scheduled round
-        schedule = FragmentSchedule(config.schedule, config.fragments)
-        cursor = Cursor(schedule, config.local_k, config.overlap_steps)
-        bounds = split_fragments(params, config.fragments)
-        scheduled: Round = FragmentedRound(schedule, bounds, [_scheduled(config, params[lo:hi])
-                                                              for lo, hi in bounds], cursor)
+    if isinstance(config.schedule, TimedSchedule):  # round_every_s: the clock decides (fragments: in turn)
+        cursor: Cursor = TimedCursor(config.schedule, fragments=config.fragments)
+    elif config.fragments > 1:  # Streaming DiLoCo: one fragment per round, each its own scheduled round
+        cursor = Cursor(FragmentSchedule(config.schedule, config.fragments), config.local_k, config.overlap_steps)
     else:
-        cursor = (TimedCursor(config.schedule) if isinstance(config.schedule, TimedSchedule)
-                  else Cursor(config.schedule, config.local_k, config.overlap_steps))
+        cursor = Cursor(config.schedule, config.local_k, config.overlap_steps)
+    if config.fragments > 1:
+        bounds = split_fragments(params, config.fragments)
+        scheduled: Round = FragmentedRound(bounds, [_scheduled(config, params[lo:hi]) for lo, hi in bounds], cursor)
+    else:
         scheduled = _scheduled(config, params)
     warmup: Round = AverageRound(RoundKind.SCHEDULED)
     local: Round | None = AverageRound(RoundKind.LOCAL, local=True) if config.local_k else None

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 
 from .._outer import check_trainable_count
-from .._schedule import Cursor, FragmentSchedule
+from .._schedule import Cursor
 from .base import Round, RoundContext
 
 __all__ = ["FragmentedRound", "split_fragments"]
@@ -47,25 +47,24 @@ class FragmentedRound(Round):
     parameters, so an outer optimizer's state is per fragment). It runs on the one engine: the
     engine's buckets never straddle a fragment boundary (its ``breaks``), so a fragment is a run
     of whole buckets and a slice of each flat buffer, reduced where it lives. Which fragment a
-    round syncs is a function of the step (:meth:`FragmentSchedule.fragment_at`). At most one
+    round syncs is the cursor's (:meth:`Cursor.fragment`: a function of the step, or with
+    ``round_every_s`` of the round count). At most one
     overlapped fragment is in flight.
 
     Args:
-        schedule: the streaming schedule.
         bounds: each fragment's ``[lo, hi)`` range of the parameters.
         inners: each fragment's round.
-        cursor: the optimizer's step counter (a single-process round has no context).
+        cursor: the optimizer's cursor: which fragment the current round syncs.
     """
 
-    def __init__(self, schedule: FragmentSchedule, bounds: list[tuple[int, int]], inners: list[Round],
-                 cursor: Cursor) -> None:
-        self.schedule, self.bounds, self.inners = schedule, bounds, inners
+    def __init__(self, bounds: list[tuple[int, int]], inners: list[Round], cursor: Cursor) -> None:
+        self.bounds, self.inners = bounds, inners
         self.cursor = cursor
         self.per_parameter_state = True  # the fragments' bounds are indices into the parameters
         self._in_flight: int | None = None  # the overlapped fragment not landed yet
 
     def describe(self, step: int) -> str:
-        return f"fragment {self.schedule.fragment_at(step)}'s round at step {step}"
+        return f"fragment {self.cursor.fragment()}'s round at step {step}"
 
     def outer_optimizer(self) -> torch.optim.Optimizer | None:
         return self.inners[0].outer_optimizer()
@@ -80,11 +79,11 @@ class FragmentedRound(Round):
 
     def prepare(self, ctx: RoundContext) -> None:
         check_trainable_count(self.bounds[-1][1], len(ctx.params))  # the bounds index the parameters
-        i = self.schedule.fragment_at(ctx.step)
+        i = self.cursor.fragment()
         self.inners[i].prepare(self._part(ctx, i))
 
     def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
-        i = self.schedule.fragment_at(ctx.step)
+        i = self.cursor.fragment()
         sub = self._part(ctx, i)
         try:
             self.inners[i].run(sub, contributors, joined)
@@ -103,7 +102,7 @@ class FragmentedRound(Round):
             self.inners[i].land(self._part(ctx, i) if ctx is not None else None)
 
     def alone(self, params: list[torch.Tensor]) -> None:
-        i = self.schedule.fragment_at(self.cursor.step)
+        i = self.cursor.fragment()
         lo, hi = self.bounds[i]
         self.inners[i].alone(params[lo:hi])
 
