@@ -245,7 +245,8 @@ def test_checkpoints_between_the_two_kinds_of_schedule():
         mse(model(x), y).backward()
         counted.step()
     timed = _build(make_model(), _Clock())
-    with pytest.warns(UserWarning, match=r"round count \(num_rounds\) starts at 0"):
+    with pytest.warns(UserWarning, match=r"saved with k=2; this optimizer has round_every_s=6.0"), \
+            pytest.warns(UserWarning, match=r"round count \(num_rounds\) starts at 0"):
         timed.load_state_dict(counted.state_dict())
     assert (timed.num_steps, timed.num_rounds) == (5, 0)
     state = timed.state_dict()
