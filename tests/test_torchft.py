@@ -48,17 +48,9 @@ def _train(method: str, replica: int, process_group, before_round=None, after_ro
            k: Any = K, steps: int = STEPS, die_at: int | None = None, width: int = 16, opts=None) -> list[list[float]]:
     """Train ``steps`` steps; the data of a step depends only on (replica, step), so a replica that
     heals and continues from the donor's step count reads what it would have read there."""
-    from localsgd_optim import LocalSGDOptimizer
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, 2))
-    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=k, process_group=process_group,
-                            manager=manager, **_methods()[method])
-    if opts is not None:
-        opts.append(opt)
-    step = opt.managed.start() if manager is not None else 0
-    if step and after_round is not None:  # healed: it joined the donor's round at this step
-        after_round(step, opt)
+    opt, step = _start(model, k, process_group, manager, method, opts, after_round)
     while step < steps:
         step += 1
         g = torch.Generator().manual_seed(1000 * replica + step)
@@ -310,19 +302,11 @@ def _train_sharded(method: str, replica: int, shard: int, mesh, process_group=No
     in shape (2 rows and 1) and a heal from the wrong shard would be refused. Data depends on (replica, shard, step)."""
     from torch.distributed.fsdp import fully_shard
 
-    from localsgd_optim import LocalSGDOptimizer
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
     fully_shard(model[0], mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=K, process_group=process_group,
-                            manager=manager, **_methods()[method])
-    if opts is not None:
-        opts.append(opt)
-    step = opt.managed.start() if manager is not None else 0
-    if step and after_round is not None:  # healed: it joined the donor's round at this step
-        after_round(step, opt)
+    opt, step = _start(model, K, process_group, manager, method, opts, after_round)
     while step < steps:
         step += 1
         if step == die_at:
@@ -535,3 +519,18 @@ def test_torchfts_nccl_groups_count_as_nccl():
 
     assert all(is_nccl(kind.__new__(kind)) for kind in (ProcessGroupNCCL, ProcessGroupBabyNCCL))
     # (torchft's gloo groups: every other test here binds on one, with the control tensor on the CPU)
+
+
+def _start(model, k, process_group, manager, method, opts, after_round):
+    """The optimizer (kept in ``opts`` if given) and the step to train from: 0, or the donor's after a heal
+    (``after_round`` runs then: it joined the donor's round at that step)."""
+    from localsgd_optim import LocalSGDOptimizer
+
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=k, process_group=process_group,
+                            manager=manager, **_methods()[method])
+    if opts is not None:
+        opts.append(opt)
+    step = opt.managed.start() if manager is not None else 0
+    if step and after_round is not None:
+        after_round(step, opt)
+    return opt, step
