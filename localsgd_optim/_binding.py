@@ -17,6 +17,7 @@ from ._dist import (
     AveragingRoundError,
     LayoutMismatchError,
     LocalSGDError,
+    PendingAgreement,
     RoundKind,
     Share,
     agree_on_round,
@@ -286,6 +287,12 @@ class Binding:
         the gather, and a failure is announced in it: no rank is ever left waiting in a data
         collective, and a disagreement raises on every rank before any data moves.
         """
+        return self.start_control(kind, prepare, joined, group, riders, weight).finish()
+
+    def start_control(self, kind: RoundKind, prepare: Callable[[], None], joined: bool = False, group: Any = None,
+                      riders: Sequence[Any] = (), weight: int = -1, async_op: bool = False) -> PendingAgreement:
+        """:meth:`control`, its gather launched (``async_op``: not waited for) and its verdict left to
+        :meth:`~localsgd_optim._dist.PendingAgreement.finish`."""
         nonfinite, local_error = -1, None
         try:
             self.members.before_round()  # FSDP2 resharded: what a round writes, the next forward reads
@@ -299,9 +306,10 @@ class Binding:
         except Exception as e:  # noqa: BLE001 - re-raised on this rank right after the gather
             local_error = e
         cursor = self.cursor  # its position: the step count, or with round_every_s the round count
-        return agree_on_round(self.group if group is None else group, self.control_device, kind, cursor.position,
-                              cursor.position_origin, self.digest, self._explain_layout, nonfinite, self.members.names,
-                              joined, local_error, weight, cursor.unit)
+        row = [kind, cursor.position, cursor.position_origin, self.digest, nonfinite, int(joined),
+               int(local_error is not None), weight]
+        return PendingAgreement(self.group if group is None else group, self.control_device, row,
+                                self._explain_layout, self.members.names, local_error, cursor.unit, async_op)
 
     @contextlib.contextmanager
     def errors(self, what: Callable[[], str]) -> Iterator[None]:

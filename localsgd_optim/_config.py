@@ -77,7 +77,7 @@ class Config:
             )
         _check_compression(optimizer, compression, buffers)
         _check_overlap(overlap_steps, overlap_mix, compression, local_k)
-        _check_timed(schedule, local_k, overlap_steps)
+        _check_timed(schedule, local_k, overlap_steps, fragments, buffers)
         overlap_mix = 0.5 if overlap_mix is None else overlap_mix
         if (compression is not None or overlap_steps) and outer_optimizer is None:
             outer_optimizer = plain_average_outer  # compressed deltas need a global copy
@@ -168,14 +168,21 @@ def _schedule(k: Any, warmup_steps: Any, round_every_s: Any) -> Schedule:
     return TimedSchedule(round_every_s, warmup_steps)
 
 
-def _check_timed(schedule: Schedule, local_k: Any, overlap_steps: Any) -> None:
+def _check_timed(schedule: Schedule, local_k: Any, overlap_steps: Any, fragments: Any, buffers: Any) -> None:
     if not isinstance(schedule, TimedSchedule):
         return
-    for name, value, off in (("local_k", local_k, None), ("overlap_steps", overlap_steps, 0)):
-        if value != off:  # each counts steps across ranks, which time-budgeted replicas do not share
-            raise ValueError(
-                f"round_every_s with {name}={value!r} is not supported: replicas at different speeds take "
-                f"different step counts, and {name} counts steps; pass one of them")
+    if local_k is not None:  # it counts steps across ranks, which time-budgeted replicas do not share
+        raise ValueError(
+            f"round_every_s with local_k={local_k!r} is not supported: replicas at different speeds take "
+            "different step counts, and local_k counts steps; pass one of them")
+    if overlap_steps and fragments != 1:
+        raise ValueError(f"round_every_s with overlap_steps={overlap_steps!r} and fragments={fragments!r} is not "
+                         "supported yet: pass overlap_steps (asynchronous rounds) or fragments")
+    if overlap_steps and buffers is not None:
+        raise ValueError(
+            f"round_every_s with overlap_steps={overlap_steps!r} and buffers= is not supported: asynchronous rounds "
+            "wait for no replica, and module buffers are averaged in a blocking collective; drop buffers= (or "
+            "overlap_steps)")
 
 
 def _check_optimizer(optimizer: Any) -> None:
@@ -236,7 +243,7 @@ def _check_fragments(fragments: Any, schedule: Schedule, local_k: Any, average_o
     if average_optimizer_state:
         raise ValueError("fragments with average_optimizer_state is not supported yet; pass one of them")
     if isinstance(schedule, TimedSchedule):
-        return  # (overlap_steps is refused with it)
+        return  # (overlap_steps is refused with it: _check_timed)
     gap = k // fragments  # the fewest steps between two fragments' syncs
     if overlap_steps >= gap:
         raise ValueError(

@@ -21,6 +21,7 @@ __all__ = [
     "fingerprint",
     "check_ranks_agree",
     "agree_on_round",
+    "PendingAgreement",
     "Share",
     "all_gather_into",
     "on_every_rank",
@@ -188,17 +189,42 @@ def agree_on_round(
         data (not joined; weight not 0 when weights are in effect); with different weights,
         their sum, each rank multiplying what it sends by its own.
     """
-    row = [kind, num_steps, start_steps, digest, nonfinite, int(joined), int(local_error is not None), weight]
-    mine = torch.tensor(row, dtype=torch.int64, device=device)
-    world = dist.get_world_size(group)
-    if _is_fake(group):
-        own = mine.cpu().tolist()
-        return _verdict([list(own) for _ in range(world)], explain_layout, names, local_error, unit)
-    table = mine.new_empty(world * len(row))  # one gather into one tensor: no per-rank outputs, no stack
-    all_gather_into(table, mine, group)
-    flat = table.cpu().tolist()
-    return _verdict([flat[r * len(row):(r + 1) * len(row)] for r in range(world)], explain_layout, names, local_error,
-                    unit)
+    return PendingAgreement(group, device, [kind, num_steps, start_steps, digest, nonfinite, int(joined),
+                                            int(local_error is not None), weight],
+                            explain_layout, names, local_error, unit).finish()
+
+
+class PendingAgreement:
+    """A control collective launched (asynchronously with ``async_op``): :meth:`finish` reads its verdict.
+
+    An asynchronous round launches it and its data collectives back to back and reads the verdict
+    when it lands, so no rank waits for another at the launch; every rank still reads the same
+    table, so a disagreement raises on every rank (at the landing, before anything is applied).
+    """
+
+    __slots__ = ("_table", "_work", "_world", "_width", "_explain", "_names", "_error", "_unit")
+
+    def __init__(self, group: dist.ProcessGroup | None, device: torch.device, row: list[int], explain_layout: Any,
+                 names: Any, local_error: BaseException | None, unit: str, async_op: bool = False) -> None:
+        mine = torch.tensor(row, dtype=torch.int64, device=device)
+        self._world, self._width, self._work = dist.get_world_size(group), len(row), None
+        self._explain, self._names, self._error, self._unit = explain_layout, names, local_error, unit
+        if _is_fake(group):
+            self._table = mine.cpu().repeat(self._world)
+        else:
+            self._table = mine.new_empty(self._world * len(row))  # one gather into one tensor: no per-rank outputs
+            self._work = all_gather_into(self._table, mine, group, async_op=async_op)
+
+    def finish(self, prescaled: bool = False) -> Share:
+        """Wait for the gather, then decide (raising on every rank alike). ``prescaled``: each rank
+        multiplied what it sent by its weight before knowing the others' (an asynchronous round):
+        the divisor is then the total weight even when the weights are equal."""
+        work, self._work = self._work, None
+        if work is not None and hasattr(work, "wait"):
+            work.wait()
+        flat, width = self._table.cpu().tolist(), self._width
+        rows = [flat[r * width:(r + 1) * width] for r in range(self._world)]
+        return _verdict(rows, self._explain, self._names, self._error, self._unit, prescaled)
 
 
 def is_nccl(group: dist.ProcessGroup | None) -> bool:
@@ -253,7 +279,7 @@ def _is_fake(group: dist.ProcessGroup | None) -> bool:
 
 
 def _verdict(rows: list[list[int]], explain_layout: Any, names: Any,
-             local_error: BaseException | None, unit: str = "step") -> Share:
+             local_error: BaseException | None, unit: str = "step", prescaled: bool = False) -> Share:
     """Every rank reads the same gathered table, so every rank reaches the same verdict."""
     kinds, steps, starts, digests, bad, joins, failed, weights = (list(col) for col in zip(*rows))
     if any(failed):
@@ -303,6 +329,8 @@ def _verdict(rows: list[list[int]], explain_layout: Any, names: Any,
             f"last round at {unit} {steps[0]}, rank(s) {[r for r, g in enumerate(given) if not g]} did not: pass "
             "tokens= at every step on every rank, or on none")
     work = [0 if j else w for j, w in zip(joins, weights)] if all(given) else []
+    if prescaled and all(given):  # each sent weight x value, whatever the others' weights: divide by the total
+        return Share(sum(work), True, True)
     if not any(work):  # no weights, or no rank reported work: the plain mean over the ranks not joined
         return Share(len(joins) - sum(joins), False, False)
     sending = [w for w in work if w > 0]

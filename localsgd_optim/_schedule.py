@@ -279,6 +279,10 @@ class Cursor:
         """The step at which the overlapped round in flight lands, if one is."""
         return self._land_at if self._land_at > self.step else None
 
+    def landed(self) -> None:
+        """The round in flight landed early (``sync()``): none is in flight any more."""
+        self._land_at = -1
+
     def advance(self) -> tuple[Event, ...]:
         """Count one step and return its events (an empty tuple on most steps: a few int compares)."""
         self.step = step = self.step + 1
@@ -334,37 +338,41 @@ class TimedCursor(Cursor):
     unit = "round"
 
     def __init__(self, schedule: TimedSchedule, clock: Callable[[], float] = time.monotonic,
-                 fragments: int = 1) -> None:
+                 fragments: int = 1, overlap_steps: int = 0) -> None:
         self.clock, self.fragments = clock, fragments
-        super().__init__(schedule)
+        super().__init__(schedule, overlap_steps=overlap_steps)
 
     def fragment(self) -> int:
         return (self.rounds - 1) % self.fragments  # (the current round is counted already)
 
-    def seek(self, step: int, rounds: int = 0, spent: float = 0.0) -> None:  # type: ignore[override]
+    def seek(self, step: int, rounds: int = 0, spent: float = 0.0, land_at: int = -1) -> None:  # type: ignore[override]
         """Continue from ``step`` steps and ``rounds`` time-budgeted rounds, ``spent`` seconds into a
-        period: the period's clock runs on from now."""
+        period (the period's clock runs on from now), with the round in flight landing at step
+        ``land_at`` (-1: none is)."""
         self.step = self.origin = step
         self.rounds = self.rounds_origin = rounds
-        self._land_at = -1
+        self._land_at = land_at if self.overlap_steps else -1
         self._next_round = -1  # never a step count: the clock decides
         self._started, self._carried, self._pauses = self.clock(), float(spent), 0
 
     def save(self, entry: dict[str, Any]) -> None:
         entry["rounds"], entry["period_spent_s"] = self.rounds, self.spent()
 
-    def parse(self, entry: Any) -> tuple[int, float]:
-        """The round count and the seconds spent in the period of a checkpoint's entry, checked.
+    def parse(self, entry: Any) -> tuple[int, float, int]:
+        """The round count, the seconds spent in the period and the landing step of a round in
+        flight (-1: none; its entry was checked by the round) of a checkpoint's entry, checked.
 
-        An entry saved with step-counted rounds has neither: the count starts at 0 (a warning says
-        so, as the period itself changes meaning), and the period starts afresh.
+        An entry saved with step-counted rounds has neither count nor time: the count starts at 0
+        (a warning says so, as the period itself changes meaning), and the period starts afresh.
         """
         entry = entry if isinstance(entry, dict) else {}
+        in_flight = entry.get("in_flight")
+        land_at = in_flight["apply_at"] if isinstance(in_flight, dict) and "apply_at" in in_flight else -1
         if "rounds" not in entry:
             if entry:
                 warnings.warn("The checkpoint was saved with rounds every k steps; with round_every_s the round "
                               "count (num_rounds) starts at 0 from here", UserWarning, stacklevel=4)
-            return 0, 0.0
+            return 0, 0.0, land_at
         rounds, spent = entry["rounds"], entry.get("period_spent_s", 0.0)
         if isinstance(rounds, torch.Tensor) and rounds.numel() == 1:
             rounds = int(rounds.item())
@@ -374,7 +382,7 @@ class TimedCursor(Cursor):
             raise ValueError(f"state_dict['local_sgd']['rounds'] must be an integer >= 0, got {rounds!r}")
         if isinstance(spent, bool) or not isinstance(spent, numbers.Real) or not (math.isfinite(spent) and spent >= 0):
             raise ValueError(f"state_dict['local_sgd']['period_spent_s'] must be a finite number >= 0, got {spent!r}")
-        return int(rounds), float(spent)
+        return int(rounds), float(spent), land_at
 
     @property
     def position(self) -> int:
@@ -418,7 +426,11 @@ class TimedCursor(Cursor):
         warmup = self.schedule.warmup_steps
         if step <= warmup:
             return (Event.WARMUP_ROUND, Event.WARMUP_END) if step == warmup else (Event.WARMUP_ROUND,)
+        in_flight = self._land_at >= step  # an overlapped round launched before, not landed yet
         if self.spent() < self.schedule.seconds / self.fragments:  # type: ignore[attr-defined]
-            return _NONE
+            return (Event.LAND,) if step == self._land_at else _NONE
         self.rounds += 1
-        return (Event.GLOBAL_ROUND,)
+        if not self.overlap_steps:
+            return (Event.GLOBAL_ROUND,)
+        self._land_at = step + self.overlap_steps  # the round in flight (if any) lands before this one goes out
+        return (Event.LAND, Event.GLOBAL_ROUND) if in_flight else (Event.GLOBAL_ROUND,)

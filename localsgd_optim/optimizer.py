@@ -406,17 +406,22 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 rider.prepare(ctx)
 
         weight = -1 if round_.local or self._tokens is None else self._tokens  # (local rounds: unweighted)
+        group = self.local_group if round_.local else binding.group
         start = time.perf_counter()
         try:
             with binding.errors(lambda: round_.describe(step)):
-                share = binding.control(round_.kind, prepare, joined, self.local_group
-                                        if round_.local else binding.group, round_.riders, weight)
-                assert ctx is not None
-                contributors, ctx.weight = share.divisor, weight if share.weighted else None
-                joined = joined or (share.by_work and weight == 0)  # no work since the last round: send nothing
-                round_.run(ctx, contributors, joined)
-                for rider in round_.riders:
-                    rider.reduce(ctx, contributors, joined)
+                if round_.asynchronous:  # the control collective goes out with the data: nobody waits here
+                    agreement = binding.start_control(round_.kind, prepare, joined, group, weight=weight,
+                                                      async_op=True)
+                    round_.launch(ctx, agreement, joined, weight)  # (ctx: None if prepare failed here)
+                else:
+                    share = binding.control(round_.kind, prepare, joined, group, round_.riders, weight)
+                    assert ctx is not None
+                    contributors, ctx.weight = share.divisor, weight if share.weighted else None
+                    joined = joined or (share.by_work and weight == 0)  # no work since the last round: send nothing
+                    round_.run(ctx, contributors, joined)
+                    for rider in round_.riders:
+                        rider.reduce(ctx, contributors, joined)
             self._stats["rounds"] += 1
             if not round_.local:
                 self._tokens = None  # the next round weighs the work done from here
@@ -534,7 +539,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         Does not shift the schedule. A no-op in a single process. Raises
         :class:`ScheduleMismatchError` on every rank if the ranks' step counts differ.
         Not allowed inside an active ``Join`` block (ranks that joined only shadow
-        ``step()``): call it after the block.
+        ``step()``): call it after the block. A round in flight (``overlap_steps``) stays in
+        flight: :meth:`land` applies it.
         """
         if self._join_config.enable:
             raise LocalSGDError(
@@ -542,6 +548,18 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 "joined shadow step() only. Call opt.sync() after the `with Join(...)` block."
             )
         self._guarded(self._rounds.sync)
+
+    def land(self) -> None:
+        """Apply the overlapped round in flight now, if one is (``overlap_steps``), instead of at its
+        landing step: it waits for the round's collectives, which every rank has launched or will.
+
+        A local operation, for the end of training: a run that stops with a round in flight would
+        otherwise end without it. With ``round_every_s`` each replica's last launched round is in
+        flight when ``num_rounds`` reaches the target: ``opt.land()``, then ``opt.sync()``.
+        """
+        if self._cursor.landing is not None:
+            self._land()
+            self._cursor.landed()
 
     def _guarded(self, round_: Round, joined: bool = False) -> None:
         if self._round_guard is None:

@@ -202,8 +202,12 @@ def test_bad_settings_name_the_argument():
         build(round_every_s=0)
     with pytest.raises(ValueError, match=r"k=4 and round_every_s=2.0 both say when to average"):
         build(k=4, round_every_s=2.0)
-    with pytest.raises(ValueError, match=r"round_every_s with overlap_steps=1 is not supported"):
-        build(round_every_s=2.0, overlap_steps=1)
+    with pytest.raises(ValueError, match=r"round_every_s with local_k=2 is not supported"):
+        build(round_every_s=2.0, local_k=2, local_group=object())
+    with pytest.raises(ValueError, match=r"round_every_s with overlap_steps=1 and fragments=2 is not supported yet"):
+        build(round_every_s=2.0, overlap_steps=1, fragments=2)
+    with pytest.raises(ValueError, match=r"round_every_s with overlap_steps=1 and buffers= is not supported"):
+        build(round_every_s=2.0, overlap_steps=1, buffers=make_model())
     opt = build(round_every_s=2.0)
     assert opt.round_every_s == 2.0 and opt.k is None and "round_every_s=2.0" in repr(opt)
     from torch.distributed.algorithms.join import Join

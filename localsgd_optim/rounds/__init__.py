@@ -67,7 +67,7 @@ def build_rounds(config: Config, params: list[torch.Tensor],
     at warmup, scheduled and local rounds when ``config.average_optimizer_state`` (not by ``sync()``).
     """
     if isinstance(config.schedule, TimedSchedule):  # round_every_s: the clock decides (fragments: in turn)
-        cursor: Cursor = TimedCursor(config.schedule, fragments=config.fragments)
+        cursor: Cursor = TimedCursor(config.schedule, fragments=config.fragments, overlap_steps=config.overlap_steps)
     elif config.fragments > 1:  # Streaming DiLoCo: one fragment per round, each its own scheduled round
         cursor = Cursor(FragmentSchedule(config.schedule, config.fragments), config.local_k, config.overlap_steps)
     else:
@@ -99,8 +99,8 @@ def _scheduled(config: Config, params: list[torch.Tensor]) -> Round:
             "parameter is frozen or not floating-point: unfreeze one, or drop those options"
         )
     outer = OuterState(params, config.outer_optimizer, config.flat_params)
-    if config.overlap_steps:
-        return OverlapRound(outer, config.overlap_mix)
+    if config.overlap_steps:  # (round_every_s: launched without waiting for the other replicas)
+        return OverlapRound(outer, config.overlap_mix, asynchronous=isinstance(config.schedule, TimedSchedule))
     if config.chunked is not None:
         return OuterRound(outer, ChunkedReducer(params, config.chunked, config.flat_params))
     if config.compression == "int8":

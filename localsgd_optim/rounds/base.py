@@ -194,6 +194,9 @@ class Round:
     per_parameter_state: bool = False
     #: reducers that also run, over the same ranks, after the round's own (the optimizer state)
     riders: tuple[Reducer, ...] = ()
+    #: launched by :meth:`launch` with its control collective, both unwaited (time-budgeted replicas
+    #: with ``overlap_steps``): :meth:`wait` reads the verdict when the round lands
+    asynchronous: bool = False
 
     def describe(self, step: int) -> str:
         return f"{self.kind.description} at step {step}"
@@ -210,6 +213,10 @@ class Round:
         raise NotImplementedError
 
     def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
+        raise NotImplementedError
+
+    def launch(self, ctx: RoundContext | None, agreement: Any, joined: bool, weight: int) -> None:
+        """Phase one of an :attr:`asynchronous` round (``ctx``: ``None`` if this rank failed to prepare)."""
         raise NotImplementedError
 
     def wait(self) -> None:

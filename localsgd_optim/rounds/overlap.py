@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .._buckets import InFlight, foreach_copy
-from .._dist import LocalSGDError
+from .._dist import LocalSGDError, PendingAgreement
 from .._flat import rebase
 from .._outer import OuterState
 from .._state import check_tensor_list
@@ -32,9 +32,13 @@ class OverlapRound(GlobalCopyRound):
         mix: the weight kept of the local parameters when the round lands.
     """
 
-    def __init__(self, outer: OuterState, mix: float) -> None:
+    def __init__(self, outer: OuterState, mix: float, asynchronous: bool = False) -> None:
         super().__init__(outer)
         self.mix = mix
+        #: launched without waiting for the other ranks (time-budgeted replicas): the control
+        #: collective goes out with the data, and its verdict is read when the round lands
+        self.asynchronous = asynchronous
+        self._agreement: PendingAgreement | None = None
         self.deltas: list[torch.Tensor] = []  # the in-flight copy, laid out like the global copy
         self.views: list[torch.Tensor] = []  # its per-parameter views: the mean pseudo-gradients
         self._key: tuple | None = None
@@ -83,9 +87,48 @@ class OverlapRound(GlobalCopyRound):
         ctx.sent += self._flight.sent
         self.lands_at = ctx.lands_at
 
+    @torch.no_grad()
+    def launch(self, ctx: RoundContext | None, agreement: PendingAgreement, joined: bool, weight: int) -> None:
+        """Phase one of an asynchronous round: the control collective (``agreement``) is on the wire
+        already; put ``weight x (global - local)`` on it too (zeros if ``joined`` or ``weight`` is 0;
+        ``weight`` -1: not weighted) and return at once. :meth:`wait` reads the verdict."""
+        self._agreement = agreement
+        if ctx is None:  # this rank failed to prepare: the verdict re-raises its error (the others' wait
+            agreement.finish()  # in their landing ends with gloo's timeout: nothing was launched here)
+            return
+        flats, engine = self._in_flight_copy(ctx), ctx.engine
+        if ctx.end > ctx.hi:  # (refused by the configuration: module buffers would need a blocking mean)
+            raise LocalSGDError("LocalSGDOptimizer: asynchronous rounds do not average module buffers")
+        if joined or weight == 0:
+            for d in self.deltas:
+                d.zero_()
+        else:
+            engine.stage_in(ctx.lo, ctx.hi)
+            self.outer.to_deltas(flats, out=self.deltas)
+            if weight > 0:
+                torch._foreach_mul_(self.deltas, float(weight))
+        self._flight = engine.start_mean(ctx.group, ctx.size, ctx.size, self.deltas, ctx.lo, ctx.hi, weight=1)
+        ctx.sent += self._flight.sent
+        self.lands_at = ctx.lands_at
+
     def wait(self) -> None:
-        """Complete the in-flight mean (if any)."""
+        """Complete the in-flight mean (if any); an asynchronous round first reads the control
+        collective's verdict, and a round that failed it (or where nobody sent work) is dropped."""
         flight, self._flight = self._flight, None
+        agreement, self._agreement = self._agreement, None
+        if agreement is not None:
+            try:
+                share = agreement.finish(prescaled=True)
+            except BaseException:
+                if flight is not None:  # the data collectives were matched on every rank: let them end
+                    flight.divisor = None
+                    flight.wait()
+                self.lands_at = None  # dropped on every rank alike: every replica is left as it was
+                raise
+            if flight is not None:
+                flight.divisor = share.divisor or None
+            if not share.divisor:  # every rank sent zeros (joined, or no work): nothing to apply
+                self.lands_at = None
         if flight is not None:
             flight.wait()
 
