@@ -375,7 +375,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inner", choices=["adamw", "muon"], default="adamw",
                    help="inner optimizer; muon: Muon for the blocks' matrices, AdamW for the rest, as one")
     p.add_argument("--overlap-steps", type=int, default=0,
-                   help="Streaming DiLoCo: reduce in the background for N more local steps, then apply")
+                   help="Streaming DiLoCo: reduce in the background for N more local steps, then apply; with "
+                        "--round-every-s, rounds launch without waiting for the other replicas")
     p.add_argument("--k", type=int, default=8, help="steps between averaging rounds (localsgd)")
     p.add_argument("--fragments", type=int, default=1,
                    help="Streaming DiLoCo: sync the model in this many fragments at staggered steps")
@@ -472,10 +473,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--ft needs REPLICA_GROUP_ID in 0..{args.ft_groups - 1} (--ft-groups), got "
                 f"{os.environ.get('REPLICA_GROUP_ID')!r}, and TORCHFT_LIGHTHOUSE=http://host:port")
     if args.round_every_s is not None and (args.method not in ("localsgd", "diloco") or args.ft or args.elastic
-                                           or args.ckpt_dir or args.overlap_steps
-                                           or args.shard > 1 or args.tp > 1 or args.stop_at_step):
+                                           or args.ckpt_dir or args.shard > 1 or args.tp > 1 or args.stop_at_step):
         p.error("--round-every-s works with --method localsgd or diloco, without --ft, --elastic, --ckpt-dir, "
-                "--overlap-steps, --shard, --tp or --stop-at-step (replicas' step counts differ)")
+                "--shard, --tp or --stop-at-step (replicas' step counts differ)")
     if args.weight != "none" and args.method not in ("localsgd", "diloco"):
         p.error(f"--weight {args.weight} weights the rounds of --method localsgd or diloco, not {args.method}")
     if args.speeds is not None and (not args.step_delay or args.shard > 1 or args.tp > 1):
@@ -661,6 +661,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                       or opt.num_rounds == args.rounds):
                 train_s += time.perf_counter() - t0  # right after a round: every replica evaluates here
                 with opt.paused():  # (the period's clock stands still)
+                    if opt.num_rounds == args.rounds:
+                        opt.land()  # --overlap-steps: the last round, launched just now, ends the run
                     before = opt.stats()
                     val_loss = evaluate_average(net, opt, val, args)
                     for key, value in opt.stats().items():

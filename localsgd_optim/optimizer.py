@@ -115,7 +115,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             reduced asynchronously while ``overlap_steps`` more local steps run, then applied:
             the outer step, then ``p <- overlap_mix * p + (1 - overlap_mix) * global``.
             Must be smaller than the period; +1x parameters for the in-flight buffers
-            (default: 0, blocking rounds).
+            (default: 0, blocking rounds). With ``round_every_s``: asynchronous rounds (see there).
         overlap_mix: the weight kept of the local parameters when an overlapped round is
             applied (default: ``None``, meaning 0.5; 0 discards the local progress of those
             steps). Only with ``overlap_steps``: given without it, a ``ValueError``.
@@ -160,7 +160,10 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             ``step(tokens=n)`` so the mean weights each replica by its work. Rounds are matched
             by count, not step: end training on :attr:`num_rounds` (the same on every replica at
             a round), never on a step count. With ``fragments``, each fragment syncs once
-            per ``round_every_s``, in turn. Not with ``local_k``, ``overlap_steps``, ``manager``,
+            per ``round_every_s``, in turn. With ``overlap_steps`` the rounds are asynchronous: a
+            replica launches its round (control collective included) and trains on, waiting for
+            no other, and applies it ``overlap_steps`` of its own steps later or at its next
+            launch (end with :meth:`land`, then :meth:`sync`). Not with ``local_k``, ``manager``,
             ``Join`` or sharded replicas; see ``docs/algorithms.md`` (default: ``None``).
 
     Example::
@@ -467,7 +470,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 from a rank whose total is 0. Pass it at every step on every rank, or never (a
                 round where some ranks gave it and others did not raises on every rank). With
                 compression each rank encodes its weighted delta (see ``docs/algorithms.md``);
-                not with ``overlap_steps`` (yet); local rounds stay unweighted.
+                not with step-counted ``overlap_steps`` (yet; with ``round_every_s`` it works);
+                local rounds stay unweighted.
 
         Returns:
             Whatever the inner optimizer's ``step`` returns (the closure's loss).

@@ -6,6 +6,8 @@ import json
 import shutil
 import sys
 
+import pytest
+
 from helpers import run, torchrun
 
 
@@ -174,12 +176,14 @@ def test_charlm_ft_survivor_trains_through_a_lost_group_that_heals_and_counts_sa
     assert len(read[0]) == steps * batch and len(read[1]) == (10 + steps - healed_at) * batch
 
 
-def test_charlm_time_budgeted_rounds_give_the_fast_replica_more_steps(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--overlap-steps", "3"]], ids=["blocking", "asynchronous"])
+def test_charlm_time_budgeted_rounds_give_the_fast_replica_more_steps(extra, tmp_path):
     """--speeds 1,3 --round-every-s: the slow rank sleeps 3x as long per step; both meet at every round,
-    the fast one with at least as many steps (sleeps are lower bounds: 0.03 s against 0.09 s a step)."""
+    the fast one with at least as many steps (sleeps are lower bounds: 0.03 s against 0.09 s a step).
+    --overlap-steps: the rounds are launched without waiting, and the last one lands before the end."""
     out = torchrun("examples/train_charlm.py", "--round-every-s", "0.4", "--rounds", "3", "--eval-every", "3",
                    "--speeds", "1,3", "--step-delay", "0.03", "--weight", "tokens", "--max-bytes", "200000",
-                   "--d-model", "32", "--json-out", str(tmp_path / "t.json"))
+                   "--d-model", "32", "--json-out", str(tmp_path / "t.json"), *extra)
     assert "round    3/3" in out, out
     result = json.loads((tmp_path / "t.json").read_text())
     fast, slow = result["steps_per_rank"]

@@ -13,6 +13,9 @@ the same model, data and LR schedule:
   k times the step time of a speed-1 replica, measured by the profile ``1,1,1,1``'s sync run, so at equal
   speeds both make the same rounds and send the same bytes.
 - ``ddp``: DistributedDataParallel for ``--steps`` steps (a gradient all-reduce every step).
+- ``async`` (``--methods``): ``timed`` plus ``--overlap-steps 4``: each replica launches its round when its
+  own period is spent, without waiting for the others, and applies it 4 of its steps later (or at its
+  next launch): Streaming DiLoCo's landing, ``p <- (p + global) / 2``.
 
 Every run is a JSON in ``runs/`` (a run already there is not run again: the study resumes). The
 summary is ``study.json`` (the issue's format, plus each run's wall time, rounds, steps per replica and
@@ -36,6 +39,8 @@ from study_common import TRAIN, finish, markdown_table, pyplot, run_logged  # no
 
 PROFILES = ["1,1,1,1", "1,1,1,2", "1,1.5,2,3"]
 K = 8
+OVERLAP = 4  # async: a round lands this many of a replica's steps after its launch
+COLORS = {"sync": "C0", "timed": "C1", "ddp": "C2", "async": "C3"}
 EVAL_EVERY_ROUNDS = 2
 
 
@@ -48,8 +53,9 @@ def run(method: str, profile: str, seed: int, args: argparse.Namespace, out: Pat
               str(args.steps), "--k", str(K), "--eval-every", str(EVAL_EVERY_ROUNDS * K), "--d-model", "64",
               "--max-bytes", "1000000", "--threads", "1", "--json-out", str(json_out)]
     method_args = {"sync": ["--method", "localsgd"], "ddp": ["--method", "ddp"],
-                   "timed": ["--method", "localsgd", "--weight", "tokens"]}[method]
-    if method == "timed":  # (--eval-every counts rounds here)
+                   "timed": ["--method", "localsgd", "--weight", "tokens"],
+                   "async": ["--method", "localsgd", "--weight", "tokens", "--overlap-steps", str(OVERLAP)]}[method]
+    if method in ("timed", "async"):  # (--eval-every counts rounds here)
         common[common.index("--eval-every") + 1] = str(EVAL_EVERY_ROUNDS)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", str(TRAIN), *method_args,
            *common, *extra]
@@ -90,6 +96,8 @@ def main() -> None:
     p.add_argument("--step-delay", type=float, default=0.1, help="seconds added to a speed-1 step")
     p.add_argument("--out", type=Path, default=HERE)
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--methods", nargs="+", default=["sync", "timed", "ddp"], choices=list(COLORS),
+                   help="what to run besides sync (always run: it sets the target and the budget)")
     args = p.parse_args()
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     runs: dict = {}
@@ -103,14 +111,16 @@ def main() -> None:
             sync = run("sync", profile, seed, args, args.out, [])
             t = round(K * step_s, 3)
             rounds = max(1, math.ceil(sync["train_time_s"] / t))
-            timed = run("timed", profile, seed, args, args.out, ["--round-every-s", str(t), "--rounds", str(rounds)])
-            ddp = run("ddp", profile, seed, args, args.out, [])
-            runs.setdefault(profile, {}).setdefault(seed, {}).update(sync=sync, timed=timed, ddp=ddp)
+            timing = ["--round-every-s", str(t), "--rounds", str(rounds)]
+            runs.setdefault(profile, {}).setdefault(seed, {})["sync"] = sync
+            for method in [m for m in args.methods if m != "sync"]:
+                runs[profile][seed][method] = run(method, profile, seed, args, args.out,
+                                                  timing if method in ("timed", "async") else [])
     rows = []
     for profile in PROFILES:
         by_method: dict = {m: {"final_val_loss": [], "wall_s_to_target": [], "val_loss_at_sync_wall": [],
                                "train_time_s": [], "rounds": [], "steps_per_rank": [], "mb_sent": [],
-                               "mb_per_train_s": []} for m in ("sync", "timed", "ddp")}
+                               "mb_per_train_s": []} for m in runs[profile][args.seeds[0]]}
         targets = []
         for seed in args.seeds:
             result = runs[profile][seed]
@@ -146,7 +156,7 @@ def main() -> None:
                 for method, r in runs[profile][seed].items():
                     h = r["history"]
                     ax.plot([x["time_s"] for x in h], [x["val_loss"] for x in h], marker=".",
-                            color={"sync": "C0", "timed": "C1", "ddp": "C2"}[method],
+                            color=COLORS[method],
                             label=f"{method} (seed {seed})", linestyle="-" if seed == args.seeds[0] else "--")
             ax.axhline(summary["target"][profile], color="grey", linewidth=0.8, label="target: sync's final loss")
             ax.set_xlabel("training time, s (validation excluded)")
@@ -175,6 +185,10 @@ def main() -> None:
         f"{_mean(equal['sync']['mb_sent']):.2f} ({_mean(equal['timed']['mb_per_train_s']):.3f} against "
         f"{_mean(equal['sync']['mb_per_train_s']):.3f} MB per second of training).\n\n"
     ) if slow and equal else "# Replicas at different speeds\n\n"
+    if all("async" in summary["runs"].get(prof, {}) for prof in PROFILES):
+        head += "- async against timed, sync's wall-time ratio to the target per seed: " + "; ".join(
+            f"{prof}: {_fmt(summary['runs'][prof]['async']['wall_vs_sync'], 'x')} against "
+            f"{_fmt(summary['runs'][prof].get('timed', {}).get('wall_vs_sync', []), 'x')}" for prof in PROFILES) + "\n\n"
     (args.out / "study.md").write_text(head + table)
     print(table)
 
