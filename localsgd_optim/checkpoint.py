@@ -241,7 +241,7 @@ def _merge(values: list[Any], path: tuple[Any, ...]) -> Any:
                     f"{sorted(map(str, first))}; pass states saved by the same run at the same step"
                 )
         if path and path[-1] == STATE_KEY and "rounds" in first:  # round_every_s: step counts differ by
-            values = [{**v, "num_steps": first["num_steps"]} for v in values]  # design; rank 0's, rounds agree
+            values = [_at_rank0_step(v, first) for v in values]  # design; rank 0's, rounds agree
         optimizer = "param_groups" in first and STATE_KEY not in path  # a torch optimizer's state dict
         return {key: (_merge_per_parameter if optimizer and key == "state" else _merge)(
             [v[key] for v in values], path + (key,)) for key in first}
@@ -270,6 +270,16 @@ def _merge(values: list[Any], path: tuple[Any, ...]) -> Any:
             "the same run: pass the checkpoints every rank saved at one step"
         )
     return first  # differs per rank but cannot be averaged (an RNG state): rank 0's
+
+
+def _at_rank0_step(entry: dict[str, Any], rank0: dict[str, Any]) -> dict[str, Any]:
+    """A time-budgeted rank's Local SGD entry counted in rank 0's steps: its step count, and the landing
+    step of its round in flight (asynchronous rounds), which counts this rank's own steps."""
+    entry = {**entry, "num_steps": rank0["num_steps"]}
+    flight, flight0 = entry.get("in_flight"), rank0.get("in_flight")
+    if isinstance(flight, dict) and isinstance(flight0, dict) and "apply_at" in flight0:
+        entry["in_flight"] = {**flight, "apply_at": flight0["apply_at"]}
+    return entry
 
 
 def _merge_per_parameter(values: list[Any], path: tuple[Any, ...]) -> Any:

@@ -43,8 +43,9 @@ def _build(model, clock, method="plain", warmup=0, **kw):
     return opt
 
 
-def _ours(method: str, resume: bool = False, weighted: bool = True, warmup: int = 0):
-    """Train until ROUNDS rounds are done; return the parameters and the step count of each round."""
+def _ours(method: str, resume: bool = False, weighted: bool = True, warmup: int = 0, elastic: str | None = None):
+    """Train until ROUNDS rounds are done; return the parameters and the step count of each round
+    (``elastic``: the mid-period restart goes through an ElasticCheckpoint in that directory)."""
     cost, clock = COST[dist.get_rank()], _Clock()
     model = make_model()
     opt = _build(model, clock, method, warmup)
@@ -60,12 +61,22 @@ def _ours(method: str, resume: bool = False, weighted: bool = True, warmup: int 
             at_rounds.append(opt.num_steps)
         if resume and at_rounds and opt.num_steps == at_rounds[0] + 1:  # one step into the second period:
             # every rank rebuilds between the same rounds; the round count and the period's time travel along
-            state, weights = opt.state_dict(), {k: v.clone() for k, v in model.state_dict().items()}
+            if elastic is not None:  # labelled by the round count, which every replica shares
+                from localsgd_optim.elastic import ElasticCheckpoint
+
+                with ElasticCheckpoint(elastic) as ckpt:
+                    ckpt.save(opt.num_rounds, model, opt, blocking=True)
+            else:
+                state, weights = opt.state_dict(), {k: v.clone() for k, v in model.state_dict().items()}
             clock = _Clock()  # a new process: its clock starts anywhere
             clock.now = 1000.0
             opt = _build(model, clock, method)  # (its broadcast is undone by the checkpoint)
-            model.load_state_dict(weights)
-            opt.load_state_dict(state)
+            if elastic is not None:
+                with ElasticCheckpoint(elastic) as ckpt:
+                    assert ckpt.resume(model, opt).step == 1
+            else:
+                model.load_state_dict(weights)
+                opt.load_state_dict(state)
     return [p.detach().clone() for p in model.parameters()], at_rounds
 
 
@@ -98,8 +109,8 @@ def _oracle(method: str, periods: list[int], weighted: bool = True, warmup: int 
     return [p.detach().clone() for p in params]
 
 
-def _compare(method: str, resume: bool = False, weighted: bool = True, warmup: int = 0):
-    ours, at_rounds = _ours(method, resume, weighted, warmup)
+def _compare(method: str, resume: bool = False, weighted: bool = True, warmup: int = 0, elastic: str | None = None):
+    ours, at_rounds = _ours(method, resume, weighted, warmup, elastic)
     per_period = round(T / COST[dist.get_rank()])
     expected = [warmup + per_period * (i + 1) for i in range(ROUNDS)]
     periods = [b - a for a, b in zip([warmup] + at_rounds, at_rounds)]
@@ -136,6 +147,13 @@ def test_warmup_is_step_counted_and_the_budget_starts_after_it(ranks2):
 
 def test_a_mid_period_checkpoint_continues_the_period(ranks2):
     for counts_ok, same, at_rounds in ranks2(_compare, "diloco", True):
+        assert counts_ok, at_rounds
+        assert same
+
+
+def test_an_elastic_checkpoint_labelled_by_round_continues_the_period(ranks2, tmp_path):
+    # the ranks save at different step counts (7 and 4) under one label: the round count
+    for counts_ok, same, at_rounds in ranks2(_compare, "diloco", True, True, 0, str(tmp_path)):
         assert counts_ok, at_rounds
         assert same
 

@@ -196,3 +196,44 @@ def test_a_disagreement_raises_on_every_rank_when_the_round_lands(case, error, s
     for steps, name, message in ranks2(_disagree, case):
         assert (steps, name) == (2, error), message
         assert says in message
+
+
+def _consolidated():
+    """Each rank saves right after launching round 1 (rank 0 at step 6, rank 1 at step 3), then both
+    load the consolidated checkpoint and land the round at rank 0's landing step."""
+    from localsgd_optim import checkpoint
+
+    rank, clock = dist.get_rank(), _Clock()
+    model = make_model()
+    opt = _build(model, clock, 2)
+    batches = iter(make_batches(100))
+    while opt.num_rounds < 1:
+        x, y = next(batches)
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        clock.now += COST[rank]
+        opt.step(tokens=1)
+    mine = {"model": model.state_dict(), "opt": opt.state_dict()}
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    state = checkpoint.consolidate(states)
+    entry = state["opt"]["local_sgd"]
+    flight = entry["in_flight"]
+    same_mean = all(torch.equal(a, b) for a, b in zip(flight["mean_delta"], mine["opt"]["local_sgd"]["in_flight"]["mean_delta"]))
+    model = make_model()
+    model.load_state_dict(state["model"])
+    opt = _build(model, _Clock(), 2)
+    opt.load_state_dict(state["opt"])
+    landing = opt._cursor.landing
+    for x, y in [next(batches) for _ in range(2)]:
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        opt.step(tokens=1)
+    return entry["num_steps"], entry["rounds"], flight["apply_at"], same_mean, landing, opt._rounds.scheduled.pending
+
+
+def test_consolidate_takes_rank0s_steps_and_landing_with_a_round_in_flight(ranks2):
+    for steps, rounds, apply_at, same_mean, landing, pending in ranks2(_consolidated):
+        assert (steps, rounds, apply_at, landing) == (6, 1, 8, 8)
+        assert same_mean  # the in-flight mean is the same on every rank: kept as it is
+        assert not pending  # landed at step 8 on both
