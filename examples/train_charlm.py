@@ -473,9 +473,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--ft needs REPLICA_GROUP_ID in 0..{args.ft_groups - 1} (--ft-groups), got "
                 f"{os.environ.get('REPLICA_GROUP_ID')!r}, and TORCHFT_LIGHTHOUSE=http://host:port")
     if args.round_every_s is not None and (args.method not in ("localsgd", "diloco") or args.ft or args.elastic
-                                           or args.ckpt_dir or args.shard > 1 or args.tp > 1 or args.stop_at_step):
-        p.error("--round-every-s works with --method localsgd or diloco, without --ft, --elastic, --ckpt-dir, "
-                "--shard, --tp or --stop-at-step (replicas' step counts differ)")
+                                           or args.ckpt_dir or args.stop_at_step):
+        p.error("--round-every-s works with --method localsgd or diloco, without --ft, --elastic, --ckpt-dir "
+                "or --stop-at-step (replicas' step counts differ)")
     if args.weight != "none" and args.method not in ("localsgd", "diloco"):
         p.error(f"--weight {args.weight} weights the rounds of --method localsgd or diloco, not {args.method}")
     if args.speeds is not None and (not args.step_delay or args.shard > 1 or args.tp > 1):

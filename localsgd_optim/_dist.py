@@ -25,6 +25,7 @@ __all__ = [
     "Share",
     "all_gather_into",
     "on_every_rank",
+    "on_any_rank",
 ]
 
 
@@ -238,6 +239,15 @@ def on_every_rank(ok: bool, group: dist.ProcessGroup | None, device: torch.devic
     flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
+
+
+def on_any_rank(flag: bool, groups: Sequence[dist.ProcessGroup], device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank of the groups' union, when every rank reaches every group
+    through the others (a replica's mesh dimensions): one ``MAX`` all-reduce of one int per group."""
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    for group in groups:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())
 
 
 #: groups that have no tensor-form all-gather (torchft's reconfigurable groups: their wrapper has no

@@ -334,12 +334,15 @@ class TimedCursor(Cursor):
             first), so a round falls every ``seconds / fragments``.
     """
 
-    __slots__ = ("clock", "fragments", "rounds_origin", "_started", "_carried", "_pauses")
+    __slots__ = ("clock", "fragments", "agree", "rounds_origin", "_started", "_carried", "_pauses")
     unit = "round"
 
     def __init__(self, schedule: TimedSchedule, clock: Callable[[], float] = time.monotonic,
                  fragments: int = 1, overlap_steps: int = 0) -> None:
         self.clock, self.fragments = clock, fragments
+        #: sharded replicas: ``agree(due)`` says whether any rank of this replica's is due (a collective
+        #: within the replica at every step after warmup), so all its ranks round at the same step
+        self.agree: Callable[[bool], bool] | None = None
         super().__init__(schedule, overlap_steps=overlap_steps)
 
     def fragment(self) -> int:
@@ -427,7 +430,10 @@ class TimedCursor(Cursor):
         if step <= warmup:
             return (Event.WARMUP_ROUND, Event.WARMUP_END) if step == warmup else (Event.WARMUP_ROUND,)
         in_flight = self._land_at >= step  # an overlapped round launched before, not landed yet
-        if self.spent() < self.schedule.seconds / self.fragments:  # type: ignore[attr-defined]
+        due = self.spent() >= self.schedule.seconds / self.fragments  # type: ignore[attr-defined]
+        if self.agree is not None:
+            due = self.agree(due)
+        if not due:
             return (Event.LAND,) if step == self._land_at else _NONE
         self.rounds += 1
         if not self.overlap_steps:

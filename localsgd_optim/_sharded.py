@@ -286,6 +286,22 @@ class Sharding:
                     "holding the same shard in different replicas)"
                 )
 
+    def replica_groups(self) -> list[Any] | None:
+        """The process groups that span one replica: every mesh dimension of a sharded parameter
+        that is not the group averaged over, once each, in parameter order (a ``MAX`` over each in
+        turn is a ``MAX`` over the replica's ranks); ``None`` with FSDP1, whose groups are not
+        described by a mesh."""
+        if self._fsdp1 or any(s.kind == "copy" and not isinstance(s.param, DTensor) for s in self.shards.values()):
+            return None
+        groups, seen = [], set()
+        for shard in self.shards.values():
+            mesh = shard.param.device_mesh
+            for dim in range(mesh.ndim):
+                if (id(mesh), dim) not in seen and not self._averaged_dim(mesh, dim):
+                    seen.add((id(mesh), dim))
+                    groups.append(mesh.get_group(dim))
+        return groups
+
     # -- what rounds see ------------------------------------------------------------------------
 
     def __bool__(self) -> bool:

@@ -8,6 +8,7 @@ driving every round the same way (prepare locally, agree in one control collecti
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import warnings
 from typing import Any, Callable, Iterator
@@ -22,7 +23,7 @@ from ._amp import inner_step
 from ._binding import Binding, Members
 from ._buckets import BucketEngine, bucket_cap_bytes
 from ._config import Config
-from ._dist import LocalSGDError, RoundKind, group_size
+from ._dist import LocalSGDError, RoundKind, group_size, is_nccl, on_any_rank
 from ._outer import OuterFactory
 from ._schedule import Event, PeriodSpec
 from ._sharded import find_sharding
@@ -163,8 +164,10 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             per ``round_every_s``, in turn. With ``overlap_steps`` the rounds are asynchronous: a
             replica launches its round (control collective included) and trains on, waiting for
             no other, and applies it ``overlap_steps`` of its own steps later or at its next
-            launch (end with :meth:`land`, then :meth:`sync`). Not with ``local_k``, ``manager``,
-            ``Join`` or sharded replicas; see ``docs/algorithms.md`` (default: ``None``).
+            launch (end with :meth:`land`, then :meth:`sync`). Sharded replicas (FSDP2, tensor
+            parallel) agree on the end of a period with one tiny all-reduce per mesh dimension
+            of the replica at every step. Not with ``local_k``, ``manager``, ``Join`` or FSDP1;
+            see ``docs/algorithms.md`` (default: ``None``).
 
     Example::
 
@@ -232,11 +235,12 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._share_inner()
         self._config = config
         sharding = find_sharding(self.param_groups, config.process_group)
-        if sharding is not None and round_every_s is not None:
+        replica_groups = sharding.replica_groups() if sharding is not None and round_every_s is not None else []
+        if replica_groups is None:
             raise ValueError(
-                f"LocalSGDOptimizer: round_every_s={round_every_s!r} with sharded replicas is not supported: the "
-                "ranks of one replica decide from their own clocks, and could end a period at different steps "
-                "while FSDP or tensor parallelism needs them in the same collectives at every step; pass k instead")
+                f"LocalSGDOptimizer: round_every_s={round_every_s!r} with FSDP1 is not supported: the ranks of one "
+                "replica must agree at every step on the end of the period, over groups a device mesh describes; "
+                "shard with FSDP2 (fully_shard) or pass k instead")
         if sharding is not None and config.flat_params and sharding.fallbacks():
             warnings.warn(
                 "LocalSGDOptimizer: some sharded parameters take the copy path (each round copies their "
@@ -258,6 +262,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         # re-taken right after the binding broadcast, so it starts identical everywhere.
         self._cursor, self._rounds = build_rounds(
             config, self._members.params(), self._members.optimizer_state_tensors)
+        if replica_groups:  # sharded replicas: every rank of a replica ends the period at the same step
+            self._cursor.agree = functools.partial(self._due_in_replica, replica_groups)  # type: ignore[attr-defined]
         #: the :class:`localsgd_optim.ft.Managed` running the rounds under ``manager`` (``None`` without)
         self.managed: Any = None
         if manager is None:
@@ -339,6 +345,12 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         return self._binding.engine if self._binding is not None else None
 
     # -- the process group and the rounds ---------------------------------------------------
+
+    def _due_in_replica(self, groups: list[dist.ProcessGroup], due: bool) -> bool:
+        """Whether any rank of this replica has spent the period (one tiny ``MAX`` per mesh dimension:
+        FSDP and tensor parallelism already run collectives over these ranks at every step)."""
+        device = self._members.device() if is_nccl(groups[0]) else None
+        return on_any_rank(due, groups, device if device is not None else torch.device("cpu"))
 
     def _settings(self) -> dict[str, Any]:
         return self._config.settings(self._rounds.outer_optimizer())

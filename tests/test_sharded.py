@@ -571,3 +571,52 @@ def _replicate_only_refused():
 def test_fsdp2_replication_is_refused_like_hsdp(ranks4):
     for message in ranks4(_replicate_only_refused):
         assert message is not None and "FSDP2 replication" in message and "mesh['shard']" in message, message
+
+
+TIMED_COST = [1.0, 1.5, 2.0, 2.0]  # seconds per step by rank: replica 0 = ranks 0, 1; replica 1 = ranks 2, 3
+
+
+def _timed_fsdp2(strategy: str):
+    """round_every_s=6 on a 2x2 mesh, each rank with its own clock: rank 1 of replica 0 is due after 4
+    steps, rank 0 after 6; the replica rounds when either is due (4), or its ranks would part ways
+    in FSDP's collectives. Replica 1 rounds every 3 steps. Three rounds, against the plain loop."""
+    from test_timed import _Clock
+
+    mesh = _mesh()
+    rank, clock = dist.get_rank(), _Clock()
+    periods = [4, 3][rank // 2]
+    batches = make_batches(3 * periods)
+    model = _fsdp2(mesh)
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = LocalSGDOptimizer(inner, round_every_s=6.0, process_group=mesh["replicate"], bucket_cap_mb=0.001,
+                            **OPTIONS["overlap" if strategy == "async" else strategy])
+    opt._cursor.clock = clock
+    opt._cursor.seek(0)
+    at_rounds = []
+    for x, y in batches:
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        clock.now += TIMED_COST[rank]
+        before = opt.num_rounds
+        opt.step()
+        if opt.num_rounds > before:
+            at_rounds.append(opt.num_steps)
+    ours = _shards(model)
+    ref = _fsdp2(mesh)
+    ref_inner = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    params = _locals(ref)
+    if strategy == "plain":
+        reference_rounds(ref, ref_inner, batches, set(at_rounds), tensors=params, group=mesh.get_group("replicate"))
+    elif strategy == "async":  # launched without waiting, landed one step later: as overlap_steps=1 every period
+        reference_overlapped(ref, ref_inner, batches, periods, 1, 0.5, diloco(), params=params,
+                             group=mesh.get_group("replicate"))
+    else:
+        reference_diloco(ref, ref_inner, batches, periods, diloco(), params=params, group=mesh.get_group("replicate"))
+    return at_rounds, all(torch.equal(a, b) for a, b in zip(ours, _shards(ref)))
+
+
+@pytest.mark.parametrize("strategy", ["plain", "diloco", "async"])
+def test_time_budgeted_sharded_replicas_round_when_any_of_their_ranks_is_due(ranks4, strategy):
+    results = ranks4(_timed_fsdp2, strategy)
+    assert [r[0] for r in results] == [[4, 8, 12], [4, 8, 12], [3, 6, 9], [3, 6, 9]]
+    assert all(same for _, same in results)
