@@ -245,6 +245,15 @@ class Cursor:
         """:attr:`position` when this run started or resumed."""
         return self.origin
 
+    @property
+    def origins(self) -> tuple[int, ...]:
+        """What :attr:`position_origin` is made of (a heal hands the donor's to the joiner)."""
+        return (self.origin,)
+
+    @origins.setter
+    def origins(self, value: tuple[int, ...]) -> None:
+        (self.origin,) = value
+
     def may_round_next(self) -> bool:
         """Whether the next step may end with a global round."""
         return self.step + 1 >= self._next_round
@@ -395,6 +404,14 @@ class TimedCursor(Cursor):
     @property
     def position_origin(self) -> int:
         return min(self.origin, self.schedule.warmup_steps) + self.rounds_origin
+
+    @property
+    def origins(self) -> tuple[int, ...]:
+        return self.origin, self.rounds_origin
+
+    @origins.setter
+    def origins(self, value: tuple[int, ...]) -> None:
+        self.origin, self.rounds_origin = value
 
     def spent(self) -> float:
         """Seconds spent in the current period (while paused: until the pause; 0 during warmup)."""

@@ -202,6 +202,8 @@ class Managed:
         healed = self._open(_START)
         if healed in (_SCHEDULED, _SYNC):
             self._commit(self._donors_round(healed), joined=True)
+            if healed == _SCHEDULED:  # round_every_s: the donor's next period starts now, and so does ours
+                self.optimizer._cursor.round_done()
         elif healed != _SKIPPED:
             self._should_commit()  # (nothing ran: the quorum counts as a commit, on every member)
         return self.optimizer.num_steps
@@ -380,7 +382,7 @@ class Managed:
         opt = self.optimizer
         copy = lambda t: (t._local_tensor if isinstance(t, DTensor) else t).detach().clone()  # noqa: E731 - served by reference while the round runs
         return {"doing": self._doing, "from": getattr(self.manager, "_replica_id", None),
-                "origin": opt._cursor.origin, "lineage": self.lineage, **self._identity(),
+                "origin": list(opt._cursor.origins), "lineage": self.lineage, **self._identity(),
                 "tensors": [copy(t) for t in self._tensors()], "optimizer": map_tensors(opt.state_dict(), copy)}
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -406,7 +408,7 @@ class Managed:
                 mine.copy_(theirs)
         opt.load_state_dict(_as_dtensors(optimizer_state, [p for g in opt.param_groups for p in g["params"]]))
         self._from_global_copies()
-        opt._cursor.origin = state["origin"]  # the control collective compares it: the donor's run's origin
+        opt._cursor.origins = tuple(state["origin"])  # the control collective compares it: the donor's run's
         opt._pending_broadcast = False  # (the binding stays: a new quorum binds again in _open anyway)
         self._healed = state["doing"]
         self.lineage = state.get("lineage", 0)

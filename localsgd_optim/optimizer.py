@@ -166,8 +166,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             no other, and applies it ``overlap_steps`` of its own steps later or at its next
             launch (end with :meth:`land`, then :meth:`sync`). Sharded replicas (FSDP2, tensor
             parallel) agree on the end of a period with one tiny all-reduce per mesh dimension
-            of the replica at every step. Not with ``local_k``, ``manager``, ``Join`` or FSDP1;
-            see ``docs/algorithms.md`` (default: ``None``).
+            of the replica at every step. Under ``manager`` a heal hands over the round count.
+            Not with ``local_k``, ``Join`` or FSDP1; see ``docs/algorithms.md`` (default: ``None``).
 
     Example::
 
@@ -214,10 +214,6 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             pg = getattr(manager, "_pg", None)
             if pg is None:
                 raise TypeError(f"manager must be a torchft.Manager (built with pg=...), got {type(manager).__name__}")
-            if round_every_s is not None:
-                raise ValueError(
-                    f"LocalSGDOptimizer: round_every_s={round_every_s!r} with manager= is not supported yet: a heal "
-                    "hands the joiner the donor's step count, which time-budgeted replicas do not share; pass one")
             if process_group is not None and process_group is not pg:
                 raise ValueError("LocalSGDOptimizer: with manager=, leave process_group=None (the rounds run on the "
                                  f"manager's process group), got process_group={process_group!r}")

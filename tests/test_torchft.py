@@ -32,7 +32,8 @@ def _methods():
 
     return {"plain": {}, "diloco": {"outer_optimizer": diloco()},
             "topk2bit": {"outer_optimizer": diloco(), "compression": topk(0.25, bits=2, chunk=64)},
-            "fragments": {"outer_optimizer": diloco(), "fragments": 2}}  # (heal test only)
+            "fragments": {"outer_optimizer": diloco(), "fragments": 2},  # (heal test only)
+            "timed": {"outer_optimizer": diloco(), "round_every_s": float(K)}}  # (heal test only: see _start)
 
 
 def _rounds_at_4_and_12(step: int) -> int:
@@ -146,7 +147,7 @@ def _replica_group(replica: int, lighthouse: str, groups: int, methods: list[str
             seen[step] = {"residual": sum(r.abs().sum().item() for r in entry.get("ef_residuals", [])),
                           "global": [g.flatten().tolist() for outer in outers for g in outer.get("global", [])],
                           "params": [p.detach().flatten().tolist() for p in opt.param_groups[0]["params"]],
-                          "num_steps": opt.num_steps}
+                          "num_steps": opt.num_steps, "rounds": opt.num_rounds}
 
         per_method = {}
         for m in methods:
@@ -258,7 +259,7 @@ def test_a_group_lost_leaves_the_survivor_training(when, ranks2):
     assert result["plain"] == plain[0]["plain"]
 
 
-@pytest.mark.parametrize("method", ["topk2bit", "fragments"])
+@pytest.mark.parametrize("method", ["topk2bit", "fragments", "timed"])
 def test_a_returning_group_heals_from_the_survivor_and_joins_its_round(method):
     """Group 1 dies at step 6; group 0 commits its round at 8 alone; a new process for group 1 starts
     and heals from group 0 inside the quorum of the round at step 12, then joins that round sending
@@ -266,11 +267,13 @@ def test_a_returning_group_heals_from_the_survivor_and_joins_its_round(method):
     are zero (the donor's are its own), and the survivor redid no step: it committed every round
     (4, 8, 12, 16). top-k 2-bit: both end bit-identical at step 16. Streaming DiLoCo (2 fragments,
     the last synced at 12 and 16, the other at 10 and 14): the joiner starts the fragment not synced
-    at 12 from its global copy (the donor's progress since step 10 counts once), and the globals agree."""
+    at 12 from its global copy (the donor's progress since step 10 counts once), and the globals agree.
+    Time-budgeted rounds (a clock that reads the step count, so rounds fall every 4 steps): the joiner
+    takes the donor's round count and time into the period too, and both end bit-identical."""
     results = _run_groups(2, [method], "heal", steps=16)
     (_, _, survivor, counts0), (_, _, joiner, counts1) = results
     assert "error" not in joiner, joiner
-    rounds = 16 // (K if method == "topk2bit" else K // 2)  # (2 fragments: a round every 2 steps)
+    rounds = 16 // (K // 2 if method == "fragments" else K)  # (2 fragments: a round every 2 steps)
     assert counts0 == [rounds, 0, rounds + 1], counts0  # every round the survivor ran was kept; torchft's too
     assert counts1 == [rounds * 4 // 16 + 1, 0, rounds + 1], counts1  # the round it joined and those after
     assert survivor["heals"] == [] and [h["step"] for h in joiner["heals"]] == [12]
@@ -281,6 +284,8 @@ def test_a_returning_group_heals_from_the_survivor_and_joins_its_round(method):
     if method == "topk2bit":
         assert after[1]["residual"] == 0 and after[0]["residual"] > 0
         assert survivor[method] == joiner[method]
+    elif method == "timed":
+        assert after[0]["rounds"] == after[1]["rounds"] == 3 and survivor[method] == joiner[method]
     else:
         assert after[1]["params"] == after[1]["global"] != after[0]["params"]
         assert after[0]["params"][2:] == after[0]["global"][2:]  # fragment 1 (the last Linear) synced at 12
@@ -526,8 +531,12 @@ def _start(model, k, process_group, manager, method, opts, after_round):
     (``after_round`` runs then: it joined the donor's round at that step)."""
     from localsgd_optim import LocalSGDOptimizer
 
-    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=k, process_group=process_group,
-                            manager=manager, **_methods()[method])
+    options = _methods()[method]
+    opt = LocalSGDOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), k=None if "round_every_s" in options else k,
+                            process_group=process_group, manager=manager, **options)
+    if "round_every_s" in options:  # a clock that reads the step count: a period of K "seconds" is K steps
+        opt._cursor.clock = lambda: float(opt._cursor.step)
+        opt._cursor.seek(0)
     if opts is not None:
         opts.append(opt)
     step = opt.managed.start() if manager is not None else 0
