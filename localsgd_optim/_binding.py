@@ -20,7 +20,6 @@ from ._dist import (
     PendingAgreement,
     RoundKind,
     Share,
-    agree_on_round,
     check_ranks_agree,
     describe_tensor,
     fingerprint,

@@ -423,8 +423,7 @@ class BucketEngine:
         (``weight`` given: a sum, whose divisor the caller may set before the wait)."""
         op, divisor = mean_op(group, contributors, weight)
         slices = self.bucket_slices(buffers, lo, hi) if contributors else []  # every rank joined: nothing
-        works = [dist.all_reduce(s, op, group, async_op=True) for s in slices]
-        return InFlight(works, list(buffers), divisor, sum(s.numel() * s.element_size() for s in slices))
+        return InFlight.start(group, op, slices, buffers, divisor)
 
     def broadcast(self, src: int, group: dist.ProcessGroup | None) -> int:
         """Overwrite every tensor with its value on global rank ``src``."""
@@ -438,6 +437,13 @@ class InFlight:
 
     def __init__(self, works: list, buffers: list[torch.Tensor], divisor: int | None, sent: int) -> None:
         self.works, self.buffers, self.divisor, self.sent = works, buffers, divisor, sent
+
+    @classmethod
+    def start(cls, group: dist.ProcessGroup | None, op: dist.ReduceOp, slices: Sequence[torch.Tensor],
+              buffers: Sequence[torch.Tensor], divisor: int | None) -> "InFlight":
+        """One asynchronous all-reduce per slice (the buckets, views of ``buffers``)."""
+        works = [dist.all_reduce(s, op, group, async_op=True) for s in slices]
+        return cls(works, list(buffers), divisor, sum(s.numel() * s.element_size() for s in slices))
 
     @torch.no_grad()
     def wait(self) -> None:

@@ -203,11 +203,11 @@ class PendingAgreement:
     table, so a disagreement raises on every rank (at the landing, before anything is applied).
     """
 
-    __slots__ = ("_table", "_work", "_world", "_width", "_explain", "_names", "_error", "_unit")
+    __slots__ = ("_table", "_work", "_world", "_width", "_explain", "_names", "_error", "_unit", "_mine")
 
     def __init__(self, group: dist.ProcessGroup | None, device: torch.device, row: list[int], explain_layout: Any,
                  names: Any, local_error: BaseException | None, unit: str, async_op: bool = False) -> None:
-        mine = torch.tensor(row, dtype=torch.int64, device=device)
+        mine = self._mine = torch.tensor(row, dtype=torch.int64, device=device)  # (kept while in flight)
         self._world, self._width, self._work = dist.get_world_size(group), len(row), None
         self._explain, self._names, self._error, self._unit = explain_layout, names, local_error, unit
         if _is_fake(group):
@@ -215,6 +215,11 @@ class PendingAgreement:
         else:
             self._table = mine.new_empty(self._world * len(row))  # one gather into one tensor: no per-rank outputs
             self._work = all_gather_into(self._table, mine, group, async_op=async_op)
+
+    @property
+    def failed(self) -> bool:
+        """Whether this rank failed in its local preparation (its row says so)."""
+        return self._error is not None
 
     def finish(self, prescaled: bool = False) -> Share:
         """Wait for the gather, then decide (raising on every rank alike). ``prescaled``: each rank

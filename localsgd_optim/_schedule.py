@@ -289,7 +289,7 @@ class Cursor:
         return self._land_at if self._land_at > self.step else None
 
     def landed(self) -> None:
-        """The round in flight landed early (``sync()``): none is in flight any more."""
+        """The round in flight landed early (``LocalSGDOptimizer.land()``): none is in flight any more."""
         self._land_at = -1
 
     def advance(self) -> tuple[Event, ...]:

@@ -396,7 +396,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         group = self.local_group if local else binding.group
         size = dist.get_world_size(group) if local else binding.world_size
         return RoundContext(engine.tensors[:n], self._members.names, engine, group, size, self.num_steps,
-                            0, n, len(engine.tensors), self._cursor.landing)
+                            0, n, len(engine.tensors), self._cursor.landing, digest=binding.digest)
 
     def _run(self, round_: Round, joined: bool = False) -> None:
         """Drive one round: prepare locally, agree in the control collective, run the collectives."""
@@ -424,7 +424,7 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 if round_.asynchronous:  # the control collective goes out with the data: nobody waits here
                     agreement = binding.start_control(round_.kind, prepare, joined, group, weight=weight,
                                                       async_op=True)
-                    round_.launch(ctx, agreement, joined, weight)  # (ctx: None if prepare failed here)
+                    round_.launch(ctx, agreement, joined, weight, self._cursor.landing)
                 else:
                     share = binding.control(round_.kind, prepare, joined, group, round_.riders, weight)
                     assert ctx is not None
@@ -441,13 +441,21 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             self._stats["round_seconds"] += time.perf_counter() - start
 
     def _land(self) -> None:
-        """Phase two of a delayed round: wait for its collectives, then apply it."""
+        """Phase two of a delayed round: wait for its collectives, then apply it.
+
+        An asynchronous round's wait does not count in the period (the clock stands still): a
+        replica that waits here for a later one's launch starts its next period that much later,
+        so the replicas' launches stay together instead of drifting a period apart."""
         round_ = self._rounds.scheduled
         start = time.perf_counter()
         try:
             if self._binding is not None:
                 with self._binding.errors(lambda: f"the overlapped round applied at step {self.num_steps}"):
-                    round_.wait()
+                    self._cursor.pause()
+                    try:
+                        round_.wait()
+                    finally:
+                        self._cursor.resume()
                 self._members.before_round()
             round_.land(self._context(self._binding, refresh=True) if self._binding is not None else None)
         finally:
@@ -474,7 +482,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
             closure: re-evaluates the model and returns the loss (passed to the inner step).
             tokens: the work this step did (tokens, samples: any count). The global rounds then
                 weight each rank's contribution by its total since the last round: ``sum(w_r *
-                x_r) / sum(w_r)``, exactly the plain mean when the totals are equal, and nothing
+                x_r) / sum(w_r)``, exactly the plain mean when the totals are equal (blocking
+                rounds; asynchronous ones: equal in value, not bit for bit), and nothing
                 from a rank whose total is 0. Pass it at every step on every rank, or never (a
                 round where some ranks gave it and others did not raises on every rank). With
                 compression each rank encodes its weighted delta (see ``docs/algorithms.md``);
@@ -692,6 +701,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
                 UserWarning,
                 stacklevel=3,
             )
+        if self._cursor.landing is not None:  # a round in flight: its verdict (which may raise) before any change
+            self._rounds.scheduled.wait()
         load_inner()
         self._share_inner()  # load_state_dict rebinds the inner param_groups and state
         self._rounds.load_state(entry, self._members.params())

@@ -181,9 +181,11 @@ def _disagree(case: str):
         if case == "nan" and rank == 1 and opt.num_steps == 0:
             with torch.no_grad():
                 next(model.parameters())[0].fill_(float("nan"))
+        if case == "freeze" and rank == 1 and opt.num_steps == 0:  # another layout: data of another size
+            list(model.parameters())[-1].requires_grad_(False)
         try:
             opt.step(tokens=1 if case != "tokens" or rank == 0 else None)
-        except LocalSGDError as e:  # raised at the landing (step 2), on every rank
+        except (LocalSGDError, ValueError) as e:  # raised at the landing (step 2), on every rank
             return opt.num_steps, type(e).__name__, str(e)
     return opt.num_steps, None, ""
 
@@ -196,6 +198,15 @@ def test_a_disagreement_raises_on_every_rank_when_the_round_lands(case, error, s
     for steps, name, message in ranks2(_disagree, case):
         assert (steps, name) == (2, error), message
         assert says in message
+
+
+def test_a_rank_whose_parameters_change_sends_in_the_agreed_layout_and_every_rank_raises(ranks2):
+    # Rank 1 freezes a parameter before its first round: its own error, and rank 0 told which rank
+    # failed, both when the round lands; its data went out in the layout agreed at binding (zeros),
+    # so no collective saw buffers of another size.
+    (steps0, name0, message0), (steps1, name1, message1) = ranks2(_disagree, "freeze")
+    assert (steps0, name0, steps1, name1) == (2, "LocalSGDError", 2, "ValueError"), (message0, message1)
+    assert "rank(s) [1] failed while preparing" in message0 and "parameters changed" in message1
 
 
 def _consolidated():

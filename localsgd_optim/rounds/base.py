@@ -35,6 +35,7 @@ class RoundContext:
         sent: bytes this rank handed to the round's data collectives (strategies add to it).
         weight: this rank's weight when the round's mean is weighted (``step(tokens=)`` with
             different totals): what it sends is multiplied by it, and ``contributors`` is the total.
+        digest: the binding's layout digest now (what the control collective compares).
     """
 
     params: list[torch.Tensor]
@@ -49,6 +50,7 @@ class RoundContext:
     lands_at: int | None = None
     sent: int = 0
     weight: int | None = None
+    digest: int = 0
 
     def part(self, lo: int, hi: int, end: int) -> "RoundContext":
         """The context of a fragment: parameters ``[lo, hi)``, tensors up to ``end``."""
@@ -215,8 +217,9 @@ class Round:
     def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
         raise NotImplementedError
 
-    def launch(self, ctx: RoundContext | None, agreement: Any, joined: bool, weight: int) -> None:
-        """Phase one of an :attr:`asynchronous` round (``ctx``: ``None`` if this rank failed to prepare)."""
+    def launch(self, ctx: RoundContext | None, agreement: Any, joined: bool, weight: int, lands_at: int | None) -> None:
+        """Phase one of an :attr:`asynchronous` round (``ctx``: ``None`` if this rank failed to prepare),
+        landing at step ``lands_at``."""
         raise NotImplementedError
 
     def wait(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .._buckets import InFlight, foreach_copy
 from .._dist import LocalSGDError, PendingAgreement
@@ -27,6 +28,14 @@ class OverlapRound(GlobalCopyRound):
     :meth:`land` steps the outer optimizer with it and mixes:
     ``p <- mix * p + (1 - mix) * global``. In a world of one the round is blocking.
 
+    ``asynchronous`` (time-budgeted replicas): :meth:`launch` replaces :meth:`run`. The control
+    collective goes out unwaited with the data, in buckets laid out when the ranks last agreed on
+    the layout; :meth:`wait` reads its verdict. Module buffers are refused there.
+
+    ``asynchronous`` (time-budgeted replicas): :meth:`launch` replaces :meth:`run`. The control
+    collective goes out unwaited with the data, in buckets laid out when the ranks last agreed on
+    the layout; :meth:`wait` reads its verdict. Module buffers are refused there.
+
     Args:
         outer: the global copy and the outer optimizer.
         mix: the weight kept of the local parameters when the round lands.
@@ -39,6 +48,10 @@ class OverlapRound(GlobalCopyRound):
         #: collective goes out with the data, and its verdict is read when the round lands
         self.asynchronous = asynchronous
         self._agreement: PendingAgreement | None = None
+        # (asynchronous) the in-flight copy's buckets, laid out when every rank agreed on the layout
+        # (binding, warmup end): a round always goes out in them, so the ranks' collectives match
+        self._slices: list[torch.Tensor] | None = None
+        self._digest, self._group = 0, None
         self.deltas: list[torch.Tensor] = []  # the in-flight copy, laid out like the global copy
         self.views: list[torch.Tensor] = []  # its per-parameter views: the mean pseudo-gradients
         self._key: tuple | None = None
@@ -58,6 +71,12 @@ class OverlapRound(GlobalCopyRound):
 
     def prepare(self, ctx: RoundContext) -> None:
         super().prepare(ctx)
+        if self.asynchronous and self._slices is not None and ctx.digest != self._digest:
+            raise LocalSGDError(
+                "LocalSGDOptimizer: the parameters changed on this rank (frozen, cast, moved or added) while "
+                "asynchronous rounds run: a round goes out before the ranks compare layouts, so it keeps the "
+                "layout they agreed on at binding. Change the model before the optimizer binds, or use "
+                "blocking rounds (overlap_steps=0)")
         self._in_flight_copy(ctx)
 
     def _in_flight_copy(self, ctx: RoundContext) -> list[torch.Tensor]:
@@ -66,7 +85,15 @@ class OverlapRound(GlobalCopyRound):
             self.deltas = [torch.empty_like(f) for f in flats]
             self.views = rebase(ctx.engine.views(ctx.lo, ctx.hi), flats, self.deltas)
             self._key = self.outer.key
+            if self.asynchronous:
+                self._slices = ctx.engine.bucket_slices(self.deltas, ctx.lo, ctx.hi)
+                self._digest, self._group = ctx.digest, ctx.group
         return flats
+
+    def restart(self, params: list[torch.Tensor], ctx: RoundContext | None = None) -> None:
+        super().restart(params, ctx)
+        if self.asynchronous and ctx is not None:  # laid out now, while every rank agrees on the layout
+            self._in_flight_copy(ctx)
 
     @torch.no_grad()
     def run(self, ctx: RoundContext, contributors: int, joined: bool) -> None:
@@ -88,28 +115,37 @@ class OverlapRound(GlobalCopyRound):
         self.lands_at = ctx.lands_at
 
     @torch.no_grad()
-    def launch(self, ctx: RoundContext | None, agreement: PendingAgreement, joined: bool, weight: int) -> None:
+    def launch(self, ctx: RoundContext | None, agreement: PendingAgreement, joined: bool, weight: int,
+               lands_at: int | None) -> None:
         """Phase one of an asynchronous round: the control collective (``agreement``) is on the wire
         already; put ``weight x (global - local)`` on it too (zeros if ``joined`` or ``weight`` is 0;
-        ``weight`` -1: not weighted) and return at once. :meth:`wait` reads the verdict."""
+        ``weight`` -1: not weighted) and return at once. :meth:`wait` reads the verdict.
+
+        The data always goes out in the buckets laid out when the ranks last agreed on the layout.
+        A rank that failed to prepare (its row says so) sends zeros in them, so every rank's
+        collectives still match and the verdict raises on every rank when the round lands."""
         self._agreement = agreement
-        if ctx is None:  # this rank failed to prepare: the verdict re-raises its error (the others' wait
-            agreement.finish()  # in their landing ends with gloo's timeout: nothing was launched here)
-            return
-        flats, engine = self._in_flight_copy(ctx), ctx.engine
-        if ctx.end > ctx.hi:  # (refused by the configuration: module buffers would need a blocking mean)
-            raise LocalSGDError("LocalSGDOptimizer: asynchronous rounds do not average module buffers")
-        if joined or weight == 0:
+        if self._slices is None and ctx is not None and not agreement.failed:
+            self._in_flight_copy(ctx)  # (not laid out at binding: a single-process restart)
+        if self._slices is None:  # nothing this rank could send in: its own error, now
+            self._agreement = None
+            agreement.finish()
+            raise LocalSGDError("LocalSGDOptimizer: the asynchronous round could not be prepared")
+        if agreement.failed or ctx is None or joined or weight == 0:
             for d in self.deltas:
                 d.zero_()
         else:
-            engine.stage_in(ctx.lo, ctx.hi)
+            flats = self._in_flight_copy(ctx)
+            if ctx.end > ctx.hi:  # (refused by the configuration: module buffers would need a blocking mean)
+                raise LocalSGDError("LocalSGDOptimizer: asynchronous rounds do not average module buffers")
+            ctx.engine.stage_in(ctx.lo, ctx.hi)
             self.outer.to_deltas(flats, out=self.deltas)
             if weight > 0:
                 torch._foreach_mul_(self.deltas, float(weight))
-        self._flight = engine.start_mean(ctx.group, ctx.size, ctx.size, self.deltas, ctx.lo, ctx.hi, weight=1)
-        ctx.sent += self._flight.sent
-        self.lands_at = ctx.lands_at
+        self._flight = InFlight.start(self._group, dist.ReduceOp.SUM, self._slices, self.deltas, None)
+        if ctx is not None:
+            ctx.sent += self._flight.sent
+        self.lands_at = lands_at if lands_at is not None else 1
 
     def wait(self) -> None:
         """Complete the in-flight mean (if any); an asynchronous round first reads the control
@@ -151,6 +187,7 @@ class OverlapRound(GlobalCopyRound):
         super().state(entry)
         if self.pending:
             self.wait()  # local: the collectives are already matched on every rank
+        if self.pending:  # (an asynchronous round where nobody sent work is dropped by its wait)
             entry["in_flight"] = {"apply_at": self.lands_at, "mean_delta": list(self.views)}
 
     def check_state(self, entry: dict[str, Any] | None) -> None:
