@@ -81,7 +81,7 @@ def test_bench_fake_world_runs_unpatched(fake_world, capsys):
     assert "_control_without_peers" not in text and "_binding" not in text and "from ._buckets" not in text
     report = bench.main(["--fake-world", str(fake_world), "--models", "2x32", "--bucket-cap-mb", "0.02",
                          "--rounds", "1", "--warmup", "0"])
-    assert _binding.agree_on_round is _dist.agree_on_round  # nothing was patched
+    assert _binding.PendingAgreement is _dist.PendingAgreement  # nothing was patched
     (model,) = report["models"]
     assert model["buckets"] > 1
     rows = {row["method"]: row for row in model["rounds"]}
