@@ -172,7 +172,10 @@ class ChunkedReducer(ErrorFeedback):
         payload = max((p.parts["total"][1] for p in plans), default=0)
         # dense: the codes one byte each in the bucket's layout, padded to whole bytes of the wire
         codes = 0 if self.spec.sparse else max((_whole_bytes(p.numel, self.spec.bits) for p in plans), default=0)
-        squares = 0 if self.spec.sparse else max((self._block(p) * self.spec.chunk for p in plans), default=0)
+        # (dense) float64 squares of a block of rows, and the packing's shifted words: as many bytes as the codes
+        squares = 0 if self.spec.sparse else max((max(self._block(p) * self.spec.chunk,
+                                                      -(-_whole_bytes(p.numel, self.spec.bits) // 8)) for p in plans),
+                                                 default=0)
         # a mean accumulates in fp32: in the bucket itself, or (other dtypes) in a buffer of its own
         total = max((b.numel for b in buckets if b.dtype != torch.float32), default=0)
         shape = (world, padded, payload, codes, total, squares)
