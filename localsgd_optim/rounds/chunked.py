@@ -538,15 +538,16 @@ class ReduceScatterReducer(ChunkedReducer):
                 self._decode_dense(plan, received[r * size:(r + 1) * size], mean)
             mean.div_(contributors)
             second = self._into_residual(mean, self.second[i], self.spec.feedback, buf["total"])
-            self._encode_dense(plan, second, mine, False)  # the second residual becomes u - sent
-        self._gather(sent, mine, group)  # stage 3: every mean shard, decoded alike on every rank
-        total.zero_()
+            # the second residual becomes u - sent; the mean shard becomes the levels sent (what the others
+            # decode, bit for bit: see _encode_dense), so this rank does not decode its own slot
+            self._encode_dense(plan, second, mine, False, mean)
+        self._gather(sent, mine, group)  # stage 3: every other mean shard, decoded alike on every rank
         for r, (a, b, plan) in enumerate(shards):
-            if plan.numel:
-                self._decode_dense(plan, sent[r * size:(r + 1) * size], total[a:b])
+            if plan.numel and r != rank:
+                self._decode_dense(plan, sent[r * size:(r + 1) * size], total[a:b].zero_())
         if total is not target:
             target.copy_(total)
-        return (world + 1) * size
+        return world * size  # the all-to-all's input, one payload: the wire carries 2 (W - 1) / W of it
 
     def _scatter(self, out: torch.Tensor, slots: torch.Tensor, group: Any) -> None:
         """Slot j of ``slots`` to rank j; rank r's slot for this rank into slot r of ``out`` (the bench's
