@@ -550,6 +550,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compressors", default=None, metavar="LABELS",
                    help="with --methods compressors: a comma-separated subset of "
                         + ", ".join(repr(c[0]) for c in _COMPRESSORS) + " (default: all)")
+    p.add_argument("--interleave", action="store_true",
+                   help="with --fake-world and --methods compressors: time the compressors round by round in "
+                        "turn (each holds its own copies of the model at once), so drift hits them alike")
     p.add_argument("--fake-world", type=int, default=0, metavar="N",
                    help="one process, torch's fake process group of N ranks (collectives move nothing): "
                         "time a round's non-wire cost and count its ops and CUDA kernels, against torch's "
@@ -741,10 +744,18 @@ def _fake_world_compressors(model: nn.Module, args: argparse.Namespace, device: 
     rows = []
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     picked = [("int8", "int8")] + _picked(COMPRESSORS, args.compressors)
+    together: dict[str, list[float]] = {}
+    if args.interleave:  # every compressor at once, timed in turn
+        contenders = {label: floor(label, spec) for label, spec in picked}
+        for contender in contenders.values():
+            contender.setup()
+        together = _time_interleaved({label: c.round for label, c in contenders.items()}, args, device)
+        del contenders
+        gc.collect()
     for label, spec in picked:
         contender = floor(label, spec)
         contender.setup()
-        times = _time_interleaved({label: contender.round}, args, device)[label]
+        times = together.get(label) or _time_interleaved({label: contender.round}, args, device)[label]
         with CountOps() as ops:
             contender.round()
         w, payload = args.fake_world, contender.payload_bytes() / 2**20
