@@ -154,3 +154,21 @@ def test_a_malformed_checkpoint_entry_is_refused():
                                                "residuals": [torch.zeros(4)]}
     with pytest.raises(ValueError, match=r"'ef_shard_residuals' of the Local SGD entry must be.*drop the key"):
         opt.load_state_dict(state)
+
+
+def _bf16_params():
+    model = make_model(seed=dist.get_rank(), dtype=torch.bfloat16)
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), k=2,
+                            compression=quantize(4, chunk=256, collective=RS), bucket_cap_mb=0.01)
+    train_wrapped(model, opt, make_batches(4, dtype=torch.bfloat16))
+    return params_of(model), [r.dtype for r in opt.state_dict()["local_sgd"][SHARD_RESIDUALS_KEY]["residuals"]]
+
+
+def test_bf16_parameters_reduce_scatter_and_agree(ranks3):
+    """A bf16 bucket's mean is summed, requantized and decoded in an fp32 buffer, then rounded once."""
+    results = ranks3(_bf16_params)
+    for params, dtypes in results:
+        assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in params)
+        assert set(dtypes) == {torch.float32}
+    for params, _ in results[1:]:
+        assert_same(params, results[0][0], exact=True)
