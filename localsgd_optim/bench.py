@@ -228,6 +228,8 @@ class OursCompressed(OursInt8):
         super().__init__(name, params, world, cap_mb, cls)
         self.compression = compression
         self.wire_factor = 0.0
+        # a reduce-scatter round hands one payload to its all-to-all and sends 2 (W - 1) / W of it, like a ring
+        self.gathered = getattr(compression, "collective", "all_gather") == "all_gather"
         self._drift: list[torch.Tensor] = []
 
     def prepare(self) -> None:
@@ -257,6 +259,12 @@ def _no_wire(out: torch.Tensor, mine: torch.Tensor, group: Any, async_op: bool =
     return _NoWire() if async_op else None
 
 
+def _no_wire_scatter(out: torch.Tensor, slots: torch.Tensor, group: Any) -> None:
+    """An all-to-all replaced by local copies: every rank's slot for rank 0 is this rank's (rank 0's)."""
+    world = dist.get_world_size(group)
+    out.view(world, -1).copy_(slots.view(world, -1)[0])
+
+
 class CompressFloor(OursCompressed):
     """The compute floor of a compressed round: ``v``, encode, and the decode of W payloads, each bucket
     as in a round, with the wire replaced by W local copies of this rank's payload, and no control
@@ -269,6 +277,7 @@ class CompressFloor(OursCompressed):
         super().prepare()
         self.reducer = self.opt._rounds.scheduled.reducer
         self.reducer._gather = _no_wire
+        self.reducer._scatter = _no_wire_scatter  # (a reduce-scatter round's all-to-all)
 
     def setup(self) -> None:
         OursCompressed.round(self)
@@ -289,9 +298,12 @@ class CompressFloor(OursCompressed):
 
 
 #: the bench's top-k and low-bit compressors: (label, the settings' maker, its arguments)
+_RS = {"collective": "reduce_scatter"}
 _COMPRESSORS = [("int4", "quantize", (4,), {}), ("int2", "quantize", (2,), {}), ("top-10% fp32", "topk", (0.1,), {}),
                 ("top-1% fp32", "topk", (0.01,), {}), ("top-3% 2-bit", "topk", (0.03,), {"bits": 2}),
-                ("top-1% 2-bit", "topk", (0.01,), {"bits": 2})]
+                ("top-1% 2-bit", "topk", (0.01,), {"bits": 2}), ("8-bit", "quantize", (8,), {}),
+                ("8-bit rs", "quantize", (8,), _RS), ("int4 rs", "quantize", (4,), _RS),
+                ("int2 rs", "quantize", (2,), _RS)]
 #: (label, compression) of this version
 COMPRESSORS = [(label, {"quantize": quantize, "topk": topk}[maker](*a, **kw)) for label, maker, a, kw in _COMPRESSORS]
 
@@ -350,7 +362,10 @@ def _contenders(model: nn.Module, world: int, caps: list[float], only: set[str] 
             out.append(CompressFloor(f"  {name} floor, no wire: int8 encode+decode", params(), world, caps[0],
                                      "int8", cls))
             for label, maker, a, kw in _picked(_COMPRESSORS, picked):
-                spec = getattr(theirs, maker)(*a, **kw)
+                try:
+                    spec = getattr(theirs, maker)(*a, **kw)
+                except TypeError:  # a setting the older version does not have (collective=)
+                    continue
                 out += [OursCompressed(f"{name} {label} +EF", params(), world, caps[0], spec, cls),
                         CompressFloor(f"  {name} floor, no wire: {label} encode+decode", params(), world,
                                       caps[0], spec, cls)]
@@ -535,6 +550,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compressors", default=None, metavar="LABELS",
                    help="with --methods compressors: a comma-separated subset of "
                         + ", ".join(repr(c[0]) for c in _COMPRESSORS) + " (default: all)")
+    p.add_argument("--interleave", action="store_true",
+                   help="with --fake-world and --methods compressors: time the compressors round by round in "
+                        "turn (each holds its own copies of the model at once), so drift hits them alike")
     p.add_argument("--fake-world", type=int, default=0, metavar="N",
                    help="one process, torch's fake process group of N ranks (collectives move nothing): "
                         "time a round's non-wire cost and count its ops and CUDA kernels, against torch's "
@@ -726,14 +744,24 @@ def _fake_world_compressors(model: nn.Module, args: argparse.Namespace, device: 
     rows = []
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     picked = [("int8", "int8")] + _picked(COMPRESSORS, args.compressors)
+    together: dict[str, list[float]] = {}
+    if args.interleave:  # every compressor at once, timed in turn
+        contenders = {label: floor(label, spec) for label, spec in picked}
+        for contender in contenders.values():
+            contender.setup()
+        together = _time_interleaved({label: c.round for label, c in contenders.items()}, args, device)
+        del contenders
+        gc.collect()
     for label, spec in picked:
         contender = floor(label, spec)
         contender.setup()
-        times = _time_interleaved({label: contender.round}, args, device)[label]
+        times = together.get(label) or _time_interleaved({label: contender.round}, args, device)[label]
         with CountOps() as ops:
             contender.round()
+        w, payload = args.fake_world, contender.payload_bytes() / 2**20
         rows.append({"method": label, "median_ms": 1e3 * statistics.median(times), "ops": ops.count,
-                     "payload_mb": contender.payload_bytes() / 2**20, "fp32_mb": nbytes / 2**20,
+                     "payload_mb": payload, "fp32_mb": nbytes / 2**20,
+                     "wire_mb": payload * ((w - 1) if contender.gathered else 2 * (w - 1) / w),
                      "buckets": len(contender.opt.engine.buckets)})
         del contender
         gc.collect()  # an optimizer holds reference cycles: free its copies of the model before the next
@@ -752,15 +780,16 @@ def _print_fake_world_compressors(entry: dict, args: argparse.Namespace) -> None
     print(f"\n== TransformerEncoder {entry['layers']}x{entry['width']}: {entry['params'] / 1e6:.1f}M params in "
           f"{entry['tensors']} tensors, buckets of {args.bucket_cap_mb[0]:g} MB; fake world of {w} on "
           f"{entry['device']} ==")
-    print(f"compressed rounds' compute floor at W={w}: v, encode, {w} decodes per bucket, no wire; wire MB per "
-          f"rank and round: ring all-gather (W-1) x payload vs ring all-reduce of fp32 2(W-1)/W x "
+    print(f"compressed rounds' compute floor at W={w}: v, encode, {w} decodes per bucket (rs: {w} shard decodes, "
+          f"a requantize and {w} shard decodes), no wire; wire MB per rank and round: ring all-gather (W-1) x "
+          f"payload (rs: 2(W-1)/W x payload) vs ring all-reduce of fp32 2(W-1)/W x "
           f"{entry['compressors'][0]['fp32_mb']:.1f} MB")
-    print(f"{'compressor':<16} {'floor ms':>9} {'ops':>6} {'payload MB':>11} {'gather MB':>10} {'fp32 ring MB':>13} "
+    print(f"{'compressor':<16} {'floor ms':>9} {'ops':>6} {'payload MB':>11} {'wire MB':>10} {'fp32 ring MB':>13} "
           f"{'extra peak MB':>14}")
     for row in entry["compressors"]:
         mem = "n/a" if row["extra_peak_mb"] is None else f"{row['extra_peak_mb']:.1f}"
         print(f"{row['method']:<16} {row['median_ms']:>9.2f} {row['ops']:>6} {row['payload_mb']:>11.3f} "
-              f"{(w - 1) * row['payload_mb']:>10.3f} {2 * (w - 1) / w * row['fp32_mb']:>13.3f} {mem:>14}")
+              f"{row['wire_mb']:>10.3f} {2 * (w - 1) / w * row['fp32_mb']:>13.3f} {mem:>14}")
     sys.stdout.flush()
 
 

@@ -244,7 +244,8 @@ def _merge(values: list[Any], path: tuple[Any, ...]) -> Any:
             values = [_at_rank0_step(v, first) for v in values]  # design; rank 0's, rounds agree
         optimizer = "param_groups" in first and STATE_KEY not in path  # a torch optimizer's state dict
         return {key: (_merge_per_parameter if optimizer and key == "state" else _merge)(
-            [v[key] for v in values], path + (key,)) for key in first}
+            [v[key] for v in values], path + (key,)) for key in first
+            if not (STATE_KEY in path and key in DROPPED_KEYS)}
     if all(isinstance(v, (list, tuple)) for v in values) and len({len(v) for v in values}) == 1:
         merged = [_merge([v[i] for v in values], path + (i,)) for i in range(len(first))]
         if isinstance(first, list) or type(first) is tuple:
@@ -296,6 +297,9 @@ def _merge_per_parameter(values: list[Any], path: tuple[Any, ...]) -> Any:
 
 #: keys of the Local SGD entry that differ per rank by design: the error-feedback residuals
 PER_RANK_KEYS = frozenset({"int8_residuals", "ef_residuals"})
+#: and that :func:`consolidate` drops: each rank's residual of the mean shard it owns in a reduce-scatter
+#: round (other ranks own other shards; the new world's second stage starts from zero)
+DROPPED_KEYS = frozenset({"ef_shard_residuals"})
 #: and, where :func:`consolidate` keeps rank 0's: the work of the period (``step(tokens=)``) and the time
 #: spent in it (``round_every_s``)
 _RANK0_KEYS = frozenset({"tokens_since_round", "period_spent_s"})

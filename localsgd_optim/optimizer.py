@@ -283,7 +283,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
     bucket_cap_mb = _setting("bucket_cap_mb", "The largest bucket, in MiB.")
     check_finite = _setting("check_finite", "Whether each round first checks every rank for NaN/Inf.")
     compression = _setting("compression", "How outer rounds' pseudo-gradients travel: ``None``, ``'bf16'``, ``'int8'``, "
-                           "``'int4'``, ``'int2'`` or a :class:`~localsgd_optim.Compression`.")
+                           "``'int4'``, ``'int2'`` or a :class:`~localsgd_optim.Compression` (``quantize(bits, "
+                           "collective='reduce_scatter')``: for many ranks).")
     overlap_steps = _setting("overlap_steps", "Local steps an overlapped round stays in flight (0: blocking).")
     overlap_mix = _setting("overlap_mix", "The weight kept of the local parameters when an overlapped round lands.")
     flat_params = _setting("flat_params", "Whether the parameters live in flat storage (``False``: the copy engine).")

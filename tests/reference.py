@@ -106,7 +106,7 @@ def weighing(weights, rank):
 
 
 def reference_error_feedback(model, inner, batches, k, outer_factory, exchange, feedback=1.0, params=None,
-                             group=None, weights=None):
+                             group=None, weights=None, requantize=None):
     """Plain loop of a compressed outer round with error feedback: per parameter, one at a time,
     v = (global - local) + feedback x residual; ``exchange(v, world, group)`` returns what this rank
     sent (decoded) and the sum over ranks, in rank order; the residual keeps v - sent; the mean
@@ -114,7 +114,10 @@ def reference_error_feedback(model, inner, batches, k, outer_factory, exchange, 
 
     ``weights`` (every rank's total, one list per round; see :func:`weighing`) weight the means: a
     rank with multiplier w exchanges ``u = w * v`` and keeps ``(u - sent) / w``; one whose total is 0
-    exchanges zeros and keeps its residual; the sum is divided by the total weight."""
+    exchanges zeros and keeps its residual; the sum is divided by the total weight.
+
+    ``requantize(i, mean)`` (a reduce-scatter round's second stage), if given, returns what the mean of
+    parameter ``i`` becomes."""
     params = list(model.parameters()) if params is None else params
     broadcast_one_by_one(params, group=group)
     world = dist.get_world_size(group)
@@ -131,7 +134,7 @@ def reference_error_feedback(model, inner, batches, k, outer_factory, exchange, 
         if weights is not None:
             mine, divisor = weighing(weights[step // k - 1], dist.get_rank(group))
         with torch.no_grad():
-            for g, p, e in zip(global_copy, params, residuals):
+            for i, (g, p, e) in enumerate(zip(global_copy, params, residuals)):
                 if mine == 0:  # no work since the last round: sends zeros, keeps its residual
                     _, total = exchange(torch.zeros_like(p), world, group)
                 else:
@@ -139,7 +142,7 @@ def reference_error_feedback(model, inner, batches, k, outer_factory, exchange, 
                     u = v if mine is None else v * mine
                     sent, total = exchange(u, world, group)
                     e.copy_(u - sent if mine is None else (u - sent) / mine)
-                g.grad = total / divisor
+                g.grad = total / divisor if requantize is None else requantize(i, total / divisor)
             outer.step()
             for g, p in zip(global_copy, params):
                 g.grad = None
@@ -369,3 +372,24 @@ def reference_chunked_diloco(model, inner, batches, k, outer_factory, spec, para
     all-gathered one parameter at a time and summed in rank order."""
     return reference_error_feedback(model, inner, batches, k, outer_factory, chunked_exchange(spec), spec.feedback,
                                     params, group)
+
+
+def reference_reduce_scatter_diloco(model, inner, batches, k, outer_factory, spec, params=None, group=None,
+                                    weights=None):
+    """A reduce-scatter round, tensor by tensor: the first stage is the all-gather's (each rank's decoded
+    tensor summed in rank order, divided), then the mean is quantized again, chunk by chunk, with a second
+    residual ``s``: ``u = mean + feedback * s``, the mean becomes ``Q(u)``, ``s = u - Q(u)``. Every rank
+    keeps the whole second residual here (the same on every rank); the engine keeps each shard on its
+    owner. Returns (the first residuals, the second)."""
+    params = list(model.parameters()) if params is None else params
+    second = [torch.zeros_like(p) for p in params]
+
+    def requantize(i, mean):
+        u = mean + second[i] if spec.feedback == 1 else mean.add(second[i], alpha=spec.feedback)
+        sent = chunked_compress_one_tensor(u, spec)
+        second[i] = u - sent
+        return sent
+
+    first = reference_error_feedback(model, inner, batches, k, outer_factory, chunked_exchange(spec), spec.feedback,
+                                     params, group, weights, requantize)
+    return first, second

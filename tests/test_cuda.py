@@ -131,13 +131,15 @@ def test_inductor_compile_across_rounds_without_recompiles(ranks2):
 
 def _compressed_on_cuda(spec, flat_params):
     from localsgd_optim import diloco
-    from reference import reference_chunked_diloco, reference_int8_diloco
+    from reference import reference_chunked_diloco, reference_int8_diloco, reference_reduce_scatter_diloco
 
     batches = _cuda_batches(8)
     ref = make_model(seed=dist.get_rank()).to(DEVICE)
     inner = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     if spec == "int8":
         reference_int8_diloco(ref, inner, batches, 4, diloco())
+    elif spec.collective == "reduce_scatter":
+        reference_reduce_scatter_diloco(ref, inner, batches, 4, diloco(), spec)
     else:
         reference_chunked_diloco(ref, inner, batches, 4, diloco(), spec)
     model = make_model(seed=dist.get_rank()).to(DEVICE)
@@ -157,11 +159,13 @@ def _cuda_specs():
 
     return {"topk2bit": topk(0.05, bits=2, chunk=1000), "topk_fp32": topk(0.1, chunk=512),
             "topk8bit_uint8_positions": topk(0.05, bits=8, chunk=64), "int4": quantize(4, chunk=300),
-            "int2": quantize(2, chunk=4096), "int8": "int8"}
+            "int2": quantize(2, chunk=4096), "int8": "int8",
+            "int4_reduce_scatter": quantize(4, chunk=300, collective="reduce_scatter")}
 
 
 @pytest.mark.parametrize("flat_params", [True, False], ids=["flat", "copy-engine"])
-@pytest.mark.parametrize("which", ["topk2bit", "topk_fp32", "topk8bit_uint8_positions", "int4", "int2", "int8"])
+@pytest.mark.parametrize("which", ["topk2bit", "topk_fp32", "topk8bit_uint8_positions", "int4", "int2", "int8",
+                                   "int4_reduce_scatter"])
 def test_every_compressor_on_cuda_matches_the_reference(ranks2, which, flat_params):
     """Every compressor runs on CUDA tensors (the streamed rounds are device-agnostic) and matches the
     per-tensor reference bit for bit; gloo moves the payloads through host copies."""

@@ -57,7 +57,9 @@ class LiveBytes(TorchDispatchMode):
 
 
 SPECS = {"topk1_2bit": topk(0.01, bits=2, chunk=1024), "topk10_fp32": topk(0.1, chunk=1024),
-         "int4": quantize(4, chunk=1024), "int2": quantize(2, chunk=1000), "int8": "int8"}
+         "int4": quantize(4, chunk=1024), "int2": quantize(2, chunk=1000), "int8": "int8",
+         "int4_rs": quantize(4, chunk=1024, collective="reduce_scatter"),
+         "int2_rs": quantize(2, chunk=1000, collective="reduce_scatter")}
 CAP_MB = 0.25  # 65536 fp32 elements per bucket
 
 
@@ -80,6 +82,18 @@ def _round_bytes(name: str, layers: int) -> dict:
     reducer = opt._rounds.scheduled.reducer
     buckets = opt.engine.buckets
     plans = [reducer._plan(b) for b in buckets] if name != "int8" else []
+    if name.endswith("_rs"):  # the shards' plans: a slot, a shard's scratch and codes
+        world = dist.get_world_size()
+        shards = [p for b in buckets for _, _, p in reducer._shards(b, world)]
+        return {"cold": cold.peak, "warm": warm.peak, "buckets": len(buckets), "world": world,
+                "buffers": sum(b.numel() * b.element_size() for b in reducer._buffers.values()),
+                "second": sum(r.numel() * r.element_size() for r in reducer.second),
+                "tensors": max(len(b.indices) for b in buckets), "shard": max(p.numel for p in shards),
+                "padded": max(p.chunks for p in shards) * reducer.spec.chunk,
+                "slot": max(p.parts["total"][1] for p in shards),
+                "payload": max(p.parts["total"][1] for p in plans),
+                "constants": sum(t.numel() * t.element_size() for p in plans + shards  # made once per layout
+                                 for t in (p.starts, p.kept, p.count, p.short))}
     return {"cold": cold.peak, "warm": warm.peak, "buffers": sum(b.numel() * b.element_size()
                                                                for b in reducer._buffers.values()),
             "buckets": len(buckets), "bucket": max(b.numel for b in buckets),
@@ -89,7 +103,7 @@ def _round_bytes(name: str, layers: int) -> dict:
             "sent": max((p.sent for p in plans), default=0)}
 
 
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("name", [name for name in SPECS if not name.endswith("_rs")])
 def test_a_round_adds_one_bucket_and_the_payloads_whatever_the_model_size(ranks2, name):
     small, large = ranks2(_round_bytes, name, 6)[0], ranks2(_round_bytes, name, 12)[0]
     assert (small["buckets"], large["buckets"]) == (2, 4)
@@ -108,4 +122,26 @@ def test_a_round_adds_one_bucket_and_the_payloads_whatever_the_model_size(ranks2
         assert got["warm"] + got["buffers"] <= bound, (got, bound)
     # flat: a model twice as large peaks at the same bytes (to the control collective's few bytes, which
     # gloo's thread releases when it gets to it)
+    assert large["buffers"] == small["buffers"] and abs(large["warm"] - small["warm"]) <= 256, f"{small} {large}"
+
+
+@pytest.mark.parametrize("ranks", [2, 3], indirect=True)
+@pytest.mark.parametrize("name", ["int4_rs", "int2_rs"])
+def test_a_reduce_scatter_round_adds_a_shard_and_one_payload_per_stage(ranks, name):
+    """Per stage, W slots of 1/W of a payload each (the all-to-all's W sent and W received, then this
+    rank's slot and the W gathered), and the scratch, codes and squares of one shard: about 1/W of the
+    all-gather's W payloads and bucket. The cold round also allocates the second residuals (persistent,
+    1/W of the model in fp32: state, like the first residuals) and the plans' per-chunk constants."""
+    small, large = ranks(_round_bytes, name, 6)[0], ranks(_round_bytes, name, 12)[0]
+    assert (small["buckets"], large["buckets"]) == (2, 4)
+    world, chunk = small["world"], SPECS[name].chunk
+    # a slot: a shard's steps and codes; W slots hold one payload, plus a chunk's codes and steps per shard
+    assert world * small["slot"] <= small["payload"] + world * (8 + 4 + chunk * SPECS[name].bits // 8), small
+    # a shard of whole chunks: 1/W of the bucket's chunks, up to one chunk more
+    assert small["padded"] <= (65536 + small["tensors"] * (chunk - 1)) // world + chunk, small
+    bound = 4 * small["padded"] + small["shard"] + small["padded"] + (2 * world + 1) * small["slot"]
+    for got in (small, large):
+        assert got["cold"] <= bound + got["second"] + got["constants"], (got, bound)
+        assert got["warm"] + got["buffers"] <= bound, (got, bound)
+    assert large["second"] == 2 * small["second"]  # state: 1/W of the model
     assert large["buffers"] == small["buffers"] and abs(large["warm"] - small["warm"]) <= 256, f"{small} {large}"

@@ -14,7 +14,7 @@ from .._outer import OuterState
 from .._schedule import Cursor, FragmentSchedule, TimedCursor, TimedSchedule
 from .average import AverageRound
 from .base import Reducer, Round, RoundContext
-from .chunked import ChunkedReducer
+from .chunked import ChunkedReducer, ReduceScatterReducer
 from .fragments import FragmentedRound, split_fragments
 from .int8 import Int8Reducer
 from .outer import CastReducer, OuterRound
@@ -102,7 +102,8 @@ def _scheduled(config: Config, params: list[torch.Tensor]) -> Round:
     if config.overlap_steps:  # (round_every_s: launched without waiting for the other replicas)
         return OverlapRound(outer, config.overlap_mix, asynchronous=isinstance(config.schedule, TimedSchedule))
     if config.chunked is not None:
-        return OuterRound(outer, ChunkedReducer(params, config.chunked, config.flat_params))
+        reducer = ReduceScatterReducer if config.chunked.collective == "reduce_scatter" else ChunkedReducer
+        return OuterRound(outer, reducer(params, config.chunked, config.flat_params))
     if config.compression == "int8":
         return OuterRound(outer, Int8Reducer(params, config.flat_params))
     if config.wire_dtype is not None:

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
+from .._schedule import _is_int
 from ..compression import STEP_IN_RMS, Compression
 from .base import ErrorFeedback, RoundContext
 
-__all__ = ["ChunkedReducer", "RESIDUALS_KEY"]
+__all__ = ["ChunkedReducer", "ReduceScatterReducer", "RESIDUALS_KEY", "SHARD_RESIDUALS_KEY"]
 
 #: the Local SGD entry's key for the error-feedback residuals (per rank)
 RESIDUALS_KEY = "ef_residuals"
+#: and for the reduce-scatter's second residuals (each rank's, over the mean shard it owns)
+SHARD_RESIDUALS_KEY = "ef_shard_residuals"
 
 #: the float64 sums of squares of a dense round run over at most this share of the scratch at a time
 _SQUARES_SHARE = 8
@@ -168,7 +172,10 @@ class ChunkedReducer(ErrorFeedback):
         payload = max((p.parts["total"][1] for p in plans), default=0)
         # dense: the codes one byte each in the bucket's layout, padded to whole bytes of the wire
         codes = 0 if self.spec.sparse else max((_whole_bytes(p.numel, self.spec.bits) for p in plans), default=0)
-        squares = 0 if self.spec.sparse else max((self._block(p) * self.spec.chunk for p in plans), default=0)
+        # (dense) float64 squares of a block of rows, and the packing's shifted words: as many bytes as the codes
+        squares = 0 if self.spec.sparse else max((max(self._block(p) * self.spec.chunk,
+                                                      -(-_whole_bytes(p.numel, self.spec.bits) // 8)) for p in plans),
+                                                 default=0)
         # a mean accumulates in fp32: in the bucket itself, or (other dtypes) in a buffer of its own
         total = max((b.numel for b in buckets if b.dtype != torch.float32), default=0)
         shape = (world, padded, payload, codes, total, squares)
@@ -183,9 +190,12 @@ class ChunkedReducer(ErrorFeedback):
             "mine": torch.zeros(payload, dtype=torch.uint8, device=device),
             "everyone": torch.empty(world * payload, dtype=torch.uint8, device=device),
         }
-        for plan in self._plans.values():  # views of the old buffers go with them
-            plan._views.clear()
+        self._forget_views()  # views of the old buffers go with them
         self._shape = shape
+
+    def _forget_views(self) -> None:
+        for plan in self._plans.values():
+            plan._views.clear()
 
     # -- the round ------------------------------------------------------------------------------
 
@@ -201,12 +211,16 @@ class ChunkedReducer(ErrorFeedback):
         residuals = engine.bucket_slices(self.flats, ctx.lo, ctx.hi)
         where = [(t.data_ptr(), r.data_ptr()) for t, r in zip(slices, residuals)]
         if where != self._where:  # the deltas or residuals moved: views of the old ones would keep them alive
-            for plan in self._plans.values():
-                plan._views.clear()
+            self._forget_views()
             self._where = where
-        for pos, target, residual in zip(positions, slices, residuals):
-            plan = self._plan(engine.buckets[pos])
-            ctx.sent += self._reduce_bucket(plan, target, residual, group, world, contributors, joined, ctx.weight)
+        for i, (pos, target, residual) in enumerate(zip(positions, slices, residuals)):
+            ctx.sent += self._reduce_at(i, engine.buckets[pos], target, residual, group, world, contributors,
+                                        joined, ctx.weight)
+
+    def _reduce_at(self, i: int, bucket: Any, target: torch.Tensor, residual: torch.Tensor, group: Any,
+                   world: int, contributors: int, joined: bool, weight: int | None) -> int:
+        """The round's ``i``-th bucket; returns the bytes this rank handed to its collectives."""
+        return self._reduce_bucket(self._plan(bucket), target, residual, group, world, contributors, joined, weight)
 
     def _reduce_bucket(self, plan: _Plan, target: torch.Tensor, residual: torch.Tensor, group: Any, world: int,
                        contributors: int, joined: bool, weight: int | None = None) -> int:
@@ -385,6 +399,200 @@ class ChunkedReducer(ErrorFeedback):
         dtype = {"steps": torch.float32, "values": torch.float32, "codes": torch.uint8,
                  "positions": torch.uint8 if self.spec.chunk <= 256 else torch.int16}[name]
         return payload[a:b].view(dtype)
+
+
+@dataclass
+class _Span:
+    """A run of a bucket planned like a bucket: a shard of it (its tensors' offsets from its start)."""
+
+    numel: int
+    offsets: list[int]
+    device: torch.device
+
+
+class ReduceScatterReducer(ChunkedReducer):
+    """Dense low-bit rounds as a reduce-scatter of the codes, then an all-gather of the requantized means.
+
+    ZeRO++'s qgZ (Wang et al., 2023, https://arxiv.org/abs/2306.10209) with the two-stage error feedback
+    of 1-bit Adam's compressed all-reduce (Tang et al., 2021, https://arxiv.org/abs/2102.02888). Per
+    bucket of W ranks:
+
+    1. every rank builds ``v = delta + feedback * residual`` and encodes it as :class:`ChunkedReducer`
+       does (the same codes and steps, chunk by chunk; the residual keeps ``v - sent``), cut into W
+       shards of whole chunks (shard j: chunks ``[j * chunks // W, (j + 1) * chunks // W)``), each in a
+       slot of one layout (its steps, then its packed codes); one ``all_to_all_single`` sends slot j to
+       rank j;
+    2. rank j decodes the W slots it received, in rank order, summing from zero in fp32 into its shard
+       of the bucket, and divides by ``contributors`` (the total weight of a weighted round): the mean
+       shard, one pass over 1/W of the bucket per rank;
+    3. rank j requantizes its mean shard with the same quantizer and a second residual of its own, over
+       the shard it owns: ``u = mean + feedback * second``, sent ``Q(u)``, ``second = u - Q(u)``; one
+       all-gather of the slots; every rank decodes every shard into the bucket: the same bytes on every
+       rank, so the same mean, by construction.
+
+    A rank that joined (or has weight 0) sends zeros in stage 1 and keeps its first residual, as with the
+    all-gather; it still owns its shard in stages 2 and 3. The mean is quantized twice: its error is
+    the first stage's (carried by each rank's residual) plus the second's (carried by the owner's).
+
+    The second residuals are saved under ``ef_shard_residuals`` with the world size, the rank and each
+    shard's bounds. A round whose shards differ (another world size or rank, other buckets) starts them
+    from zero with a warning: they are the owner's rounding of the *mean* (at most half a step of it per
+    element but for clipping), one round's worth, so dropping them costs one round's requantization
+    error, once; refusing would forbid elastic resizes and :func:`~localsgd_optim.checkpoint.consolidate`
+    (which drops them) for this compressor, while the first residuals, laid out like the parameters,
+    are kept.
+
+    Memory: a round adds the scratch of a shard (padded to whole chunks), its codes one byte each and
+    float64 squares, the W slots sent and the W slots received (one payload each, about), one slot
+    of this rank's: about 1/W of the all-gather's W payloads per stage; the second residual (persistent)
+    is 1/W of the model in fp32.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], spec: Compression, flat_params: bool = True) -> None:
+        super().__init__(tensors, spec, flat_params)
+        self._shard_plans: dict[tuple, list[tuple[int, int, _Plan]]] = {}
+        self.second: list[torch.Tensor] = []  # per bucket of the round: the residual of this rank's shard
+        self._owned: tuple | None = None  # (world, rank, ((bucket position, start, end), ...)) of ``second``
+        self._saved: dict | None = None  # a loaded entry, used once the round's shards are known
+
+    def _shards(self, bucket: Any, world: int) -> list[tuple[int, int, _Plan]]:
+        """The bucket's W shards of whole chunks: (start, end, plan), every slot laid out alike: each
+        shard's steps from byte 0, its codes after the most steps any shard has (made once per layout)."""
+        key = (bucket.numel, tuple(bucket.offsets), bucket.device, world)
+        found = self._shard_plans.get(key)
+        if found is None:
+            whole = self._plan(bucket)
+            starts = whole.starts.tolist() + [bucket.numel]
+            cuts = [0] + [starts[j * whole.chunks // world] for j in range(1, world)] + [bucket.numel]
+            found = []
+            for a, b in zip(cuts, cuts[1:]):
+                offsets = [o - a for o in bucket.offsets if a <= o < b]
+                found.append((a, b, self._make_plan(_Span(b - a, [0] * (not offsets or offsets[0] > 0) + offsets,
+                                                          bucket.device))))
+            first = 4 * max(p.chunks for _, _, p in found)
+            size = max(math.ceil(p.sent * self.spec.bits / 8) for _, _, p in found)  # type: ignore[operator]
+            for _, _, p in found:
+                p.parts = {"steps": (0, 4 * p.chunks), "codes": (first, first + math.ceil(p.sent * self.spec.bits / 8)),
+                           "total": (0, -(-(first + size) // 4) * 4)}
+            self._shard_plans[key] = found
+        return found
+
+    def _forget_views(self) -> None:
+        super()._forget_views()
+        for shards in self._shard_plans.values():
+            for _, _, plan in shards:
+                plan._views.clear()
+
+    def prepare(self, ctx: RoundContext) -> None:
+        ErrorFeedback.prepare(self, ctx)
+        positions = ctx.engine.bucket_range(ctx.lo, ctx.hi)
+        buckets = [ctx.engine.buckets[pos] for pos in positions]
+        rank = dist.get_rank(ctx.group)
+        shards = [self._shards(b, ctx.size) for b in buckets]
+        self._allocate(ctx.size, buckets, [p for s in shards for _, _, p in s])
+        sent = self._buffers["everyone"]
+        if self._buffers.get("sent") is None or self._buffers["sent"].numel() != sent.numel():
+            self._buffers["sent"] = torch.zeros_like(sent)  # the all-to-all's input, then the all-gather's output
+        owned = (ctx.size, rank, tuple((pos, s[rank][0], s[rank][1]) for pos, s in zip(positions, shards)))
+        if owned != self._owned or self._saved is not None:
+            self._own(owned, [b.device for b in buckets])
+
+    def _own(self, owned: tuple, devices: list[torch.device]) -> None:
+        """Second residuals for the shards of ``owned``: the saved ones if they are these shards, else zeros."""
+        second = [torch.zeros(b - a, dtype=torch.float32, device=d) for (_, a, b), d in zip(owned[2], devices)]
+        saved, before = self._saved, self._owned
+        if saved is not None and _shards_of(saved) == owned:
+            with torch.no_grad():
+                for mine, theirs in zip(second, saved["residuals"]):
+                    mine.copy_(theirs)
+        elif saved is not None or before is not None:
+            world, rank = (saved["world_size"], saved["rank"]) if saved is not None else before[:2]  # type: ignore[index]
+            warnings.warn(
+                f"compression={self.spec}: the second-stage (mean shard) residuals were kept by rank {rank} of "
+                f"{world} over other shards; this round is rank {owned[1]} of {owned[0]}: they start from zero (the "
+                "first-stage residuals are kept). To keep them, resume with the same world size, rank and "
+                "bucket_cap_mb", stacklevel=2)
+        self.second, self._owned, self._saved = second, owned, None
+
+    def _reduce_at(self, i: int, bucket: Any, target: torch.Tensor, residual: torch.Tensor, group: Any,
+                   world: int, contributors: int, joined: bool, weight: int | None) -> int:
+        if not bucket.numel:
+            return 0
+        buf, shards, rank = self._buffers, self._shards(bucket, world), self._owned[1]  # type: ignore[index]
+        size = shards[0][2].parts["total"][1]
+        sent, received = buf["sent"][:world * size], buf["everyone"][:world * size]
+        total = target if target.dtype == torch.float32 else buf["total"][:bucket.numel]
+        if not joined:  # stage 1: v = delta + feedback * residual, in the residual; encoded shard by shard
+            self._into_residual(target, residual, self.spec.feedback, buf["total"], weight)
+        for j, (a, b, plan) in enumerate(shards):
+            if plan.numel:
+                self._encode_dense(plan, residual[a:b], sent[j * size:(j + 1) * size], joined)
+        if not joined:
+            self._out_of_weight(residual, weight)
+        self._scatter(received, sent, group)
+        a, b, plan = shards[rank]
+        mine = buf["mine"][:size]
+        if plan.numel:  # stage 2: this rank's mean shard, summed in rank order; requantized with its residual
+            mean = total[a:b].zero_()
+            for r in range(world):
+                self._decode_dense(plan, received[r * size:(r + 1) * size], mean)
+            mean.div_(contributors)
+            second = self._into_residual(mean, self.second[i], self.spec.feedback, buf["total"])
+            # the second residual becomes u - sent; the mean shard becomes the levels sent (what the others
+            # decode, bit for bit: see _encode_dense), so this rank does not decode its own slot
+            self._encode_dense(plan, second, mine, False, mean)
+        self._gather(sent, mine, group)  # stage 3: every other mean shard, decoded alike on every rank
+        for r, (a, b, plan) in enumerate(shards):
+            if plan.numel and r != rank:
+                self._decode_dense(plan, sent[r * size:(r + 1) * size], total[a:b].zero_())
+        if total is not target:
+            target.copy_(total)
+        return world * size  # the all-to-all's input, one payload: the wire carries 2 (W - 1) / W of it
+
+    def _scatter(self, out: torch.Tensor, slots: torch.Tensor, group: Any) -> None:
+        """Slot j of ``slots`` to rank j; rank r's slot for this rank into slot r of ``out`` (the bench's
+        compute floor replaces it)."""
+        dist.all_to_all_single(out, slots, group=group)
+
+    def state(self, entry: dict[str, Any]) -> None:
+        super().state(entry)
+        if self._saved is not None:  # loaded and not yet used: saved again as it was
+            entry[SHARD_RESIDUALS_KEY] = self._saved
+        elif self._owned is not None:
+            world, rank, shards = self._owned
+            entry[SHARD_RESIDUALS_KEY] = {"world_size": world, "rank": rank, "shards": [list(s) for s in shards],
+                                          "residuals": list(self.second)}
+
+    def check_state(self, entry: dict[str, Any] | None) -> None:
+        super().check_state(entry)
+        saved = entry.get(SHARD_RESIDUALS_KEY) if isinstance(entry, dict) else None
+        if saved is None:
+            return
+        ok = (isinstance(saved, dict) and _is_int(saved.get("world_size")) and _is_int(saved.get("rank"))
+              and isinstance(saved.get("shards"), list) and isinstance(saved.get("residuals"), list)
+              and len(saved["shards"]) == len(saved["residuals"])
+              and all(isinstance(s, (list, tuple)) and len(s) == 3 and all(map(_is_int, s)) for s in saved["shards"])
+              and all(isinstance(r, torch.Tensor) and r.dtype == torch.float32 and r.dim() == 1
+                      and r.numel() == s[2] - s[1] for s, r in zip(saved["shards"], saved["residuals"])))
+        if not ok:
+            raise ValueError(
+                f"'{SHARD_RESIDUALS_KEY}' of the Local SGD entry must be a dict of world_size, rank, shards "
+                "([bucket, start, end] each) and residuals (one 1-D fp32 tensor per shard, of its length), got "
+                f"{type(saved).__name__}; pass a state dict saved by a LocalSGDOptimizer with "
+                f"compression={self.spec}, or drop the key (the second residuals then start from zero)")
+
+    @torch.no_grad()
+    def load_state(self, entry: dict[str, Any] | None) -> None:
+        super().load_state(entry)
+        saved = entry.get(SHARD_RESIDUALS_KEY) if isinstance(entry, dict) else None
+        for r in self.second:  # saved without them: the second stage starts from zero
+            r.zero_()
+        self._saved = saved  # with them: used by the next round's prepare, if its shards are theirs
+
+
+def _shards_of(saved: dict) -> tuple:
+    """The (world, rank, shards) a saved second-stage entry belongs to, as :attr:`ReduceScatterReducer._owned`."""
+    return (saved["world_size"], saved["rank"], tuple(tuple(s) for s in saved["shards"]))
 
 
 def _pack(codes: torch.Tensor, bits: int, out: torch.Tensor, spare: torch.Tensor | None = None) -> None:
