@@ -194,7 +194,7 @@ def speeds_arg(text: str) -> list[float]:
 
 def compression_arg(text: str) -> str:
     """Check a ``--compression`` value early: a name, or ``topk:FRACTION[:BITS]``."""
-    if text in ("bf16", "int8", "int4", "int2"):
+    if text in ("bf16", "int8", "int4", "int2", "int8-rs", "int4-rs", "int2-rs"):
         return text
     parts = text.split(":")
     try:
@@ -203,7 +203,8 @@ def compression_arg(text: str) -> str:
         topk(float(parts[1]), bits=int(parts[2]) if len(parts) == 3 else None)
     except ValueError as e:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected bf16, int8, int4, int2 or topk:FRACTION[:BITS] (e.g. topk:0.01:2)"
+            f"{text!r}: expected bf16, int8, int4, int2, int8-rs, int4-rs, int2-rs (-rs: a reduce-scatter of the "
+            "codes) or topk:FRACTION[:BITS] (e.g. topk:0.01:2)"
             + (f" ({e})" if str(e) else "")) from None
     return text
 
@@ -213,6 +214,8 @@ def compression_of(args: argparse.Namespace) -> Any:
     text = args.compression
     if text in ("int4", "int2"):
         return quantize(int(text[3:]), chunk=args.chunk)
+    if text is not None and text.endswith("-rs"):  # dense codes through a reduce-scatter (ZeRO++'s qgZ)
+        return quantize(int(text[3:-3]), chunk=args.chunk, collective="reduce_scatter")
     if text is not None and text.startswith("topk:"):
         parts = text.split(":")
         return topk(float(parts[1]), bits=int(parts[2]) if len(parts) == 3 else None, chunk=args.chunk)
@@ -369,7 +372,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--outer-lr", type=float, default=0.7, help="diloco: outer Nesterov SGD learning rate")
     p.add_argument("--outer-momentum", type=float, default=0.9, help="diloco: outer momentum")
     p.add_argument("--compression", type=compression_arg, default=None, metavar="C",
-                   help="compress the pseudo-gradients: bf16, int8, int4, int2, or topk:FRACTION[:BITS] "
+                   help="compress the pseudo-gradients: bf16, int8, int4, int2, int8-rs, int4-rs, int2-rs "
+                        "(-rs: reduce-scatter of the codes, from about 4 replicas), or topk:FRACTION[:BITS] "
                         "(e.g. topk:0.01:2, SparseLoCo's setting), each with error feedback but bf16")
     p.add_argument("--chunk", type=int, default=4096, help="elements per chunk of int4/int2/topk")
     p.add_argument("--inner", choices=["adamw", "muon"], default="adamw",
