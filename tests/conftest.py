@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from workers import WorkerPool
@@ -40,6 +42,17 @@ def ranks3():
 def ranks4():
     """Four ranks (e.g. two 'hosts' of two): started on first use only."""
     return _pool(4).run
+
+
+@pytest.fixture(scope="session")
+def charlm_uninterrupted(tmp_path_factory) -> dict:
+    """``helpers.CHARLM`` run uninterrupted under torchrun (2 ranks), once per session: its --json-out
+    result. The resume tests (test_examples, test_failures) and the two-host test compare against it."""
+    from helpers import CHARLM, torchrun
+
+    out = tmp_path_factory.mktemp("charlm_uninterrupted") / "a.json"
+    torchrun(*CHARLM, "--json-out", str(out))
+    return json.loads(out.read_text())
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -131,3 +131,10 @@ def run(cmd: list[str], timeout: int = 240) -> str:
 
 def torchrun(*args: str, nproc: int = 2) -> str:
     return run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *args])
+
+
+# The small main job several tests start from: 24 steps, k=4, 2 ranks. Its uninterrupted run is the
+# same command wherever it runs (and bit-for-bit reproducible), so the session runs it once: the
+# ``charlm_uninterrupted`` fixture of conftest.py.
+CHARLM = ["examples/train_charlm.py", "--steps", "24", "--k", "4", "--eval-every", "12", "--d-model", "32",
+          "--layers", "1", "--max-bytes", "200000", "--eval-batches", "2"]

@@ -4,7 +4,7 @@ Each scenario runs real torchrun agents on this machine (one rank each, c10d ren
 localhost, agent 0 hosting the store), the main job with ``--elastic``, and faults made from
 outside: SIGKILL of a host (agent and worker), a third agent started mid-run, SIGSTOP/SIGCONT
 of a host, and a rank that dies between writing its checkpoint's temporary file and renaming
-it. Each asserts that the job finishes every step; that the ranks' final parameters are
+it (then a third agent joins the same job). Each asserts that the job finishes every step; that the ranks' final parameters are
 identical; that every sample number of the run's lineage was trained on exactly once; and that
 the final validation loss is within 0.15 of an uninterrupted run's. That tolerance covers what a
 resize changes: up to one period of steps redone, the restart from the replicas' average, and
@@ -58,6 +58,14 @@ class Hosts:
     def saved(self) -> int:
         """The newest checkpoint step on disk (complete or not)."""
         return max([int(p.name[5:13]) for p in (self.tmp / "ck").glob("step-*")] or [0])
+
+    def wait_for_log(self, text: str, timeout: float = 120) -> None:
+        """Until ``text`` is in agent 0's log (rank 0's lines are there)."""
+        deadline = time.time() + timeout
+        while text not in (self.tmp / "agent0.log").read_text():
+            if time.time() > deadline:
+                raise AssertionError(f"no {text!r} within {timeout}s:\n{self.logs()}")
+            time.sleep(0.05)
 
     def wait_for_step(self, step: int, timeout: float = 120) -> None:
         deadline = time.time() + timeout
@@ -148,21 +156,14 @@ def test_shrink_a_host_killed_for_good(tmp_path, uninterrupted):
     assert "world 3 -> 2, consolidated" in logs
 
 
-def test_grow_a_third_host_joins(tmp_path, uninterrupted):
-    with Hosts(tmp_path, extra=("--step-delay", "0.05")) as hosts:  # (time for the third agent to start up)
-        hosts.start(), hosts.start()
-        hosts.wait_for_step(20)
-        hosts.start()
-        out = hosts.finish()
-    logs = check(out, tmp_path, 3, uninterrupted)
-    assert "world 2 -> 3, consolidated" in logs
 
 
 def test_a_hung_host_is_dropped_then_comes_back(tmp_path, uninterrupted):
     """SIGSTOP: the round times out (--pg-timeout 3) on the other, which restarts alone; SIGCONT: the
     host's worker fails, its agent rejoins, and the job grows back. Two resizes in a row."""
-    # (--step-delay: the lone host must still be training when the stopped one is back)
-    with Hosts(tmp_path, extra=("--pg-timeout", "3", "--step-delay", "0.1")) as hosts:
+    # (--step-delay: the lone host must still be training when the stopped one is back: it resumes at step 40 or
+    # so, and the SIGCONT follows at once; 160 steps x 0.05 s leave it 8 s, where the rejoin took 1.5 s (12 steps))
+    with Hosts(tmp_path, extra=("--pg-timeout", "3", "--step-delay", "0.05")) as hosts:
         hosts.start()
         b = hosts.start()
         hosts.wait_for_step(40)
@@ -178,14 +179,20 @@ def test_a_hung_host_is_dropped_then_comes_back(tmp_path, uninterrupted):
     assert "Timed out waiting 3000ms" in logs  # the round on the other host gave up at --pg-timeout
 
 
-def test_a_kill_during_a_save_never_leaves_a_checkpoint_to_load(tmp_path, uninterrupted):
+def test_a_kill_during_a_save_never_leaves_a_checkpoint_to_load_then_a_third_host_joins(tmp_path, uninterrupted):
     """The last rank dies between its temporary file and the rename at step 40's save: step 40 is
-    incomplete, and the restart resumes from step 36, each rank its own state."""
-    with Hosts(tmp_path, nnodes="2:2", extra=("--fail-in-save-at-step", "40")) as hosts:
+    incomplete, and the restart resumes from step 36, each rank its own state. Then a third host joins
+    the running job (--nnodes 2:3): it grows to 3 from the 2 ranks' checkpoint, consolidated.
+    (Two scenarios in one job: each started the same 2-host job, at ~25 s apiece.)"""
+    # (--step-delay: time for the third agent to start up while the others train)
+    with Hosts(tmp_path, nnodes="2:3", extra=("--fail-in-save-at-step", "40", "--step-delay", "0.05")) as hosts:
         hosts.start(), hosts.start()
+        hosts.wait_for_log("resumed at step 36: world 2, each rank its own state")
+        hosts.start()
         out = hosts.finish()
-    logs = check(out, tmp_path, 2, uninterrupted)
+    logs = check(out, tmp_path, 3, uninterrupted)
     assert "killing this rank" in logs and "resumed at step 36: world 2, each rank its own state" in logs
+    assert "world 2 -> 3, consolidated" in logs
 
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import run, torchrun
+from helpers import CHARLM, run, torchrun
 
 
 def test_minimal_example_runs_and_ends_in_sync():
@@ -16,17 +16,15 @@ def test_minimal_example_runs_and_ends_in_sync():
     assert "replicas identical after sync: True; averaging rounds: 25" in out
 
 
-def test_charlm_resumes_exactly(tmp_path):
-    common = ["examples/train_charlm.py", "--steps", "24", "--k", "4", "--eval-every", "12",
-              "--d-model", "32", "--layers", "1", "--max-bytes", "200000", "--eval-batches", "2"]
-    torchrun(*common, "--json-out", str(tmp_path / "a.json"))
+def test_charlm_resumes_exactly(tmp_path, charlm_uninterrupted):
+    common = CHARLM  # (its uninterrupted run: the session's charlm_uninterrupted, run once for several tests)
     # a run that stops at step 14 after checkpointing at step 10 (mid-period for k=4) ...
     torchrun(*common, "--stop-at-step", "14", "--ckpt-dir", str(tmp_path / "ck"), "--ckpt-every", "10")
     # ... is restarted and resumes from step 10
     out = torchrun(*common, "--ckpt-dir", str(tmp_path / "ck"), "--ckpt-every", "10",
                    "--json-out", str(tmp_path / "b.json"))
     assert "resumed from" in out and "at step 10" in out  # steps 11..14 are redone from the checkpoint
-    a = json.loads((tmp_path / "a.json").read_text())
+    a = charlm_uninterrupted
     b = json.loads((tmp_path / "b.json").read_text())
     assert a["history"][-1]["step"] == b["history"][-1]["step"] == 24
     assert a["final_val_loss"] == b["final_val_loss"]  # same parameters => bit-identical loss

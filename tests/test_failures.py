@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -23,7 +22,8 @@ from typing import Sequence
 import pytest
 import torch
 
-from helpers import ROOT, TEARDOWN_ABORT
+from helpers import CHARLM, ROOT, TEARDOWN_ABORT
+from workers import process_context
 
 PG_TIMEOUT_S = 10.0  # the process group's timeout: a dead rank is reported well within it, a hung one at it
 FAIL_AFTER_STEP = 6  # the last rank SIGKILLs (or SIGSTOPs) itself after this step ...
@@ -86,7 +86,7 @@ def _failing_rank_worker(rank: int, world_size: int, store: str, out_dir: str, h
 def test_failed_rank_raises_averaging_round_error_naming_the_round(how, world_size, tmp_path):
     """The last rank dies (or hangs) after step 6: every other rank raises AveragingRoundError
     "at step 8", the next round, at once for a dead rank and at the group's timeout for a hung one."""
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     procs = [ctx.Process(target=_failing_rank_worker,
                          args=(r, world_size, str(tmp_path / "store"), str(tmp_path), how))
              for r in range(world_size)]
@@ -130,8 +130,6 @@ def test_failed_rank_raises_averaging_round_error_naming_the_round(how, world_si
     print(f"\n{how}, {world_size} ranks, whole test {wall:.1f}s; " + "; ".join(report))
 
 
-CHARLM = ["examples/train_charlm.py", "--steps", "24", "--k", "4", "--eval-every", "12", "--d-model", "32",
-          "--layers", "1", "--max-bytes", "200000", "--eval-batches", "2"]
 # --standalone: c10d rendezvous on a free port (no clash with other torchrun jobs on 29500).
 # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: each attempt gets a fresh store. With the store that
 # torchrun shares with its workers by default (static or c10d rendezvous), torch 2.13's restarted
@@ -170,10 +168,10 @@ def _torchrun(args: list[str], fresh: Sequence[Path] = ()) -> subprocess.Complet
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def test_charlm_restarted_by_torchrun_after_a_dead_rank_matches_an_uninterrupted_run(tmp_path):
-    """--max-restarts=1 + per-rank checkpoints: a SIGKILLed rank costs a restart, not a bit of accuracy."""
-    a_json, b_json, ck = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "ck"
-    _torchrun([*CHARLM, "--json-out", str(a_json)], fresh=[a_json])
+def test_charlm_restarted_by_torchrun_after_a_dead_rank_matches_an_uninterrupted_run(tmp_path, charlm_uninterrupted):
+    """--max-restarts=1 + per-rank checkpoints: a SIGKILLed rank costs a restart, not a bit of accuracy.
+    (The uninterrupted run of CHARLM: the session's charlm_uninterrupted fixture, run once for several tests.)"""
+    b_json, ck = tmp_path / "b.json", tmp_path / "ck"
     # The last rank dies at step 13; rank 0 fails at the round of step 16 (unless torchrun stops
     # it first); torchrun restarts both, and they resume from their checkpoints of step 8.
     ck.mkdir()
@@ -184,7 +182,7 @@ def test_charlm_restarted_by_torchrun_after_a_dead_rank_matches_an_uninterrupted
     assert "killing this rank" in out and "at step 13" in out  # the fault really was injected ...
     assert (ck / "failed-once").exists()
     assert out.count("resumed from") == 1 and f"resumed from {ck} at step 8" in out  # ... and recovered
-    a = json.loads(a_json.read_text())
+    a = charlm_uninterrupted
     b = json.loads(b_json.read_text())
     assert [h["step"] for h in a["history"]] == [h["step"] for h in b["history"]] == [12, 24]
     assert a["final_val_loss"] == b["final_val_loss"]  # same parameters => bit-identical loss

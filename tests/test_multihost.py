@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, torchrun
+from helpers import CHARLM, ROOT
 
 SLOW_LINK = ROOT / "examples" / "slow_link.sh"
 
@@ -29,13 +29,12 @@ def namespaces_unavailable() -> str | None:
     return None if probe.returncode == 0 else f"cannot create network namespaces: {probe.stderr.strip()}"
 
 
-def test_two_hosts_over_a_slow_link_match_one_host(tmp_path):
+def test_two_hosts_over_a_slow_link_match_one_host(tmp_path, request):
     why = namespaces_unavailable()
     if why:
         pytest.skip(why)
-    job = ["examples/train_charlm.py", "--steps", "24", "--k", "4", "--eval-every", "12", "--d-model", "32",
-           "--layers", "1", "--max-bytes", "200000", "--eval-batches", "2"]
-    torchrun(*job, "--json-out", str(tmp_path / "one_host.json"))
+    job = CHARLM
+    one = request.getfixturevalue("charlm_uninterrupted")  # the job on one host (run once per session)
     subprocess.run(["bash", str(SLOW_LINK), "up", "200"], check=True, capture_output=True, timeout=60)
     try:
         done = subprocess.run(["bash", str(SLOW_LINK), "run", "--", sys.executable, *job,
@@ -44,7 +43,6 @@ def test_two_hosts_over_a_slow_link_match_one_host(tmp_path):
     finally:
         subprocess.run(["bash", str(SLOW_LINK), "down"], capture_output=True, timeout=60)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    one = json.loads((tmp_path / "one_host.json").read_text())
     two = json.loads((tmp_path / "two_hosts.json").read_text())
     assert two["world_size"] == 2 and len(two["history"]) == len(one["history"]) == 2
     assert [h["val_loss"] for h in two["history"]] == [h["val_loss"] for h in one["history"]]

@@ -10,7 +10,6 @@ through torchft's own transport, and one that cannot (another model).
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import socket
 import time
@@ -23,6 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 pytest.importorskip("torchft", reason="torchft is an optional extra: pip install -e '.[ft]'")
+
+from workers import process_context  # noqa: E402
 
 K, STEPS = 4, 8
 
@@ -181,7 +182,7 @@ def _run_groups(groups: int, methods: list[str], mode: str, width: int = 16, ste
     live = mode in ("kill mid-period", "kill mid-round", "heal", "returning")
     lighthouse = LighthouseServer(bind="[::]:0", min_replicas=1 if live else groups, join_timeout_ms=10000,
                                   quorum_tick_ms=100, heartbeat_timeout_ms=2000 if live else None)
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     out = ctx.Queue()
     events = {"ready": ctx.Barrier(groups), "round 8 done": ctx.Event(), "rejoining": ctx.Event()} if live else {}
     survivor_mode = "heal" if mode == "returning" else mode
@@ -405,7 +406,7 @@ def _run_sharded_groups(methods: list[str], mode: str, steps: int = STEPS) -> di
     live = mode == "heal"
     lighthouse = LighthouseServer(bind="[::]:0", min_replicas=1 if live else 2, join_timeout_ms=10000,
                                   quorum_tick_ms=100, heartbeat_timeout_ms=2000 if live else None)
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     out = ctx.Queue()
     events = {"ready": ctx.Barrier(4), "round 8 done": ctx.Event(), "rejoining": ctx.Event()}
     ports = [_free_port(), _free_port(), _free_port()]  # (the third: group 1's new processes)
