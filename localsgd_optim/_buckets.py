@@ -417,11 +417,10 @@ class BucketEngine:
                         send_zeros=send_zeros, wire_dtype=wire_dtype, lo=lo, hi=hi, buffers=buffers, weight=weight)
 
     def start_mean(self, group: dist.ProcessGroup | None, world_size: int, contributors: int,
-                   buffers: Sequence[torch.Tensor], lo: int, hi: int, weight: int | None = None) -> "InFlight":
+                   buffers: Sequence[torch.Tensor], lo: int, hi: int) -> "InFlight":
         """Phase one of a two-phase mean of ``buffers`` (laid out like :meth:`flats` ``(lo, hi)``):
-        one asynchronous all-reduce per bucket; :meth:`InFlight.wait` completes and divides
-        (``weight`` given: a sum, whose divisor the caller may set before the wait)."""
-        op, divisor = mean_op(group, contributors, weight)
+        one asynchronous all-reduce per bucket; :meth:`InFlight.wait` completes and divides."""
+        op, divisor = mean_op(group, contributors)
         slices = self.bucket_slices(buffers, lo, hi) if contributors else []  # every rank joined: nothing
         return InFlight.start(group, op, slices, buffers, divisor)
 

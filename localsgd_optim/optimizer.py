@@ -259,7 +259,8 @@ class LocalSGDOptimizer(Optimizer, Joinable):
         self._cursor, self._rounds = build_rounds(
             config, self._members.params(), self._members.optimizer_state_tensors)
         if replica_groups:  # sharded replicas: every rank of a replica ends the period at the same step
-            self._cursor.agree = functools.partial(self._due_in_replica, replica_groups)  # type: ignore[attr-defined]
+            self._cursor.agree = functools.partial(  # type: ignore[attr-defined]
+                self._due_in_replica, replica_groups, is_nccl(replica_groups[0]))
         #: the :class:`localsgd_optim.ft.Managed` running the rounds under ``manager`` (``None`` without)
         self.managed: Any = None
         if manager is None:
@@ -343,10 +344,10 @@ class LocalSGDOptimizer(Optimizer, Joinable):
 
     # -- the process group and the rounds ---------------------------------------------------
 
-    def _due_in_replica(self, groups: list[dist.ProcessGroup], due: bool) -> bool:
+    def _due_in_replica(self, groups: list[dist.ProcessGroup], nccl: bool, due: bool) -> bool:
         """Whether any rank of this replica has spent the period (one tiny ``MAX`` per mesh dimension:
         FSDP and tensor parallelism already run collectives over these ranks at every step)."""
-        device = self._members.device() if is_nccl(groups[0]) else None
+        device = self._members.device() if nccl else None
         return on_any_rank(due, groups, device if device is not None else torch.device("cpu"))
 
     def _settings(self) -> dict[str, Any]:

@@ -32,10 +32,6 @@ class OverlapRound(GlobalCopyRound):
     collective goes out unwaited with the data, in buckets laid out when the ranks last agreed on
     the layout; :meth:`wait` reads its verdict. Module buffers are refused there.
 
-    ``asynchronous`` (time-budgeted replicas): :meth:`launch` replaces :meth:`run`. The control
-    collective goes out unwaited with the data, in buckets laid out when the ranks last agreed on
-    the layout; :meth:`wait` reads its verdict. Module buffers are refused there.
-
     Args:
         outer: the global copy and the outer optimizer.
         mix: the weight kept of the local parameters when the round lands.
@@ -145,7 +141,7 @@ class OverlapRound(GlobalCopyRound):
         self._flight = InFlight.start(self._group, dist.ReduceOp.SUM, self._slices, self.deltas, None)
         if ctx is not None:
             ctx.sent += self._flight.sent
-        self.lands_at = lands_at if lands_at is not None else 1
+        self.lands_at = lands_at
 
     def wait(self) -> None:
         """Complete the in-flight mean (if any); an asynchronous round first reads the control
