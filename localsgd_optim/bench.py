@@ -115,6 +115,9 @@ class Contender:
     def setup(self) -> None:
         pass
 
+    def between(self) -> None:
+        """What happens between two rounds (training), not timed."""
+
     def round(self) -> None:
         raise NotImplementedError
 
@@ -238,8 +241,10 @@ class OursCompressed(OursInt8):
         self._drift = [torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * 1e-3 for p in self.params]
 
     @torch.no_grad()
-    def round(self) -> None:
+    def between(self) -> None:
         torch._foreach_add_(self.params, self._drift)  # local progress since the last round
+
+    def round(self) -> None:
         before = self.opt.stats()["bytes_sent"]
         self.opt.step()
         nbytes = sum(p.numel() * p.element_size() for p in self.params)
@@ -403,6 +408,7 @@ def bench_rounds(model: nn.Module, args: argparse.Namespace, device: torch.devic
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     for r in range(args.warmup + args.rounds):
         for c in contenders:
+            c.between()
             dist.barrier()
             _sync_device(device)
             t0 = time.perf_counter()
@@ -549,7 +555,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "localsgd_optim_before): its rounds are timed beside ours, in the same run")
     p.add_argument("--compressors", default=None, metavar="LABELS",
                    help="with --methods compressors: a comma-separated subset of "
-                        + ", ".join(repr(c[0]) for c in _COMPRESSORS) + " (default: all)")
+                        + ", ".join(repr(c[0]) for c in _COMPRESSORS).replace("%", "%%") + " (default: all)")
     p.add_argument("--interleave", action="store_true",
                    help="with --fake-world and --methods compressors: time the compressors round by round in "
                         "turn (each holds its own copies of the model at once), so drift hits them alike")

@@ -121,7 +121,9 @@ def topk(fraction: float, *, bits: int | None = None, chunk: int = 4096, feedbac
     """Send the largest ``fraction`` of each chunk (by magnitude), at ``bits`` bits (``None``: fp32).
 
     Per chunk, ``ceil(fraction * chunk)`` values and their positions in the chunk (uint8 up to
-    256 elements, else int16); with ``bits`` a per-chunk fp32 step too. With error feedback, what
+    256 elements, else int16); with ``bits`` a per-chunk fp32 step too. Of equal magnitudes the
+    earliest is kept (on the CPU, by the compiled kernels; the eager path, on CUDA or without a
+    C compiler, orders ties as ``torch.topk`` does). With error feedback, what
     is not sent this round is added to the next one's delta. ``topk(0.01, bits=2)`` is SparseLoCo's
     setting (Sarfi et al., 2025).
     """

@@ -320,8 +320,8 @@ def reference_events(period_at, warmup, local_k, overlap_steps, steps):
 
 @torch.no_grad()
 def chunked_compress_one_tensor(v, spec):
-    """What one rank sends of one tensor: chunk by chunk, top-k by magnitude (``spec.fraction``),
-    then ``spec.bits``-bit uniform codes with a step of STEP_IN_RMS[bits] x the kept values' rms.
+    """What one rank sends of one tensor: chunk by chunk, top-k by magnitude (``spec.fraction``; of equal
+    magnitudes the earliest), then ``spec.bits``-bit uniform codes with a step of STEP_IN_RMS[bits] x the kept values' rms.
     Returns the decoded values, dense, zero where nothing is sent."""
     from localsgd_optim.compression import STEP_IN_RMS
 
@@ -330,7 +330,9 @@ def chunked_compress_one_tensor(v, spec):
     for start in range(0, flat.numel(), spec.chunk):
         chunk = flat[start:start + spec.chunk]
         kept = spec.per_chunk(chunk.numel())
-        idx = torch.topk(chunk.abs(), kept, sorted=True).indices if spec.fraction < 1 else torch.arange(chunk.numel())
+        # the largest magnitudes, of equal ones the earliest (a stable sort), in order of magnitude
+        idx = torch.sort(chunk.abs(), descending=True, stable=True).indices[:kept] if spec.fraction < 1 \
+            else torch.arange(chunk.numel())
         vals = chunk[idx]
         if spec.bits is not None:
             half = 2 ** (spec.bits - 1)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from .._schedule import _is_int
 from ..compression import STEP_IN_RMS, Compression
+from ._kernel import codec, pointer
 from .base import ErrorFeedback, RoundContext
 
 __all__ = ["ChunkedReducer", "ReduceScatterReducer", "RESIDUALS_KEY", "SHARD_RESIDUALS_KEY"]
@@ -41,6 +42,7 @@ class _Plan:
     chunks: int
     runs: list[tuple[int, int, int]]  # (offset in the bucket, first padded position, size), non-empty runs
     starts: torch.Tensor  # (chunks,) int64: each chunk's first element in the bucket
+    lengths: torch.Tensor  # (chunks,) int64: each chunk's elements
     kept: torch.Tensor  # (chunks,) int64: values each chunk sends
     count: torch.Tensor  # (chunks,) float64: elements a chunk's step is measured over
     short: torch.Tensor  # (rows,) int64: the chunks shorter than ``chunk`` (their padding is written)
@@ -70,7 +72,7 @@ class ChunkedReducer(ErrorFeedback):
 
     Per bucket of the deltas' flat layout, ``v = delta + feedback * residual`` is cut into
     per-tensor chunks (:class:`~localsgd_optim.compression.Compression`). Top-k keeps the
-    ``ceil(fraction * len)`` largest magnitudes of each chunk; ``bits`` quantizes what is kept
+    ``ceil(fraction * len)`` largest magnitudes of each chunk (sent in the order of their positions); ``bits`` quantizes what is kept
     with a per-chunk step (``STEP_IN_RMS[bits]`` times the kept values' root mean square,
     accumulated in float64), levels ``(j - 2**(bits-1) + 1/2) * step``, codes packed 8/bits per
     byte. The residual becomes ``v - sent``. Each rank's payload (steps, values or codes, and
@@ -80,6 +82,10 @@ class ChunkedReducer(ErrorFeedback):
     bit-identical means. (Dense rounds: ranks 0 and 1 start the sum from the levels they encoded
     themselves instead of decoding their own payload; the first two terms of a sum commute, so
     the sum is the rank-order sum, bit for bit.)
+
+    On the CPU, encode and decode run the fused C kernels of ``_codec.c`` (:mod:`._kernel`): one
+    pass per stage, the same float32 operations element by element, so the same bytes as the eager
+    path below (ties between equal magnitudes aside: the kernels keep the earliest).
 
     Memory: ``v`` is built in the residual itself and the mean in the bucket (fp32 buckets), so a
     round adds one scratch of the bucket padded to whole chunks, this rank's payload and the W
@@ -100,6 +106,7 @@ class ChunkedReducer(ErrorFeedback):
         self._plans: dict[tuple, _Plan] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         self._shape: tuple = ()
+        self._lib: Any = None  # the fused C kernels, when the buckets are on the CPU and a compiler was found
         self._where: list[tuple[int, int]] = []  # the last round's bucket slices (deltas, residuals)
 
     # -- layout ---------------------------------------------------------------------------------
@@ -127,7 +134,8 @@ class ChunkedReducer(ErrorFeedback):
         kept = [spec.per_chunk(length) for length in lengths]
         device = bucket.device
         as_long = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
-        plan = _Plan(numel=n, chunks=len(lengths), runs=runs, starts=as_long(starts), kept=as_long(kept),
+        plan = _Plan(numel=n, chunks=len(lengths), runs=runs, starts=as_long(starts), lengths=as_long(lengths),
+                     kept=as_long(kept),
                      count=torch.tensor(kept, dtype=torch.float64, device=device).clamp_min(1),
                      short=as_long([row for row, length in enumerate(lengths) if length < c]))
         plan.covered = sum(size for _, _, size in runs) == n
@@ -168,20 +176,24 @@ class ChunkedReducer(ErrorFeedback):
         self._allocate(ctx.size, buckets, plans)
 
     def _allocate(self, world: int, buckets: list, plans: list[_Plan]) -> None:
-        padded = max((p.chunks * self.spec.chunk for p in plans), default=0)
+        device = buckets[0].device if buckets else torch.device("cpu")
+        self._lib = codec(device)  # the fused C kernels (CPU), or None: the eager path
+        eager = self._lib is None
+        padded = max((p.chunks * self.spec.chunk for p in plans), default=0) if eager else 0
         payload = max((p.parts["total"][1] for p in plans), default=0)
-        # dense: the codes one byte each in the bucket's layout, padded to whole bytes of the wire
-        codes = 0 if self.spec.sparse else max((_whole_bytes(p.numel, self.spec.bits) for p in plans), default=0)
-        # (dense) float64 squares of a block of rows, and the packing's shifted words: as many bytes as the codes
-        squares = 0 if self.spec.sparse else max((max(self._block(p) * self.spec.chunk,
-                                                      -(-_whole_bytes(p.numel, self.spec.bits) // 8)) for p in plans),
-                                                 default=0)
+        # dense: the codes one byte each in the bucket's layout, padded to whole bytes of the wire (kernels,
+        # top-k: the codes of the values sent)
+        codes = max((_whole_bytes(p.sent if self.spec.sparse else p.numel, self.spec.bits) for p in plans), default=0)
+        codes = 0 if self.spec.bits is None or (self.spec.sparse and eager) else codes
+        # (dense, eager) float64 squares of a block of rows, and the packing's shifted words: as many bytes as the codes
+        squares = 0 if self.spec.sparse or not eager else max(
+            (max(self._block(p) * self.spec.chunk, -(-_whole_bytes(p.numel, self.spec.bits) // 8)) for p in plans),
+            default=0)
         # a mean accumulates in fp32: in the bucket itself, or (other dtypes) in a buffer of its own
         total = max((b.numel for b in buckets if b.dtype != torch.float32), default=0)
         shape = (world, padded, payload, codes, total, squares)
         if self._shape == shape:
             return
-        device = buckets[0].device if buckets else torch.device("cpu")
         self._buffers = {
             "scratch": torch.empty(padded, dtype=torch.float32, device=device),  # the (chunks, chunk) rows
             "codes": torch.zeros(codes, dtype=torch.uint8, device=device),
@@ -226,37 +238,52 @@ class ChunkedReducer(ErrorFeedback):
                        contributors: int, joined: bool, weight: int | None = None) -> int:
         size = plan.parts["total"][1]
         joined = joined or not plan.numel  # (an empty bucket: nothing to build, send or keep)
-        if not joined:  # v = delta + feedback * residual, built in the residual (a rank that joined sends zeros)
-            self._into_residual(target, residual, self.spec.feedback, self._buffers["total"], weight)
         mine = self._buffers["mine"][:size]
         total = target if target.dtype == torch.float32 else self._buffers["total"][:plan.numel]
         # dense, ranks 0 and 1: the sum starts from this rank's own levels, written by the encode (the first
         # two terms of a sum commute: the same sum as in rank order, bit for bit), one decode fewer
         rank = dist.get_rank(group)
         own = not (self.spec.sparse or joined) and plan.covered and rank < 2
+        # v = delta + feedback * residual, built in the residual (a rank that joined sends zeros), which
+        # becomes v - sent
         if self.spec.sparse:
-            self._encode_sparse(plan, residual, mine, joined)  # the residual becomes v - sent
+            self._encode_sparse(plan, residual, mine, joined, target, weight)
         else:
-            self._encode_dense(plan, residual, mine, joined, total if own else None)
+            self._encode_dense(plan, residual, mine, joined, total if own else None, target, weight)
         if not joined:
             self._out_of_weight(residual, weight)  # (w * v - sent) / w: in this rank's own units
         everyone = self._buffers["everyone"][:world * size]
         self._gather(everyone, mine, group)
-        decode = self._decode_sparse(plan) if self.spec.sparse else self._decode_dense
         if not own:
             total.zero_()
-        for r in range(world):  # rank order (but for the commuting first two): the same sum on every rank
-            if not (own and r == rank):
+        # rank order (but for the commuting first two): the same sum on every rank
+        ranks = [r for r in range(world) if not (own and r == rank)]
+        if self.spec.sparse:
+            decode = self._decode_sparse(plan)
+            for r in ranks:
                 decode(plan, everyone[r * size:(r + 1) * size], total)
-        total.div_(contributors)
+            total.div_(contributors)
+        else:
+            self._decode_mean(plan, [everyone[r * size:(r + 1) * size] for r in ranks], total, contributors)
         if total is not target:
             target.copy_(total)
         return size
 
     # -- top-k ----------------------------------------------------------------------------------
 
-    def _encode_sparse(self, plan: _Plan, v: torch.Tensor, payload: torch.Tensor, joined: bool) -> None:
-        """Per chunk, the ``kept`` largest magnitudes of ``v`` (chunk-relative positions) into ``payload``."""
+    def _encode_sparse(self, plan: _Plan, v: torch.Tensor, payload: torch.Tensor, joined: bool,
+                       delta: torch.Tensor | None = None, weight: int | None = None) -> None:
+        """Per chunk, the ``kept`` largest magnitudes of ``v`` (chunk-relative positions) into ``payload``
+        (``v`` built first from ``delta``: :meth:`_build`)."""
+        fused = self._build(v, delta, weight, joined)
+        if self._lib is not None:
+            bits, parts = self.spec.bits, plan.parts
+            view = lambda name: pointer(self._view(payload, parts, name)) if name in parts else None  # noqa: E731
+            self._lib.lsgd_topk_encode(pointer(v), *fused, plan.chunks, pointer(plan.starts),
+                                       pointer(plan.lengths), pointer(plan.kept), self.spec.chunk, bits or 0,
+                                       STEP_IN_RMS.get(bits, 0.0), joined, self._width(), view("positions"),
+                                       view("values"), view("steps"), pointer(self._buffers["codes"]), view("codes"))
+            return
         rows = plan.rows()
         if joined:  # zeros, sent from each chunk's first position; the residual is kept
             where = torch.zeros(plan.sent, dtype=torch.int64, device=v.device)
@@ -268,8 +295,11 @@ class ChunkedReducer(ErrorFeedback):
             torch._foreach_copy_(rows_of_scores, plan.views(v, padded=False))
             torch._foreach_abs_(rows_of_scores)
             top = torch.topk(scores, plan.kmax, dim=1, sorted=True).indices
-            if plan.ragged:  # a short chunk sends its first ``kept`` (the largest)
-                top = top.masked_select(torch.arange(plan.kmax, device=v.device) < plan.kept[:, None])
+            if plan.ragged:  # a short chunk sends its first ``kept`` (the largest), in the order of their positions
+                mask = torch.arange(plan.kmax, device=v.device) < plan.kept[:, None]
+                top = top.masked_fill_(~mask, self.spec.chunk).sort(dim=1).values.masked_select(mask)
+            else:
+                top = top.sort(dim=1).values
             where = top.view(-1)
             at = plan.starts.index_select(0, rows).add_(where)  # the values' places in the bucket
             values = v.index_select(0, at)
@@ -279,6 +309,16 @@ class ChunkedReducer(ErrorFeedback):
             v.index_copy_(0, at, values.sub_(sent))
 
     def _decode_sparse(self, plan: _Plan):  # type: ignore[no-untyped-def]
+        if self._lib is not None:
+            bits, parts, codes = self.spec.bits, plan.parts, pointer(self._buffers["codes"])
+
+            def fused(plan: _Plan, payload: torch.Tensor, total: torch.Tensor) -> None:
+                view = lambda name: pointer(self._view(payload, parts, name)) if name in parts else None  # noqa: E731
+                self._lib.lsgd_topk_decode(plan.chunks, pointer(plan.starts), pointer(plan.kept), bits or 0,
+                                           self._width(), view("positions"), view("values"), view("steps"),
+                                           view("codes"), plan.sent, codes, pointer(total))
+
+            return fused
         rows = plan.rows()
         starts = plan.starts.index_select(0, rows)  # once per bucket, for every rank's payload
 
@@ -343,8 +383,22 @@ class ChunkedReducer(ErrorFeedback):
                 for lo, part in ((lo, rows[lo:lo + block]) for lo in range(0, plan.chunks, block))])
         return found
 
+    def _build(self, v: torch.Tensor, delta: torch.Tensor | None, weight: int | None,
+               joined: bool) -> tuple[int | None, float]:
+        """``v = delta + feedback * v`` (times ``weight``) in place, unless ``joined`` or there is no ``delta``;
+        or, where the C kernels can build it in their first pass (fp32, feedback 1: the same add and
+        multiply), the (pointer, weight) they take for it."""
+        if delta is None or joined:
+            return None, 0.0
+        if self._lib is not None and delta.dtype == torch.float32 and self.spec.feedback == 1.0 \
+                and (weight is None or weight > 0):
+            return pointer(delta), float(weight or 0.0)
+        self._into_residual(delta, v, self.spec.feedback, self._buffers["total"], weight)
+        return None, 0.0
+
     def _encode_dense(self, plan: _Plan, v: torch.Tensor, payload: torch.Tensor, joined: bool,
-                      levels: torch.Tensor | None = None) -> None:
+                      levels: torch.Tensor | None = None, delta: torch.Tensor | None = None,
+                      weight: int | None = None) -> None:
         """Every element of ``v`` at ``bits`` bits, a step per chunk, codes in the bucket's order.
 
         The code of ``x = v / step`` is ``floor(clamp(x, -h, h - 1)) + h`` (``h = 2**(bits-1)``), the same
@@ -356,6 +410,14 @@ class ChunkedReducer(ErrorFeedback):
         this is bit for bit ``0 + levels``."""
         bits, c = self.spec.bits, self.spec.chunk
         assert bits is not None
+        fused = self._build(v, delta, weight, joined)
+        if self._lib is not None:
+            self._lib.lsgd_dense_encode(pointer(v), *fused, plan.numel, plan.chunks, pointer(plan.starts),
+                                        pointer(plan.lengths), bits, STEP_IN_RMS[bits], joined,
+                                        pointer(self._view(payload, plan.parts, "steps")),
+                                        pointer(self._buffers["codes"]), pointer(self._view(payload, plan.parts, "codes")),
+                                        pointer(levels))
+            return
         rows = self._buffers["scratch"][:plan.chunks * c].view(plan.chunks, c)
         padded = plan.views(rows.view(-1), padded=True)
         if joined:
@@ -380,10 +442,26 @@ class ChunkedReducer(ErrorFeedback):
             if levels is not None:
                 torch._foreach_copy_(plan.views(levels, padded=False), padded)
 
-    def _decode_dense(self, plan: _Plan, payload: torch.Tensor, total: torch.Tensor) -> None:
-        """One rank's levels ``(code - (h - 1/2)) * step``, added into ``total``."""
+    def _decode_mean(self, plan: _Plan, payloads: list[torch.Tensor], total: torch.Tensor, divisor: int) -> None:
+        """The payloads' levels added into ``total`` in turn, then ``total`` divided by ``divisor`` (by the last
+        decode, on the C kernels' path)."""
+        for j, payload in enumerate(payloads):
+            last = self._lib is not None and j == len(payloads) - 1
+            self._decode_dense(plan, payload, total, divisor if last else 0)
+        if self._lib is None or not payloads:
+            total.div_(divisor)
+
+    def _decode_dense(self, plan: _Plan, payload: torch.Tensor, total: torch.Tensor, divisor: int = 0) -> None:
+        """One rank's levels ``(code - (h - 1/2)) * step``, added into ``total`` (C kernels: then divided by
+        ``divisor`` unless it is 0)."""
         bits, c = self.spec.bits, self.spec.chunk
-        assert bits is not None
+        assert bits is not None and (divisor == 0 or self._lib is not None)
+        if self._lib is not None:
+            self._lib.lsgd_dense_decode(pointer(self._view(payload, plan.parts, "codes")),
+                                        pointer(self._view(payload, plan.parts, "steps")), plan.numel, plan.chunks,
+                                        pointer(plan.starts), pointer(plan.lengths), bits,
+                                        pointer(self._buffers["codes"]), pointer(total), float(divisor))
+            return
         codes = self._buffers["codes"][:_whole_bytes(plan.numel, bits)]
         _unpack(self._view(payload, plan.parts, "codes"), bits, codes, self._buffers["squares"])
         rows = self._buffers["scratch"][:plan.chunks * c].view(plan.chunks, c)
@@ -397,8 +475,12 @@ class ChunkedReducer(ErrorFeedback):
     def _view(self, payload: torch.Tensor, parts: dict, name: str) -> torch.Tensor:
         a, b = parts[name]
         dtype = {"steps": torch.float32, "values": torch.float32, "codes": torch.uint8,
-                 "positions": torch.uint8 if self.spec.chunk <= 256 else torch.int16}[name]
+                 "positions": torch.uint8 if self._width() == 1 else torch.int16}[name]
         return payload[a:b].view(dtype)
+
+    def _width(self) -> int:
+        """Bytes of a chunk-relative position (top-k)."""
+        return 1 if self.spec.chunk <= 256 else 2
 
 
 @dataclass
@@ -522,11 +604,10 @@ class ReduceScatterReducer(ChunkedReducer):
         size = shards[0][2].parts["total"][1]
         sent, received = buf["sent"][:world * size], buf["everyone"][:world * size]
         total = target if target.dtype == torch.float32 else buf["total"][:bucket.numel]
-        if not joined:  # stage 1: v = delta + feedback * residual, in the residual; encoded shard by shard
-            self._into_residual(target, residual, self.spec.feedback, buf["total"], weight)
-        for j, (a, b, plan) in enumerate(shards):
+        for j, (a, b, plan) in enumerate(shards):  # stage 1: v = delta + feedback * residual, in the residual
             if plan.numel:
-                self._encode_dense(plan, residual[a:b], sent[j * size:(j + 1) * size], joined)
+                self._encode_dense(plan, residual[a:b], sent[j * size:(j + 1) * size], joined, None, target[a:b],
+                                   weight)
         if not joined:
             self._out_of_weight(residual, weight)
         self._scatter(received, sent, group)
@@ -534,13 +615,11 @@ class ReduceScatterReducer(ChunkedReducer):
         mine = buf["mine"][:size]
         if plan.numel:  # stage 2: this rank's mean shard, summed in rank order; requantized with its residual
             mean = total[a:b].zero_()
-            for r in range(world):
-                self._decode_dense(plan, received[r * size:(r + 1) * size], mean)
-            mean.div_(contributors)
-            second = self._into_residual(mean, self.second[i], self.spec.feedback, buf["total"])
-            # the second residual becomes u - sent; the mean shard becomes the levels sent (what the others
-            # decode, bit for bit: see _encode_dense), so this rank does not decode its own slot
-            self._encode_dense(plan, second, mine, False, mean)
+            self._decode_mean(plan, [received[r * size:(r + 1) * size] for r in range(world)], mean, contributors)
+            # u = mean + feedback * second, in the second residual, which becomes u - sent; the mean shard
+            # becomes the levels sent (what the others decode, bit for bit: see _encode_dense), so this rank
+            # does not decode its own slot
+            self._encode_dense(plan, self.second[i], mine, False, mean, mean)
         self._gather(sent, mine, group)  # stage 3: every other mean shard, decoded alike on every rank
         for r, (a, b, plan) in enumerate(shards):
             if plan.numel and r != rank:
