@@ -137,8 +137,15 @@ class OuterState:
 
     @torch.no_grad()
     def apply(self, flats: Sequence[torch.Tensor], mean_deltas: Sequence[torch.Tensor]) -> None:
-        """Outer step, then the new global copy replaces the parameters' flat slices (which held the means)."""
-        self.step(mean_deltas)
+        """Outer step, then the new global copy replaces the parameters' flat slices (which held the means).
+
+        A plain average (``SGD(lr=1.0)``, nothing else: :func:`_subtracts`) is one ``sub_`` per flat buffer:
+        SGD's ``p.add_(g, alpha=-1.0)`` is ``p - g`` rounded once, element by element, the same bits."""
+        if _subtracts(self.optimizer):
+            for g, mean in zip(self.flat, flats):
+                g.sub_(mean)
+        else:
+            self.step(mean_deltas)
         self.reset_params(flats)
 
     @torch.no_grad()
@@ -185,3 +192,19 @@ class OuterState:
         """Load what :meth:`state_dict` saved (checked by :meth:`check_state` first)."""
         foreach_copy(self.globals, [s.to(g.device, g.dtype) for s, g in zip(state["global"], self.globals)])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _subtracts(optimizer: Optimizer) -> bool:
+    """Its step is ``p -= grad`` exactly: a ``torch.optim.SGD`` with one group at ``lr=1.0`` (a number),
+    no momentum, weight decay or maximize, and nothing that skipping ``step()`` would skip: no step
+    hooks (its own or global), no ``step`` wrapped on the instance (an LR scheduler counts calls)."""
+    from torch.optim import optimizer as module
+
+    if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
+        return False
+    group = optimizer.param_groups[0]
+    hooks = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks,
+             getattr(module, "_global_optimizer_pre_hooks", None), getattr(module, "_global_optimizer_post_hooks", None))
+    return (type(group["lr"]) in (int, float) and group["lr"] == 1.0 and group["momentum"] == 0
+            and group["weight_decay"] == 0 and not group["maximize"] and not any(hooks)
+            and "step" not in vars(optimizer))

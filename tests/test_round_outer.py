@@ -216,3 +216,43 @@ def test_malformed_outer_entry_raises_before_anything_changes(corrupt, match):
         opt.load_state_dict(bad)
     assert_state_equal(opt.state_dict(), good)
     assert opt.param_groups[0]["lr"] == 1e-2 and opt.num_steps == 5
+
+
+def _outer_state(factory):
+    from localsgd_optim._flat import rebase
+    from localsgd_optim._outer import OuterState
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(n, generator=g) for n in (1, 7, 33, 130, 1000)]  # tensors end between SIMD lanes
+    outer = OuterState(params, factory)
+    means = [torch.randn(p.shape, generator=g) * 1e-3 for p in params]
+    flats = [torch.empty_like(f) for f in outer.flat]
+    for view, mean in zip(rebase(outer.globals, outer.flat, flats), means):  # the means, laid out alike
+        view.copy_(mean)
+    return outer, flats, means
+
+
+@pytest.mark.parametrize("case", ["plain", "lr", "momentum", "scheduler", "hook", "adam"])
+def test_a_plain_average_outer_step_is_one_subtraction_with_sgds_bits(monkeypatch, case):
+    """SGD(lr=1.0) and nothing else steps the flat global copy with one sub_ per buffer; anything that
+    would make its step another computation (or skipping it visible) takes the optimizer's own step."""
+    from localsgd_optim import _outer
+
+    factory = {"plain": lambda ps: torch.optim.SGD(ps, lr=1.0), "lr": lambda ps: torch.optim.SGD(ps, lr=0.5),
+               "momentum": lambda ps: torch.optim.SGD(ps, lr=1.0, momentum=0.9),
+               "scheduler": lambda ps: torch.optim.SGD(ps, lr=1.0), "hook": lambda ps: torch.optim.SGD(ps, lr=1.0),
+               "adam": lambda ps: torch.optim.Adam(ps, lr=1.0)}[case]
+    results = []
+    for fast in (True, False):
+        outer, flats, means = _outer_state(factory)
+        if case == "scheduler":
+            torch.optim.lr_scheduler.ConstantLR(outer.optimizer, factor=1.0, total_iters=1)
+        if case == "hook":
+            outer.optimizer.register_step_post_hook(lambda *a: None)
+        assert _outer._subtracts(outer.optimizer) == (case == "plain")
+        if not fast:
+            monkeypatch.setattr(_outer, "_subtracts", lambda optimizer: False)
+        outer.apply(flats, [m.clone() for m in means])
+        results.append([f.clone() for f in flats])
+        monkeypatch.undo()
+    assert all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(*results))

@@ -88,16 +88,29 @@ def _cpu() -> str:
     return f"{platform.machine()} {platform.processor()} {flags}"
 
 
+def _cache() -> Path:
+    """``$LOCALSGD_OPTIM_CACHE``, else ``~/.cache/localsgd_optim``, else (not writable) a folder in the temp dir."""
+    given = os.environ.get("LOCALSGD_OPTIM_CACHE")
+    for folder in [Path(given)] if given else [Path.home() / ".cache" / "localsgd_optim",
+                                                Path(tempfile.gettempdir()) / f"localsgd_optim-{getattr(os, 'getuid', lambda: 0)()}"]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder
+        except OSError:
+            continue
+    raise OSError(f"no writable folder for the build: {given or Path.home() / '.cache'} (set LOCALSGD_OPTIM_CACHE)")
+
+
 def _build(compiler: str) -> Path:
     source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), version.encode(),
                                      _cpu().encode()])).hexdigest()[:16]
-    cache = Path(os.environ.get("LOCALSGD_OPTIM_CACHE") or Path.home() / ".cache" / "localsgd_optim")
+    cache = _cache()
     path = cache / f"codec-{key}.so"
     if path.exists():
         return path
-    cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # built aside, then renamed: ranks may race here
     os.close(fd)
     try:
