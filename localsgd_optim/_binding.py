@@ -23,6 +23,7 @@ from ._dist import (
     check_ranks_agree,
     describe_tensor,
     fingerprint,
+    group_rank,
     is_nccl,
 )
 
@@ -320,7 +321,7 @@ class Binding:
             raise
         except RuntimeError as e:  # gloo/NCCL errors: a dead peer, a broken link, a timeout
             raise AveragingRoundError(
-                f"LocalSGDOptimizer: {what()} failed on rank {dist.get_rank(self.group)} of {self.world_size}: "
+                f"LocalSGDOptimizer: {what()} failed on rank {group_rank(self.group)} of {self.world_size}: "
                 f"{type(e).__name__}: {e}. If a rank died, restart the job from the last checkpoint "
                 "(see docs/failure-modes.md)."
             ) from e

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from enum import IntEnum
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -278,6 +278,22 @@ def all_gather_into(out: torch.Tensor, mine: torch.Tensor, group: dist.ProcessGr
             raise
         _LIST_GATHER.add(id(group))
         return all_gather_into(out, mine, group, async_op)
+
+
+#: groups whose place of this rank in their collectives torch does not know, and who says it
+_RANKS: dict[int, Callable[[], int | None]] = {}
+
+
+def rank_from(group: dist.ProcessGroup, rank: Callable[[], int | None]) -> None:
+    """Say where this rank sits in ``group``'s collectives: a torchft group is, to torch, a world of one
+    (``dist.get_rank`` gives 0 on every replica), its manager knows (see :class:`~localsgd_optim.ft.Managed`)."""
+    _RANKS[id(group)] = rank
+
+
+def group_rank(group: dist.ProcessGroup | None) -> int:
+    """This rank's slot in ``group``'s collectives (an all-gather's order, an all-to-all's peer)."""
+    rank = _RANKS[id(group)]() if group is not None and id(group) in _RANKS else None
+    return dist.get_rank(group) if rank is None else rank
 
 
 class Share(NamedTuple):

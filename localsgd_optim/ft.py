@@ -96,7 +96,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from ._dist import AveragingRoundError, LocalSGDError, is_nccl, on_every_rank
+from ._dist import AveragingRoundError, LocalSGDError, is_nccl, on_every_rank, rank_from
 from ._state import STATE_KEY
 from .checkpoint import PER_RANK_KEYS, map_tensors
 from .optimizer import LocalSGDOptimizer
@@ -167,6 +167,9 @@ class Managed:
                 raise ValueError(f"Managed: build the torchft.Manager with {name}={wanted} (got {value}): {why}")
         self.optimizer = optimizer
         self.manager = manager
+        # torch sees the managed group as a world of one (rank 0 on every replica); its slot in the group's
+        # collectives is the replica's rank in the quorum (spares and asynchronous quorums are refused above)
+        rank_from(optimizer.process_group, lambda: manager.participating_rank())
         self.rounds_committed = 0
         self.rounds_rolled_back = 0
         self.lineage = 0

@@ -29,10 +29,12 @@ K, STEPS = 4, 8
 
 
 def _methods():
-    from localsgd_optim import diloco, topk
+    from localsgd_optim import diloco, quantize, topk
 
     return {"plain": {}, "diloco": {"outer_optimizer": diloco()},
             "topk2bit": {"outer_optimizer": diloco(), "compression": topk(0.25, bits=2, chunk=64)},
+            "int4": {"compression": quantize(4, chunk=64)},
+            "int2rs": {"outer_optimizer": diloco(), "compression": quantize(2, chunk=64, collective="reduce_scatter")},
             "fragments": {"outer_optimizer": diloco(), "fragments": 2},  # (heal test only)
             "timed": {"outer_optimizer": diloco(), "round_every_s": float(K)}}  # (heal test only: see _start)
 
@@ -102,7 +104,8 @@ def _replica_group(replica: int, lighthouse: str, groups: int, methods: list[str
                       store_addr="127.0.0.1", store_port=port, rank=0, world_size=1, timeout=timedelta(seconds=30))
     pg.register("torchft")
     collectives: list[str] = []
-    for name in ("allreduce", "allgather", "allgather_into_tensor_coalesced", "broadcast", "reduce_scatter"):
+    for name in ("allreduce", "allgather", "allgather_into_tensor_coalesced", "broadcast", "reduce_scatter",
+                 "alltoall_base"):
         if hasattr(pg, name):  # count what our rounds dispatch on torchft's group
             setattr(pg, name, (lambda f, n: lambda *a, **kw: (collectives.append(n), f(*a, **kw))[1])(
                 getattr(pg, name), name))
@@ -216,10 +219,10 @@ def _reap(procs: list[Any], lighthouse: Any) -> None:
 @pytest.mark.parametrize("groups", [2, 3])
 def test_managed_rounds_equal_the_plain_path(groups, request):
     """``Managed`` does the quorum and the vote itself: the same numbers as the plain path (the same code
-    on one gloo world of as many ranks), every round kept, for plain averaging, DiLoCo, and top-k 2-bit
-    pseudo-gradients with error feedback (their payloads go through the list-form all-gather that
-    torchft's groups need)."""
-    methods = ["plain", "diloco", "topk2bit"]
+    on one gloo world of as many ranks), every round kept, for plain averaging, DiLoCo, and top-k 2-bit,
+    int4 and a 2-bit reduce-scatter of pseudo-gradients with error feedback (their payloads go through
+    the list-form all-gather that torchft's groups need)."""
+    methods = ["plain", "diloco", "topk2bit", "int4", "int2rs"]
     plain = request.getfixturevalue(f"ranks{groups}")(_plain_path, methods)
     for replica, rank, result, counts in _run_groups(groups, methods, "managed"):
         assert counts == [STEPS // K, 0] * len(methods) + [len(methods) * (STEPS // K + 1)], \
@@ -228,10 +231,11 @@ def test_managed_rounds_equal_the_plain_path(groups, request):
         for method in methods:
             assert result[method] == plain[replica][method], f"{method}: replica {replica}"
             # start(): the new quorum's vote; then a round is its control gather, one collective per
-            # bucket (one bucket here: an all-reduce, or top-k's all-gather), and the commit vote; the
-            # first round binds (one more gather). torchft's DiLoCo: one all-reduce per tensor.
-            data = "allgather" if method == "topk2bit" else "allreduce"
-            round_ = ["allgather", data, "allreduce"]
+            # bucket (one bucket here: an all-reduce, or the chunked compressors' all-gather; the
+            # reduce-scatter's all-to-all then all-gather), and the commit vote; the first round binds
+            # (one more gather). torchft's DiLoCo: one all-reduce per tensor.
+            data = {"topk2bit": ["allgather"], "int4": ["allgather"], "int2rs": ["alltoall_base", "allgather"]}
+            round_ = ["allgather", *data.get(method, ["allreduce"]), "allreduce"]
             assert result["collectives"][method] == ["allreduce"] + ["allgather"] + round_ * (STEPS // K), method
 
 

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from .._dist import group_rank
 from .._schedule import _is_int
 from ..compression import STEP_IN_RMS, Compression
 from ._kernel import codec, pointer
@@ -242,7 +243,7 @@ class ChunkedReducer(ErrorFeedback):
         total = target if target.dtype == torch.float32 else self._buffers["total"][:plan.numel]
         # dense, ranks 0 and 1: the sum starts from this rank's own levels, written by the encode (the first
         # two terms of a sum commute: the same sum as in rank order, bit for bit), one decode fewer
-        rank = dist.get_rank(group)
+        rank = group_rank(group)
         own = not (self.spec.sparse or joined) and plan.covered and rank < 2
         # v = delta + feedback * residual, built in the residual (a rank that joined sends zeros), which
         # becomes v - sent
@@ -569,7 +570,7 @@ class ReduceScatterReducer(ChunkedReducer):
         ErrorFeedback.prepare(self, ctx)
         positions = ctx.engine.bucket_range(ctx.lo, ctx.hi)
         buckets = [ctx.engine.buckets[pos] for pos in positions]
-        rank = dist.get_rank(ctx.group)
+        rank = group_rank(ctx.group)
         shards = [self._shards(b, ctx.size) for b in buckets]
         self._allocate(ctx.size, buckets, [p for s in shards for _, _, p in s])
         sent = self._buffers["everyone"]
