@@ -151,3 +151,13 @@ def test_the_build_is_cached_and_keyed_by_its_inputs(monkeypatch, tmp_path):
     assert [p.name for p in Path(tmp_path).iterdir()] == [first.name]  # no temporary file left
     monkeypatch.setattr(_kernel, "FLAGS", _kernel.FLAGS + ("-DUNUSED",))
     assert _kernel._build(compiler) != first  # other flags: another build
+
+
+@needs_kernels
+def test_a_compiler_without_march_native_builds_without_it(monkeypatch, tmp_path):
+    cc = tmp_path / "cc-no-native"
+    cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-march=native" ] && exit 1; done\nexec cc "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("LOCALSGD_OPTIM_CACHE", str(tmp_path / "cache"))
+    built = _kernel._build(str(cc))
+    assert built.exists() and [p.name for p in built.parent.iterdir()] == [built.name]

@@ -257,13 +257,20 @@ static inline void put_position(void *positions, int width, int64_t i, int32_t a
  * `values`) or `bits`-bit codes with a step per chunk over the kept values (`steps`, `packed`); v -= what
  * is sent, at the kept positions, v built first from `delta` (see build). `joined`: v is not read;
  * every chunk sends zeros from position 0.
- * `codes`: scratch of the values sent; `longest`: the longest chunk. */
-void lsgd_topk_encode(float *v, const float *delta, float weight, int64_t nchunks, const int64_t *starts,
+ * `codes`: scratch of the values sent; `longest`: the longest chunk. Returns 1 if its scratch (20 bytes
+ * per element of `longest`) could not be allocated, else 0. */
+int lsgd_topk_encode(float *v, const float *delta, float weight, int64_t nchunks, const int64_t *starts,
                       const int64_t *lengths, const int64_t *kept, int64_t longest, int bits, float step_in_rms, int joined, int width, void *positions,
                       float *values, float *steps, uint8_t *codes, uint8_t *packed) {
     const size_t most = (size_t)(longest > 0 ? longest : 1);
     uint64_t *keys = malloc(sizeof(uint64_t) * most), *work = malloc(sizeof(uint64_t) * most);
     int32_t *at = malloc(sizeof(int32_t) * most);
+    if (!keys || !work || !at) {
+        free(keys);
+        free(work);
+        free(at);
+        return 1;
+    }
     const int h = bits ? 1 << (bits - 1) : 0;
     const float top_code = (float)(2 * h - 1), off = (float)h - 0.5f;
     int64_t sent = 0;
@@ -304,6 +311,7 @@ void lsgd_topk_encode(float *v, const float *delta, float weight, int64_t nchunk
     free(keys);
     free(work);
     free(at);
+    return 0;
 }
 
 /* top-k: one rank's kept values (fp32 `values`, or codes with a step per chunk) added into total at

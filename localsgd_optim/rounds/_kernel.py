@@ -73,7 +73,7 @@ def _load() -> Any | None:
         return None
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = list(args), None
+        fn.argtypes, fn.restype = list(args), (ctypes.c_int if name == "lsgd_topk_encode" else None)
     return lib
 
 
@@ -114,9 +114,12 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # built aside, then renamed: ranks may race here
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                              timeout=300)
-        if done.returncode != 0:
+        for flags in (FLAGS, tuple(f for f in FLAGS if f != "-march=native")):  # (a compiler without it)
+            done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                                  timeout=300)
+            if done.returncode == 0:
+                break
+        else:
             raise OSError(f"{compiler} failed: {done.stderr.strip()[:500]}")
         os.replace(tmp, path)
     finally:

@@ -280,10 +280,13 @@ class ChunkedReducer(ErrorFeedback):
         if self._lib is not None:
             bits, parts = self.spec.bits, plan.parts
             view = lambda name: pointer(self._view(payload, parts, name)) if name in parts else None  # noqa: E731
-            self._lib.lsgd_topk_encode(pointer(v), *fused, plan.chunks, pointer(plan.starts),
-                                       pointer(plan.lengths), pointer(plan.kept), self.spec.chunk, bits or 0,
-                                       STEP_IN_RMS.get(bits, 0.0), joined, self._width(), view("positions"),
-                                       view("values"), view("steps"), pointer(self._buffers["codes"]), view("codes"))
+            if self._lib.lsgd_topk_encode(pointer(v), *fused, plan.chunks, pointer(plan.starts),
+                                          pointer(plan.lengths), pointer(plan.kept), self.spec.chunk, bits or 0,
+                                          STEP_IN_RMS.get(bits, 0.0), joined, self._width(), view("positions"),
+                                          view("values"), view("steps"), pointer(self._buffers["codes"]),
+                                          view("codes")):
+                raise MemoryError(f"compression={self.spec}: the top-k kernel could not allocate its scratch "
+                                  f"({20 * self.spec.chunk} bytes)")
             return
         rows = plan.rows()
         if joined:  # zeros, sent from each chunk's first position; the residual is kept
