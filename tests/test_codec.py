@@ -130,6 +130,41 @@ def test_topk_kernels_keep_the_earliest_of_equal_magnitudes(sizes, chunk, fracti
     _same_bytes(total, torch.linspace(-1, 1, bucket.numel) + sent + sent)
 
 
+class _Done:
+    def wait(self) -> None:
+        pass
+
+
+def _int8_round(sizes, kernels, v, joined, weight, divisor):
+    """One int8 bucket as rank 0 of 2 whose peer sent the same payload: (codes, scales, residual, mean)."""
+    from localsgd_optim.rounds.int8 import Int8Reducer
+
+    bucket = Bucket(sizes)
+    bucket.indices = list(range(len(sizes)))
+    reducer = Int8Reducer([torch.zeros(bucket.numel)])
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("LOCALSGD_OPTIM_KERNELS", "1" if kernels else "0")
+        reducer._allocate(2, [bucket])
+    assert (reducer._lib is not None) == kernels
+    reducer._gather = lambda out, mine, group, async_op=False: (out.view(-1, mine.numel()).copy_(mine), _Done())[1]
+    target, residual = v.flip(0) * 0.5, v.clone()
+    reducer._reduce_bucket(bucket, target, residual, None, 2, divisor, joined, weight)
+    buf = reducer._buffers
+    return buf["codes"][:bucket.numel].clone(), buf["scales"][:len(sizes)].clone(), residual, target
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(0, 700), min_size=1, max_size=5).filter(sum), joined=st.booleans(),
+       weight=st.sampled_from([None, 1, 3, 77]), divisor=st.sampled_from([1, 2, 3, 7]), seed=st.integers(0, 2 ** 31))
+def test_int8_kernels_are_the_eager_path_bit_for_bit(sizes, joined, weight, divisor, seed):
+    v = _values(seed, sum(sizes), ties=seed % 2 == 0)
+    fused = _int8_round(sizes, True, v, joined, weight, divisor)
+    eager = _int8_round(sizes, False, v, joined, weight, divisor)
+    for a, b in zip(fused, eager):
+        _same_bytes(a, b)
+
+
 def test_no_compiler_warns_once_and_runs_the_eager_path(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setattr(_kernel, "_loaded", {})

@@ -332,3 +332,55 @@ void lsgd_topk_decode(int64_t nchunks, const int64_t *starts, const int64_t *kep
         sent += kept[j];
     }
 }
+
+/* int8 (a scale per tensor): tensor j is the `sizes[j]` elements from `offsets[j]`. v is built first
+ * from `delta` (see build) unless `joined` (then v is not read and every code and scale is 0); the
+ * scale is max|v| / 127 (at least tiny / 127), codes round(v / scale) (half to even) clamped to
+ * [-127, 127], and v -= codes * scale unless joined. */
+void lsgd_int8_encode(float *v, const float *delta, float weight, int64_t count, const int64_t *offsets,
+                      const int64_t *sizes, int joined, int8_t *codes, float *scales) {
+    for (int64_t j = 0; j < count; j++) {
+        const int64_t s = offsets[j], n = sizes[j];
+        float *x = v + s;
+        int8_t *c = codes + s;
+        if (joined) {
+            memset(c, 0, (size_t)n);
+            scales[j] = TINY / 127.0f;
+            continue;
+        }
+        build(x, delta ? delta + s : NULL, n, weight);
+        float most = 0.0f; /* (NaN: as torch's max, it wins) */
+        int nan = 0;
+        for (int64_t i = 0; i < n; i++) {
+            const float a = fabsf(x[i]);
+            most = a > most ? a : most;
+            nan |= a != a;
+        }
+        if (nan) most = NAN;
+        const float scale = (most > TINY || most != most ? most : TINY) / 127.0f;
+        scales[j] = scale;
+        for (int64_t i = 0; i < n; i++) {
+            float q = rintf(x[i] / scale);
+            q = q < -127.0f ? -127.0f : q;
+            q = q > 127.0f ? 127.0f : q;
+            c[i] = (int8_t)q;
+            x[i] = x[i] - q * scale;
+        }
+    }
+}
+
+/* int8: one rank's codes times their tensor's scale added into total, then divided by `divisor`
+ * unless it is 0 (the last rank of a mean). */
+void lsgd_int8_decode(const int8_t *codes, const float *scales, int64_t count, const int64_t *offsets,
+                      const int64_t *sizes, float *total, float divisor) {
+    for (int64_t j = 0; j < count; j++) {
+        const int64_t s = offsets[j], n = sizes[j];
+        const float scale = scales[j];
+        const int8_t *c = codes + s;
+        float *t = total + s;
+        if (divisor != 0.0f)
+            for (int64_t i = 0; i < n; i++) t[i] = (t[i] + (float)c[i] * scale) / divisor;
+        else
+            for (int64_t i = 0; i < n; i++) t[i] = t[i] + (float)c[i] * scale;
+    }
+}

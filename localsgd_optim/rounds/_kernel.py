@@ -1,4 +1,4 @@
-"""The chunked compressors' fused CPU encode/decode (``_codec.c``), compiled on first use and cached.
+"""The compressors' fused CPU encode/decode (``_codec.c``: chunked and int8), compiled on first use and cached.
 
 Eager PyTorch spends 10 to 20 passes over a bucket to encode it and 5 per rank to decode it; the C
 file does each in one (see its header for why it agrees with the eager path bit for bit). It is
@@ -37,6 +37,8 @@ _SIGNATURES = {
     "lsgd_dense_decode": (_P, _P, _I64, _I64, _P, _P, _INT, _P, _P, _F32),
     "lsgd_topk_encode": (_P, _P, _F32, _I64, _P, _P, _P, _I64, _INT, _F32, _INT, _INT, _P, _P, _P, _P, _P),
     "lsgd_topk_decode": (_I64, _P, _P, _INT, _INT, _P, _P, _P, _P, _I64, _P, _P),
+    "lsgd_int8_encode": (_P, _P, _F32, _I64, _P, _P, _INT, _P, _P),
+    "lsgd_int8_decode": (_P, _P, _I64, _P, _P, _P, _F32),
 }
 
 _loaded: dict[str, Any] = {}

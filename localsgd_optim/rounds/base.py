@@ -12,6 +12,7 @@ from .._buckets import BucketEngine, foreach_copy
 from .._dist import RoundKind, all_gather_into
 from .._flat import Layout, rebase
 from .._state import check_tensor_list
+from ._kernel import pointer
 
 __all__ = ["RoundContext", "Reducer", "ErrorFeedback", "Round"]
 
@@ -120,6 +121,7 @@ class ErrorFeedback(Reducer):
         self.residuals: list[torch.Tensor] = layout.views(self.flats)
         self._layout_key: tuple | None = layout.key(0, len(tensors))
         self.key, self._hint = key, hint
+        self._lib: Any = None  # the fused C kernels (CPU, a compiler found: ``_kernel.codec``), or None
 
     def prepare(self, ctx: RoundContext) -> None:
         """Allocate the flat layout and lay the residuals out like the engine's slices."""
@@ -142,6 +144,20 @@ class ErrorFeedback(Reducer):
             delta = spare[:delta.numel()].copy_(delta)
         v = torch.add(delta, residual, alpha=feedback, out=residual)
         return v if weight is None else v.mul_(weight)
+
+    def _build(self, v: torch.Tensor, delta: torch.Tensor | None, weight: int | None, joined: bool,
+               feedback: float = 1.0) -> tuple[int | None, float]:
+        """``v = delta + feedback * v`` (times ``weight``) in place, unless ``joined`` or there is no ``delta``;
+        or, where the C kernels can build it in their first pass (fp32, feedback 1: the same add and
+        multiply), the (``delta``'s address, weight or 0) they take for it. (A ``delta`` of another dtype
+        is rounded to fp32 in the subclass's ``_buffers["total"]``.)"""
+        if delta is None or joined:
+            return None, 0.0
+        if self._lib is not None and delta.dtype == torch.float32 and feedback == 1.0 \
+                and (weight is None or weight > 0):
+            return pointer(delta), float(weight or 0.0)
+        self._into_residual(delta, v, feedback, self._buffers["total"], weight)
+        return None, 0.0
 
     @staticmethod
     def _out_of_weight(residual: torch.Tensor, weight: int | None) -> None:

@@ -107,7 +107,6 @@ class ChunkedReducer(ErrorFeedback):
         self._plans: dict[tuple, _Plan] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         self._shape: tuple = ()
-        self._lib: Any = None  # the fused C kernels, when the buckets are on the CPU and a compiler was found
         self._where: list[tuple[int, int]] = []  # the last round's bucket slices (deltas, residuals)
 
     # -- layout ---------------------------------------------------------------------------------
@@ -276,7 +275,7 @@ class ChunkedReducer(ErrorFeedback):
                        delta: torch.Tensor | None = None, weight: int | None = None) -> None:
         """Per chunk, the ``kept`` largest magnitudes of ``v`` (chunk-relative positions) into ``payload``
         (``v`` built first from ``delta``: :meth:`_build`)."""
-        fused = self._build(v, delta, weight, joined)
+        fused = self._build(v, delta, weight, joined, self.spec.feedback)
         if self._lib is not None:
             bits, parts = self.spec.bits, plan.parts
             view = lambda name: pointer(self._view(payload, parts, name)) if name in parts else None  # noqa: E731
@@ -387,19 +386,6 @@ class ChunkedReducer(ErrorFeedback):
                 for lo, part in ((lo, rows[lo:lo + block]) for lo in range(0, plan.chunks, block))])
         return found
 
-    def _build(self, v: torch.Tensor, delta: torch.Tensor | None, weight: int | None,
-               joined: bool) -> tuple[int | None, float]:
-        """``v = delta + feedback * v`` (times ``weight``) in place, unless ``joined`` or there is no ``delta``;
-        or, where the C kernels can build it in their first pass (fp32, feedback 1: the same add and
-        multiply), the (pointer, weight) they take for it."""
-        if delta is None or joined:
-            return None, 0.0
-        if self._lib is not None and delta.dtype == torch.float32 and self.spec.feedback == 1.0 \
-                and (weight is None or weight > 0):
-            return pointer(delta), float(weight or 0.0)
-        self._into_residual(delta, v, self.spec.feedback, self._buffers["total"], weight)
-        return None, 0.0
-
     def _encode_dense(self, plan: _Plan, v: torch.Tensor, payload: torch.Tensor, joined: bool,
                       levels: torch.Tensor | None = None, delta: torch.Tensor | None = None,
                       weight: int | None = None) -> None:
@@ -414,7 +400,7 @@ class ChunkedReducer(ErrorFeedback):
         this is bit for bit ``0 + levels``."""
         bits, c = self.spec.bits, self.spec.chunk
         assert bits is not None
-        fused = self._build(v, delta, weight, joined)
+        fused = self._build(v, delta, weight, joined, self.spec.feedback)
         if self._lib is not None:
             self._lib.lsgd_dense_encode(pointer(v), *fused, plan.numel, plan.chunks, pointer(plan.starts),
                                         pointer(plan.lengths), bits, STEP_IN_RMS[bits], joined,

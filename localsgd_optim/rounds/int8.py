@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from ._kernel import codec, pointer
 from .base import ErrorFeedback, RoundContext
 
 __all__ = ["Int8Reducer"]
@@ -51,9 +52,10 @@ class Int8Reducer(ErrorFeedback):
         count = max((len(b.indices) for b in buckets), default=0)
         # a mean accumulates in fp32: in the bucket itself, or (other dtypes) in a buffer of its own
         total = max((b.numel for b in buckets if b.dtype != torch.float32), default=0)
+        device = buckets[0].device if buckets else torch.device("cpu")
+        self._lib = codec(device)  # the fused C kernels (CPU), or None: the eager path
         if self._shape == (world, numel, count, total):
             return
-        device = buckets[0].device if buckets else torch.device("cpu")
         self._buffers = {
             "codes": torch.empty(numel, dtype=torch.int8, device=device),
             "scales": torch.empty(count, dtype=torch.float32, device=device),
@@ -86,16 +88,17 @@ class Int8Reducer(ErrorFeedback):
             ctx.sent += self._reduce_bucket(bucket, target, residual, group, world, contributors, joined,
                                             ctx.weight)
 
-    def _runs(self, bucket: Any) -> tuple[list[tuple[int, int]], list[torch.Tensor], list[int]]:
-        """The bucket's tensors as (offset, size) runs, their views of the scratch and the non-empty ones
-        (made once per bucket layout)."""
+    def _runs(self, bucket: Any) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+        """The bucket's tensors as (offset, size) runs (a (tensors, 2) int64 tensor: the C kernels' layout),
+        their views of the scratch and the non-empty ones (made once per bucket layout)."""
         key = (bucket.numel, tuple(bucket.offsets))
         found = self._views.get(key)
         if found is None:
             n, m = bucket.numel, len(bucket.offsets)
             runs = [(off, (bucket.offsets[j + 1] if j + 1 < m else n) - off) for j, off in enumerate(bucket.offsets)]
             q = self._buffers["q"]
-            found = self._views[key] = (runs, [q[a:a + size] for a, size in runs],
+            found = self._views[key] = (torch.tensor(runs, dtype=torch.int64).view(m, 2).T.contiguous(),
+                                        [q[a:a + size] for a, size in runs],
                                         [j for j, (_, size) in enumerate(runs) if size])
         return found
 
@@ -106,12 +109,48 @@ class Int8Reducer(ErrorFeedback):
         buf = self._buffers
         n, m = bucket.numel, len(bucket.indices)
         codes, scales, q = buf["codes"][:n], buf["scales"][:m], buf["q"][:n]
-        _, q_views, nonempty = self._runs(bucket)
+        runs, q_views, nonempty = self._runs(bucket)
         joined = joined or not n  # (an empty bucket: nothing to build, send or keep)
+        if self._lib is not None:  # the same operations as below, element by element, in C
+            self._lib.lsgd_int8_encode(pointer(residual), *self._build(residual, target, weight, joined), m,
+                                       pointer(runs[0]), pointer(runs[1]), joined, pointer(codes), pointer(scales))
+            if not joined:
+                self._out_of_weight(residual, weight)
+        else:
+            self._encode(target, residual, codes, scales, q, q_views, nonempty, joined, weight)
+        all_codes, all_scales = buf["all_codes"][:world * n], buf["all_scales"][:world * m]
+        works = [self._gather(all_codes, codes, group, async_op=True),
+                 self._gather(all_scales, scales, group, async_op=True)]
+        for w in works:
+            w.wait()
+        all_codes = all_codes.view(world, n)
+        total = (target if target.dtype == torch.float32 else buf["total"][:n]).zero_()
+        if self._lib is not None:  # rank order: the same sum on every rank; the last rank's decode divides
+            all_scales = all_scales.view(world, m)
+            for r in range(world):
+                last = float(contributors if r == world - 1 else 0)
+                self._lib.lsgd_int8_decode(pointer(all_codes[r]), pointer(all_scales[r]), m, pointer(runs[0]),
+                                           pointer(runs[1]), pointer(total), last)
+        else:
+            per_rank = all_scales.view(world, m).tolist()
+            for r in range(world):  # rank order: the same sum on every rank
+                q.copy_(all_codes[r])
+                torch._foreach_mul_(q_views, per_rank[r])
+                total.add_(q)
+            total.div_(contributors)
+        if total is not target:
+            target.copy_(total)
+        return codes.numel() * codes.element_size() + scales.numel() * scales.element_size()
+
+    def _encode(self, target: torch.Tensor, residual: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                q: torch.Tensor, q_views: list[torch.Tensor], nonempty: list[int], joined: bool,
+                weight: int | None) -> None:
+        """The eager path: ``v`` in the residual, per-tensor scales, codes, ``v - codes * scale`` kept."""
+        m = scales.numel()
         if joined:  # a rank that joined sends zeros and keeps its residual
             v = q.zero_()
         else:
-            v = self._into_residual(target, residual, 1.0, buf["total"], weight)  # v = x + residual, in the residual
+            v = self._into_residual(target, residual, 1.0, self._buffers["total"], weight)  # v = x + residual
         # per-tensor scale max|v| / 127 (an empty tensor's is 0 before the clamp)
         torch.abs(v, out=q)
         if len(nonempty) == m:
@@ -130,19 +169,3 @@ class Int8Reducer(ErrorFeedback):
             torch._foreach_mul_(q_views, mine)
             residual.sub_(q)  # v - codes * scale
             self._out_of_weight(residual, weight)
-        all_codes, all_scales = buf["all_codes"][:world * n], buf["all_scales"][:world * m]
-        works = [self._gather(all_codes, codes, group, async_op=True),
-                 self._gather(all_scales, scales, group, async_op=True)]
-        for w in works:
-            w.wait()
-        all_codes = all_codes.view(world, n)
-        per_rank = all_scales.view(world, m).tolist()
-        total = (target if target.dtype == torch.float32 else buf["total"][:n]).zero_()
-        for r in range(world):  # rank order: the same sum on every rank
-            q.copy_(all_codes[r])
-            torch._foreach_mul_(q_views, per_rank[r])
-            total.add_(q)
-        total.div_(contributors)
-        if total is not target:
-            target.copy_(total)
-        return codes.numel() * codes.element_size() + scales.numel() * scales.element_size()
