@@ -204,7 +204,8 @@ def _subtracts(optimizer: Optimizer) -> bool:
         return False
     group = optimizer.param_groups[0]
     hooks = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks,
-             getattr(module, "_global_optimizer_pre_hooks", None), getattr(module, "_global_optimizer_post_hooks", None))
+             getattr(module, "_global_optimizer_pre_hooks", None),
+             getattr(module, "_global_optimizer_post_hooks", None))
     return (type(group["lr"]) in (int, float) and group["lr"] == 1.0 and group["momentum"] == 0
             and group["weight_decay"] == 0 and not group["maximize"] and not any(hooks)
             and "step" not in vars(optimizer))

@@ -321,7 +321,8 @@ def reference_events(period_at, warmup, local_k, overlap_steps, steps):
 @torch.no_grad()
 def chunked_compress_one_tensor(v, spec):
     """What one rank sends of one tensor: chunk by chunk, top-k by magnitude (``spec.fraction``; of equal
-    magnitudes the earliest), then ``spec.bits``-bit uniform codes with a step of STEP_IN_RMS[bits] x the kept values' rms.
+    magnitudes the earliest), then ``spec.bits``-bit uniform codes with a step of STEP_IN_RMS[bits] x the
+    kept values' rms.
     Returns the decoded values, dense, zero where nothing is sent."""
     from localsgd_optim.compression import STEP_IN_RMS
 

@@ -349,14 +349,13 @@ void lsgd_int8_encode(float *v, const float *delta, float weight, int64_t count,
             continue;
         }
         build(x, delta ? delta + s : NULL, n, weight);
-        float most = 0.0f; /* (NaN: as torch's max, it wins) */
-        int nan = 0;
+        uint32_t top = 0; /* max |v| on the magnitudes' bits (ordered alike; a NaN wins, as in torch's max) */
         for (int64_t i = 0; i < n; i++) {
-            const float a = fabsf(x[i]);
-            most = a > most ? a : most;
-            nan |= a != a;
+            const uint32_t a = magnitude(x, i);
+            top = a > top ? a : top;
         }
-        if (nan) most = NAN;
+        float most;
+        memcpy(&most, &top, 4);
         const float scale = (most > TINY || most != most ? most : TINY) / 127.0f;
         scales[j] = scale;
         for (int64_t i = 0; i < n; i++) {

@@ -29,7 +29,8 @@ __all__ = ["codec", "pointer"]
 
 SOURCE = Path(__file__).with_name("_codec.c")
 #: -ffp-contract=off: no fused multiply-adds (the eager path rounds every product); no -ffast-math
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fno-strict-aliasing", "-fPIC", "-shared", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
+         "-fno-strict-aliasing", "-fPIC", "-shared", "-std=c11")
 
 _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
@@ -92,9 +93,9 @@ def _cpu() -> str:
 
 def _cache() -> Path:
     """``$LOCALSGD_OPTIM_CACHE``, else ``~/.cache/localsgd_optim``, else (not writable) a folder in the temp dir."""
-    given = os.environ.get("LOCALSGD_OPTIM_CACHE")
+    given, user = os.environ.get("LOCALSGD_OPTIM_CACHE"), getattr(os, "getuid", lambda: 0)()
     for folder in [Path(given)] if given else [Path.home() / ".cache" / "localsgd_optim",
-                                                Path(tempfile.gettempdir()) / f"localsgd_optim-{getattr(os, 'getuid', lambda: 0)()}"]:
+                                                Path(tempfile.gettempdir()) / f"localsgd_optim-{user}"]:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             if os.access(folder, os.W_OK):

@@ -73,10 +73,10 @@ class ChunkedReducer(ErrorFeedback):
 
     Per bucket of the deltas' flat layout, ``v = delta + feedback * residual`` is cut into
     per-tensor chunks (:class:`~localsgd_optim.compression.Compression`). Top-k keeps the
-    ``ceil(fraction * len)`` largest magnitudes of each chunk (sent in the order of their positions); ``bits`` quantizes what is kept
-    with a per-chunk step (``STEP_IN_RMS[bits]`` times the kept values' root mean square,
-    accumulated in float64), levels ``(j - 2**(bits-1) + 1/2) * step``, codes packed 8/bits per
-    byte. The residual becomes ``v - sent``. Each rank's payload (steps, values or codes, and
+    ``ceil(fraction * len)`` largest magnitudes of each chunk (sent in the order of their positions);
+    ``bits`` quantizes what is kept with a per-chunk step (``STEP_IN_RMS[bits]`` times the kept
+    values' root mean square, accumulated in float64), levels ``(j - 2**(bits-1) + 1/2) * step``,
+    codes packed 8/bits per byte. The residual becomes ``v - sent``. Each rank's payload (steps, values or codes, and
     chunk-relative positions) is one uint8 buffer of a size fixed by the layout, all-gathered
     in one collective per bucket; every rank decodes the payloads one at a time, in rank order,
     adding them into the bucket (top-k: a scatter-add of the kept values), so all ranks get
@@ -405,7 +405,8 @@ class ChunkedReducer(ErrorFeedback):
             self._lib.lsgd_dense_encode(pointer(v), *fused, plan.numel, plan.chunks, pointer(plan.starts),
                                         pointer(plan.lengths), bits, STEP_IN_RMS[bits], joined,
                                         pointer(self._view(payload, plan.parts, "steps")),
-                                        pointer(self._buffers["codes"]), pointer(self._view(payload, plan.parts, "codes")),
+                                        pointer(self._buffers["codes"]),
+                                        pointer(self._view(payload, plan.parts, "codes")),
                                         pointer(levels))
             return
         rows = self._buffers["scratch"][:plan.chunks * c].view(plan.chunks, c)
