@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import weakref
 from enum import IntEnum
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -286,8 +287,13 @@ _RANKS: dict[int, Callable[[], int | None]] = {}
 
 def rank_from(group: dist.ProcessGroup, rank: Callable[[], int | None]) -> None:
     """Say where this rank sits in ``group``'s collectives: a torchft group is, to torch, a world of one
-    (``dist.get_rank`` gives 0 on every replica), its manager knows (see :class:`~localsgd_optim.ft.Managed`)."""
+    (``dist.get_rank`` gives 0 on every replica), its manager knows (see :class:`~localsgd_optim.ft.Managed`).
+    Forgotten with the group (a later group at the same address must not inherit it)."""
     _RANKS[id(group)] = rank
+    try:
+        weakref.finalize(group, _RANKS.pop, id(group), None)
+    except TypeError:  # a group that takes no weak reference lives as long as the process anyway
+        pass
 
 
 def group_rank(group: dist.ProcessGroup | None) -> int:

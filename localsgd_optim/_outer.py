@@ -196,7 +196,7 @@ class OuterState:
 
 def _subtracts(optimizer: Optimizer) -> bool:
     """Its step is ``p -= grad`` exactly: a ``torch.optim.SGD`` with one group at ``lr=1.0`` (a number),
-    no momentum, weight decay or maximize, and nothing that skipping ``step()`` would skip: no step
+    no momentum, weight decay, maximize or ``fused`` (its own kernels), and nothing that skipping ``step()`` would skip: no step
     hooks (its own or global), no ``step`` wrapped on the instance (an LR scheduler counts calls)."""
     from torch.optim import optimizer as module
 
@@ -207,5 +207,5 @@ def _subtracts(optimizer: Optimizer) -> bool:
              getattr(module, "_global_optimizer_pre_hooks", None),
              getattr(module, "_global_optimizer_post_hooks", None))
     return (type(group["lr"]) in (int, float) and group["lr"] == 1.0 and group["momentum"] == 0
-            and group["weight_decay"] == 0 and not group["maximize"] and not any(hooks)
+            and group["weight_decay"] == 0 and not group["maximize"] and not group.get("fused") and not any(hooks)
             and "step" not in vars(optimizer))

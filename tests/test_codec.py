@@ -8,6 +8,7 @@ payload bytes, the residual left, the levels written and the decoded sums must b
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -186,6 +187,38 @@ def test_the_build_is_cached_and_keyed_by_its_inputs(monkeypatch, tmp_path):
     assert [p.name for p in Path(tmp_path).iterdir()] == [first.name]  # no temporary file left
     monkeypatch.setattr(_kernel, "FLAGS", _kernel.FLAGS + ("-DUNUSED",))
     assert _kernel._build(compiler) != first  # other flags: another build
+
+
+@needs_kernels
+def test_a_compiler_command_with_arguments_builds_a_library_everyone_may_load(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOCALSGD_OPTIM_CACHE", str(tmp_path))
+    built = _kernel._build(f"{os.environ.get('CC') or 'cc'} -O1")  # e.g. CC="ccache gcc"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert built.stat().st_mode & 0o777 == 0o755 & ~umask  # (a shared cache serves every user)
+
+
+def test_no_home_folder_builds_in_the_temp_folder(monkeypatch):
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("LOCALSGD_OPTIM_CACHE", raising=False)
+    monkeypatch.setattr(Path, "home", no_home)
+    assert _kernel._cache().parent == Path(tempfile.gettempdir())
+
+
+@needs_kernels
+@pytest.mark.parametrize("spec", [quantize(2, chunk=64), quantize(8, chunk=64), topk(0.1, bits=2, chunk=64)])
+def test_a_nan_gets_a_defined_code_and_stays_in_the_residual(spec):
+    """Only with check_finite=False can a NaN reach the encoder: no undefined cast, the NaN kept."""
+    bucket = Bucket([300])
+    v = _values(0, 300, ties=False)
+    v[[5, 200]] = float("nan")
+    reducer, plan = _reducer(spec, bucket, True)
+    payload = torch.zeros(plan.parts["total"][1], dtype=torch.uint8)
+    residual = v.clone()
+    (reducer._encode_sparse if spec.sparse else reducer._encode_dense)(plan, residual, payload, False)
+    assert residual[5].isnan() and residual[200].isnan()
 
 
 @needs_kernels

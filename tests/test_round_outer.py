@@ -232,7 +232,7 @@ def _outer_state(factory):
     return outer, flats, means
 
 
-@pytest.mark.parametrize("case", ["plain", "lr", "momentum", "scheduler", "hook", "adam"])
+@pytest.mark.parametrize("case", ["plain", "lr", "momentum", "fused", "scheduler", "hook", "adam"])
 def test_a_plain_average_outer_step_is_one_subtraction_with_sgds_bits(monkeypatch, case):
     """SGD(lr=1.0) and nothing else steps the flat global copy with one sub_ per buffer; anything that
     would make its step another computation (or skipping it visible) takes the optimizer's own step."""
@@ -240,6 +240,7 @@ def test_a_plain_average_outer_step_is_one_subtraction_with_sgds_bits(monkeypatc
 
     factory = {"plain": lambda ps: torch.optim.SGD(ps, lr=1.0), "lr": lambda ps: torch.optim.SGD(ps, lr=0.5),
                "momentum": lambda ps: torch.optim.SGD(ps, lr=1.0, momentum=0.9),
+               "fused": lambda ps: torch.optim.SGD(ps, lr=1.0, fused=True),
                "scheduler": lambda ps: torch.optim.SGD(ps, lr=1.0), "hook": lambda ps: torch.optim.SGD(ps, lr=1.0),
                "adam": lambda ps: torch.optim.Adam(ps, lr=1.0)}[case]
     results = []

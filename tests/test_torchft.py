@@ -548,3 +548,22 @@ def _start(model, k, process_group, manager, method, opts, after_round):
     if step and after_round is not None:
         after_round(step, opt)
     return opt, step
+
+
+def test_a_groups_slot_is_forgotten_with_the_group():
+    """The slot ``Managed`` registers for its group dies with the group: a later group at the same address
+    must not inherit it."""
+    import gc
+
+    from localsgd_optim._dist import _RANKS, group_rank, rank_from
+
+    class Group:  # (stands for torchft's ProcessGroupGloo, a Python subclass)
+        pass
+
+    group = Group()
+    rank_from(group, lambda: 3)
+    assert group_rank(group) == 3 and id(group) in _RANKS
+    key = id(group)
+    del group
+    gc.collect()
+    assert key not in _RANKS

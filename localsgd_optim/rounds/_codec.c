@@ -1,11 +1,15 @@
-/* Fused CPU encode/decode of the chunked compressors (localsgd_optim.rounds.chunked).
+/* Fused CPU encode/decode of the compressors (localsgd_optim.rounds.chunked and .int8).
  *
  * One pass per stage over a bucket where eager PyTorch makes 10-20: each function does, element by
  * element, the same IEEE float32 operations in the same order as the eager path it replaces (a
  * division, a clamp, a floor, a product, a difference: each correctly rounded on any CPU), so the
  * two agree bit for bit. It must be compiled with -ffp-contract=off (no fused multiply-adds) and
- * without -ffast-math. Sums of squares run in float64 in an order of this file's own (eight lanes,
- * then the lanes in order; top-k: the values in payload order), rounded to the float32 step.
+ * without -ffast-math. One exception: a dense chunk's float64 sum of squares runs in an order of
+ * this file's own (eight lanes, then the lanes in order), not torch.sum's, and in rare chunks (about
+ * one in 10^8 of 4096 random values; crafted ones more often) the two sums round to float32 steps a
+ * bit apart. Every rank decodes the same bytes, so ranks never disagree; only the two paths may.
+ * (Top-k sums the kept values in payload order on both paths.) A NaN (check_finite=False) gets a
+ * defined code: the lowest.
  *
  * A bucket is cut into chunks: chunk j is the `lengths[j]` elements from `starts[j]` (positions in
  * the bucket); codes are `bits` wide (2, 4 or 8), packed 8 / bits per byte, the first in the low bits.
@@ -118,13 +122,13 @@ void lsgd_dense_encode(float *v, const float *delta, float weight, int64_t numel
         float *x = v + s;
         build(x, delta ? delta + s : NULL, n, weight);
         const float step = step_of(sum_squares(x, n), n, step_in_rms);
-        const float d = step > TINY ? step : TINY;
+        const float d = !(step <= TINY) ? step : TINY; /* (clamp_min: a NaN step stays NaN) */
         steps[j] = step;
         float *lv = levels ? levels + s : NULL;
         for (int64_t i = 0; i < n; i++) {
             float q = x[i] / d;
-            q = q < lo ? lo : q;
-            q = q > hi ? hi : q;
+            q = q >= lo ? q : lo; /* clamp; a NaN (only with check_finite=False) becomes the lowest code */
+            q = q <= hi ? q : hi;
             const float f = floorf(q);
             c[i] = (uint8_t)((int)f + h);
             const float level = (f + 0.5f) * step;
@@ -294,13 +298,13 @@ int lsgd_topk_encode(float *v, const float *delta, float weight, int64_t nchunks
             }
         }
         if (bits) {
-            const float step = step_of(squares, k, step_in_rms), d = step > TINY ? step : TINY;
+            const float step = step_of(squares, k, step_in_rms), d = !(step <= TINY) ? step : TINY;
             steps[j] = step;
             for (int64_t t = 0; t < k; t++) {
                 const float value = joined ? 0.0f : x[at[t]];
                 float code = floorf(value / d) + (float)h;
-                code = code < 0.0f ? 0.0f : code;
-                code = code > top_code ? top_code : code;
+                code = code >= 0.0f ? code : 0.0f; /* clamp; NaN: code 0 */
+                code = code <= top_code ? code : top_code;
                 codes[sent + t] = (uint8_t)code;
                 if (!joined) x[at[t]] = value - (code - off) * step;
             }
@@ -360,8 +364,8 @@ void lsgd_int8_encode(float *v, const float *delta, float weight, int64_t count,
         scales[j] = scale;
         for (int64_t i = 0; i < n; i++) {
             float q = rintf(x[i] / scale);
-            q = q < -127.0f ? -127.0f : q;
-            q = q > 127.0f ? 127.0f : q;
+            q = q >= -127.0f ? q : -127.0f; /* clamp; NaN: -127 */
+            q = q <= 127.0f ? q : 127.0f;
             c[i] = (int8_t)q;
             x[i] = x[i] - q * scale;
         }

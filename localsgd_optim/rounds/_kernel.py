@@ -16,6 +16,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -69,7 +70,7 @@ def _load() -> Any | None:
             raise OSError("no C compiler on PATH (cc, gcc or clang; or set CC)")
         path = _build(compiler)
         lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
         warnings.warn(f"localsgd_optim: the compressors' C kernels could not be built ({e}); compressed rounds run "
                       "the eager PyTorch path, bit for bit the same but several times slower. Install a C compiler "
                       "(or set CC) to build them; LOCALSGD_OPTIM_KERNELS=0 silences this", stacklevel=3)
@@ -92,10 +93,14 @@ def _cpu() -> str:
 
 
 def _cache() -> Path:
-    """``$LOCALSGD_OPTIM_CACHE``, else ``~/.cache/localsgd_optim``, else (not writable) a folder in the temp dir."""
+    """``$LOCALSGD_OPTIM_CACHE``, else ``~/.cache/localsgd_optim``, else (no home, or not writable) a folder in
+    the temp dir."""
     given, user = os.environ.get("LOCALSGD_OPTIM_CACHE"), getattr(os, "getuid", lambda: 0)()
-    for folder in [Path(given)] if given else [Path.home() / ".cache" / "localsgd_optim",
-                                                Path(tempfile.gettempdir()) / f"localsgd_optim-{user}"]:
+    try:
+        home = [Path.home() / ".cache" / "localsgd_optim"]
+    except RuntimeError:  # no HOME and no passwd entry
+        home = []
+    for folder in [Path(given)] if given else home + [Path(tempfile.gettempdir()) / f"localsgd_optim-{user}"]:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             if os.access(folder, os.W_OK):
@@ -106,8 +111,9 @@ def _cache() -> Path:
 
 
 def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    """The library built by ``compiler`` (a command: ``CC="ccache gcc"`` is two words) from :data:`SOURCE`."""
+    source, command = SOURCE.read_bytes(), shlex.split(compiler)
+    version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), version.encode(),
                                      _cpu().encode()])).hexdigest()[:16]
     cache = _cache()
@@ -118,12 +124,15 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         for flags in (FLAGS, tuple(f for f in FLAGS if f != "-march=native")):  # (a compiler without it)
-            done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                                  timeout=300)
+            done = subprocess.run([*command, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True,
+                                  text=True, timeout=300)
             if done.returncode == 0:
                 break
         else:
             raise OSError(f"{compiler} failed: {done.stderr.strip()[:500]}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)  # (mkstemp made it the owner's only: a shared cache serves everyone)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
