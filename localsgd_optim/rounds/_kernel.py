@@ -1,7 +1,8 @@
 """The compressors' fused CPU encode/decode (``_codec.c``: chunked and int8), compiled on first use and cached.
 
 Eager PyTorch spends 10 to 20 passes over a bucket to encode it and 5 per rank to decode it; the C
-file does each in one (see its header for why it agrees with the eager path bit for bit). It is
+file does each in one (see its header for why it agrees with the eager path bit for bit, and the one
+rare exception). It is
 plain C, no Python or torch headers: the system's C compiler builds it in well under a second, into
 ``$LOCALSGD_OPTIM_CACHE`` (default ``~/.cache/localsgd_optim``), keyed by the source, the flags, the
 compiler and the CPU (it is built for the CPU it runs on), and loaded with :mod:`ctypes`.
@@ -72,7 +73,7 @@ def _load() -> Any | None:
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
         warnings.warn(f"localsgd_optim: the compressors' C kernels could not be built ({e}); compressed rounds run "
-                      "the eager PyTorch path, bit for bit the same but several times slower. Install a C compiler "
+                      "the eager PyTorch path, the same arithmetic but several times slower. Install a C compiler "
                       "(or set CC) to build them; LOCALSGD_OPTIM_KERNELS=0 silences this", stacklevel=3)
         return None
     for name, args in _SIGNATURES.items():

@@ -86,7 +86,8 @@ class ChunkedReducer(ErrorFeedback):
 
     On the CPU, encode and decode run the fused C kernels of ``_codec.c`` (:mod:`._kernel`): one
     pass per stage, the same float32 operations element by element, so the same bytes as the eager
-    path below (ties between equal magnitudes aside: the kernels keep the earliest).
+    path below, but for ties between equal magnitudes (the kernels keep the earliest) and a dense
+    chunk's float64 sum of squares, whose order differs (a step a bit apart in about 1e-8 of chunks).
 
     Memory: ``v`` is built in the residual itself and the mean in the bucket (fp32 buckets), so a
     round adds one scratch of the bucket padded to whole chunks, this rank's payload and the W
