@@ -2,10 +2,10 @@
 
 Eager PyTorch spends 10 to 20 passes over a bucket to encode it and 5 per rank to decode it; the C
 file does each in one (see its header for why it agrees with the eager path bit for bit, and the one
-rare exception). It is
-plain C, no Python or torch headers: the system's C compiler builds it in well under a second, into
-``$LOCALSGD_OPTIM_CACHE`` (default ``~/.cache/localsgd_optim``), keyed by the source, the flags, the
-compiler and the CPU (it is built for the CPU it runs on), and loaded with :mod:`ctypes`.
+rare exception). It is plain C, no Python or torch headers: the system's C compiler builds it in
+well under a second, into ``$LOCALSGD_OPTIM_CACHE`` (default ``~/.cache/localsgd_optim``), keyed by
+the source, the flags, the compiler and the CPU (it is built for the CPU it runs on), and loaded
+with :mod:`ctypes`. The kernels run on one thread (``ctypes`` releases the GIL during a call).
 
 Where there is no compiler (or ``LOCALSGD_OPTIM_KERNELS=0``), the rounds run the eager path, with one
 warning; CUDA tensors always do.
