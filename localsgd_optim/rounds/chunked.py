@@ -76,10 +76,10 @@ class ChunkedReducer(ErrorFeedback):
     ``ceil(fraction * len)`` largest magnitudes of each chunk (sent in the order of their positions);
     ``bits`` quantizes what is kept with a per-chunk step (``STEP_IN_RMS[bits]`` times the kept
     values' root mean square, accumulated in float64), levels ``(j - 2**(bits-1) + 1/2) * step``,
-    codes packed 8/bits per byte. The residual becomes ``v - sent``. Each rank's payload (steps, values or codes, and
-    chunk-relative positions) is one uint8 buffer of a size fixed by the layout, all-gathered
-    in one collective per bucket; every rank decodes the payloads one at a time, in rank order,
-    adding them into the bucket (top-k: a scatter-add of the kept values), so all ranks get
+    codes packed 8/bits per byte. The residual becomes ``v - sent``. Each rank's payload (steps,
+    values or codes, and chunk-relative positions) is one uint8 buffer of a size fixed by the
+    layout, all-gathered in one collective per bucket; every rank decodes the payloads one at a
+    time, in rank order, adding them into the bucket (top-k: a scatter-add of the kept values), so all ranks get
     bit-identical means. (Dense rounds: ranks 0 and 1 start the sum from the levels they encoded
     themselves instead of decoding their own payload; the first two terms of a sum commute, so
     the sum is the rank-order sum, bit for bit.)
@@ -165,7 +165,7 @@ class ChunkedReducer(ErrorFeedback):
         else:
             take("values", 4 * plan.sent, 4)
         if spec.sparse:
-            width = 1 if spec.chunk <= 256 else 2
+            width = self._width()
             take("positions", width * plan.sent, width)
         parts["total"] = (0, -(-at // 4) * 4)  # every rank's segment starts 4-byte aligned
         return parts
